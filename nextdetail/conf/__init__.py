@@ -1,0 +1,99 @@
+"""Configuration: typed models (`schema`), shipped presets (`presets/*.yaml`) and dotted-key overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+__all__ = ["STAGES", "PipelineConfig", "available_presets", "load_config", "parse_override"]
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise UserError(f"config: cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"config: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config: {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"shard.resolution=64"`` → (["shard", "resolution"], 64); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override {text!r}: expected KEY=VALUE, e.g. -o shard.resolution=64")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Field names (by alias) of the section that `path` points into."""
+    for part in path:
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None
+        )
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def _one_line(err: ValidationError, data: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "config"
+    if first["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(PipelineConfig, loc[:-1]))
+        return f"config: unknown key {key!r} (allowed here: {allowed})"
+    if first["type"] == "value_error" and not loc:
+        return f"config: {first['msg'].removeprefix('Value error, ')}"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config: {key}={first.get('input')!r} is invalid: {first['msg']}{more}"
+
+
+def load_config(
+    preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = ()
+) -> PipelineConfig:
+    """Preset or YAML file, then ``-o key=value`` overrides, validated into one `PipelineConfig`."""
+    if config_file is not None:
+        data = _read_yaml(Path(config_file))
+    elif preset is not None:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise UserError(f"config: no preset {preset!r} (available: {', '.join(available_presets())})")
+        data = _read_yaml(path)
+        data.setdefault("preset", preset)
+    else:
+        data = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for part in keys[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_one_line(err, data)) from None

@@ -1,0 +1,138 @@
+"""Typed pipeline configuration: one pydantic model per stage, composed into `PipelineConfig`.
+
+Every model forbids unknown keys, so a typo fails loudly instead of being ignored. A stage's cache
+key is derived from its own model only (`PipelineConfig.stage_settings`), so changing one knob
+re-runs only the stages that read it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class StorageConfig(_Section):
+    """Where every artifact lives: a local path or an fsspec URL (``s3://bucket/prefix``)."""
+
+    root: str = "./nextdetail-data"
+    # Passed to fsspec (e.g. {"client_kwargs": {"endpoint_url": ...}}); credentials come from the usual AWS config.
+    options: dict[str, object] = Field(default_factory=dict)
+
+
+class DaskConfig(_Section):
+    """Dask cluster for the parallel stages: a LocalCluster unless `address` names a running scheduler."""
+
+    address: str | None = None
+    n_workers: int | None = Field(default=None, ge=1, description="None: one per CPU core")
+    threads_per_worker: int = Field(default=1, ge=1)
+    memory_limit: str = "auto"
+
+
+class EmbeddedConfig(_Section):
+    """The embedded dataset: crops of real photographs that ship inside scikit-image, one class per photo."""
+
+    per_class: int = Field(default=200, ge=1, description="training images per class")
+    val_per_class: int = Field(default=20, ge=0, description="validation images per class")
+    image_size: int = Field(default=32, ge=8, le=1024, description="side of the square crops, pixels")
+    min_crop: float = Field(default=0.25, gt=0, le=1, description="smallest crop side, fraction of the shorter side")
+    image_format: Literal["png", "jpg"] = "png"
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    """The source dataset: `embedded`, or a path/URL to an ImageNet-layout or class-folder dataset."""
+
+    source: str = "embedded"
+    layout: Literal["auto", "imagenet", "class_folders"] = "auto"
+    splits: list[str] = Field(default_factory=lambda: ["train", "val"], min_length=1)
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+
+
+class ShardConfig(_Section):
+    """The `shard` stage: class folders → webdataset tars + Parquet manifest."""
+
+    resolution: int | None = Field(default=256, ge=8, description="output side in pixels; None keeps originals")
+    preprocess: Literal["center_crop", "keep"] = "center_crop"
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    samples_per_shard: int = Field(default=1000, ge=1, description="target mean; shard count is a power of two")
+    shard_count: dict[str, int] | None = Field(
+        default=None, description="fixed shards per split (e.g. {train: 1024}); None derives it from the size"
+    )
+    small_images: Literal["upscale", "skip"] = "upscale"
+    fingerprint: Literal["stat", "content"] = Field(
+        default="stat", description="input identity: (path, size, mtime) or the bytes' sha256 (portable, reads all)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ShardConfig:
+        if self.preprocess == "center_crop" and self.resolution is None:
+            raise ValueError("preprocess=center_crop needs a resolution")
+        for split, n in (self.shard_count or {}).items():
+            if n < 1:
+                raise ValueError(f"shard_count[{split}] must be >= 1")
+        return self
+
+
+class DecomposeConfig(_Section):
+    """CART §3.1: n-th order base/detail decomposition by Ambrosio–Tortorelli smoothing (Eq. 8)."""
+
+    order: int = Field(default=3, ge=0, le=8, description="n in I = B_n + D_n + … + D_1; 0 disables")
+    alpha: float = Field(default=10.0, gt=0, description="smoothness weight α of Eq. 8")
+    lambda_: float = Field(default=0.01, gt=0, alias="lambda", description="edge-length weight λ of Eq. 8")
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class TokenizerConfig(_Section):
+    """Multi-scale residual VQ-VAE (VAR's tokenizer) with CART's base/detail scheme (Algorithms 1–2)."""
+
+    vocab_size: int = Field(default=4096, ge=2)
+    z_channels: int = Field(default=32, ge=1)
+    ch: int = Field(default=160, ge=8)
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2, 4])
+    patch_nums: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    detail_depth: int = Field(default=1, ge=1, description="(M − B)/n: token maps per detail factor")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+class ARConfig(_Section):
+    """The next-detail transformer (CART §3.3), VAR's recipe: width 64·depth, heads = depth."""
+
+    depth: int = Field(default=16, ge=1)
+    class_dropout: float = Field(default=0.1, ge=0, le=1)
+    lr: float = Field(default=1e-4, gt=0)
+
+
+STAGES: tuple[str, ...] = ("shard",)
+"""Stages in pipeline order. Later issues append decompose, train_tokenizer, tokenize, train_ar, sample, evaluate."""
+
+
+class PipelineConfig(_Section):
+    preset: str = "custom"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    decompose: DecomposeConfig = Field(default_factory=DecomposeConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    ar: ARConfig = Field(default_factory=ARConfig)
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> PipelineConfig:
+        res, down = self.shard.resolution, self.tokenizer.downsample
+        if res is not None and res % down:
+            raise ValueError(f"shard.resolution={res} is not a multiple of the tokenizer's downsampling {down}")
+        if res is not None and self.tokenizer.patch_nums[-1] != res // down:
+            raise ValueError(
+                f"tokenizer.patch_nums must end at the latent side {res // down} (= shard.resolution / {down}),"
+                f" not {self.tokenizer.patch_nums[-1]}"
+            )
+        return self

@@ -1,0 +1,1 @@
+"""Prefect flows: `runtime` sets up Prefect and Dask, one module per flow."""

@@ -1,0 +1,25 @@
+"""`nextdetail run`: the stages in order, up to `--until`. Later issues add stages after `shard`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nextdetail.conf import STAGES, PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.flows.runtime import prefect_api
+
+
+def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every stage up to and including `until`; returns each stage's result by name."""
+    if until is not None and until not in STAGES:
+        raise UserError(f"--until {until!r}: no such stage (stages: {', '.join(STAGES)})")
+    from nextdetail.flows.shard import run_shard
+
+    runners = {"shard": run_shard}
+    results: dict[str, Any] = {}
+    with prefect_api():
+        for stage in STAGES:
+            results[stage] = runners[stage](cfg, progress=progress)
+            if stage == until:
+                break
+    return results

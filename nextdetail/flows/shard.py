@@ -1,0 +1,105 @@
+"""The `shard` flow: list the source, plan the tars, write them in parallel, then the manifest."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from tqdm import tqdm
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.flows.runtime import dask_task_runner
+from nextdetail.storage.embedded import build_embedded
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import bytes_sha256
+from nextdetail.storage.sources import list_source
+from nextdetail.tasks.shard import (
+    dataset_artifact,
+    plan_shards,
+    shard_dir_name,
+    summary_line,
+    write_manifest,
+    write_shard,
+)
+
+
+@dataclass
+class ShardResult:
+    url: str  # the shard directory
+    identity: str  # the dataset's identity (what downstream stages key on)
+    summary: dict[str, Any]
+    shards_ran: list[str] = field(default_factory=list)  # tars written by this run
+    shards_cached: list[str] = field(default_factory=list)  # Prefect cache hits
+    shards_reused: list[str] = field(default_factory=list)  # complete on storage, unknown to Prefect
+    manifest_work: str = "ran"  # ran | cached | reused
+    seconds: float = 0.0
+
+    @property
+    def manifest_url(self) -> str:
+        return f"{self.url}/manifest.parquet"
+
+
+def resolve_source(cfg: PipelineConfig, store: Store) -> str:
+    """The source URL; the embedded dataset is built (once) under the storage root."""
+    if cfg.data.source == "embedded":
+        return build_embedded(store, cfg.data.embedded, log=get_run_logger().info).url()
+    return cfg.data.source
+
+
+def _work(state: Any, record: dict[str, Any]) -> str:
+    return "cached" if state.name == "Cached" else record["work"]
+
+
+@flow(name="shard", log_prints=False, validate_parameters=False)
+def shard_flow(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
+    t0 = time.time()
+    log = get_run_logger()
+    store = Store(cfg.storage.root, cfg.storage.options)
+    source_url = resolve_source(cfg, store)
+    source_options = {} if cfg.data.source == "embedded" else cfg.storage.options
+    listing = list_source(source_url, cfg.data.splits, cfg.data.layout, source_options)
+    n_items = sum(len(v) for v in listing.items.values())
+    if n_items == 0:
+        raise UserError(f"data.source {source_url!r} holds no files; point data.source at a dataset")
+    fingerprints = None
+    if cfg.shard.fingerprint == "content":
+        src = Store(source_url, source_options)
+        fingerprints = {}
+        for it in (it for items in listing.items.values() for it in items):
+            try:
+                fingerprints[it.relpath] = bytes_sha256(src.read_bytes(it.relpath))
+            except OSError:
+                fingerprints[it.relpath] = "unreadable"
+    out = store.sub("shards", shard_dir_name(listing.url, cfg.data, cfg.shard))
+    plan = plan_shards(listing, cfg.shard, out, fingerprints)
+    log.info("shard: %d files, %d classes → %d tars in %s", n_items, len(listing.classes), len(plan), out.url())
+
+    futures = {write_shard.submit(a, job, source_url, source_options, cfg.shard): job.name for a, job in plan}
+    result = ShardResult(url=out.url(), identity="", summary={})
+    records = {}
+    bar = tqdm(total=len(futures), desc="shard", unit="tar", disable=not progress, leave=False)
+    for fut in as_completed(list(futures)):
+        record = fut.result()
+        records[futures[fut]] = record
+        getattr(result, f"shards_{_work(fut.state, record)}").append(futures[fut])
+        bar.update()
+    bar.close()
+    ordered = [records[job.name]["summary"] for _, job in plan]
+    dataset = dataset_artifact(out, [a for a, _ in plan], listing.classes)
+    fut = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes)
+    record = fut.result()
+    result.identity, result.summary = dataset.identity, record["summary"]
+    result.manifest_work = _work(fut.state, record)
+    result.seconds = round(time.time() - t0, 3)
+    log.info(summary_line(result.summary))
+    return result
+
+
+def run_shard(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
+    """Run the shard flow with the configured Dask task runner (call inside `runtime.prefect_api`)."""
+    runner = dask_task_runner(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker, cfg.dask.memory_limit)
+    return shard_flow.with_options(task_runner=runner)(cfg, progress=progress)

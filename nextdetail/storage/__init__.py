@@ -1,0 +1,1 @@
+"""Storage: stores (local or fsspec), content hashes, image codecs, sources, shards, manifests."""

@@ -1,0 +1,130 @@
+"""`Store`: one storage root (a local path or an fsspec URL such as s3://bucket/prefix).
+
+Every write is atomic from a reader's point of view: local files are written to a temporary name in
+the same directory, fsynced and renamed; object stores publish an object only when its upload
+completes (S3 PUT and multipart uploads are all-or-nothing), so a killed writer never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_MARK = ".tmp-"
+
+
+def _tmp_name(name: str) -> str:
+    return f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Store:
+    """A storage root with atomic writes. Paths passed to methods are relative to the root."""
+
+    def __init__(self, root: str, options: dict[str, Any] | None = None) -> None:
+        self.fs, path = fsspec.core.url_to_fs(str(root), **(options or {}))
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
+        protocol = self.fs.protocol
+        self.protocol = "file" if self.is_local else protocol[0] if isinstance(protocol, tuple) else protocol
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        return f"Store({self.url()!r})"
+
+    def __reduce__(self):  # picklable for Dask workers: rebuild from the URL
+        return (Store, (self.url(), self.options))
+
+    def path(self, *parts: str) -> str:
+        """The fsspec path of `parts` under the root."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def url(self, *parts: str) -> str:
+        """A URL a user can paste: a plain path for local roots, ``proto://…`` otherwise."""
+        p = self.path(*parts)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    def sub(self, *parts: str) -> Store:
+        return Store(self.url(*parts), self.options)
+
+    # -- reading ----------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return int(self.fs.size(self.path(rel)))
+        except FileNotFoundError:
+            return None
+
+    def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
+        return self.fs.open(self.path(rel), mode)
+
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names (not paths) directly under `rel`; empty if it does not exist."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+        except FileNotFoundError:
+            return []
+
+    # -- writing ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def atomic_writer(self, rel: str) -> Iterator[IO[bytes]]:
+        """Yield a local binary file; on success it becomes `rel` in one step, on error it vanishes."""
+        final = self.path(rel)
+        if self.is_local:
+            Path(final).parent.mkdir(parents=True, exist_ok=True)
+            tmp = str(Path(final).parent / _tmp_name(Path(final).name))
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="nextdetail-upload-")
+            os.close(fd)
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+                f.flush()
+                if self.is_local:
+                    os.fsync(f.fileno())
+            if self.is_local:
+                os.replace(tmp, final)
+            else:
+                self.fs.put_file(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomically replace `rel` with `data`."""
+        if self.is_local:
+            with self.atomic_writer(rel) as f:
+                f.write(data)
+        else:
+            self.fs.pipe_file(self.path(rel), data)
+
+    def remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(rel))
+
+    def clean_temporaries(self, rel: str, older_than_s: float = 3600.0) -> int:
+        """Remove temporaries that killed writers left in local directory `rel` (object stores have none)."""
+        if not self.is_local:
+            return 0
+        removed, now = 0, time.time()
+        directory = Path(self.path(rel))
+        for p in directory.glob(f".*{TMP_MARK}*") if directory.is_dir() else ():
+            with contextlib.suppress(FileNotFoundError):
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    removed += 1
+        return removed

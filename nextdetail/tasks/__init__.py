@@ -1,0 +1,1 @@
+"""Stage logic as Prefect tasks. `stage` holds the shared mechanism; one module per stage."""

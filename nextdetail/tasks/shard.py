@@ -1,0 +1,207 @@
+"""The `shard` stage: a source dataset → webdataset tars + a Parquet manifest + a class map.
+
+Data flow (all of it in this file):
+  list_source() ─▶ plan_shards(): each item to shard sha256(key) mod S, one `ShardJob` per tar
+              ─▶ write_shard (one cached Prefect task per tar, in parallel):
+                   read → decode by content → RGB → resize/center-crop → encode → tar member;
+                   bad files become manifest rows with status "skipped" and their reason
+              ─▶ write_manifest (one cached task): concatenate the per-shard parts → manifest.parquet,
+                   classes.json, drop tars that no longer belong to the plan
+
+Artifact layout under ``<root>/shards/<source>-<res>-<settings id>/``::
+
+    train-000000.tar …           samples: <key>.{jpg|png}, <key>.cls, <key>.json
+    _parts/train-000000.parquet  manifest rows of that tar;   _parts/train-000000.json  its marker
+    manifest.parquet  classes.json  _COMPLETE.json            the dataset and its marker
+
+Identities: a tar's is hash(shard settings, its items' keys/paths/classes/fingerprints, code); the
+dataset's is hash(all tar identities, class map). The directory is keyed by settings (and the source
+location when fingerprints are stat-based), so appends rewrite tars in place and re-runs find them.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from nextdetail.conf.schema import DataConfig, ShardConfig
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import bytes_sha256, canonical_json, code_version, stable_hash
+from nextdetail.storage.images import SkipImage, decode_image, encode_image, preprocess
+from nextdetail.storage.manifest import read_table, rows_to_table, write_table
+from nextdetail.storage.shards import ShardTarWriter, shard_count_for, shard_index_of, shard_name
+from nextdetail.storage.sources import SourceListing
+from nextdetail.tasks.stage import Artifact, stage_task
+
+CODE = ("nextdetail.tasks.shard", "nextdetail.storage.images", "nextdetail.storage.shards",
+        "nextdetail.storage.manifest")
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    key: str
+    relpath: str
+    wnid: str | None
+    class_index: int  # -1: not in the class map
+    size: int  # -1: could not stat
+    fingerprint: str  # stamp (stat mode) or sha256 of the bytes (content mode)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int
+    items: tuple[ShardItem, ...]
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+    @property
+    def part(self) -> str:
+        return f"_parts/{self.name.removesuffix('.tar')}"
+
+
+def shard_dir_name(listing_url: str, data: DataConfig, cfg: ShardConfig) -> str:
+    where = listing_url if cfg.fingerprint == "stat" else ""  # content fingerprints are portable
+    tag = f"{listing_url.rstrip('/').rsplit('/', 1)[-1]}-{cfg.resolution or 'orig'}px"
+    return f"{tag}-{stable_hash({'source': where, 'splits': data.splits, 'shard': cfg.model_dump()})[:12]}"
+
+
+def plan_shards(
+    listing: SourceListing, cfg: ShardConfig, store: Store, fingerprints: dict[str, str] | None = None
+) -> list[tuple[Artifact, ShardJob]]:
+    """One (artifact, job) per tar, in split then index order."""
+    class_index = {c: i for i, c in enumerate(listing.classes)}
+    code = code_version(*CODE)
+    settings = cfg.model_dump()
+    artifacts = []
+    for split, items in listing.items.items():
+        n_shards = (cfg.shard_count or {}).get(split) or shard_count_for(len(items), cfg.samples_per_shard)
+        buckets: list[list[ShardItem]] = [[] for _ in range(n_shards)]
+        for it in items:
+            fp = fingerprints[it.relpath] if fingerprints else it.stamp
+            item = ShardItem(it.key, it.relpath, it.wnid, class_index.get(it.wnid, -1) if it.wnid else -1, it.size, fp)
+            buckets[shard_index_of(item.key, n_shards)].append(item)
+        for index, bucket in enumerate(buckets):
+            job = ShardJob(split, index, tuple(sorted(bucket, key=lambda x: (x.key, x.relpath))))
+            identity = stable_hash({"stage": "shard", "settings": settings, "code": code, "name": job.name,
+                                    "items": [list(vars(x).values()) for x in job.items]})
+            lineage = {"code": code, "settings": settings, "items": len(job.items)}
+            artifacts.append((Artifact("shard", identity, store, f"{job.part}.json", lineage=lineage), job))
+    return artifacts
+
+
+def _encode_sample(item: ShardItem, data: bytes, cfg: ShardConfig, row: dict[str, Any]) -> dict[str, bytes]:
+    decoded = decode_image(data, item.relpath)
+    row.update(width=decoded.width, height=decoded.height)
+    image = preprocess(decoded, cfg.resolution, cfg.preprocess, cfg.small_images)
+    payload = encode_image(image, cfg.image_format, cfg.jpeg_quality)
+    row.update(status="converted" if decoded.conversions else "written", reason=",".join(decoded.conversions))
+    meta = {"source_path": item.relpath, "wnid": item.wnid, "original_size": [decoded.width, decoded.height],
+            "source_format": decoded.format}
+    return {"__key__": item.key, cfg.image_format: payload, "cls": str(item.class_index),
+            "json": canonical_json(meta)}
+
+
+@stage_task(name="write_shard")
+def write_shard(
+    artifact: Artifact, job: ShardJob, source_url: str, source_options: dict, cfg: ShardConfig
+) -> tuple[dict, list[str]]:
+    """Write one tar and its manifest part. Never raises on a bad input file: it becomes a row."""
+    source = Store(source_url, source_options)
+    rows: list[dict[str, Any]] = []
+    previous_key = None
+    with artifact.store.atomic_writer(job.name) as f:
+        writer = ShardTarWriter(f)
+        for item in job.items:
+            row = {"key": item.key, "split": job.split, "shard": job.name, "index_in_shard": -1,
+                   "class_index": item.class_index, "wnid": item.wnid, "source_path": item.relpath,
+                   "size": item.size, "width": -1, "height": -1, "content_hash": "", "status": "skipped", "reason": ""}
+            try:
+                if item.key == previous_key:
+                    raise SkipImage("duplicate_key", f"another file maps to key {item.key}")
+                if item.wnid is None:
+                    raise SkipImage("no_class", "file lies outside the class folders")
+                if item.class_index < 0:
+                    raise SkipImage("unknown_class", f"class {item.wnid!r} is not in the training split")
+                try:
+                    data = source.read_bytes(item.relpath)
+                except (OSError, ValueError) as err:  # unreadable, vanished, a directory named like a file
+                    raise SkipImage("unreadable", type(err).__name__) from None
+                row.update(size=len(data), content_hash=bytes_sha256(data))
+                writer.write(_encode_sample(item, data, cfg, row))
+                row["index_in_shard"] = sum(r["index_in_shard"] >= 0 for r in rows)
+            except SkipImage as skip:
+                row.update(status="skipped", reason=skip.reason)
+            rows.append(row)
+            previous_key = item.key
+        writer.close()
+    write_table(artifact.store, f"{job.part}.parquet", rows_to_table(rows))
+    counts = collections.Counter(r["status"] for r in rows)
+    reasons = collections.Counter(f"{r['status']}:{reason}" for r in rows if r["reason"]
+                                  for reason in r["reason"].split(","))
+    summary = {"shard": job.name, "samples": counts["written"] + counts["converted"], "status": dict(counts),
+               "reasons": dict(reasons), "tar_sha256": writer.sha256}
+    return summary, [job.name, f"{job.part}.parquet"]
+
+
+@stage_task(name="write_manifest")
+def write_manifest(
+    artifact: Artifact, jobs: list[ShardJob], shard_summaries: list[dict], classes: list[str]
+) -> tuple[dict, list[str]]:
+    """Concatenate the parts into manifest.parquet, write classes.json, remove tars outside the plan."""
+    import pyarrow as pa
+
+    store = artifact.store
+    table = pa.concat_tables([read_table(store, f"{job.part}.parquet") for job in jobs])
+    write_table(store, "manifest.parquet", table)
+    store.write_bytes("classes.json", json.dumps({"classes": classes}, indent=1).encode())
+    # Tars (and their parts) of an earlier plan, e.g. before a split outgrew its shard count.
+    planned = {job.name.removesuffix(".tar") for job in jobs}
+    splits = {job.split for job in jobs}
+    for rel, suffixes in (("", (".tar",)), ("_parts", (".parquet", ".json"))):
+        for name in store.listdir(rel):
+            stem = name.split(".", 1)[0]
+            if name.endswith(suffixes) and stem.rsplit("-", 1)[0] in splits and stem not in planned:
+                store.remove(f"{rel}/{name}".lstrip("/"))
+        store.clean_temporaries(rel)
+    reasons: collections.Counter[str] = collections.Counter()
+    for shard_summary in shard_summaries:
+        reasons.update(shard_summary["reasons"])
+    indices = collections.defaultdict(list)
+    for job in jobs:
+        indices[job.split].append(job.index)
+    summary = {
+        "images": table.num_rows,
+        "status": dict(collections.Counter(table.column("status").to_pylist())),
+        "reasons": dict(sorted(reasons.items())),
+        "classes": len(classes),
+        "shards": {split: len(ix) for split, ix in indices.items()},
+        "patterns": {split: f"{split}-{{{min(ix):06d}..{max(ix):06d}}}.tar" for split, ix in indices.items()},
+        "url": store.url(),
+    }
+    return summary, ["manifest.parquet", "classes.json"]
+
+
+def dataset_artifact(store: Store, shards: list[Artifact], classes: list[str]) -> Artifact:
+    code = code_version(*CODE)
+    identity = stable_hash({"stage": "shard-dataset", "shards": [a.identity for a in shards], "classes": classes,
+                            "code": code})
+    return Artifact("shard", identity, store, "_COMPLETE.json",
+                    lineage={"code": code, "upstream": {"shards": len(shards)}})
+
+
+def summary_line(summary: dict) -> str:
+    """One line: written / converted / skipped by reason."""
+    st = summary["status"]
+    parts = [f"{st.get('written', 0)} written", f"{st.get('converted', 0)} converted"]
+    conv = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("converted:")}
+    if conv:
+        parts[-1] += " (" + ", ".join(f"{k} {v}" for k, v in conv.items()) + ")"
+    skipped = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("skipped:")}
+    parts.append(f"{st.get('skipped', 0)} skipped" + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""))
+    return f"shard: {summary['images']} images → " + ", ".join(parts)
+

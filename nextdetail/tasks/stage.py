@@ -1,0 +1,169 @@
+"""The stage mechanism every stage reuses: content-addressed artifacts on Prefect's own caching.
+
+An `Artifact` is named by its identity — a hash of exactly the settings, upstream identities, input
+fingerprints and code version it depends on — and is complete when its JSON completion marker
+(written last, atomically) carries that identity and every file it lists still has its recorded size.
+
+`stage_task` turns a function that writes an artifact into a Prefect task whose cache key *is* the
+identity (`ArtifactCachePolicy`). The marker stays the truth:
+- a Prefect cache record whose artifact is gone or incomplete is dropped, so the task recomputes;
+- an artifact that is complete but unknown to this Prefect (a teammate's bucket, a fresh
+  PREFECT_HOME) is reused by the task body without recomputing;
+- retries (with back-off) only for I/O and infrastructure errors, never for `UserError`/bad data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+
+import nextdetail
+from nextdetail.errors import UserError
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import canonical_json
+
+MARKER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stage output under `store`: its files plus the completion marker `marker` (relative paths)."""
+
+    stage: str
+    identity: str
+    store: Store
+    marker: str = "_COMPLETE.json"
+    lineage: dict[str, Any] = field(default_factory=dict, compare=False)  # settings, upstream, code
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.stage}-{self.identity}"
+
+    def read_marker(self) -> dict[str, Any] | None:
+        """The marker if it exists and names this identity; None otherwise (missing, other, torn)."""
+        try:
+            record = json.loads(self.store.read_bytes(self.marker))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return record if record.get("identity") == self.identity else None
+
+    def completed(self) -> dict[str, Any] | None:
+        """The marker if the artifact is complete: identity matches and every listed file has its size."""
+        record = self.read_marker()
+        if record is None:
+            return None
+        for rel, size in record.get("files", {}).items():
+            if self.store.size(rel) != size:
+                return None
+        return record
+
+    def publish(self, summary: dict[str, Any], files: list[str], started: float) -> dict[str, Any]:
+        """Write the completion marker last: from here on readers may use the artifact."""
+        record = {
+            "identity": self.identity,
+            "stage": self.stage,
+            "marker_version": MARKER_VERSION,
+            "files": {rel: self.store.size(rel) for rel in files},
+            "summary": summary,
+            "lineage": {
+                **self.lineage,
+                "nextdetail": nextdetail.__version__,
+                "python": platform.python_version(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": started,
+                "seconds": round(time.time() - started, 3),
+            },
+        }
+        missing = [rel for rel, size in record["files"].items() if size is None]
+        if missing:
+            raise RuntimeError(f"{self.stage}: refusing to publish, files missing: {missing}")
+        self.store.write_bytes(self.marker, canonical_json(record).encode())
+        return record
+
+
+def _drop_cache_record(result_store: Any, key: str) -> None:
+    """Delete Prefect's record for `key` so the task runs again (the artifact behind it is gone)."""
+    storage = getattr(result_store, "result_storage", None)
+    if storage is None:
+        from prefect.results import get_default_result_storage
+
+        storage = get_default_result_storage(_sync=True)
+    resolve = getattr(storage, "_resolve_path", None)
+    if resolve is not None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            Path(resolve(key)).unlink()
+
+
+class ArtifactCachePolicy(CachePolicy):
+    """Cache key = the `artifact` argument's identity; a record without a complete artifact is dropped."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kw: Any) -> str:
+        artifact: Artifact = inputs["artifact"]
+        if artifact.completed() is None:
+            _drop_cache_record(task_ctx.result_store, artifact.cache_key)
+        return artifact.cache_key
+
+
+def is_transient(exc: BaseException) -> bool:
+    """I/O and infrastructure failures are worth a retry; bad configuration or data never is."""
+    if isinstance(exc, (UserError, ValueError, TypeError, KeyError)):
+        return False
+    return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__name__ in {
+        "KilledWorker", "CommClosedError", "ClientError", "EndpointConnectionError",
+    }
+
+
+def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except BaseException as exc:
+        return is_transient(exc)
+    return False
+
+
+def stage_task(
+    fn: Callable[..., tuple[dict[str, Any], list[str]]] | None = None,
+    *,
+    name: str | None = None,
+    retries: int = 2,
+    retry_delay_seconds: list[float] = (2.0, 10.0),
+) -> Any:
+    """Decorate ``fn(artifact, *args) -> (summary, files)`` that writes `files` under `artifact.store`.
+
+    The task returns the marker's record. Its Prefect state is ``Cached`` on a cache hit; the record's
+    ``"work"`` is ``"reused"`` when an artifact Prefect did not know was found complete, ``"ran"`` otherwise.
+    """
+    if fn is None:
+        return functools.partial(stage_task, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds)
+
+    @functools.wraps(fn)
+    def body(artifact: Artifact, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        record = artifact.completed()
+        if record is not None:
+            return {**record, "work": "reused"}
+        started = time.time()
+        summary, files = fn(artifact, *args, **kwargs)
+        return {**artifact.publish(summary, files, started), "work": "ran"}
+
+    return task(
+        body,
+        name=name or fn.__name__,
+        cache_policy=ArtifactCachePolicy(),
+        persist_result=True,
+        retries=retries,
+        retry_delay_seconds=list(retry_delay_seconds),
+        retry_condition_fn=_retry_condition,
+    )

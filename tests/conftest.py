@@ -1,0 +1,85 @@
+"""Test set-up: a real Prefect server (`prefect server start` on 127.0.0.1) shared by the session,
+a temporary PREFECT_HOME, and small datasets built from the embedded photographs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+_WORK = Path(tempfile.mkdtemp(prefix="nextdetail-tests-"))
+os.environ["PREFECT_HOME"] = str(_WORK / "prefect")
+os.environ.pop("PREFECT_API_URL", None)
+from nextdetail.flows.runtime import configure_environment  # noqa: E402
+
+configure_environment(_WORK)
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One real Prefect API server for the whole session; flows and Dask workers find it by env."""
+    port = _free_port()
+    log = open(_WORK / "prefect-server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--no-services"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"prefect server did not start; see {_WORK / 'prefect-server.log'}")
+        time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = url
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def embedded_source(tmp_path_factory) -> str:
+    """A small embedded dataset (12 classes × (12 train + 2 val), 40 px PNG), built once."""
+    from nextdetail.conf.schema import EmbeddedConfig
+    from nextdetail.storage.embedded import build_embedded
+    from nextdetail.storage.fs import Store
+
+    root = tmp_path_factory.mktemp("embedded")
+    return build_embedded(Store(str(root)), EmbeddedConfig(per_class=12, val_per_class=2, image_size=40),
+                          log=lambda _: None).url()
+
+
+def make_config(root: Path | str, source: str, *overrides: str):
+    from nextdetail.conf import load_config
+
+    return load_config("tiny", overrides=[f"storage.root={root}", f"data.source={source}",
+                                          "shard.samples_per_shard=32", "dask.n_workers=2", *overrides])
+
+
+def run_shard_stage(cfg):
+    from nextdetail.flows.runtime import prefect_api
+    from nextdetail.flows.shard import run_shard
+
+    with prefect_api():
+        return run_shard(cfg, progress=False)

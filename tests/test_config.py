@@ -1,0 +1,67 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nextdetail.conf import available_presets, load_config
+from nextdetail.errors import UserError
+
+NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "imagenet256", "imagenet512"])
+def test_presets_validate(preset):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+    assert cfg.tokenizer.patch_nums[-1] * cfg.tokenizer.downsample == cfg.shard.resolution
+
+
+def test_paper_settings_in_imagenet_presets():
+    cfg = load_config("imagenet256")
+    assert (cfg.decompose.order, cfg.decompose.alpha, cfg.decompose.lambda_) == (3, 10.0, 0.01)
+    assert cfg.tokenizer.vocab_size == 4096 and cfg.tokenizer.downsample == 16
+    assert set(available_presets()) >= {"tiny", "imagenet256", "imagenet512"}
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("tiny", overrides=["shard.resolution=64", "tokenizer.patch_nums=[1,2,4,8,16]",
+                                         "decompose.lambda=0.02", "dask.address=null"])
+    assert cfg.shard.resolution == 64 and cfg.tokenizer.patch_nums[-1] == 16
+    assert cfg.decompose.lambda_ == 0.02 and cfg.dask.address is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("shard.reslution=64", "unknown key 'shard.reslution' (allowed here: fingerprint, image_format"),
+    ("shard.resolution=big", "shard.resolution='big' is invalid"),
+    ("shard.image_format=gif", "shard.image_format='gif' is invalid: Input should be 'jpg' or 'png'"),
+    ("nosection.x=1", "unknown key 'nosection'"),
+    ("shard.resolution=48", "patch_nums must end at the latent side 12"),
+    ("noequals", "expected KEY=VALUE"),
+])
+def test_bad_override_is_one_clear_line(override, expected):
+    with pytest.raises(UserError, match=None) as info:
+        load_config("tiny", overrides=[override])
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_config_errors_in_one_line_without_traceback():
+    proc = subprocess.run([NEXTDETAIL, "run", "-o", "shard.resolution=-3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "shard.resolution=-3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_preset_and_missing_file():
+    proc = subprocess.run([NEXTDETAIL, "config", "--preset", "nope"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no preset 'nope' (available: imagenet256, imagenet512, tiny)" in proc.stderr
+    proc = subprocess.run([NEXTDETAIL, "config", "--config", "/nonexistent.yaml"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "/nonexistent.yaml" in proc.stderr
+
+
+def test_cli_help_on_every_command():
+    for argv in (["--help"], ["run", "--help"], ["shard", "--help"], ["data", "embedded", "--help"],
+                 ["config", "--help"]):
+        proc = subprocess.run([NEXTDETAIL, *argv], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: nextdetail" in proc.stdout
