@@ -34,9 +34,9 @@ def _free_port() -> int:
 def prefect_server():
     """One real Prefect API server for the whole session; flows and Dask workers find it by env."""
     port = _free_port()
-    log = open(_WORK / "prefect-server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                             "--no-services"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(_WORK / "prefect-server.log", "wb") as log:
+        proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                 "--no-services"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.time() + 120
     while True:

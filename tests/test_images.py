@@ -12,7 +12,7 @@ from nextdetail.storage.images import SkipImage, center_crop, decode_image, enco
 def _encode(mode: str, fmt: str, size=(64, 48)) -> bytes:
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8)
-    im = Image.fromarray(arr[..., 0] if mode == "L" else arr, mode=None if mode != "CMYK" else None)
+    im = Image.fromarray(arr[..., 0] if mode == "L" else arr)
     if mode == "CMYK":
         im = Image.fromarray(arr[..., :3]).convert("CMYK")
     buf = io.BytesIO()

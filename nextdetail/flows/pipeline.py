@@ -6,7 +6,7 @@ from typing import Any
 
 from nextdetail.conf import STAGES, PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.runtime import prefect_api
+from nextdetail.flows.runtime import dask_cluster, prefect_api
 
 
 def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -17,9 +17,9 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
 
     runners = {"shard": run_shard}
     results: dict[str, Any] = {}
-    with prefect_api():
+    with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
         for stage in STAGES:
-            results[stage] = runners[stage](cfg, progress=progress)
+            results[stage] = runners[stage](cfg, progress=progress, scheduler=scheduler)
             if stage == until:
                 break
     return results

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,19 +51,33 @@ def prefect_api() -> Iterator[str]:
         yield url
 
 
-def dask_task_runner(address: str | None, n_workers: int | None, threads_per_worker: int, memory_limit: str) -> Any:
-    """Prefect's Dask task runner: an existing scheduler at `address`, else a LocalCluster of processes."""
+@contextlib.contextmanager
+def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker: int, memory_limit: str) -> Iterator[str]:
+    """Yield a scheduler address: `address` as given, else a LocalCluster of worker processes that
+    lives for the whole pipeline run (started once, shared by every parallel stage)."""
+    if address:
+        yield address
+        return
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=n_workers or os.cpu_count() or 1,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit,
+        dashboard_address=":0",  # a free port: concurrent runs never collide
+        # Workers import the stage code (and Prefect) at start-up, not inside the first task.
+        preload=["nextdetail.tasks.shard"],
+        silence_logs=logging.WARNING,
+    )
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()
+
+
+def dask_task_runner(address: str) -> Any:
+    """Prefect's Dask task runner on the scheduler at `address`."""
     from prefect_dask import DaskTaskRunner
 
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": n_workers or os.cpu_count() or 1,
-            "threads_per_worker": threads_per_worker,
-            "processes": True,
-            "memory_limit": memory_limit,
-            "dashboard_address": ":0",  # a free port: concurrent runs never collide
-        },
-    )
+    return DaskTaskRunner(address=address)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.runtime import dask_task_runner
+from nextdetail.flows.runtime import dask_cluster, dask_task_runner
 from nextdetail.storage.embedded import build_embedded
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256
@@ -99,7 +99,10 @@ def shard_flow(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
     return result
 
 
-def run_shard(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
-    """Run the shard flow with the configured Dask task runner (call inside `runtime.prefect_api`)."""
-    runner = dask_task_runner(cfg.dask.address, cfg.dask.n_workers, cfg.dask.threads_per_worker, cfg.dask.memory_limit)
-    return shard_flow.with_options(task_runner=runner)(cfg, progress=progress)
+def run_shard(cfg: PipelineConfig, progress: bool = True, scheduler: str | None = None) -> ShardResult:
+    """Run the shard flow on the Dask scheduler at `scheduler` (default: `cfg.dask`, a LocalCluster
+    for this call). Call inside `runtime.prefect_api`."""
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run_shard(cfg, progress, address)
+    return shard_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, progress=progress)

@@ -1,0 +1,48 @@
+"""`storage.root` on S3: moto's S3 server started by the test on 127.0.0.1, reached through s3fs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from conftest import make_config, run_shard_stage
+
+
+@pytest.fixture()
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("team-bucket")
+    yield endpoint
+    server.stop()
+
+
+def test_shard_stage_writes_to_an_s3_root_and_reuses_it(s3_endpoint, embedded_source):
+    options = f"storage.options={{client_kwargs: {{endpoint_url: '{s3_endpoint}'}}}}"
+    cfg = make_config("s3://team-bucket/nd", embedded_source, options)
+    first = run_shard_stage(cfg)
+    assert first.url.startswith("s3://team-bucket/nd/shards/") and len(first.shards_ran) > 0
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.invalidate_cache()
+    rows = pq.read_table(io.BytesIO(fs.cat_file(f"{first.manifest_url}"))).to_pylist()
+    assert len(rows) == 12 * 14
+    keys = set()
+    for tar in fs.glob(first.url.removeprefix("s3://") + "/*.tar"):
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(tar))) as tf:
+            keys |= {n[: n.index(".", n.rfind("/"))] for n in tf.getnames()}
+    assert keys == {r["key"] for r in rows}
+    assert not [p for p in fs.find(first.url.removeprefix("s3://")) if ".tmp-" in p]  # uploads are all-or-nothing
+    marker = json.loads(fs.cat_file(first.url.removeprefix("s3://") + "/_COMPLETE.json"))
+    assert marker["identity"] == first.identity
+    again = run_shard_stage(cfg)
+    assert again.shards_ran == [] and again.identity == first.identity
