@@ -21,7 +21,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ def stage_task(
     *,
     name: str | None = None,
     retries: int = 2,
-    retry_delay_seconds: list[float] = (2.0, 10.0),
+    retry_delay_seconds: Sequence[float] = (2.0, 10.0),
 ) -> Any:
     """Decorate ``fn(artifact, *args) -> (summary, files)`` that writes `files` under `artifact.store`.
 
