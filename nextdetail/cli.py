@@ -41,6 +41,16 @@ def _print_shard(result) -> None:
           f"reused {len(result.shards_cached) + len(result.shards_reused)} ({result.seconds:.1f}s)")
 
 
+def _print_decompose(result) -> None:
+    from nextdetail.tasks.decompose import summary_line
+
+    print(summary_line(result.summary))
+    print(f"  factors:  {result.zarr_url}   (Zarr v3, one array per tar: images × order × 3 × H × W)")
+    print(f"  index:    {result.url}/index.parquet")
+    print(f"  identity: {result.identity[:16]}   this run decomposed {len(result.tars_ran)} tars, "
+          f"reused {len(result.tars_cached) + len(result.tars_reused)} ({result.seconds:.1f}s)")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from nextdetail.flows.pipeline import run_pipeline
 
@@ -49,6 +59,47 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"nextdetail run (preset {cfg.preset}) — outputs under {cfg.storage.root}")
     if "shard" in results:
         _print_shard(results["shard"])
+    if "decompose" in results:
+        _print_decompose(results["decompose"])
+        key = results["decompose"].summary.get("first_key")
+        if key:
+            print(f"  look at one: nextdetail show decomposition {key}")
+
+
+def cmd_decompose(args: argparse.Namespace) -> None:
+    args.until = "decompose"
+    cmd_run(args)
+
+
+def cmd_show_decomposition(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from nextdetail.figures import decomposition_strip, safe_name, write_png
+    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.storage.factors import array_path, open_group
+    from nextdetail.storage.fs import Store
+    from nextdetail.tasks.decompose import read_index, read_tar_images
+
+    cfg = _load(args)
+    results = run_pipeline(cfg, until="decompose", progress=not args.no_progress)  # cached when done
+    dec, shards = results["decompose"], results["shard"]
+    store = Store(dec.url, cfg.storage.options)
+    index = {r["key"]: r for r in read_index(store).to_pylist()}
+    missing = [k for k in args.keys if k not in index]
+    if missing:
+        example = next(iter(index), "?")
+        raise UserError(f"key {missing[0]!r} is not in {dec.url}/index.parquet (e.g. {example!r}); "
+                        "keys are the manifest's `key` column")
+    group = open_group(store)
+    out_dir = Path(args.out)
+    for key in args.keys:
+        row = index[key]
+        bases = group[array_path(row["split"], row["shard"])][row["row"]].astype("float32")  # (n, 3, H, W)
+        image = read_tar_images(Store(shards.url, cfg.storage.options), row["shard"], (key,),
+                                cfg.shard.image_format)[0].transpose(2, 0, 1).astype("float32") / 255
+        path = out_dir / f"decomposition-{safe_name(key)}.png"
+        write_png(path, decomposition_strip(image, bases))
+        print(path)
 
 
 def cmd_shard(args: argparse.Namespace) -> None:
@@ -89,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<storage.root>/shards/. Source: -o data.source=PATH|URL|embedded.")
     _add_config_args(p)
     p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("decompose", help="shard tars → base/detail factors (Ambrosio–Tortorelli) in Zarr",
+                       description="Run the stages up to decompose: B_1…B_n per image under "
+                                   "<storage.root>/decompose/ (settings: -o decompose.alpha=… etc.).")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser("show", help="write pictures of stage outputs")
+    ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")
+    e = ssub.add_parser("decomposition", help="one PNG strip per image: I, B_1…B_n, D_1…D_n (CART Fig. 3)",
+                        description="Write a PNG strip per KEY (the manifest's key column): the image, its base "
+                                    "factors and its detail layers (contrast-stretched around grey).")
+    e.add_argument("keys", nargs="+", metavar="KEY")
+    e.add_argument("--out", default="nextdetail-figures", help="directory for the PNGs (default: %(default)s)")
+    _add_config_args(e)
+    e.set_defaults(func=cmd_show_decomposition)
 
     p = sub.add_parser("data", help="datasets that ship with nextdetail")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATASET")

@@ -6,7 +6,9 @@ import io
 import json
 import os
 import tarfile
+import urllib.request
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
@@ -22,6 +24,8 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its buckets per process, not per server: start each test from an empty S3.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("team-bucket")
     yield endpoint
     server.stop()
@@ -46,3 +50,25 @@ def test_shard_stage_writes_to_an_s3_root_and_reuses_it(s3_endpoint, embedded_so
     assert marker["identity"] == first.identity
     again = run_shard_stage(cfg)
     assert again.shards_ran == [] and again.identity == first.identity
+
+
+def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint, embedded_source):
+    from nextdetail.flows.decompose import run_decompose
+    from nextdetail.flows.runtime import dask_cluster, prefect_api
+    from nextdetail.storage import factors
+    from nextdetail.storage.fs import Store
+    from nextdetail.tasks.decompose import read_index
+
+    options = f"storage.options={{client_kwargs: {{endpoint_url: '{s3_endpoint}'}}}}"
+    cfg = make_config("s3://team-bucket/nd", embedded_source, options)
+    with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
+        result = run_decompose(cfg, progress=False, scheduler=scheduler)
+        again = run_decompose(cfg, progress=False, scheduler=scheduler)
+    assert result.zarr_url.startswith("s3://team-bucket/nd/decompose/") and result.tars_ran
+    assert again.tars_ran == [] and again.identity == result.identity
+    store = Store(result.url, cfg.storage.options)
+    index = read_index(store)
+    lazy = factors.open_lazy(store, index, "train")
+    values = lazy.compute()
+    assert values.shape == (12 * 12, 3, 3, 32, 32) and values.dtype == "float32"
+    assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1

@@ -7,13 +7,17 @@ re-runs only the stages that read it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        # Dask hashes every task argument on submit; its generic walk over a model is slow.
+        return type(self).__name__, self.model_dump_json()
 
 
 class StorageConfig(_Section):
@@ -82,10 +86,42 @@ class ShardConfig(_Section):
 class DecomposeConfig(_Section):
     """CART §3.1: n-th order base/detail decomposition by Ambrosio–Tortorelli smoothing (Eq. 8)."""
 
-    order: int = Field(default=3, ge=0, le=8, description="n in I = B_n + D_n + … + D_1; 0 disables")
-    alpha: float = Field(default=10.0, gt=0, description="smoothness weight α of Eq. 8")
+    order: int = Field(default=3, ge=1, le=8, description="n in I = B_n + D_n + … + D_1")
+    alpha: float = Field(default=10.0, gt=0, description="smoothness weight α of Eq. 8 (images in [0, 1], unit pixels)")
     lambda_: float = Field(default=0.01, gt=0, alias="lambda", description="edge-length weight λ of Eq. 8")
-    dtype: Literal["float16", "float32"] = "float16"
+    epsilon: float = Field(default=0.01, gt=0, description="ε of Eq. 8: the edge zone's width (final value)")
+    epsilon_start: float | None = Field(default=None, gt=0, description="None: constant ε; else ε decays from this")
+    outer_iterations: int = Field(default=3, ge=1, le=100, description="s-step/u-step alternations (at most)")
+    outer_tol: float = Field(default=1e-3, ge=0, description="an image stops once u changes less than this (relative)")
+    cg_tol: float = Field(default=3e-2, gt=0, lt=1, description="relative residual of each conjugate-gradient solve")
+    cg_max_iter: int = Field(default=40, ge=1, description="iteration cap of each conjugate-gradient solve")
+    dtype: Literal["float16", "float32"] = Field(default="float16", description="storage type of the base factors")
+    # How the work runs, not what it computes: excluded from the artifact identity.
+    batch_size: int = Field(default=16, ge=1, description="images per solver call")
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="where the solver runs in each worker")
+    torch_threads: int = Field(default=1, ge=1, description="torch threads per Dask worker thread")
+    chunk_images: int = Field(default=1, ge=1, description="images per Zarr chunk (whole chunks per shard)")
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device", "torch_threads"})
+
+    @model_validator(mode="after")
+    def _check(self) -> DecomposeConfig:
+        if self.batch_size % self.chunk_images:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of chunk_images={self.chunk_images} "
+                             "(each write covers whole chunks)")
+        return self
+
+    def identity_settings(self) -> dict:
+        """The settings the base factors depend on (the solver freezes each image on its own, so the
+        batch size does not change a result; devices agree to within the solver tolerance)."""
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+    def solver(self) -> Any:
+        from nextdetail.models.mumford_shah import ATConfig
+
+        return ATConfig(alpha=self.alpha, lambda_=self.lambda_, epsilon=self.epsilon, epsilon_start=self.epsilon_start,
+                        outer_iterations=self.outer_iterations, outer_tol=self.outer_tol, cg_tol=self.cg_tol,
+                        cg_max_iter=self.cg_max_iter)
 
 
 class TokenizerConfig(_Section):
@@ -111,7 +147,7 @@ class ARConfig(_Section):
     lr: float = Field(default=1e-4, gt=0)
 
 
-STAGES: tuple[str, ...] = ("shard",)
+STAGES: tuple[str, ...] = ("shard", "decompose")
 """Stages in pipeline order. Later issues append decompose, train_tokenizer, tokenize, train_ar, sample, evaluate."""
 
 

@@ -1,4 +1,4 @@
-"""`nextdetail run`: the stages in order, up to `--until`. Later issues add stages after `shard`."""
+"""`nextdetail run`: the stages in order (shard → decompose → …), up to `--until`; one cluster for all."""
 
 from __future__ import annotations
 
@@ -13,13 +13,17 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
     """Run every stage up to and including `until`; returns each stage's result by name."""
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: no such stage (stages: {', '.join(STAGES)})")
+    from nextdetail.flows.decompose import run_decompose
     from nextdetail.flows.shard import run_shard
 
-    runners = {"shard": run_shard}
     results: dict[str, Any] = {}
+    runners = {
+        "shard": lambda scheduler: run_shard(cfg, progress=progress, scheduler=scheduler),
+        "decompose": lambda scheduler: run_decompose(cfg, results["shard"], progress=progress, scheduler=scheduler),
+    }
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
         for stage in STAGES:
-            results[stage] = runners[stage](cfg, progress=progress, scheduler=scheduler)
+            results[stage] = runners[stage](scheduler)
             if stage == until:
                 break
     return results

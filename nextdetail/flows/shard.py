@@ -36,6 +36,7 @@ class ShardResult:
     shards_cached: list[str] = field(default_factory=list)  # Prefect cache hits
     shards_reused: list[str] = field(default_factory=list)  # complete on storage, unknown to Prefect
     manifest_work: str = "ran"  # ran | cached | reused
+    tar_identities: dict[str, str] = field(default_factory=dict)  # tar name → its artifact identity
     seconds: float = 0.0
 
     @property
@@ -93,6 +94,7 @@ def shard_flow(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
     fut = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes)
     record = fut.result()
     result.identity, result.summary = dataset.identity, record["summary"]
+    result.tar_identities = {job.name: a.identity for a, job in plan}
     result.manifest_work = _work(fut.state, record)
     result.seconds = round(time.time() - t0, 3)
     log.info(summary_line(result.summary))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +50,47 @@ class ShardItem:
     fingerprint: str  # stamp (stat mode) or sha256 of the bytes (content mode)
 
 
+class ShardItems:
+    """A shard's items, opaque on purpose: Prefect walks task arguments (several times per submit)
+    looking for futures inside tuples and dataclasses; ~1k items per tar made that walk cost more
+    CPU than the flow itself. This container is neither, so the walk stops here."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[ShardItem]) -> None:
+        self._items = tuple(items)
+
+    def __iter__(self) -> Iterator[ShardItem]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> ShardItem:
+        return self._items[i]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShardItems) and self._items == other._items
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __getstate__(self) -> tuple[ShardItem, ...]:
+        return self._items
+
+    def __setstate__(self, state: tuple[ShardItem, ...]) -> None:
+        self._items = state
+
+
 @dataclass(frozen=True)
 class ShardJob:
     split: str
     index: int
-    items: tuple[ShardItem, ...]
+    items: ShardItems
+    digest: str = ""  # stable hash of the items: a cheap token for Dask (which hashes every argument)
+
+    def __dask_tokenize__(self) -> tuple[str, str, int, str]:
+        return "ShardJob", self.split, self.index, self.digest
 
     @property
     def name(self) -> str:
@@ -86,9 +123,10 @@ def plan_shards(
             item = ShardItem(it.key, it.relpath, it.wnid, class_index.get(it.wnid, -1) if it.wnid else -1, it.size, fp)
             buckets[shard_index_of(item.key, n_shards)].append(item)
         for index, bucket in enumerate(buckets):
-            job = ShardJob(split, index, tuple(sorted(bucket, key=lambda x: (x.key, x.relpath))))
+            ordered = ShardItems(sorted(bucket, key=lambda x: (x.key, x.relpath)))
+            job = ShardJob(split, index, ordered, stable_hash([list(vars(x).values()) for x in ordered]))
             identity = stable_hash({"stage": "shard", "settings": settings, "code": code, "name": job.name,
-                                    "items": [list(vars(x).values()) for x in job.items]})
+                                    "items": job.digest})
             lineage = {"code": code, "settings": settings, "items": len(job.items)}
             artifacts.append((Artifact("shard", identity, store, f"{job.part}.json", lineage=lineage), job))
     return artifacts
@@ -114,6 +152,7 @@ def write_shard(
     source = Store(source_url, source_options)
     rows: list[dict[str, Any]] = []
     previous_key = None
+    written = 0
     with artifact.store.atomic_writer(job.name) as f:
         writer = ShardTarWriter(f)
         for item in job.items:
@@ -133,7 +172,8 @@ def write_shard(
                     raise SkipImage("unreadable", type(err).__name__) from None
                 row.update(size=len(data), content_hash=bytes_sha256(data))
                 writer.write(_encode_sample(item, data, cfg, row))
-                row["index_in_shard"] = sum(r["index_in_shard"] >= 0 for r in rows)
+                row["index_in_shard"] = written
+                written += 1
             except SkipImage as skip:
                 row.update(status="skipped", reason=skip.reason)
             rows.append(row)

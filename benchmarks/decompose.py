@@ -1,0 +1,159 @@
+"""Benchmark: the Ambrosio–Tortorelli decomposition (256², 3rd order) vs what a user could use instead.
+
+Contenders, all on the same real photographs (scikit-image) at 256 × 256 RGB in [0, 1], 3 orders:
+- ours: `models.mumford_shah.decompose` with the default settings (the stage's), torch threads = 1;
+- the scipy reference: the same discretization, the same alternations and CG tolerance, assembled as
+  scipy.sparse matrices and solved by `scipy.sparse.linalg.cg` (`models/mumford_shah_reference.py`);
+- `skimage.restoration.denoise_tv_chambolle` (weight 0.1) applied 3 times: the edge-preserving
+  smoother a user might pick instead.
+"One core" runs each in this process with one thread; "all cores" runs one process per core, each
+with one thread, on its share of the images (how the Dask stage runs). Bandwidth: bytes our CG
+iterations move (a count of the memory passes of one iteration) per second, against a numpy copy.
+Prints one JSON line.
+
+    python benchmarks/decompose.py [--images 8] [--reference-images 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # scipy / numpy: one thread per process, like torch below
+
+import numpy as np
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry", "retina", "hubble_deep_field")
+# float32 reads + writes per pixel per CG iteration, counted from `pcg` + `_Stencil.apply`:
+# stencil 26 (2 differences 6 each, copy 2, 4 slice updates 12), 2 dots 8, 2 addcmul 6, z 3, p 5.
+BYTES_PER_PIXEL_PER_CG_ITERATION = 48 * 4
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def photos(n: int, size: int = 256) -> np.ndarray:
+    from PIL import Image
+    from skimage import data
+
+    out = []
+    for i in range(n):
+        img = getattr(data, PHOTOS[i % len(PHOTOS)])()
+        if img.ndim == 2:
+            img = np.stack([img] * 3, -1)
+        out.append(np.asarray(Image.fromarray(img[..., :3]).resize((size, size), Image.BICUBIC)))
+    return np.stack(out).astype(np.float32).transpose(0, 3, 1, 2) / 255  # (n, 3, H, W)
+
+
+def run_ours(images: np.ndarray, batch: int = 1) -> tuple[float, int]:
+    """Seconds for 3 orders of all images (one thread) and the CG iterations they took (per channel system)."""
+    import torch
+
+    from nextdetail.models.mumford_shah import ATConfig, ambrosio_tortorelli
+
+    torch.set_num_threads(1)
+    cfg = ATConfig()
+    x_all = torch.from_numpy(images)
+    ambrosio_tortorelli(x_all[:1], cfg)  # warm-up (allocator, dispatch)
+    iterations = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(images), batch):
+        current = x_all[start : start + batch]
+        for _ in range(3):
+            result = ambrosio_tortorelli(current, cfg)
+            iterations += sum(s + u * 3 for s, u in result.cg_iterations) * len(current)  # s: 1 map, u: 3 channels
+            current = result.u
+    return time.perf_counter() - t0, iterations
+
+
+def run_reference(images: np.ndarray) -> float:
+    from nextdetail.models.mumford_shah import ATConfig
+    from nextdetail.models.mumford_shah_reference import decompose_reference
+
+    t0 = time.perf_counter()
+    for img in images:
+        decompose_reference(img.astype(np.float64), 3, ATConfig())
+    return time.perf_counter() - t0
+
+
+def run_tv(images: np.ndarray) -> float:
+    from skimage.restoration import denoise_tv_chambolle
+
+    t0 = time.perf_counter()
+    for img in images:
+        current = img.transpose(1, 2, 0)
+        for _ in range(3):
+            current = denoise_tv_chambolle(current, weight=0.1, channel_axis=-1)
+    return time.perf_counter() - t0
+
+
+def _in_pool(fn, images: np.ndarray, workers: int) -> float:
+    parts = [images[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(fn, [p[:1] for p in parts]))  # start + warm the processes before timing
+        t0 = time.perf_counter()
+        list(pool.map(fn, parts))
+        return time.perf_counter() - t0
+
+
+def _ours_seconds(images: np.ndarray) -> float:
+    return run_ours(images)[0]
+
+
+def copy_bandwidth_gbs(pixels: int = 3 * 256 * 256, repeats: int = 200) -> float:
+    a = np.random.default_rng(0).random(pixels, dtype=np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        np.copyto(b, a)
+    return 2 * a.nbytes * repeats / (time.perf_counter() - t0) / 1e9  # read + write
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--reference-images", type=int, default=2, help="the scipy reference is slow")
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    images = photos(args.images)
+    ours_s, cg_iterations = run_ours(images)
+    ref_s = run_reference(images[: args.reference_images])
+    tv_s = run_tv(images)
+    ours_ips, ref_ips, tv_ips = args.images / ours_s, args.reference_images / ref_s, args.images / tv_s
+    all_ours = args.images / _in_pool(_ours_seconds, images, args.workers)
+    all_tv = args.images / _in_pool(run_tv, images, args.workers)
+    pixels = 256 * 256
+    achieved = cg_iterations * pixels * BYTES_PER_PIXEL_PER_CG_ITERATION / ours_s / 1e9
+    copy = copy_bandwidth_gbs()
+    print(json.dumps({
+        "benchmark": "decompose",
+        "figure": "images_per_s",
+        "resolution": 256,
+        "order": 3,
+        "images": args.images,
+        "one_core": {
+            "ours_images_per_s": round(ours_ips, 2),
+            "scipy_reference_images_per_s": round(ref_ips, 3),
+            "tv_chambolle_images_per_s": round(tv_ips, 2),
+        },
+        "all_cores": {
+            "workers": args.workers,
+            "ours_images_per_s": round(all_ours, 2),
+            "tv_chambolle_images_per_s": round(all_tv, 2),
+        },
+        "baseline": "scipy_reference and tv_chambolle, one core",
+        "speedup_vs_scipy_reference": round(ours_ips / ref_ips, 2),
+        "speedup_vs_tv_chambolle": round(ours_ips / tv_ips, 2),
+        "goal": {"speedup_vs_scipy_reference": 10, "speedup_vs_tv_chambolle": 2},
+        "cg_iterations_per_image": round(cg_iterations / args.images, 1),
+        "achieved_gb_per_s": round(achieved, 2),
+        "numpy_copy_gb_per_s": round(copy, 2),
+        "bandwidth_fraction_of_copy": round(achieved / copy, 3),
+        "imagenet_train_core_hours": round(IMAGENET_TRAIN_IMAGES / ours_ips / 3600, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

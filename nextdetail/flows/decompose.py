@@ -1,0 +1,94 @@
+"""The `decompose` flow: plan one task per shard tar, decompose in parallel, then index + consolidate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from tqdm import tqdm
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.flows.runtime import dask_cluster, dask_task_runner
+from nextdetail.flows.shard import ShardResult, run_shard
+from nextdetail.storage import factors
+from nextdetail.storage.fs import Store
+from nextdetail.storage.manifest import read_table
+from nextdetail.tasks.decompose import (
+    dataset_artifact,
+    plan_factors,
+    settings_dir_name,
+    summary_line,
+    write_factors,
+    write_index,
+)
+
+
+@dataclass
+class DecomposeResult:
+    url: str  # the decomposition directory (factors.zarr, index.parquet)
+    identity: str
+    summary: dict[str, Any]
+    tars_ran: list[str] = field(default_factory=list)
+    tars_cached: list[str] = field(default_factory=list)
+    tars_reused: list[str] = field(default_factory=list)
+    index_work: str = "ran"
+    seconds: float = 0.0
+
+    @property
+    def zarr_url(self) -> str:
+        return f"{self.url}/factors.zarr"
+
+
+def _work(state: Any, record: dict[str, Any]) -> str:
+    return "cached" if state.name == "Cached" else record["work"]
+
+
+@flow(name="decompose", log_prints=False, validate_parameters=False)
+def decompose_flow(cfg: PipelineConfig, shards: ShardResult, progress: bool = True) -> DecomposeResult:
+    t0 = time.time()
+    log = get_run_logger()
+    shard_store = Store(shards.url, cfg.storage.options)
+    manifest = read_table(shard_store, "manifest.parquet")
+    dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
+    out = Store(cfg.storage.root, cfg.storage.options).sub("decompose", dataset_dir, settings_dir_name(cfg.decompose))
+    plan = plan_factors(manifest, shards.tar_identities, cfg.decompose, out)
+    n_images = sum(len(job.keys) for _, job in plan)
+    log.info("decompose: %d images in %d tars, order %d, α=%g λ=%g → %s", n_images, len(plan),
+             cfg.decompose.order, cfg.decompose.alpha, cfg.decompose.lambda_, out.url())
+    factors.create_groups(out, sorted({job.split for _, job in plan}))
+    futures = {write_factors.submit(a, job, shards.url, cfg.storage.options, cfg.shard.image_format, cfg.decompose):
+               job.tar for a, job in plan}
+    result = DecomposeResult(url=out.url(), identity="", summary={})
+    records = {}
+    bar = tqdm(total=n_images, desc="decompose", unit="img", disable=not progress, leave=False)
+    for fut in as_completed(list(futures)):
+        record = fut.result()
+        records[futures[fut]] = record
+        getattr(result, f"tars_{_work(fut.state, record)}").append(futures[fut])
+        bar.update(record["summary"]["images"])
+        if record["work"] == "ran" and fut.state.name != "Cached":
+            s = record["summary"]
+            log.info("decompose: %s %d images at %.1f img/s", s["tar"], s["images"], s["images_per_s"])
+    bar.close()
+    dataset = dataset_artifact(out, [a for a, _ in plan], cfg.decompose)
+    fut = write_index.submit(dataset, [job for _, job in plan], [records[job.tar]["summary"] for _, job in plan])
+    record = fut.result()
+    result.identity, result.summary, result.index_work = dataset.identity, record["summary"], _work(fut.state, record)
+    result.seconds = round(time.time() - t0, 3)
+    log.info(summary_line(result.summary))
+    return result
+
+
+def run_decompose(
+    cfg: PipelineConfig, shards: ShardResult | None = None, progress: bool = True, scheduler: str | None = None
+) -> DecomposeResult:
+    """Run the decompose flow (the shard stage first when `shards` is not given; it is cached)."""
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run_decompose(cfg, shards, progress, address)
+    if shards is None:
+        shards = run_shard(cfg, progress=progress, scheduler=scheduler)
+    return decompose_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, shards, progress=progress)

@@ -1,0 +1,91 @@
+"""Base factors B_1 … B_n in a Zarr v3 group, one array per shard tar.
+
+Layout of ``<decomposition>/factors.zarr`` (local path or fsspec URL)::
+
+    zarr.json                     group (consolidated metadata once the stage is complete)
+    train/train-000003            float16|float32 (images, order, 3, H, W), chunks (chunk_images, order, 3, H, W)
+    …
+    ../index.parquet              key, split, shard, row (in that shard's array), class_index
+
+One array per tar: each Dask task creates and writes its own array, so no chunk is ever shared
+between workers (no locks), and appending images to a dataset re-runs only the tars that changed.
+Zarr writes every chunk atomically (temp + rename on disk, one PUT on S3); a tar's factors count only
+once its completion marker exists, so a killed task never leaves a half-written array in use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from nextdetail.storage.fs import Store
+
+INDEX_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("split", pa.string()),
+    ("shard", pa.string()),  # tar name
+    ("row", pa.int32()),  # row in that tar's array
+    ("class_index", pa.int32()),
+])
+
+
+def array_path(split: str, tar: str) -> str:
+    return f"{split}/{tar.removesuffix('.tar')}"
+
+
+def _zarr_store(store: Store, read_only: bool = False) -> Any:
+    """A Zarr store over ``<store>/factors.zarr``: LocalStore on disk, FsspecStore for URLs."""
+    import zarr.storage
+
+    url = store.url("factors.zarr")
+    if "://" not in url or url.startswith("file://"):
+        return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=store.options or None, read_only=read_only)
+
+
+def create_groups(store: Store, splits: list[str]) -> None:
+    """The root group and one group per split, made once before the tasks run: concurrent
+    tasks creating the same parent group would race."""
+    import zarr
+
+    group = zarr.open_group(_zarr_store(store), mode="a", zarr_format=3)
+    for split in splits:
+        group.require_group(split)
+
+
+def create_array(store: Store, split: str, tar: str, n_images: int, image_shape: tuple[int, ...],
+                 dtype: str, chunk_images: int) -> Any:
+    """(Re)create one tar's array: (images, order, C, H, W), blosc-zstd with byte shuffle."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    group = zarr.open_group(_zarr_store(store), mode="r+", zarr_format=3)
+    return group.create_array(
+        array_path(split, tar), shape=(n_images, *image_shape), chunks=(max(1, min(chunk_images, n_images)), *image_shape),
+        dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan,
+        overwrite=True,
+    )
+
+
+def consolidate(store: Store) -> None:
+    import zarr
+
+    zarr.consolidate_metadata(_zarr_store(store), zarr_format=3)
+
+
+def open_group(store: Store) -> Any:
+    import zarr
+
+    return zarr.open_group(_zarr_store(store, read_only=True), mode="r", zarr_format=3)
+
+
+def open_lazy(store: Store, index: pa.Table, split: str) -> Any:
+    """All of a split's factors as one lazy dask array (images, order, C, H, W), in index order."""
+    import dask.array as da
+
+    group = open_group(store)
+    rows = index.filter(pa.compute.equal(index["split"], split))
+    tars = list(dict.fromkeys(rows["shard"].to_pylist()))  # index order: tars in plan order
+    return da.concatenate([da.from_zarr(group[array_path(split, tar)]) for tar in tars], axis=0)

@@ -1,0 +1,188 @@
+"""The `decompose` stage: shard tars → base factors B_1 … B_n per image (CART §3.1, Eq. 10) in Zarr.
+
+Data flow (all of it in this file, the solver in `models/mumford_shah.py`, the Zarr layout in
+`storage/factors.py`):
+  manifest.parquet of the shard dataset ─▶ plan_factors(): one `FactorJob` per tar (its written rows)
+    ─▶ write_factors (one cached Prefect task per tar, in parallel on Dask):
+         read the tar → decode → (B, 3, H, W) in [0, 1] → Ambrosio–Tortorelli, `order` times, in
+         batches → one Zarr array per tar (images, order, 3, H, W), whole chunks, float16|32
+    ─▶ write_index (one cached task): index.parquet (key → tar, row), consolidated Zarr metadata
+
+Artifact layout under ``<root>/decompose/<shard dataset dir>/<settings id>/``::
+
+    factors.zarr/…   index.parquet   _parts/<tar>.json (per-tar markers)   _COMPLETE.json
+
+Identities: a tar's is hash(that shard tar's identity, the decomposition settings that change the
+numbers — α, λ, ε, iterations, tolerances, order, dtype, chunking — and the code); batch size,
+device and threads are left out: they change how fast, not what. The dataset's is hash(all of them).
+Changing α therefore re-runs this stage (and what reads it), never `shard`.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nextdetail.conf.schema import DecomposeConfig
+from nextdetail.errors import UserError
+from nextdetail.storage import factors
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import code_version, stable_hash
+from nextdetail.tasks.stage import Artifact, stage_task
+
+CODE = ("nextdetail.tasks.decompose", "nextdetail.models.mumford_shah", "nextdetail.storage.factors")
+
+
+@dataclass(frozen=True)
+class FactorJob:
+    split: str
+    tar: str  # tar name in the shard dataset
+    keys: tuple[str, ...]  # written samples, in tar order (row i of the array = keys[i])
+    class_indices: tuple[int, ...]
+
+    @property
+    def part(self) -> str:
+        return f"_parts/{self.tar.removesuffix('.tar')}"
+
+    def __dask_tokenize__(self) -> tuple[str, str, str, int]:
+        return "FactorJob", self.split, self.tar, len(self.keys)
+
+
+def settings_dir_name(cfg: DecomposeConfig) -> str:
+    return f"order{cfg.order}-alpha{cfg.alpha:g}-{stable_hash(cfg.identity_settings())[:12]}"
+
+
+def plan_factors(
+    manifest: Any, tar_identities: dict[str, str], cfg: DecomposeConfig, store: Store
+) -> list[tuple[Artifact, FactorJob]]:
+    """One (artifact, job) per tar of the manifest that holds at least one written sample."""
+    code = code_version(*CODE)
+    settings = cfg.identity_settings()
+    rows = collections.defaultdict(list)
+    for r in manifest.select(["key", "split", "shard", "index_in_shard", "class_index", "status"]).to_pylist():
+        if r["index_in_shard"] >= 0:
+            rows[(r["split"], r["shard"])].append((r["index_in_shard"], r["key"], r["class_index"]))
+    plan = []
+    for (split, tar), items in rows.items():
+        items.sort()
+        job = FactorJob(split, tar, tuple(k for _, k, _ in items), tuple(c for _, _, c in items))
+        identity = stable_hash({"stage": "decompose", "tar": tar_identities[tar], "settings": settings, "code": code})
+        lineage = {"code": code, "settings": settings, "upstream": {"shard": tar_identities[tar]}}
+        plan.append((Artifact("decompose", identity, store, f"{job.part}.json", lineage=lineage), job))
+    return plan
+
+
+def read_tar_images(shards: Store, tar: str, keys: tuple[str, ...], image_format: str) -> np.ndarray:
+    """The images of `keys` from one tar as uint8 (N, H, W, 3), in the order of `keys`."""
+    from PIL import Image
+
+    wanted = {k: i for i, k in enumerate(keys)}
+    out: list[np.ndarray | None] = [None] * len(keys)
+    with shards.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for member in tf:
+            key, _, ext = member.name.partition(".")
+            if ext != image_format or key not in wanted:
+                continue
+            data = tf.extractfile(member).read()
+            with Image.open(io.BytesIO(data)) as im:
+                out[wanted[key]] = np.asarray(im.convert("RGB"))
+    missing = [k for k, a in zip(keys, out, strict=True) if a is None]
+    if missing:
+        raise UserError(f"{shards.url(tar)}: {len(missing)} samples of the manifest are missing (first: "
+                        f"{missing[0]}); re-run the shard stage")
+    shapes = {a.shape for a in out}  # type: ignore[union-attr]
+    if len(shapes) != 1:
+        raise UserError(f"{shards.url(tar)}: images of different sizes {sorted(shapes)[:3]}; decompose needs "
+                        "shard.resolution set (center-cropped, one size)")
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+@stage_task(name="write_factors")
+def write_factors(
+    artifact: Artifact, job: FactorJob, shards_url: str, shards_options: dict, image_format: str,
+    cfg: DecomposeConfig,
+) -> tuple[dict, list[str]]:
+    """Decompose one tar's images and write its Zarr array, batch by batch (whole chunks each)."""
+    import torch
+
+    from nextdetail.models.mumford_shah import ATConfig, ambrosio_tortorelli, check_images
+
+    torch.set_num_threads(cfg.torch_threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("decompose.device=cuda but this worker has no CUDA device; use decompose.device=cpu")
+    images = read_tar_images(Store(shards_url, shards_options), job.tar, job.keys, image_format)  # (N, H, W, 3)
+    n, h, w, c = images.shape
+    array = factors.create_array(artifact.store, job.split, job.tar, n, (cfg.order, c, h, w), cfg.dtype,
+                                 cfg.chunk_images)
+    at: ATConfig = cfg.solver()
+    outer, cg = [], []
+    t0 = time.time()
+    for start in range(0, n, cfg.batch_size):
+        batch = torch.from_numpy(images[start : start + cfg.batch_size]).to(device)
+        current = batch.permute(0, 3, 1, 2).float().div_(255)  # (b, 3, H, W) in [0, 1]
+        check_images(current, f"{job.tar}[{start}:]")
+        bases = []
+        for _ in range(cfg.order):
+            result = ambrosio_tortorelli(current, at)
+            outer.append(result.outer_iterations)
+            cg.extend(s + u for s, u in result.cg_iterations)
+            current = result.u
+            bases.append(current)
+        stacked = torch.stack(bases, 1)  # (b, order, 3, H, W)
+        array[start : start + len(batch)] = stacked.to(getattr(torch, cfg.dtype)).cpu().numpy()
+    seconds = time.time() - t0
+    summary = {"tar": job.tar, "images": n, "seconds": round(seconds, 3),
+               "images_per_s": round(n / max(seconds, 1e-9), 2),
+               "mean_outer_iterations": round(float(np.mean(outer)), 2) if outer else 0.0,
+               "mean_cg_iterations_per_alternation": round(float(np.mean(cg)), 2) if cg else 0.0}
+    return summary, [f"factors.zarr/{factors.array_path(job.split, job.tar)}/zarr.json"]
+
+
+@stage_task(name="write_factor_index")
+def write_index(artifact: Artifact, jobs: list[FactorJob], summaries: list[dict]) -> tuple[dict, list[str]]:
+    """index.parquet (key → tar, row) and consolidated Zarr metadata: the decomposition is readable."""
+    import pyarrow as pa
+
+    from nextdetail.storage.manifest import write_table
+
+    rows = [{"key": k, "split": j.split, "shard": j.tar, "row": i, "class_index": ci}
+            for j in jobs for i, (k, ci) in enumerate(zip(j.keys, j.class_indices, strict=True))]
+    write_table(artifact.store, "index.parquet", pa.Table.from_pylist(rows, schema=factors.INDEX_SCHEMA))
+    factors.consolidate(artifact.store)
+    images = sum(s["images"] for s in summaries)
+    summary = {"images": images, "tars": len(jobs), "url": artifact.store.url(),
+               "first_key": rows[0]["key"] if rows else None,
+               "splits": dict(collections.Counter(j.split for j in jobs for _ in j.keys)),
+               "mean_outer_iterations": round(float(np.mean([s["mean_outer_iterations"] for s in summaries])), 2)
+               if summaries else 0.0}
+    return summary, ["index.parquet", "factors.zarr/zarr.json"]
+
+
+def dataset_artifact(store: Store, parts: list[Artifact], cfg: DecomposeConfig) -> Artifact:
+    code = code_version(*CODE)
+    identity = stable_hash({"stage": "decompose-dataset", "parts": [a.identity for a in parts], "code": code})
+    return Artifact("decompose", identity, store, "_COMPLETE.json",
+                    lineage={"code": code, "settings": cfg.identity_settings(), "upstream": {"tars": len(parts)}})
+
+
+def summary_line(summary: dict) -> str:
+    return (f"decompose: {summary['images']} images in {summary['tars']} tars → base factors B_1…B_n "
+            f"(mean {summary['mean_outer_iterations']} alternations per order)")
+
+
+def read_index(store: Store) -> Any:
+    from nextdetail.storage.manifest import read_table
+
+    return read_table(store, "index.parquet")
+
+
+def marker_summary(store: Store) -> dict:
+    return json.loads(store.read_bytes("_COMPLETE.json"))["summary"]

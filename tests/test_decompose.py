@@ -1,0 +1,170 @@
+"""The `decompose` stage end to end: shard tars → Dask → Ambrosio–Tortorelli → Zarr v3, cached per tar."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import make_config
+from PIL import Image
+
+from nextdetail.models.mumford_shah import decompose
+from nextdetail.storage import factors
+from nextdetail.storage.fs import Store
+from nextdetail.tasks.decompose import read_index, read_tar_images
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cfg, scheduler: str | None = None):
+    from nextdetail.flows.decompose import run_decompose
+    from nextdetail.flows.runtime import dask_cluster, prefect_api
+    from nextdetail.flows.shard import run_shard
+
+    with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as address:
+        shards = run_shard(cfg, progress=False, scheduler=scheduler or address)
+        return shards, run_decompose(cfg, shards, progress=False, scheduler=scheduler or address)
+
+
+def _in_memory(cfg, shards, index_rows, split):
+    """The same images decomposed in this process, in index order: (N, order, 3, H, W) float32."""
+    store = Store(shards.url)
+    by_tar: dict[str, list[str]] = {}
+    for r in index_rows:
+        if r["split"] == split:
+            by_tar.setdefault(r["shard"], []).append(r["key"])
+    out = []
+    for tar, keys in by_tar.items():
+        images = read_tar_images(store, tar, tuple(keys), cfg.shard.image_format)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        out.append(decompose(x, cfg.decompose.order, cfg.decompose.solver()).permute(1, 0, 2, 3, 4))
+    return torch.cat(out).numpy()
+
+
+def test_factors_in_zarr_match_in_memory_and_reruns_touch_only_what_changed(tmp_path, embedded_source):
+    cfg = make_config(tmp_path, embedded_source, "decompose.batch_size=8", "decompose.dtype=float32")
+    shards, first = _run(cfg)
+    assert first.tars_ran and not first.tars_cached and not first.tars_reused
+    index = read_index(Store(first.url))
+    rows = index.to_pylist()
+    written = {r["key"] for r in pq.read_table(shards.manifest_url).to_pylist() if r["index_in_shard"] >= 0}
+    assert {r["key"] for r in rows} == written and len(rows) == len(written)
+
+    # Reopened lazily as one dask array per split, it equals the in-memory result.
+    lazy = factors.open_lazy(Store(first.url), index, "train")
+    assert lazy.shape == (12 * 12, 3, 3, 32, 32) and lazy.chunks[0][0] == 1  # one image per chunk
+    np.testing.assert_allclose(lazy.compute(), _in_memory(cfg, shards, rows, "train"), atol=1e-5)
+    group = factors.open_group(Store(first.url))
+    assert group.metadata.consolidated_metadata is not None  # consolidated once complete
+    first_array = group[factors.array_path("train", first.tars_ran[0])]
+    assert first_array.compressors[0].cname.value == "zstd"
+
+    # Unchanged re-run: nothing decomposed again.
+    _, again = _run(cfg)
+    assert again.tars_ran == [] and again.identity == first.identity
+    assert sorted(again.tars_cached + again.tars_reused) == sorted(first.tars_ran)
+
+    # A changed α re-runs decompose (into its own directory) but not shard; the first stays complete.
+    shards2, other = _run(make_config(tmp_path, embedded_source, "decompose.batch_size=8", "decompose.dtype=float32",
+                                      "decompose.alpha=4"))
+    assert shards2.shards_ran == [] and shards2.identity == shards.identity
+    assert sorted(other.tars_ran) == sorted(first.tars_ran) and other.url != first.url
+    assert json.loads((Path(first.url) / "_COMPLETE.json").read_text())["identity"] == first.identity
+    less_smooth = factors.open_lazy(Store(other.url), read_index(Store(other.url)), "train")[:, 0].compute()
+    assert np.abs(np.diff(less_smooth, axis=-1)).mean() > np.abs(np.diff(lazy[:, 0].compute(), axis=-1)).mean()
+
+    # A batch size is how, not what: same identity, nothing re-runs.
+    _, rebatched = _run(make_config(tmp_path, embedded_source, "decompose.batch_size=4", "decompose.dtype=float32"))
+    assert rebatched.identity == first.identity and rebatched.tars_ran == []
+
+
+def test_a_task_killed_mid_write_is_redone_and_never_counted(tmp_path, embedded_source):
+    cfg = make_config(tmp_path, embedded_source)
+    _, first = _run(cfg)
+    root = Path(first.url)
+    victim = sorted(first.tars_ran)[0]
+    stem = victim.removesuffix(".tar")
+    before = factors.open_group(Store(first.url))[factors.array_path("train", victim)][:]
+    # What a kill leaves behind: no marker, a torn chunk, a stale dataset marker.
+    (root / "_parts" / f"{stem}.json").unlink()
+    chunk = next(p for p in (root / "factors.zarr" / "train" / stem).rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:7])
+    _, again = _run(cfg)
+    assert again.tars_ran == [victim] and again.identity == first.identity
+    after = factors.open_group(Store(first.url))[factors.array_path("train", victim)][:]
+    np.testing.assert_array_equal(after, before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uses_an_external_dask_scheduler_when_configured(tmp_path, embedded_source):
+    from distributed import Client
+
+    port = _free_port()
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    address = f"tcp://127.0.0.1:{port}"
+    try:
+        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--no-dashboard", "--name", "external"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=90)
+            worker_pids = set(client.run(os.getpid).values())
+        cfg = make_config(tmp_path, embedded_source, f"dask.address={address}")
+        t0 = time.time()
+        _, result = _run(cfg)
+        assert result.tars_ran
+        pids = {json.loads(p.read_text())["lineage"]["pid"] for p in (Path(result.url) / "_parts").glob("*.json")}
+        assert pids <= worker_pids, (pids, worker_pids)
+        assert time.time() - t0 < 600
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_show_decomposition_writes_a_strip_per_key(tmp_path, embedded_source):
+    from nextdetail.cli import main
+
+    root = tmp_path / "data"
+    args = ["-o", f"storage.root={root}", "-o", f"data.source={embedded_source}", "-o", "shard.samples_per_shard=64",
+            "--no-progress"]
+    assert main(["decompose", *args]) == 0
+    dec_dir = next((root / "decompose").glob("*/*/"))
+    keys = [r["key"] for r in read_index(Store(str(dec_dir))).to_pylist()[:2]]
+    out = tmp_path / "figs"
+    assert main(["show", "decomposition", *keys, "--out", str(out), *args]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    with Image.open(pngs[0]) as im:  # 7 panels (I, B1..B3, D1..D3) of 32 px enlarged 4×, side by side
+        assert im.width > 7 * 128 and im.height > 128
+    assert main(["show", "decomposition", "no/such/key", "--out", str(out), *args]) == 2
+
+
+@pytest.mark.parametrize("override", ["decompose.alpha=-1", "decompose.chunk_images=3"])
+def test_bad_decompose_settings_are_one_line_errors(override):
+    from nextdetail.conf import load_config
+    from nextdetail.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_config("tiny", overrides=[override])
+    assert "\n" not in str(err.value) and "decompose" in str(err.value)
