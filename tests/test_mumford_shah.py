@@ -133,3 +133,11 @@ def test_energy_function_matches_the_definition_on_a_tiny_case():
 def test_bad_input_is_named(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         decompose(bad, order=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_agrees_with_cpu():
+    x = torch.cat([_real_photo(64), _steps_plus_noise(64)[1].clamp(0, 1)])
+    cpu = decompose(x, 3)
+    gpu = decompose(x.cuda(), 3).cpu()
+    assert (cpu - gpu).abs().max() < 1e-3

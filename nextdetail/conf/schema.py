@@ -97,7 +97,8 @@ class DecomposeConfig(_Section):
     cg_max_iter: int = Field(default=40, ge=1, description="iteration cap of each conjugate-gradient solve")
     dtype: Literal["float16", "float32"] = Field(default="float16", description="storage type of the base factors")
     # How the work runs, not what it computes: excluded from the artifact identity.
-    batch_size: int = Field(default=16, ge=1, description="images per solver call")
+    # On a CPU one image at a time is fastest (its CG vectors stay in cache); on a GPU use 64+.
+    batch_size: int = Field(default=1, ge=1, description="images per solver call")
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="where the solver runs in each worker")
     torch_threads: int = Field(default=1, ge=1, description="torch threads per Dask worker thread")
     chunk_images: int = Field(default=1, ge=1, description="images per Zarr chunk (whole chunks per shard)")

@@ -89,12 +89,14 @@ def _dot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
 
 class _Stencil:
     """out = d ⊙ x + ∇ᵀ (w ∇ x): wx (B, 1, H, W−1) weighs the x-differences, wy (B, 1, H−1, W) the
-    y-differences, d broadcasts to x. Its two difference buffers are reused across calls."""
+    y-differences, d broadcasts to x. It also owns the CG vectors of its shape: every solve of an
+    alternation reuses them (a fresh 3×256² buffer costs page faults on each allocation)."""
 
     def __init__(self, like: Tensor) -> None:
         b, c, h, w = like.shape
         self.gx = like.new_empty(b, c, h, w - 1)
         self.gy = like.new_empty(b, c, h - 1, w)
+        self.r, self.z, self.p, self.ap, self.scratch = (torch.empty_like(like) for _ in range(5))
 
     def apply(self, x: Tensor, d: Tensor | None, wx: Tensor, wy: Tensor, out: Tensor) -> Tensor:
         gx, gy = self.gx, self.gy
@@ -124,7 +126,7 @@ def _degree(wx: Tensor, wy: Tensor) -> Tensor:
 
 def pcg(
     d: Tensor | None, wx: Tensor, wy: Tensor, rhs: Tensor, x: Tensor, tol: float, max_iter: int,
-    active: Tensor | None = None,
+    active: Tensor | None = None, stencil: _Stencil | None = None,
 ) -> tuple[Tensor, int]:
     """Jacobi-preconditioned CG for (diag(d) + ∇ᵀ W ∇) x = rhs, every (H, W) system of the batch at once.
 
@@ -134,17 +136,15 @@ def pcg(
     nor on how often the host checks for completion. Returns (x, iterations run).
     """
     tiny = torch.finfo(rhs.dtype).tiny
-    stencil = _Stencil(x)
+    stencil = stencil or _Stencil(x)
+    r, z, p, ap, scratch = stencil.r, stencil.z, stencil.p, stencil.ap, stencil.scratch
     inv_diag = _degree(wx, wy).add_(1.0 if d is None else d).reciprocal_()  # (B, 1, H, W)
-    r = torch.empty_like(x)
     stencil.apply(x, d, wx, wy, out=r)
     torch.sub(rhs, r, out=r)  # r = rhs − A x
-    z = r * inv_diag
-    p = z.clone()
-    ap = torch.empty_like(x)
-    scratch = torch.empty_like(x)
+    torch.mul(r, inv_diag, out=z)
+    p.copy_(z)
     rz = _dot(r, z, scratch)  # (B, C, 1, 1)
-    threshold = (tol * tol) * _dot(rhs, rhs * inv_diag, scratch)
+    threshold = (tol * tol) * _dot(rhs, torch.mul(rhs, inv_diag, out=ap), scratch)
     running = rz > threshold
     if active is not None:
         running &= active
@@ -211,6 +211,7 @@ def ambrosio_tortorelli(f: Tensor, cfg: ATConfig = ATConfig(), track_energy: boo
     iters: list[tuple[int, int]] = []
     energies: list[Tensor] | None = [at_energy(f, u, s[:, 0], cfg, cfg.epsilon_at(0))] if track_energy else None
     active = torch.ones(b, 1, 1, 1, dtype=torch.bool, device=f.device)  # images still alternating
+    u_work, s_work = _Stencil(u), _Stencil(s)
     k = 0
     for k in range(cfg.outer_iterations):
         eps = cfg.epsilon_at(k)
@@ -218,11 +219,12 @@ def ambrosio_tortorelli(f: Tensor, cfg: ATConfig = ATConfig(), track_energy: boo
         g = gradient_energy(u).mul_(cfg.alpha).unsqueeze(1)  # (B, 1, H, W)
         w_s = f.new_full((1, 1, 1, 1), cfg.lambda_ * eps)
         _, it_s = pcg(g + cfg.lambda_ / (4 * eps), w_s.expand(b, 1, h, w - 1), w_s.expand(b, 1, h - 1, w),
-                      g, s, cfg.cg_tol, cfg.cg_max_iter, active)
+                      g, s, cfg.cg_tol, cfg.cg_max_iter, active, s_work)
         # u-step: (I + α ∇ᵀ W ∇) u = f per channel, W = (1 − s)² shared by the channels.
         weight = (1 - s).square_().mul_(cfg.alpha)  # (B, 1, H, W)
         u_prev.copy_(u)
-        _, it_u = pcg(None, weight[..., :-1], weight[..., :-1, :], f, u, cfg.cg_tol, cfg.cg_max_iter, active)
+        _, it_u = pcg(None, weight[..., :-1], weight[..., :-1, :], f, u, cfg.cg_tol, cfg.cg_max_iter, active,
+                      u_work)
         iters.append((it_s, it_u))
         if energies is not None:
             energies.append(at_energy(f, u, s[:, 0], cfg, eps))
