@@ -141,3 +141,19 @@ def test_cuda_agrees_with_cpu():
     cpu = decompose(x, 3)
     gpu = decompose(x.cuda(), 3).cpu()
     assert (cpu - gpu).abs().max() < 1e-3
+
+
+def test_fused_cpu_kernels_match_the_eager_path(monkeypatch):
+    import nextdetail.models.mumford_shah as ms
+
+    if ms.cpu_kernels() is None:
+        pytest.skip("no C++ compiler: only the eager path exists here")
+    x = torch.cat([_real_photo(40), _steps_plus_noise(40)[1].clamp(0, 1)])
+    stats_fused: list = []
+    fused = decompose(x, 3, ATConfig(), stats_fused)
+    monkeypatch.setattr(ms, "_KERNELS", False)
+    assert ms.cpu_kernels() is None
+    stats_eager: list = []
+    eager = decompose(x, 3, ATConfig(), stats_eager)
+    assert (fused - eager).abs().max() < 1e-4
+    assert [r.cg_iterations for r in stats_fused] == [r.cg_iterations for r in stats_eager]

@@ -28,12 +28,25 @@ Alternating minimization, each step the exact minimizer of E in one block (so E 
 
 Order-n decomposition (Eq. 10): B₀ = I, B_k = AT(B_{k−1}), D_k = B_{k−1} − B_k, hence
 I = B_n + D_n + … + D_1 exactly up to float rounding.
+
+Defaults (3 alternations, CG to a 3 % relative residual) were chosen by measurement on 256² photos:
+against the minimizer reached after 30 alternations at 1e-6, 1 alternation gives ≈ 31–32 dB PSNR,
+3 give ≈ 36 dB, 4 at 1e-3 ≈ 39 dB, at 1.5× / 2.5× the cost; the edges are in place after the first.
+
+Speed: on a CPU the CG loop runs in three fused C++ loops (`_cg_kernels.cpp`, compiled by torch on
+first use, ~45 s once, then cached) that move ~15 floats per pixel per iteration instead of the ~48
+of the eager torch ops; without a compiler the eager path computes the same (tests compare both).
+On CUDA the eager ops run as they are, batched.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,6 +137,55 @@ def _degree(wx: Tensor, wy: Tensor) -> Tensor:
     return deg
 
 
+_KERNELS: Any = None  # the compiled module; False once unavailable
+
+
+def cpu_kernels() -> Any:
+    """The fused CPU kernels of `_cg_kernels.cpp`, compiled on first use (~1 min, then cached by torch
+    under ~/.cache/torch_extensions); None when NEXTDETAIL_CPU_KERNELS=0 or no compiler is found —
+    the eager path then computes the same thing ~3× slower."""
+    global _KERNELS
+    if _KERNELS is None:
+        if os.environ.get("NEXTDETAIL_CPU_KERNELS", "1") == "0":
+            _KERNELS = False
+        else:
+            try:
+                from torch.utils.cpp_extension import load
+
+                _KERNELS = load(name="nextdetail_cg_kernels", sources=[str(Path(__file__).with_name("_cg_kernels.cpp"))],
+                                extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+            except Exception as err:  # no compiler / ninja: slower, same results
+                warnings.warn(f"nextdetail: fused CPU kernels unavailable ({type(err).__name__}: {str(err)[:200]}); "
+                              "using the eager path", stacklevel=2)
+                _KERNELS = False
+    return _KERNELS or None
+
+
+def _pcg_fused(
+    kernels: Any, d: Tensor | None, wx: Tensor, wy: Tensor, x: Tensor, inv_diag: Tensor, stencil: _Stencil,
+    rz: Tensor, threshold: Tensor, running: Tensor, max_iter: int,
+) -> int:
+    """The loop of `pcg` with the three fused CPU kernels: same updates, same per-system freezing."""
+    b, c, h, w = x.shape
+    r, z, p, ap = (t.view(b * c, h, w) for t in (stencil.r, stencil.z, stencil.p, stencil.ap))
+    x3 = x.view(b * c, h, w)
+    wx3 = wx.expand(b, 1, h, w - 1).reshape(b, h, w - 1).contiguous()  # (B, H, W−1), shared by the channels
+    wy3 = wy.expand(b, 1, h - 1, w).reshape(b, h - 1, w).contiguous()  # (B, H−1, W)
+    d3 = x.new_empty(0) if d is None else d.expand(b, 1, h, w).reshape(b, h, w).contiguous()
+    inv3 = inv_diag.expand(b, 1, h, w).reshape(b, h, w).contiguous()
+    rz, threshold, running = rz.view(-1).double(), threshold.view(-1).double(), running.view(-1).clone()
+    it = 0
+    while it < max_iter and bool(running.any()):
+        pap = kernels.apply_dot(p, d3, wx3, wy3, ap, c)
+        step = torch.where(running, rz / pap.clamp_min(1e-300), 0.0).float()
+        rz_next = kernels.update(x3, r, z, p, ap, inv3, step, c)
+        kernels.xpby(p, z, torch.where(running, rz_next / rz.clamp_min(1e-300), 0.0).float())
+        rz = rz_next
+        running &= rz > threshold
+        it += 1
+    return it
+
+
 def pcg(
     d: Tensor | None, wx: Tensor, wy: Tensor, rhs: Tensor, x: Tensor, tol: float, max_iter: int,
     active: Tensor | None = None, stencil: _Stencil | None = None,
@@ -139,7 +201,14 @@ def pcg(
     stencil = stencil or _Stencil(x)
     r, z, p, ap, scratch = stencil.r, stencil.z, stencil.p, stencil.ap, stencil.scratch
     inv_diag = _degree(wx, wy).add_(1.0 if d is None else d).reciprocal_()  # (B, 1, H, W)
-    stencil.apply(x, d, wx, wy, out=r)
+    kernels = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if kernels is not None:
+        b, c, h, w = x.shape
+        kernels.apply_dot(x.view(b * c, h, w), x.new_empty(0) if d is None else d.expand(b, 1, h, w).reshape(b, h, w)
+                          .contiguous(), wx.reshape(b, h, w - 1).contiguous(), wy.reshape(b, h - 1, w).contiguous(),
+                          r.view(b * c, h, w), c)
+    else:
+        stencil.apply(x, d, wx, wy, out=r)
     torch.sub(rhs, r, out=r)  # r = rhs − A x
     torch.mul(r, inv_diag, out=z)
     p.copy_(z)
@@ -148,6 +217,8 @@ def pcg(
     running = rz > threshold
     if active is not None:
         running &= active
+    if kernels is not None:
+        return x, _pcg_fused(kernels, d, wx, wy, x, inv_diag, stencil, rz, threshold, running, max_iter)
     # A host sync costs ~10 µs on a CPU but stalls a GPU queue: check for completion less often there.
     check_every = 1 if x.device.type == "cpu" else 8
     it = 0
@@ -172,6 +243,9 @@ def pcg(
 
 def gradient_energy(u: Tensor) -> Tensor:
     """G_p = Σ_c |∇u_c|²_p with forward differences owned by p (zero across the border): (B, H, W)."""
+    kernels = cpu_kernels() if u.device.type == "cpu" and u.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.gradient_energy(u.contiguous())
     g = torch.zeros(u.shape[0], *u.shape[-2:], device=u.device, dtype=u.dtype)
     g[:, :, :-1] += (u[..., :, 1:] - u[..., :, :-1]).square().sum(1)
     g[:, :-1, :] += (u[..., 1:, :] - u[..., :-1, :]).square().sum(1)
@@ -203,6 +277,10 @@ class ATResult:
 def ambrosio_tortorelli(f: Tensor, cfg: ATConfig = ATConfig(), track_energy: bool = False) -> ATResult:
     """Minimize Eq. 8 for a batch f (B, C, H, W) in [0, 1]; returns u (same shape) and s (B, H, W)."""
     check_images(f, "f")
+    return _minimize(f, cfg, track_energy)
+
+
+def _minimize(f: Tensor, cfg: ATConfig, track_energy: bool = False) -> ATResult:
     f = f.float().contiguous()
     b, _, h, w = f.shape
     u = f.clone()
@@ -236,15 +314,19 @@ def ambrosio_tortorelli(f: Tensor, cfg: ATConfig = ATConfig(), track_energy: boo
     return ATResult(u=u, s=s[:, 0], outer_iterations=k + 1, cg_iterations=iters, energies=energies)
 
 
-def decompose(images: Tensor, order: int, cfg: ATConfig = ATConfig()) -> Tensor:
-    """Order-n base factors of CART Eq. 10: (B, C, H, W) → (n, B, C, H, W) holding B_1 … B_n."""
+def decompose(images: Tensor, order: int, cfg: ATConfig = ATConfig(), stats: list[ATResult] | None = None) -> Tensor:
+    """Order-n base factors of CART Eq. 10: (B, C, H, W) → (n, B, C, H, W) holding B_1 … B_n.
+    `stats`, if given, receives each order's `ATResult` (iteration counts)."""
     check_images(images, "images")
     if order < 1:
         raise ValueError(f"order must be ≥ 1, got {order}")
     bases = []
     current = images.float()
     for _ in range(order):
-        current = ambrosio_tortorelli(current, cfg).u
+        result = _minimize(current, cfg)  # B_{k−1} came out of the solver: finite, no need to check again
+        if stats is not None:
+            stats.append(result)
+        current = result.u
         bases.append(current)
     return torch.stack(bases)
 

@@ -112,7 +112,7 @@ def write_factors(
     """Decompose one tar's images and write its Zarr array, batch by batch (whole chunks each)."""
     import torch
 
-    from nextdetail.models.mumford_shah import ATConfig, ambrosio_tortorelli, check_images
+    from nextdetail.models.mumford_shah import ATConfig, ATResult, decompose
 
     torch.set_num_threads(cfg.torch_threads)
     device = torch.device(cfg.device)
@@ -128,15 +128,10 @@ def write_factors(
     for start in range(0, n, cfg.batch_size):
         batch = torch.from_numpy(images[start : start + cfg.batch_size]).to(device)
         current = batch.permute(0, 3, 1, 2).float().div_(255)  # (b, 3, H, W) in [0, 1]
-        check_images(current, f"{job.tar}[{start}:]")
-        bases = []
-        for _ in range(cfg.order):
-            result = ambrosio_tortorelli(current, at)
-            outer.append(result.outer_iterations)
-            cg.extend(s + u for s, u in result.cg_iterations)
-            current = result.u
-            bases.append(current)
-        stacked = torch.stack(bases, 1)  # (b, order, 3, H, W)
+        stats: list[ATResult] = []
+        stacked = decompose(current, cfg.order, at, stats).transpose(0, 1)  # (b, order, 3, H, W)
+        outer.extend(r.outer_iterations for r in stats)
+        cg.extend(s + u for r in stats for s, u in r.cg_iterations)
         array[start : start + len(batch)] = stacked.to(getattr(torch, cfg.dtype)).cpu().numpy()
     seconds = time.time() - t0
     summary = {"tar": job.tar, "images": n, "seconds": round(seconds, 3),
