@@ -22,6 +22,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/shard.py
+	$(BIN)/python benchmarks/decompose.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail

@@ -44,29 +44,52 @@ torch::Tensor apply_dot(torch::Tensor p, torch::Tensor d, torch::Tensor wx, torc
       float* out_row = AP + i * w;
       const float* d_row = D ? D + i * w : nullptr;
       float acc = 0.f;
-      // x-direction and centre (ends apart, so the interior loop has no branch and vectorizes),
-      // then the y-direction: each loop is a straight pass the compiler turns into SIMD.
+      if (up && down) {
+        // Interior row: centre, both directions and the dot product in one vectorized pass.
+        float v0 = (d_row ? d_row[0] : 1.f) * row[0] - wx_row[0] * (row[1] - row[0])
+                   - wy_row[0] * (down[0] - row[0]) + wy_up[0] * (row[0] - up[0]);
+        out_row[0] = v0;
+        acc += v0 * row[0];
+        if (d_row) {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 1; j < w - 1; ++j) {
+            const float c = row[j];
+            const float v = d_row[j] * c - wx_row[j] * (row[j + 1] - c) + wx_row[j - 1] * (c - row[j - 1])
+                            - wy_row[j] * (down[j] - c) + wy_up[j] * (c - up[j]);
+            out_row[j] = v;
+            acc += v * c;
+          }
+        } else {
+#pragma omp simd reduction(+ : acc)
+          for (int64_t j = 1; j < w - 1; ++j) {
+            const float c = row[j];
+            const float v = c - wx_row[j] * (row[j + 1] - c) + wx_row[j - 1] * (c - row[j - 1])
+                            - wy_row[j] * (down[j] - c) + wy_up[j] * (c - up[j]);
+            out_row[j] = v;
+            acc += v * c;
+          }
+        }
+        const int64_t l = w - 1;
+        const float vl = (d_row ? d_row[l] : 1.f) * row[l] + wx_row[l - 1] * (row[l] - row[l - 1])
+                         - wy_row[l] * (down[l] - row[l]) + wy_up[l] * (row[l] - up[l]);
+        out_row[l] = vl;
+        acc += vl * row[l];
+        total += acc;
+        continue;
+      }
+      // First / last row: x-direction and centre (ends apart, so the loop has no branch), then y.
       const float d0 = d_row ? d_row[0] : 1.f, d_last = d_row ? d_row[w - 1] : 1.f;
       out_row[0] = d0 * row[0] - wx_row[0] * (row[1] - row[0]);
-      if (d_row) {
-#pragma omp simd
-        for (int64_t j = 1; j < w - 1; ++j)
-          out_row[j] = d_row[j] * row[j] - wx_row[j] * (row[j + 1] - row[j]) + wx_row[j - 1] * (row[j] - row[j - 1]);
-      } else {
-#pragma omp simd
-        for (int64_t j = 1; j < w - 1; ++j)
-          out_row[j] = row[j] - wx_row[j] * (row[j + 1] - row[j]) + wx_row[j - 1] * (row[j] - row[j - 1]);
-      }
+      for (int64_t j = 1; j < w - 1; ++j)
+        out_row[j] = (d_row ? d_row[j] : 1.f) * row[j] - wx_row[j] * (row[j + 1] - row[j])
+                     + wx_row[j - 1] * (row[j] - row[j - 1]);
       out_row[w - 1] = d_last * row[w - 1] + wx_row[w - 2] * (row[w - 1] - row[w - 2]);
       if (down) {
-#pragma omp simd
         for (int64_t j = 0; j < w; ++j) out_row[j] -= wy_row[j] * (down[j] - row[j]);
       }
       if (up) {
-#pragma omp simd
         for (int64_t j = 0; j < w; ++j) out_row[j] += wy_up[j] * (row[j] - up[j]);
       }
-#pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < w; ++j) acc += out_row[j] * row[j];
       total += acc;
     }
@@ -108,6 +131,39 @@ torch::Tensor update(torch::Tensor x, torch::Tensor r, torch::Tensor z, torch::T
       total += acc;
     }
     dots[n] = total;
+  }
+  return out;
+}
+
+// z = r ⊙ inv_diag; returns r·z and rhs·(rhs ⊙ inv_diag) per system, (N, 2) in float64.
+torch::Tensor precondition(torch::Tensor r, torch::Tensor rhs, torch::Tensor inv_diag, torch::Tensor z,
+                           int64_t channels) {
+  check(r, "r"); check(rhs, "rhs"); check(inv_diag, "inv_diag"); check(z, "z");
+  const int64_t n_sys = r.size(0), hw = r.size(1) * r.size(2);
+  auto out = torch::empty({n_sys, 2}, torch::kFloat64);
+  double* dots = out.data_ptr<double>();
+  for (int64_t n = 0; n < n_sys; ++n) {
+    const float* R = r.data_ptr<float>() + n * hw;
+    const float* B = rhs.data_ptr<float>() + n * hw;
+    const float* INV = inv_diag.data_ptr<float>() + (n / channels) * hw;
+    float* Z = z.data_ptr<float>() + n * hw;
+    double rz = 0.0, bb = 0.0;
+    constexpr int64_t block = 4096;
+    for (int64_t s = 0; s < hw; s += block) {
+      const int64_t e = std::min(hw, s + block);
+      float acc_rz = 0.f, acc_bb = 0.f;
+#pragma omp simd reduction(+ : acc_rz, acc_bb)
+      for (int64_t k = s; k < e; ++k) {
+        const float zk = R[k] * INV[k];
+        Z[k] = zk;
+        acc_rz += R[k] * zk;
+        acc_bb += B[k] * B[k] * INV[k];
+      }
+      rz += acc_rz;
+      bb += acc_bb;
+    }
+    dots[2 * n] = rz;
+    dots[2 * n + 1] = bb;
   }
   return out;
 }
@@ -160,5 +216,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply_dot", &apply_dot, "ap = A p and p·ap per system");
   m.def("update", &update, "x += a p; r -= a ap; z = r/diag; r·z per system");
   m.def("xpby", &xpby, "p = z + beta p per system");
+  m.def("precondition", &precondition, "z = r/diag; r·z and rhs·rhs/diag per system");
   m.def("gradient_energy", &gradient_energy, "Σ_c |∇u_c|² per pixel");
 }

@@ -140,6 +140,15 @@ def _degree(wx: Tensor, wy: Tensor) -> Tensor:
 _KERNELS: Any = None  # the compiled module; False once unavailable
 
 
+def _x86_isa() -> str:
+    """'avx2' when this CPU has AVX2 and FMA (≈20 % faster kernels), else 'base' (any x86-64 / other)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "base"
+    return "avx2" if "avx2" in flags and "fma" in flags else "base"
+
+
 def cpu_kernels() -> Any:
     """The fused CPU kernels of `_cg_kernels.cpp`, compiled on first use (~1 min, then cached by torch
     under ~/.cache/torch_extensions); None when NEXTDETAIL_CPU_KERNELS=0 or no compiler is found —
@@ -152,8 +161,11 @@ def cpu_kernels() -> Any:
             try:
                 from torch.utils.cpp_extension import load
 
-                _KERNELS = load(name="nextdetail_cg_kernels", sources=[str(Path(__file__).with_name("_cg_kernels.cpp"))],
-                                extra_cflags=["-O3", "-fopenmp-simd"], verbose=False)
+                isa = _x86_isa()
+                flags = ["-O3", "-fopenmp-simd", *(["-mavx2", "-mfma"] if isa == "avx2" else [])]
+                # The ISA is in the name: a home directory shared by different machines keeps one build each.
+                _KERNELS = load(name=f"nextdetail_cg_kernels_{isa}", extra_cflags=flags, verbose=False,
+                                sources=[str(Path(__file__).with_name("_cg_kernels.cpp"))])
             except Exception as err:  # no compiler / ninja: slower, same results
                 warnings.warn(f"nextdetail: fused CPU kernels unavailable ({type(err).__name__}: {str(err)[:200]}); "
                               "using the eager path", stacklevel=2)
@@ -162,18 +174,25 @@ def cpu_kernels() -> Any:
 
 
 def _pcg_fused(
-    kernels: Any, d: Tensor | None, wx: Tensor, wy: Tensor, x: Tensor, inv_diag: Tensor, stencil: _Stencil,
-    rz: Tensor, threshold: Tensor, running: Tensor, max_iter: int,
+    kernels: Any, d: Tensor | None, wx: Tensor, wy: Tensor, rhs: Tensor, x: Tensor, inv_diag: Tensor,
+    stencil: _Stencil, tol: float, active: Tensor | None, max_iter: int,
 ) -> int:
-    """The loop of `pcg` with the three fused CPU kernels: same updates, same per-system freezing."""
+    """`pcg` with the fused CPU kernels: the same updates and the same per-system freezing."""
     b, c, h, w = x.shape
     r, z, p, ap = (t.view(b * c, h, w) for t in (stencil.r, stencil.z, stencil.p, stencil.ap))
-    x3 = x.view(b * c, h, w)
+    x3, rhs3 = x.view(b * c, h, w), rhs.reshape(b * c, h, w).contiguous()
     wx3 = wx.expand(b, 1, h, w - 1).reshape(b, h, w - 1).contiguous()  # (B, H, W−1), shared by the channels
     wy3 = wy.expand(b, 1, h - 1, w).reshape(b, h - 1, w).contiguous()  # (B, H−1, W)
     d3 = x.new_empty(0) if d is None else d.expand(b, 1, h, w).reshape(b, h, w).contiguous()
     inv3 = inv_diag.expand(b, 1, h, w).reshape(b, h, w).contiguous()
-    rz, threshold, running = rz.view(-1).double(), threshold.view(-1).double(), running.view(-1).clone()
+    kernels.apply_dot(x3, d3, wx3, wy3, r, c)
+    torch.sub(rhs3, r, out=r)  # r = rhs − A x
+    dots = kernels.precondition(r, rhs3, inv3, z, c)  # z = r / diag; (r·z, rhs·rhs/diag)
+    p.copy_(z)
+    rz, threshold = dots[:, 0], (tol * tol) * dots[:, 1]
+    running = rz > threshold
+    if active is not None:
+        running &= active.expand(b, c, 1, 1).reshape(-1)
     it = 0
     while it < max_iter and bool(running.any()):
         pap = kernels.apply_dot(p, d3, wx3, wy3, ap, c)
@@ -203,12 +222,8 @@ def pcg(
     inv_diag = _degree(wx, wy).add_(1.0 if d is None else d).reciprocal_()  # (B, 1, H, W)
     kernels = cpu_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
     if kernels is not None:
-        b, c, h, w = x.shape
-        kernels.apply_dot(x.view(b * c, h, w), x.new_empty(0) if d is None else d.expand(b, 1, h, w).reshape(b, h, w)
-                          .contiguous(), wx.reshape(b, h, w - 1).contiguous(), wy.reshape(b, h - 1, w).contiguous(),
-                          r.view(b * c, h, w), c)
-    else:
-        stencil.apply(x, d, wx, wy, out=r)
+        return x, _pcg_fused(kernels, d, wx, wy, rhs, x, inv_diag, stencil, tol, active, max_iter)
+    stencil.apply(x, d, wx, wy, out=r)
     torch.sub(rhs, r, out=r)  # r = rhs − A x
     torch.mul(r, inv_diag, out=z)
     p.copy_(z)
@@ -217,8 +232,6 @@ def pcg(
     running = rz > threshold
     if active is not None:
         running &= active
-    if kernels is not None:
-        return x, _pcg_fused(kernels, d, wx, wy, x, inv_diag, stencil, rz, threshold, running, max_iter)
     # A host sync costs ~10 µs on a CPU but stalls a GPU queue: check for completion less often there.
     check_every = 1 if x.device.type == "cpu" else 8
     it = 0
