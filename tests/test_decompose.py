@@ -168,3 +168,34 @@ def test_bad_decompose_settings_are_one_line_errors(override):
     with pytest.raises(UserError) as err:
         load_config("tiny", overrides=[override])
     assert "\n" not in str(err.value) and "decompose" in str(err.value)
+
+
+def test_sigkilled_run_resumes_to_the_same_factors(tmp_path, embedded_source):
+    import signal
+
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+    def cmd(root):
+        return [str(BIN / "nextdetail"), "decompose", "--no-progress", "-o", f"storage.root={root}",
+                "-o", f"data.source={embedded_source}", "-o", "shard.samples_per_shard=16", "-o", "dask.n_workers=1"]
+
+    subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "killed").glob("decompose/*/*/_parts/*.json")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = next((tmp_path / "killed").glob("decompose/*/*"))
+    assert not (killed / "_COMPLETE.json").exists(), "killed too late: the stage had finished"
+    done = subprocess.run(cmd(tmp_path / "killed"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    clean = next((tmp_path / "clean").glob("decompose/*/*"))
+    assert killed.name == clean.name
+    a, b = factors.open_group(Store(str(killed))), factors.open_group(Store(str(clean)))
+    index = read_index(Store(str(clean))).to_pylist()
+    assert read_index(Store(str(killed))).to_pylist() == index
+    for split, tar in {(r["split"], r["shard"]) for r in index}:
+        np.testing.assert_array_equal(a[factors.array_path(split, tar)][:], b[factors.array_path(split, tar)][:])
