@@ -85,7 +85,13 @@ def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker:
     # Dask's statistical profiler samples every worker thread's stack 100×/s (GIL churn): measured
     # ~20% of the throughput of image-bound tasks. Workers inherit this config from the nanny.
     # Nannies capture the config at start-up and hand it to (re)started workers.
-    with dask.config.set({"distributed.worker.profile.enabled": False}):
+    # Dask also exports MALLOC_TRIM_THRESHOLD_=65536 to its workers, and setting any glibc malloc
+    # threshold turns off glibc's adaptive mmap threshold: every decoded image or tensor above 128 KiB
+    # is then mmap'ed and page-faulted afresh (measured 10–20% more CPU for the shard loop). Our
+    # workers allocate and free same-sized buffers all run long, which the adaptive default reuses.
+    # A user's own MALLOC_TRIM_THRESHOLD_ in the environment is still inherited.
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         cluster = LocalCluster(
             n_workers=n_workers or os.cpu_count() or 1,
             threads_per_worker=threads_per_worker,
