@@ -28,10 +28,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # scipy / numpy: one thread per p
 import numpy as np
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field", "cat")
-# float32 reads + writes per pixel per CG iteration. Fused CPU kernels (`_cg_kernels.cpp`):
-# apply_dot 4 (p, wx, wy, ap), update 8 (x r/w, r r/w, z, p, ap, 1/diag), xpby 3 (p r/w, z).
+# float32 reads + writes per pixel per CG iteration. Compiled CPU solver (`_at_cpu.cpp`):
+# stencil+dot 3 (p, weight or diagonal, ap), update 7 (x r/w, r r/w, p, ap, 1/diag), p = r/diag + βp 4.
 # Eager torch (`pcg` + `_Stencil.apply`): stencil 26, 2 dots 8, 2 addcmul 6, z 3, p 5.
-BYTES_PER_PIXEL_PER_CG_ITERATION = {"fused": 15 * 4, "eager": 48 * 4}
+BYTES_PER_PIXEL_PER_CG_ITERATION = {"compiled": 14 * 4, "eager": 48 * 4}
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -166,7 +166,7 @@ def main() -> None:
     pixels = 256 * 256
     from nextdetail.models.mumford_shah import cpu_kernels
 
-    path = "fused" if cpu_kernels() is not None else "eager"
+    path = "compiled" if cpu_kernels() is not None else "eager"
     achieved = cg_iterations * pixels * BYTES_PER_PIXEL_PER_CG_ITERATION[path] / ours_s / 1e9
     copy = copy_bandwidth_gbs()
     print(json.dumps({

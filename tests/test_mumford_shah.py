@@ -143,17 +143,38 @@ def test_cuda_agrees_with_cpu():
     assert (cpu - gpu).abs().max() < 1e-3
 
 
-def test_fused_cpu_kernels_match_the_eager_path(monkeypatch):
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ATConfig(),
+        # an ε schedule, and a tolerance at which the two images stop after different alternations
+        ATConfig(epsilon_start=0.05, outer_iterations=6, outer_tol=2e-3, cg_tol=1e-2, cg_max_iter=60),
+    ],
+)
+def test_compiled_cpu_solver_matches_the_eager_path(monkeypatch, cfg):
     import nextdetail.models.mumford_shah as ms
 
     if ms.cpu_kernels() is None:
         pytest.skip("no C++ compiler: only the eager path exists here")
-    x = torch.cat([_real_photo(40), _steps_plus_noise(40)[1].clamp(0, 1)])
-    stats_fused: list = []
-    fused = decompose(x, 3, ATConfig(), stats_fused)
+    photo = _real_photo(40)[..., :28]  # not square: rows and columns must not be mixed up
+    x = torch.cat([photo, _steps_plus_noise(40)[1].clamp(0, 1)[..., :28]])
+    compiled = ambrosio_tortorelli(x, cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # images run in parallel: the same numbers
+    try:
+        compiled_2 = ambrosio_tortorelli(x, cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(compiled.u, compiled_2.u)
+    if cfg.outer_tol > 1e-3:  # the images stop after different alternations, each as it would alone
+        alone = [ambrosio_tortorelli(x[i : i + 1], cfg) for i in range(2)]
+        assert alone[0].outer_iterations != alone[1].outer_iterations
+        assert compiled.outer_iterations == max(a.outer_iterations for a in alone)
+        assert torch.equal(torch.cat([a.u for a in alone]), compiled.u)
     monkeypatch.setattr(ms, "_KERNELS", False)
     assert ms.cpu_kernels() is None
-    stats_eager: list = []
-    eager = decompose(x, 3, ATConfig(), stats_eager)
-    assert (fused - eager).abs().max() < 1e-4
-    assert [r.cg_iterations for r in stats_fused] == [r.cg_iterations for r in stats_eager]
+    eager = ambrosio_tortorelli(x, cfg)
+    assert (compiled.u - eager.u).abs().max() < 1e-4
+    assert (compiled.s - eager.s).abs().max() < 1e-4
+    assert compiled.cg_iterations == eager.cg_iterations
+    assert compiled.outer_iterations == eager.outer_iterations
