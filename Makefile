@@ -23,6 +23,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/decompose.py
+	$(BIN)/python benchmarks/tokenizer_recon.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail

@@ -51,6 +51,15 @@ def _print_decompose(result) -> None:
           f"reused {len(result.tars_cached) + len(result.tars_reused)} ({result.seconds:.1f}s)")
 
 
+def _print_tokenizer(result) -> None:
+    from nextdetail.tasks.train_tokenizer import summary_line
+
+    print(summary_line(result.summary))
+    print(f"  tokenizer: {result.checkpoint_url}")
+    print(f"  pictures:  {result.url}/reconstructions.png  {result.url}/curves.png")
+    print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from nextdetail.flows.pipeline import run_pipeline
 
@@ -64,6 +73,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         key = results["decompose"].summary.get("first_key")
         if key:
             print(f"  look at one: nextdetail show decomposition {key}")
+    if "train_tokenizer" in results:
+        _print_tokenizer(results["train_tokenizer"])
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
@@ -100,6 +111,11 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
         path = out_dir / f"decomposition-{safe_name(key)}.png"
         write_png(path, decomposition_strip(image, bases))
         print(path)
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> None:
+    args.until = "train_tokenizer"
+    cmd_run(args)
 
 
 def cmd_shard(args: argparse.Namespace) -> None:
@@ -146,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<storage.root>/decompose/ (settings: -o decompose.alpha=… etc.).")
     _add_config_args(p)
     p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser("train-tokenizer", help="shards + factors → a trained base-detail VQ-VAE (CART §3.2)",
+                       description="Run the stages up to train_tokenizer: tokenizer.pt, metrics, curves.png and "
+                                   "reconstructions.png under <storage.root>/tokenizer/. Resumes from its last "
+                                   "checkpoint when interrupted (settings: -o tokenizer.steps=… etc.).")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")
     ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")

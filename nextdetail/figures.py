@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -60,3 +61,41 @@ def write_png(path: Path, img: Image.Image) -> None:
     tmp = path.with_suffix(".png.tmp")
     tmp.write_bytes(png_bytes(img))
     tmp.replace(path)
+
+
+def reconstruction_grid(images: Any, recons: Any) -> Image.Image:
+    """Originals (top row) over reconstructions (bottom row): tensors (N, 3, H, W) in [-1, 1]."""
+    panels = [(f"I{i}", to_uint8((np.asarray(x) + 1) / 2)) for i, x in enumerate(images)]
+    panels += [(f"rec{i}", to_uint8((np.asarray(x) + 1) / 2)) for i, x in enumerate(recons)]
+    n = len(images)
+    scale = max(1, 96 // images.shape[-1])
+    top, bottom = labelled_strip(panels[:n], scale), labelled_strip(panels[n:], scale)
+    grid = Image.new("RGB", (top.width, top.height + bottom.height), "white")
+    grid.paste(top, (0, 0))
+    grid.paste(bottom, (0, top.height))
+    return grid
+
+
+def training_curves(metrics: list[dict[str, Any]], keys: tuple[str, ...] = ("loss", "rec", "vq", "lpips", "gan_g")) -> Image.Image:
+    """Loss curves over steps (log scale), one line per metric present: a PNG people look at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [m["step"] for m in metrics]
+    for key in keys:
+        values = [m.get(key) for m in metrics]
+        if any(v is not None for v in values):
+            ax.plot(steps, [v if v is not None else np.nan for v in values], label=key, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")

@@ -14,7 +14,11 @@ NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 def test_presets_validate(preset):
     cfg = load_config(preset)
     assert cfg.preset == preset
-    assert cfg.tokenizer.patch_nums[-1] * cfg.tokenizer.downsample == cfg.shard.resolution
+    spec = cfg.tokenizer_spec()
+    assert spec.latent_side * spec.downsample == cfg.shard.resolution
+    # the token maps: base scales up to the latent side, then full-resolution detail maps
+    assert cfg.tokenizer.patch_nums[-1] <= spec.latent_side
+    assert len(spec.patch_nums) + spec.order * spec.detail_depth == (14 if preset.startswith("imagenet") else 7)
 
 
 def test_paper_settings_in_imagenet_presets():
@@ -36,7 +40,9 @@ def test_overrides_parse_yaml_values():
     ("shard.resolution=big", "shard.resolution='big' is invalid"),
     ("shard.image_format=gif", "shard.image_format='gif' is invalid: Input should be 'jpg' or 'png'"),
     ("nosection.x=1", "unknown key 'nosection'"),
-    ("shard.resolution=48", "patch_nums must end at the latent side 12"),
+    ("shard.resolution=16", "patch_nums must end at most at the latent side 4"),
+    ("tokenizer.patch_nums=[1,4,2]", "patch_nums must not decrease"),
+    ("tokenizer.order=4", "tokenizer.order=4 needs decompose.order"),
     ("noequals", "expected KEY=VALUE"),
 ])
 def test_bad_override_is_one_clear_line(override, expected):

@@ -126,18 +126,64 @@ class DecomposeConfig(_Section):
 
 
 class TokenizerConfig(_Section):
-    """Multi-scale residual VQ-VAE (VAR's tokenizer) with CART's base/detail scheme (Algorithms 1–2)."""
+    """CART's base-detail VQ-VAE on VAR's tokenizer (models/tokenizer.py) and its `train_tokenizer` stage."""
 
+    # Architecture (VAR's released tokenizer: ch 160, V 4096, z 32, ch_mult 1,1,2,2,4 → 16×).
     vocab_size: int = Field(default=4096, ge=2)
     z_channels: int = Field(default=32, ge=1)
     ch: int = Field(default=160, ge=8)
-    ch_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2, 4])
-    patch_nums: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
-    detail_depth: int = Field(default=1, ge=1, description="(M − B)/n: token maps per detail factor")
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2, 4], min_length=1)
+    num_res_blocks: int = Field(default=2, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    beta: float = Field(default=0.25, ge=0, description="commitment weight")
+    using_znorm: bool = Field(default=False, description="cosine code lookup instead of L2")
+    quant_resi: float = Field(default=0.5, ge=0, le=1, description="φ's blend of conv and identity")
+    share_quant_resi: int = Field(default=4, ge=2, description="φ's shared by all token maps")
+    patch_nums: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], min_length=1,
+                                  description="sides of the base token maps (the multi-scale schedule)")
+    order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
+    detail_depth: int = Field(default=1, ge=1, description="(M − B)/n: full-resolution token maps per detail factor")
+    init_from: str | None = Field(default=None, description="VAR tokenizer checkpoint (vae_ch160v4096z32.pth) to start from")
+    # Training.
+    steps: int = Field(default=100_000, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    rec_loss: Literal["l2", "l1"] = "l2"
+    lpips_weight: float = Field(default=0.0, ge=0, description="0 disables the perceptual loss")
+    lpips_vgg16: str | None = Field(default=None, description="torchvision's vgg16 weights (vgg16-397923af.pth)")
+    lpips_lin: str | None = Field(default=None, description="LPIPS's linear layers (lpips/weights/v0.1/vgg.pth)")
+    gan_weight: float = Field(default=0.0, ge=0, description="0 disables the PatchGAN hinge loss")
+    gan_start: int = Field(default=0, ge=0, description="steps of warm-up before the discriminator joins")
+    restart_dead_every: int = Field(default=200, ge=0, description="steps between dead-code restarts; 0: never")
+    dead_threshold: float = Field(default=0.01, ge=0, description="dead: EMA hits below this fraction of uniform")
+    seed: int = 0
+    # How the work runs, not what it computes: excluded from the artifact identity.
+    device: Literal["cpu", "cuda"] = "cpu"
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores")
+    checkpoint_every: int = Field(default=1000, ge=1)
+    log_every: int = Field(default=100, ge=1)
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "torch_threads", "checkpoint_every", "log_every"})
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerConfig:
+        if self.patch_nums != sorted(self.patch_nums):
+            raise ValueError(f"patch_nums must not decrease (repeats = residual maps at one scale), got {self.patch_nums}")
+        if self.lpips_weight > 0 and not (self.lpips_vgg16 and self.lpips_lin):
+            raise ValueError("lpips_weight > 0 needs lpips_vgg16 and lpips_lin (weights files; nothing is downloaded)")
+        return self
 
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    def identity_settings(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
 class ARConfig(_Section):
@@ -148,7 +194,7 @@ class ARConfig(_Section):
     lr: float = Field(default=1e-4, gt=0)
 
 
-STAGES: tuple[str, ...] = ("shard", "decompose")
+STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer")
 """Stages in pipeline order. Later issues append decompose, train_tokenizer, tokenize, train_ar, sample, evaluate."""
 
 
@@ -167,9 +213,26 @@ class PipelineConfig(_Section):
         res, down = self.shard.resolution, self.tokenizer.downsample
         if res is not None and res % down:
             raise ValueError(f"shard.resolution={res} is not a multiple of the tokenizer's downsampling {down}")
-        if res is not None and self.tokenizer.patch_nums[-1] != res // down:
+        if res is not None and self.tokenizer.patch_nums[-1] > res // down:
             raise ValueError(
-                f"tokenizer.patch_nums must end at the latent side {res // down} (= shard.resolution / {down}),"
+                f"tokenizer.patch_nums must end at most at the latent side {res // down} (= shard.resolution / {down}),"
                 f" not {self.tokenizer.patch_nums[-1]}"
             )
+        if self.tokenizer.order is not None and self.tokenizer.order > self.decompose.order:
+            raise ValueError(f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
+                             f"(now {self.decompose.order})")
         return self
+
+    def tokenizer_spec(self) -> Any:
+        """The tokenizer's architecture: its settings + the decomposition order + the resolution."""
+        from nextdetail.models.tokenizer import TokenizerSpec
+
+        t = self.tokenizer
+        if self.shard.resolution is None:
+            raise ValueError("the tokenizer needs shard.resolution (one image size)")
+        return TokenizerSpec(
+            vocab_size=t.vocab_size, z_channels=t.z_channels, ch=t.ch, ch_mult=tuple(t.ch_mult),
+            num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
+            beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
+            resolution=self.shard.resolution, patch_nums=tuple(t.patch_nums),
+            order=self.decompose.order if t.order is None else t.order, detail_depth=t.detail_depth)

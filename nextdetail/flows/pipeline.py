@@ -1,4 +1,4 @@
-"""`nextdetail run`: the stages in order (shard → decompose → …), up to `--until`; one cluster for all."""
+"""`nextdetail run`: the stages in order (shard → decompose → train_tokenizer → …), up to `--until`; one cluster for all."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
         raise UserError(f"--until {until!r}: no such stage (stages: {', '.join(STAGES)})")
     from nextdetail.flows.decompose import run_decompose
     from nextdetail.flows.shard import run_shard
+    from nextdetail.flows.train_tokenizer import run_train_tokenizer
 
     results: dict[str, Any] = {}
     runners = {
         "shard": lambda scheduler: run_shard(cfg, progress=progress, scheduler=scheduler),
         "decompose": lambda scheduler: run_decompose(cfg, results["shard"], progress=progress, scheduler=scheduler),
+        "train_tokenizer": lambda _: run_train_tokenizer(cfg, results["shard"], results["decompose"], progress=progress),
     }
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
         for stage in STAGES:

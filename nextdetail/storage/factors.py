@@ -89,3 +89,10 @@ def open_lazy(store: Store, index: pa.Table, split: str) -> Any:
     rows = index.filter(pa.compute.equal(index["split"], split))
     tars = list(dict.fromkeys(rows["shard"].to_pylist()))  # index order: tars in plan order
     return da.concatenate([da.from_zarr(group[array_path(split, tar)]) for tar in tars], axis=0)
+
+
+def read_index(store: Store) -> pa.Table:
+    """The decomposition's index.parquet: key, split, shard (tar), row, class_index."""
+    from nextdetail.storage.manifest import read_table
+
+    return read_table(store, "index.parquet")

@@ -1,0 +1,79 @@
+"""The `train_tokenizer` flow: one cached training task on the shard tars + the decomposition.
+
+Training runs in the flow's process (Prefect's thread runner, all cores to torch), not on the Dask
+cluster: it is one long task that wants every core, or a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.flows.decompose import DecomposeResult
+from nextdetail.flows.shard import ShardResult
+from nextdetail.storage.factors import read_index
+from nextdetail.storage.fs import Store
+from nextdetail.tasks.train_tokenizer import (
+    TrainData,
+    plan_training,
+    settings_dir_name,
+    summary_line,
+    train_tokenizer,
+)
+
+
+@dataclass
+class TokenizerResult:
+    url: str  # tokenizer.pt, metrics.json, curves.png, reconstructions.png, checkpoints/
+    identity: str
+    summary: dict[str, Any]
+    work: str = "ran"  # ran | cached | reused
+    seconds: float = 0.0
+
+    @property
+    def checkpoint_url(self) -> str:
+        return f"{self.url}/tokenizer.pt"
+
+
+def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult, split: str = "train") -> TrainData:
+    index = read_index(Store(decomposition.url, cfg.storage.options))
+    counts: dict[str, int] = {}
+    for row in index.select(["split", "shard"]).to_pylist():
+        if row["split"] == split:
+            counts[row["shard"]] = counts.get(row["shard"], 0) + 1
+    if not counts:
+        raise UserError(f"train_tokenizer: the decomposition {decomposition.url} has no {split!r} images; "
+                        f"add {split!r} to data.splits")
+    return TrainData(shards.url, decomposition.url, cfg.storage.options, cfg.shard.image_format, split,
+                     tuple(counts.items()))
+
+
+@flow(name="train_tokenizer", log_prints=False, validate_parameters=False)
+def train_tokenizer_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+                         progress: bool = True) -> TokenizerResult:
+    t0 = time.time()
+    log = get_run_logger()
+    spec = cfg.tokenizer_spec()
+    data = train_data(cfg, shards, decomposition)
+    dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
+    out = Store(cfg.storage.root, cfg.storage.options).sub("tokenizer", dataset_dir,
+                                                           settings_dir_name(cfg.tokenizer, spec))
+    artifact = plan_training(out, decomposition.identity, data, cfg.tokenizer, spec)
+    log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
+             spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps, out.url())
+    fut = train_tokenizer.submit(artifact, data, cfg.tokenizer, spec, progress)
+    record = fut.result()
+    work = "cached" if fut.state.name == "Cached" else record["work"]
+    result = TokenizerResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
+    log.info(summary_line(result.summary))
+    return result
+
+
+def run_train_tokenizer(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+                        progress: bool = True) -> TokenizerResult:
+    return train_tokenizer_flow(cfg, shards, decomposition, progress=progress)

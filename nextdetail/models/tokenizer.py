@@ -1,0 +1,159 @@
+"""CART's base-detail VQ-VAE (cart.txt §3.2, Algorithms 1–2) on VAR's tokenizer.
+
+Images and factors are (B, 3, H, W) in [-1, 1] (VAR's convention; the factors cache stores [0, 1]:
+use `to_model_range`). Encoding an image with its base factors B_1 … B_n (Eq. 11):
+
+    f_{B_k} = quant_conv(E(B_k)),  k = 0 … n,  B_0 = I           one encoder pass over (n + 1)·B images
+    sources = [f_{B_n}, f_{D_n}, …, f_{D_1}],  f_{D_k} = f_{B_{k−1}} − f_{B_k}      (Eq. 12)
+    token maps r_1 … r_M = Algorithm 1 over the token schedule (`quant.py`)
+    Î = D(post_quant_conv(Σ_k φ_k(z_k)))                                            (Algorithm 2)
+
+Order 0 is VAR's VQVAE exactly (one source, f_I); `load_var_state_dict` takes VAR's released
+`vae_ch160v4096z32.pth` (names map one to one; every shape asserted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nextdetail.models.quant import MultiScaleQuantizer, QuantOutput, token_schedule
+from nextdetail.models.vae import Decoder, Encoder
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Architecture of the tokenizer; the defaults are VAR's released one (vae_ch160v4096z32) at 256 px."""
+
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    using_sa: bool = True
+    using_mid_sa: bool = True
+    beta: float = 0.25  # commitment
+    using_znorm: bool = False  # cosine lookup
+    quant_conv_ks: int = 3
+    quant_resi: float = 0.5  # φ's blend ratio
+    share_quant_resi: int = 4  # φ's shared by all maps
+    resolution: int = 256
+    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # base scales
+    order: int = 0  # decomposition order n; 0 = VAR
+    detail_depth: int = 1  # token maps per detail factor, (M − B)/n
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_side(self) -> int:
+        return self.resolution // self.downsample
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+class BaseDetailVQVAE(nn.Module):
+    def __init__(self, spec: TokenizerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        dd = dict(ch=spec.ch, ch_mult=tuple(spec.ch_mult), num_res_blocks=spec.num_res_blocks, dropout=spec.dropout,
+                  in_channels=3, z_channels=spec.z_channels, using_sa=spec.using_sa, using_mid_sa=spec.using_mid_sa)
+        self.encoder = Encoder(**dd)
+        self.decoder = Decoder(**dd)
+        self.schedule = token_schedule(tuple(spec.patch_nums), spec.order, spec.detail_depth, spec.latent_side)
+        self.quantize = MultiScaleQuantizer(spec.vocab_size, spec.z_channels, self.schedule, beta=spec.beta,
+                                            using_znorm=spec.using_znorm, quant_resi=spec.quant_resi,
+                                            share_quant_resi=spec.share_quant_resi)
+        ks = spec.quant_conv_ks
+        self.quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)
+        self.post_quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    def sources(self, images: Tensor, bases: Tensor | None = None) -> list[Tensor]:
+        """[f_{B_n}, f_{D_n}, …, f_{D_1}] from images (B, 3, H, W) and bases (n, B, 3, H, W), in [-1, 1]."""
+        n = self.spec.order
+        if n == 0:
+            return [self.quant_conv(self.encoder(images))]
+        if bases is None or bases.shape[0] != n or bases.shape[1:] != images.shape:
+            raise ValueError(f"order {n} needs bases of shape ({n}, {', '.join(map(str, images.shape))}), got "
+                             f"{None if bases is None else tuple(bases.shape)}")
+        b = images.shape[0]
+        stacked = torch.cat([images.unsqueeze(0), bases]).flatten(0, 1)  # ((n+1)·B, 3, H, W): B_0 = I, B_1 … B_n
+        f = self.quant_conv(self.encoder(stacked)).unflatten(0, (n + 1, b))  # (n+1, B, C, h, w)
+        return [f[n]] + [f[k - 1] - f[k] for k in range(n, 0, -1)]  # f_{B_n}, f_{D_n} … f_{D_1}
+
+    def forward(self, images: Tensor, bases: Tensor | None = None) -> tuple[Tensor, QuantOutput]:
+        """Training pass: (reconstruction of `images`, the quantizer's output incl. vq_loss)."""
+        q = self.quantize(self.sources(images, bases))
+        return self.decoder(self.post_quant_conv(q.f_hat)), q
+
+    @torch.no_grad()
+    def img_to_indices(self, images: Tensor, bases: Tensor | None = None) -> list[Tensor]:
+        """Algorithm 1: M token maps (B, h_k, w_k), base scales first, then the detail factors coarse to fine."""
+        return self.quantize.f_to_indices(self.sources(images, bases))
+
+    @torch.no_grad()
+    def indices_to_img(self, indices: list[Tensor]) -> Tensor:
+        """Algorithm 2: Î = D(Σ φ_k(z_k)), clamped to [-1, 1]."""
+        f_hat = self.quantize.indices_to_f(indices, self.spec.latent_side)
+        return self.fhat_to_img(f_hat)
+
+    def fhat_to_img(self, f_hat: Tensor) -> Tensor:
+        return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)
+
+
+def to_model_range(x: Tensor) -> Tensor:
+    """[0, 1] (images, cached factors) → [-1, 1]."""
+    return x.mul(2).sub_(1)
+
+
+def to_unit_range(x: Tensor) -> Tensor:
+    return x.add(1).div_(2)
+
+
+# ---- VAR's released tokenizer -------------------------------------------------------------------
+
+VAR_SPEC = TokenizerSpec()  # vae_ch160v4096z32.pth: ch 160, V 4096, z 32, 16×, VAR's 10 scales, φ shared by 4
+VAR_CHECKPOINT_URL = "https://huggingface.co/FoundationVision/var/resolve/main/vae_ch160v4096z32.pth"
+
+
+def load_var_state_dict(model: BaseDetailVQVAE, state_dict: dict[str, Tensor] | str | Path) -> BaseDetailVQVAE:
+    """Load VAR's tokenizer weights (a state dict or the path of `vae_ch160v4096z32.pth`) into `model`.
+
+    Names map one to one (our modules follow VAR's); every tensor's shape is asserted. The one
+    exception is the per-map code-hit statistics `quantize.ema_vocab_hit_SV` (M, V): a model whose
+    token schedule has another number of maps than VAR's 10 keeps its own (statistics, not weights).
+    """
+    if not isinstance(state_dict, dict):
+        path = Path(state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer checkpoint; download VAR's from {VAR_CHECKPOINT_URL} "
+                                    "(no network here: copy it in) and point the config at it")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DDP-saved copies
+    ours = model.state_dict()
+    unknown = sorted(set(state_dict) - set(ours))
+    missing = sorted(set(ours) - set(state_dict))
+    if unknown or missing:
+        raise ValueError(f"not a VAR tokenizer state dict for this architecture: unknown keys {unknown[:5]}, "
+                         f"missing keys {missing[:5]} ({len(unknown)} / {len(missing)} in all)")
+    loaded = {}
+    for key, value in state_dict.items():
+        if key == "quantize.ema_vocab_hit_SV" and value.shape != ours[key].shape:
+            loaded[key] = ours[key]
+            continue
+        assert value.shape == ours[key].shape, f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}"
+        loaded[key] = value
+    model.load_state_dict(loaded, strict=True)
+    return model

@@ -1,0 +1,373 @@
+"""The `train_tokenizer` stage: shard tars + base factors → a trained base-detail VQ-VAE.
+
+Data flow (all of it in this file; the model in `models/tokenizer.py`, `quant.py`, `vae.py`):
+  index.parquet of the decomposition (key → tar, row) ─▶ `FactorBatches`: batch s of the run is a
+    pure function of (seed, s): epoch e = s // steps_per_epoch shuffles the tars and each tar's rows
+    with a generator seeded (seed, e); images are decoded from the tar, B_1 … B_n read from Zarr
+  ─▶ `train()`: rec (L2 | L1) + VQ (codebook + β·commitment) [+ λ_p LPIPS] [+ λ_G hinge PatchGAN after
+    `gan_start`], AdamW, gradient clipping, bf16 autocast on CUDA; every `restart_dead_every` steps
+    dead codes restart from recent encoder outputs; per-map usage/perplexity logged
+  ─▶ checkpoints/step-XXXXXXXX.pt every `checkpoint_every` steps (atomic; model, optimizers, RNG,
+    quantizer statistics, data position): a killed run resumes at its last checkpoint, bit for bit
+  ─▶ tokenizer.pt (spec + weights), metrics.json, curves.png, reconstructions.png, _COMPLETE.json
+
+Identity: hash(tokenizer settings but device/threads/logging, the tokenizer's architecture incl. the
+decomposition order and resolution, the decomposition dataset's identity, code). Changing any
+tokenizer setting re-trains; changing nothing does nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nextdetail.conf.schema import TokenizerConfig
+from nextdetail.errors import UserError
+from nextdetail.storage import factors
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import code_version, stable_hash
+from nextdetail.tasks.stage import Artifact, stage_task
+
+CODE = ("nextdetail.tasks.train_tokenizer", "nextdetail.models.tokenizer", "nextdetail.models.quant",
+        "nextdetail.models.vae", "nextdetail.models.lpips", "nextdetail.models.discriminator")
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What the stage reads: the shard tars (images) and the decomposition (factors), one split."""
+
+    shards_url: str
+    factors_url: str  # the decomposition directory (factors.zarr, index.parquet)
+    options: dict
+    image_format: str
+    split: str
+    tars: tuple[tuple[str, int], ...]  # (tar, images) in index order
+
+    def __dask_tokenize__(self) -> tuple[str, str, str]:
+        return "TrainData", self.factors_url, self.split
+
+
+def read_tar_bytes(shards: Store, tar: str, image_format: str) -> dict[str, bytes]:
+    """key → encoded image bytes of one tar (read once, decoded per sample)."""
+    out = {}
+    with shards.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for member in tf:
+            key, _, ext = member.name.partition(".")
+            if ext == image_format:
+                out[key] = tf.extractfile(member).read()
+    return out
+
+
+class FactorBatches:
+    """Batch s (images (B, 3, H, W), bases (n, B, 3, H, W), both in [-1, 1]) as a pure function of
+    (seed, s): resuming at step s needs no replay. Each epoch visits every image once (the last
+    partial batch is dropped); tars are read whole, the two most recent kept in memory."""
+
+    def __init__(self, data: TrainData, order: int, batch_size: int, seed: int) -> None:
+        from PIL import Image  # noqa: F401  (fail here, not in the loop)
+
+        self.data, self.order, self.batch_size, self.seed = data, order, batch_size, seed
+        self.shards = Store(data.shards_url, data.options)
+        self.group = factors.open_group(Store(data.factors_url, data.options))
+        index = factors.read_index(Store(data.factors_url, data.options))
+        keys: dict[str, list[str]] = {}
+        for row in index.select(["shard", "row", "key", "split"]).to_pylist():
+            if row["split"] == data.split:
+                keys.setdefault(row["shard"], []).append((row["row"], row["key"]))
+        self.keys = {tar: [k for _, k in sorted(v)] for tar, v in keys.items()}
+        self.sizes = np.array([n for _, n in data.tars])
+        self.total = int(self.sizes.sum())
+        if self.total < batch_size:
+            raise UserError(f"{data.split}: {self.total} images, fewer than tokenizer.batch_size={batch_size}; "
+                            "lower the batch size or add data")
+        self.steps_per_epoch = self.total // batch_size
+        self._epoch: tuple[int, np.ndarray, list[np.ndarray], np.ndarray] | None = None
+        self._tars: OrderedDict[str, tuple[dict[str, bytes], Any]] = OrderedDict()
+
+    def position(self, step: int) -> dict[str, int]:
+        return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch}
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            tar_order = rng.permutation(len(self.sizes))
+            rows = [rng.permutation(int(self.sizes[t])) for t in tar_order]
+            starts = np.concatenate([[0], np.cumsum(self.sizes[tar_order])])
+            self._epoch = (epoch, tar_order, rows, starts)
+        return self._epoch[1:]
+
+    def _tar(self, t: int) -> tuple[dict[str, bytes], Any]:
+        tar = self.data.tars[t][0]
+        if tar not in self._tars:
+            array = self.group[factors.array_path(self.data.split, tar)]
+            self._tars[tar] = (read_tar_bytes(self.shards, tar, self.data.image_format), array)
+            while len(self._tars) > 2:
+                self._tars.popitem(last=False)
+        return self._tars[tar]
+
+    def sample(self, t: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image
+
+        images, array = self._tar(t)
+        key = self.keys[self.data.tars[t][0]][row]
+        with Image.open(io.BytesIO(images[key])) as im:
+            image = np.asarray(im.convert("RGB")).transpose(2, 0, 1)  # (3, H, W) uint8
+        bases = np.asarray(array[row, : self.order], dtype=np.float32) if self.order else None  # (n, 3, H, W)
+        return image, bases
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pos = self.position(step)
+        tar_order, rows, starts = self._plan(pos["epoch"])
+        first = pos["batch_in_epoch"] * self.batch_size
+        images, bases = [], []
+        for p in range(first, first + self.batch_size):
+            j = int(np.searchsorted(starts, p, side="right") - 1)  # which tar of this epoch's order
+            image, base = self.sample(int(tar_order[j]), int(rows[j][p - starts[j]]))
+            images.append(image)
+            bases.append(base)
+        x = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1)  # (B, 3, H, W) in [-1, 1]
+        if not self.order:
+            return x, None
+        b = torch.from_numpy(np.stack(bases, axis=1)).mul_(2).sub_(1)  # (n, B, 3, H, W) in [-1, 1]
+        return x, b
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINTS}/step-{step:08d}.pt"
+
+
+def latest_checkpoint(store: Store) -> str | None:
+    names = sorted(n for n in store.listdir(CHECKPOINTS) if n.startswith("step-") and n.endswith(".pt"))
+    return f"{CHECKPOINTS}/{names[-1]}" if names else None
+
+
+def save_checkpoint(store: Store, step: int, state: dict[str, Any], keep: int = 2) -> None:
+    """Atomic (temp + rename / one PUT): a reader never sees half a checkpoint. Keeps the newest `keep`."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    store.write_bytes(checkpoint_name(step), buf.getvalue())
+    names = sorted(n for n in store.listdir(CHECKPOINTS) if n.startswith("step-") and n.endswith(".pt"))
+    for old in names[:-keep]:
+        store.remove(f"{CHECKPOINTS}/{old}")
+
+
+def load_checkpoint(store: Store, rel: str) -> dict[str, Any]:
+    return torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu", weights_only=False)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """Model, losses and optimizers of one run; `state()` / `load()` are the checkpoint."""
+
+    cfg: TokenizerConfig
+    spec: Any
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        from nextdetail.models.tokenizer import BaseDetailVQVAE, load_var_state_dict
+
+        torch.manual_seed(self.cfg.seed)
+        self.model = BaseDetailVQVAE(self.spec)
+        if self.cfg.init_from:
+            load_var_state_dict(self.model, self.cfg.init_from)
+        self.model.to(self.device).train()
+        c = self.cfg
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        self.lpips = None
+        if c.lpips_weight > 0:
+            from nextdetail.models.lpips import LPIPS
+
+            self.lpips = LPIPS(c.lpips_vgg16, c.lpips_lin).to(self.device)
+        self.disc = self.opt_d = None
+        if c.gan_weight > 0:
+            from nextdetail.models.discriminator import PatchDiscriminator
+
+            self.disc = PatchDiscriminator().to(self.device).train()
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+
+    def autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def step(self, step: int, images: torch.Tensor, bases: torch.Tensor | None) -> dict[str, float]:
+        c = self.cfg
+        images = images.to(self.device)
+        bases = None if bases is None else bases.to(self.device)
+        gan_on = self.disc is not None and step >= c.gan_start
+        with self.autocast():
+            recon, q = self.model(images, bases)
+            recon = recon.float()
+            rec = F.mse_loss(recon, images) if c.rec_loss == "l2" else F.l1_loss(recon, images)
+            loss = rec + q.vq_loss
+            out = {"rec": float(rec.detach()), "vq": float(q.vq_loss.detach())}
+            if self.lpips is not None:
+                perceptual = self.lpips(recon, images).mean()
+                loss = loss + c.lpips_weight * perceptual
+                out["lpips"] = float(perceptual.detach())
+            if gan_on:
+                from nextdetail.models.discriminator import hinge_g_loss
+
+                g = hinge_g_loss(self.disc(recon))
+                loss = loss + c.gan_weight * g
+                out["gan_g"] = float(g.detach())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+        self.opt.step()
+        if gan_on:
+            from nextdetail.models.discriminator import hinge_d_loss
+
+            with self.autocast():
+                d = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
+            self.opt_d.zero_grad(set_to_none=True)
+            d.backward()
+            self.opt_d.step()
+            out["gan_d"] = float(d.detach())
+        if c.restart_dead_every and (step + 1) % c.restart_dead_every == 0:
+            g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)  # a function of the step: resumable
+            out["restarted_codes"] = self.model.quantize.restart_dead_codes(c.dead_threshold, g)
+        out["loss"] = float(loss.detach())
+        return out
+
+    def state(self, step: int, position: dict[str, int], metrics: list[dict]) -> dict[str, Any]:
+        return {
+            "step": step, "data_position": position, "metrics": metrics,
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "disc": self.disc.state_dict() if self.disc else None, "opt_d": self.opt_d.state_dict() if self.opt_d else None,
+            "quant_record_hit": self.model.quantize.record_hit,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "scaler": None,  # bf16 autocast needs no loss scaling
+        }
+
+    def load(self, state: dict[str, Any]) -> int:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None and state["disc"] is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        self.model.quantize.record_hit = state["quant_record_hit"]
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        return int(state["step"])
+
+
+def train(
+    store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, log: Callable[[str], None] = print,
+    progress: bool = False, stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) in `store`; returns the summary. `stop_after`: leave after that many steps
+    of this call (tests: an interrupted run)."""
+    from tqdm import tqdm
+
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("tokenizer.device=cuda but no CUDA device is visible; use tokenizer.device=cpu")
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    batches = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed)
+    trainer = Trainer(cfg, spec, device)
+    metrics: list[dict] = []
+    start = 0
+    latest = latest_checkpoint(store)
+    if latest is not None:
+        state = load_checkpoint(store, latest)
+        start, metrics = trainer.load(state), state["metrics"]
+        log(f"train_tokenizer: resuming at step {start} from {store.url(latest)}")
+    t0, done = time.time(), 0
+    bar = tqdm(total=cfg.steps, initial=start, desc="train_tokenizer", unit="step", disable=not progress, leave=False)
+    for step in range(start, cfg.steps):
+        images, bases = batches.batch(step)
+        out = trainer.step(step, images, bases)
+        if not math.isfinite(out["loss"]):
+            raise UserError(f"train_tokenizer: loss became {out['loss']} at step {step}; lower tokenizer.lr")
+        metrics.append({"step": step + 1, **out})
+        bar.update()
+        done += 1
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            health = trainer.model.quantize.usage()
+            log(f"train_tokenizer: step {step + 1}/{cfg.steps} loss {out['loss']:.4f} rec {out['rec']:.4f} "
+                f"vq {out['vq']:.4f} | code usage per map " + " ".join(f"{h['usage']:.2f}" for h in health)
+                + " | perplexity " + " ".join(f"{h['perplexity']:.0f}" for h in health))
+            metrics[-1]["usage"] = [h["usage"] for h in health]
+            metrics[-1]["perplexity"] = [h["perplexity"] for h in health]
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(store, step + 1, trainer.state(step + 1, batches.position(step + 1), metrics))
+        if stop_after is not None and done >= stop_after:
+            bar.close()
+            return {"stopped_at": step + 1}
+    bar.close()
+    seconds = time.time() - t0
+    model = trainer.model.eval()
+    buf = io.BytesIO()
+    torch.save({"spec": spec.to_dict(), "model": model.state_dict()}, buf)
+    store.write_bytes("tokenizer.pt", buf.getvalue())
+    store.write_bytes("metrics.json", json.dumps(metrics).encode())
+    from nextdetail.figures import png_bytes, reconstruction_grid, training_curves
+
+    store.write_bytes("curves.png", png_bytes(training_curves(metrics)))
+    images, bases = batches.batch(0)
+    with torch.no_grad():
+        n = min(8, len(images))
+        idx = model.img_to_indices(images[:n].to(device), None if bases is None else bases[:, :n].to(device))
+        recon = model.indices_to_img(idx).float().cpu()
+    store.write_bytes("reconstructions.png", png_bytes(reconstruction_grid(images[:n], recon)))
+    last = metrics[-1] if metrics else {}
+    health = model.quantize.usage()
+    return {
+        "steps": cfg.steps, "resumed_from": start, "seconds_this_run": round(seconds, 2),
+        "steps_per_s": round(done / max(seconds, 1e-9), 3), "token_maps": len(model.schedule),
+        "final_loss": last.get("loss"), "final_rec": last.get("rec"),
+        "rec_psnr_db": round(10 * math.log10(4 / max(last.get("rec", 1.0), 1e-12)), 2) if cfg.rec_loss == "l2" else None,
+        "code_usage_per_map": [round(h["usage"], 3) for h in health],
+        "perplexity_per_map": [round(h["perplexity"], 1) for h in health],
+        "url": store.url(),
+    }
+
+
+@stage_task(name="train_tokenizer", retries=1)
+def train_tokenizer(artifact: Artifact, data: TrainData, cfg: TokenizerConfig, spec: Any,
+                    progress: bool = False) -> tuple[dict, list[str]]:
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    summary = train(artifact.store, data, cfg, spec, log=logger.info, progress=progress)
+    return summary, ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png"]
+
+
+def plan_training(store: Store, decomposition_identity: str, data: TrainData, cfg: TokenizerConfig, spec: Any) -> Artifact:
+    code = code_version(*CODE)
+    settings = cfg.identity_settings()
+    identity = stable_hash({"stage": "train_tokenizer", "settings": settings, "spec": spec.to_dict(),
+                            "decompose": decomposition_identity, "split": data.split, "code": code})
+    lineage = {"code": code, "settings": settings, "upstream": {"decompose": decomposition_identity}}
+    return Artifact("train_tokenizer", identity, store, "_COMPLETE.json", lineage=lineage)
+
+
+def settings_dir_name(cfg: TokenizerConfig, spec: Any) -> str:
+    return (f"v{spec.vocab_size}-order{spec.order}-maps{len(spec.patch_nums) + spec.order * spec.detail_depth}-"
+            f"{stable_hash({'settings': cfg.identity_settings(), 'spec': spec.to_dict()})[:12]}")
+
+
+def summary_line(summary: dict) -> str:
+    return (f"train_tokenizer: {summary['steps']} steps, {summary['token_maps']} token maps, final rec "
+            f"{summary['final_rec']:.4f}" + (f" ({summary['rec_psnr_db']} dB)" if summary.get("rec_psnr_db") else "")
+            + f", code usage last map {summary['code_usage_per_map'][-1]:.2f}")

@@ -1,0 +1,180 @@
+"""The base-detail multi-scale tokenizer (CART §3.2, Algorithms 1–2) on VAR's VQ-VAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nextdetail.models.quant import MultiScaleQuantizer, TokenMap, token_schedule
+from nextdetail.models.tokenizer import VAR_SPEC, BaseDetailVQVAE, TokenizerSpec, load_var_state_dict
+
+TINY = TokenizerSpec(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), resolution=32, patch_nums=(1, 2, 4, 8),
+                     order=3, detail_depth=2)
+
+
+def _images(n: int = 2, order: int = 3, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [-1, 1] and `order` progressively smoother versions standing in for B_1 … B_n."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    bases, current = [], x
+    for _ in range(order):
+        current = F.avg_pool2d(F.pad(current, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        bases.append(current)
+    return x, torch.stack(bases) if bases else torch.empty(0, *x.shape)
+
+
+def test_schedule_has_base_scales_then_full_resolution_detail_maps():
+    s = token_schedule((1, 2, 4, 8), order=3, detail_depth=2, latent_side=8)
+    assert len(s) == 4 + 3 * 2
+    assert [m.side for m in s] == [1, 2, 4, 8] + [8] * 6
+    assert [m.source for m in s] == [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="increasing"):
+        token_schedule((2, 1, 8), 0, 1, 8)
+    with pytest.raises(ValueError, match="latent side"):
+        token_schedule((1, 16), 0, 1, 8)
+
+
+def test_detail_sources_telescope_to_the_image_feature():
+    torch.manual_seed(0)
+    model = BaseDetailVQVAE(TINY).eval()
+    x, bases = _images()
+    sources = model.sources(x, bases)
+    assert len(sources) == 1 + TINY.order
+    f_image = model.quant_conv(model.encoder(x))
+    # f_{B_n} + f_{D_n} + … + f_{D_1} = f_{B_0} = f_I  (Eq. 12 summed)
+    assert torch.allclose(torch.stack(sources).sum(0), f_image, atol=1e-5)
+    f_base = model.quant_conv(model.encoder(bases[-1]))
+    assert torch.allclose(sources[0], f_base, atol=1e-5)
+
+
+def test_algorithm_1_then_2_equals_the_summed_phi_reconstruction():
+    torch.manual_seed(0)
+    model = BaseDetailVQVAE(TINY).eval()
+    x, bases = _images()
+    with torch.no_grad():
+        q = model.quantize(model.sources(x, bases))
+    indices = model.img_to_indices(x, bases)
+    assert [tuple(i.shape[1:]) for i in indices] == [(m.side, m.side) for m in model.schedule]
+    assert all(torch.equal(a, b) for a, b in zip(indices, q.indices, strict=True))
+    f_hat = model.quantize.indices_to_f(indices, TINY.latent_side)
+    assert torch.allclose(f_hat, q.f_hat, atol=1e-5)
+    # and the decoder turns it into the same image the training pass reconstructs
+    recon, _ = model(x, bases)
+    assert torch.allclose(model.indices_to_img(indices), recon.clamp(-1, 1), atol=1e-5)
+
+
+def _var_reference_indices(quant: MultiScaleQuantizer, f: torch.Tensor, patch_nums: tuple[int, ...]) -> list[torch.Tensor]:
+    """VAR's multi-scale residual quantization written out plainly, as its paper and code describe it:
+    area-downsample the residual, nearest code (L2), bicubic up, φ picked by VAR's tick rule, subtract."""
+    b, c, h, w = f.shape
+    k_phi = len(quant.quant_resi.qresi_ls)
+    ticks = np.linspace(1 / 3 / k_phi, 1 - 1 / 3 / k_phi, k_phi)
+    codes = quant.embedding.weight
+    rest, out = f.clone(), []
+    for si, pn in enumerate(patch_nums):
+        r = F.interpolate(rest, size=(pn, pn), mode="area") if si != len(patch_nums) - 1 else rest
+        flat = r.permute(0, 2, 3, 1).reshape(-1, c)
+        idx = torch.cdist(flat, codes, compute_mode="donot_use_mm_for_euclid_dist").argmin(1).view(b, pn, pn)
+        z = codes[idx].permute(0, 3, 1, 2)
+        if si != len(patch_nums) - 1:
+            z = F.interpolate(z, size=(h, w), mode="bicubic")
+        phi = quant.quant_resi.qresi_ls[int(np.argmin(np.abs(ticks - si / (len(patch_nums) - 1))))]
+        rest = rest - (z * (1 - phi.resi_ratio) + F.conv2d(z, phi.weight, phi.bias, padding=1) * phi.resi_ratio)
+        out.append(idx)
+    return out
+
+
+def test_order_0_is_a_plain_var_multi_scale_quantizer():
+    torch.manual_seed(0)
+    spec = TokenizerSpec(vocab_size=128, z_channels=8, ch=32, ch_mult=(1, 2, 2, 2), resolution=64,
+                         patch_nums=(1, 2, 3, 4, 5, 6, 8), order=0)
+    model = BaseDetailVQVAE(spec).eval()
+    assert [m.source for m in model.schedule] == [0] * 7
+    x, _ = _images(order=0, size=64)
+    ours = model.img_to_indices(x)
+    with torch.no_grad():
+        reference = _var_reference_indices(model.quantize, model.quant_conv(model.encoder(x)), spec.patch_nums)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+    with pytest.raises(ValueError, match="bases"):
+        BaseDetailVQVAE(TINY).img_to_indices(x[..., :32, :32])
+
+
+def test_gradients_reach_encoder_codebook_and_phi():
+    torch.manual_seed(0)
+    model = BaseDetailVQVAE(TINY).train()
+    x, bases = _images()
+    recon, q = model(x, bases)
+    (F.mse_loss(recon, x) + q.vq_loss).backward()
+    for name in ("encoder.conv_in.weight", "decoder.conv_out.weight", "quantize.embedding.weight",
+                 "quantize.quant_resi.qresi_ls.0.weight", "quant_conv.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_dead_codes_are_restarted_from_recent_encoder_outputs():
+    torch.manual_seed(0)
+    model = BaseDetailVQVAE(TINY).train()
+    with torch.no_grad():  # move half the codebook far away: those codes can never be picked
+        model.quantize.embedding.weight[32:] += 100.0
+    x, bases = _images()
+    for _ in range(3):
+        model(x, bases)
+    used_before = model.quantize.ema_vocab_hit_SV.sum(0)[32:].sum()
+    assert used_before == 0
+    restarted = model.quantize.restart_dead_codes(generator=torch.Generator().manual_seed(0))
+    assert restarted >= 32
+    assert model.quantize.embedding.weight[32:].abs().max() < 50  # now near the data
+    for _ in range(3):
+        model(x, bases)
+    assert model.quantize.ema_vocab_hit_SV[-1, 32:].sum() > 0  # and picked again
+    health = model.quantize.usage()
+    assert len(health) == len(model.schedule) and all(0 <= h["usage"] <= 1 for h in health)
+
+
+VAR_KEYS = Path(__file__).with_name("data") / "var_vae_ch160v4096z32_keys.txt"
+
+
+def test_var_released_tokenizer_layout_loads_and_round_trips(tmp_path):
+    """The layout of VAR's vae_ch160v4096z32.pth (key and shape per line, from VAR's module definitions)."""
+    expected = [line.split() for line in VAR_KEYS.read_text().splitlines() if line.strip() and line[0] != "#"]
+    model = BaseDetailVQVAE(VAR_SPEC)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(int(s) for s in shape.split(",") if s) for k, shape in expected} == ours
+    # A checkpoint in that layout (random numbers, as VAR's file is not downloadable here) loads …
+    g = torch.Generator().manual_seed(0)
+    plain = {k: torch.randn(ours[k], generator=g) * 0.02 for k, _ in expected}
+    foreign = {f"module.{k}" if i % 2 else k: v for i, (k, v) in enumerate(plain.items())}  # DDP prefixes too
+    torch.save(foreign, tmp_path / "vae.pth")
+    loaded = load_var_state_dict(BaseDetailVQVAE(VAR_SPEC), tmp_path / "vae.pth")
+    assert all(torch.equal(loaded.state_dict()[k.removeprefix("module.")], v) for k, v in foreign.items())
+    # … into a base-detail model too (its statistics buffer has its own number of maps) …
+    cart = load_var_state_dict(BaseDetailVQVAE(TokenizerSpec(patch_nums=(1, 2, 3, 4, 5, 6, 8, 10), order=3,
+                                                             detail_depth=2)), tmp_path / "vae.pth")
+    assert torch.equal(cart.quantize.embedding.weight, plain["quantize.embedding.weight"])
+    assert torch.equal(cart.encoder.conv_in.weight, plain["encoder.conv_in.weight"])
+    # … and round-trips through our own save.
+    torch.save(loaded.state_dict(), tmp_path / "ours.pth")
+    again = load_var_state_dict(BaseDetailVQVAE(VAR_SPEC), tmp_path / "ours.pth")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), loaded.state_dict().values(), strict=True))
+
+
+def test_var_loader_names_what_does_not_fit(tmp_path):
+    small = BaseDetailVQVAE(TINY)
+    with pytest.raises(FileNotFoundError, match="vae_ch160v4096z32"):
+        load_var_state_dict(small, tmp_path / "absent.pth")
+    sd = small.state_dict()
+    sd["decoder.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"unknown keys .*decoder\.extra\.weight"):
+        load_var_state_dict(BaseDetailVQVAE(TINY), sd)
+    sd = BaseDetailVQVAE(TokenizerSpec(**{**TINY.to_dict(), "vocab_size": 32})).state_dict()
+    with pytest.raises(AssertionError, match=r"quantize\.embedding\.weight"):
+        load_var_state_dict(BaseDetailVQVAE(TINY), sd)
+
+
+def test_unused_schedule_argument_is_rejected():
+    with pytest.raises(ValueError, match="source feature maps"):
+        MultiScaleQuantizer(16, 4, (TokenMap(1, 0), TokenMap(2, 1)))([torch.zeros(1, 4, 2, 2)])

@@ -1,0 +1,125 @@
+"""The `train_tokenizer` stage: real shards + factors, resumable bit for bit, cached by its settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_config
+
+from nextdetail.storage.fs import Store
+
+FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=64", "tokenizer.z_channels=8",
+        "tokenizer.batch_size=8", "tokenizer.steps=6", "tokenizer.checkpoint_every=2", "tokenizer.log_every=2",
+        "tokenizer.restart_dead_every=3", "tokenizer.torch_threads=1")
+
+
+def _upstream(cfg):
+    from nextdetail.flows.decompose import run_decompose
+    from nextdetail.flows.runtime import dask_cluster, prefect_api
+    from nextdetail.flows.shard import run_shard
+
+    with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as address:
+        shards = run_shard(cfg, progress=False, scheduler=address)
+        return shards, run_decompose(cfg, shards, progress=False, scheduler=address)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, embedded_source):
+    root = tmp_path_factory.mktemp("tok")
+    cfg = make_config(root, embedded_source, *FAST)
+    return root, _upstream(cfg)
+
+
+def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream, embedded_source):
+    from nextdetail.flows.train_tokenizer import train_data
+    from nextdetail.tasks.train_tokenizer import latest_checkpoint, load_checkpoint, train
+
+    root, (shards, dec) = upstream
+    cfg = make_config(root, embedded_source, *FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")
+    spec, data = cfg.tokenizer_spec(), train_data(cfg, shards, dec)
+    whole = Store(str(tmp_path / "whole"))
+    train(whole, data, cfg.tokenizer, spec, log=lambda _: None)
+    parts = Store(str(tmp_path / "parts"))
+    assert train(parts, data, cfg.tokenizer, spec, log=lambda _: None, stop_after=3) == {"stopped_at": 3}
+    assert latest_checkpoint(parts) == "checkpoints/step-00000002.pt"  # step 3 was lost with the "kill"
+    logs: list[str] = []
+    summary = train(parts, data, cfg.tokenizer, spec, log=logs.append)
+    assert summary["resumed_from"] == 2 and any("resuming at step 2" in m for m in logs)
+    a = torch.load(tmp_path / "whole" / "tokenizer.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "parts" / "tokenizer.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = load_checkpoint(parts, latest_checkpoint(parts))
+    per_epoch = sum(n for _, n in data.tars) // 8
+    assert last["step"] == 6 and last["data_position"] == {"epoch": 6 // per_epoch, "batch_in_epoch": 6 % per_epoch}
+    # the discriminator was trained too (GAN on from step 2) and is part of the checkpoint
+    assert last["disc"] is not None and any(m.get("gan_d") is not None for m in last["metrics"])
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())[-1]["step"] == 6
+
+
+def test_stage_is_cached_and_retrains_only_when_a_tokenizer_setting_changes(upstream, embedded_source):
+    from nextdetail.flows.runtime import prefect_api
+    from nextdetail.flows.train_tokenizer import run_train_tokenizer
+
+    root, (shards, dec) = upstream
+    cfg = make_config(root, embedded_source, *FAST)
+    with prefect_api():
+        first = run_train_tokenizer(cfg, shards, dec, progress=False)
+        again = run_train_tokenizer(cfg, shards, dec, progress=False)
+        logging_only = run_train_tokenizer(make_config(root, embedded_source, *FAST, "tokenizer.log_every=3"),
+                                           shards, dec, progress=False)
+        other = run_train_tokenizer(make_config(root, embedded_source, *FAST, "tokenizer.lr=3e-4"),
+                                    shards, dec, progress=False)
+    assert first.work == "ran" and again.work in {"cached", "reused"} and logging_only.work in {"cached", "reused"}
+    assert again.identity == first.identity == logging_only.identity
+    assert other.work == "ran" and other.identity != first.identity and other.url != first.url
+    out = Store(first.url)
+    for name in ("tokenizer.pt", "curves.png", "reconstructions.png", "metrics.json", "_COMPLETE.json"):
+        assert out.exists(name), name
+    s = first.summary
+    assert s["token_maps"] == 4 + 3 and len(s["code_usage_per_map"]) == 7
+    # the trained tokenizer reloads and encodes: Algorithm 1 → 2 round trip through the decoder
+    from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
+
+    saved = torch.load(Store(first.url).path("tokenizer.pt"), weights_only=False)
+    spec = TokenizerSpec(**{**saved["spec"], "ch_mult": tuple(saved["spec"]["ch_mult"]),
+                            "patch_nums": tuple(saved["spec"]["patch_nums"])})
+    model = BaseDetailVQVAE(spec).eval()
+    model.load_state_dict(saved["model"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    bases = torch.stack([x] * 3)
+    assert model.indices_to_img(model.img_to_indices(x, bases)).shape == x.shape
+
+
+def test_lpips_without_its_weight_files_is_a_clear_error(tmp_path, embedded_source):
+    from nextdetail.errors import UserError
+
+    with pytest.raises(UserError, match="lpips_vgg16 and lpips_lin"):
+        make_config(tmp_path, embedded_source, "tokenizer.lpips_weight=1.0")
+    from nextdetail.models.lpips import LPIPS
+
+    with pytest.raises(FileNotFoundError, match="vgg16"):
+        LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "vgg.pth")
+
+
+def test_lpips_loads_weight_files_in_their_published_layouts(tmp_path):
+    from torchvision.models import vgg16
+
+    from nextdetail.models.lpips import CHANNELS, LPIPS
+
+    torch.manual_seed(0)
+    torch.save(vgg16(weights=None).state_dict(), tmp_path / "vgg16-397923af.pth")  # torchvision's key names
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(CHANNELS)}, tmp_path / "vgg.pth")
+    lpips = LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "vgg.pth")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1).requires_grad_()
+    assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
+    d = lpips(y, x)
+    assert (d > 0).all()
+    d.sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in lpips.parameters())  # a fixed metric
+    torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="lin1"):
+        LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "partial.pth")
