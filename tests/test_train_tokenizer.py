@@ -123,3 +123,47 @@ def test_lpips_loads_weight_files_in_their_published_layouts(tmp_path):
     torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="lin1"):
         LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "partial.pth")
+
+
+def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, upstream, embedded_source):
+    """`nextdetail train-tokenizer` killed (SIGKILL, whole process group) after its first checkpoint,
+    run again: it resumes there and ends with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from nextdetail.flows.train_tokenizer import train_data
+    from nextdetail.tasks.train_tokenizer import settings_dir_name, train
+
+    root, (shards, dec) = upstream
+    settings = [*FAST, "tokenizer.steps=12", "tokenizer.checkpoint_every=3"]
+    cfg = make_config(root, embedded_source, *settings)
+    clean = Store(str(tmp_path / "clean"))
+    train(clean, train_data(cfg, shards, dec), cfg.tokenizer, cfg.tokenizer_spec(), log=lambda _: None)
+
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    overrides = [f"storage.root={root}", f"data.source={embedded_source}", "shard.samples_per_shard=32",
+                 "dask.n_workers=2", *settings]
+    cmd = [str(Path(sys.executable).parent / "nextdetail"), "train-tokenizer", "--no-progress"]
+    for o in overrides:
+        cmd += ["-o", o]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = Path(root, "tokenizer", shards.url.rstrip("/").rsplit("/", 1)[-1],
+                   settings_dir_name(cfg.tokenizer, cfg.tokenizer_spec()))
+    deadline = time.time() + 300
+    while not list(run_dir.glob("checkpoints/step-*.pt")):
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "_COMPLETE.json").exists(), "killed too late: training had finished"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run_dir / "_COMPLETE.json").read_text())["summary"]
+    assert summary["resumed_from"] >= 3
+    a = torch.load(run_dir / "tokenizer.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "clean" / "tokenizer.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -276,13 +276,22 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) in `store`; returns the summary. `stop_after`: leave after that many steps
     of this call (tests: an interrupted run)."""
-    from tqdm import tqdm
-
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("tokenizer.device=cuda but no CUDA device is visible; use tokenizer.device=cpu")
+    threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _train(store, data, cfg, spec, device, log, progress, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, device: torch.device,
+           log: Callable[[str], None], progress: bool, stop_after: int | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
     batches = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed)
     trainer = Trainer(cfg, spec, device)
     metrics: list[dict] = []
