@@ -43,6 +43,7 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream
     train(whole, data, cfg.tokenizer, spec, log=lambda _: None)
     parts = Store(str(tmp_path / "parts"))
     assert train(parts, data, cfg.tokenizer, spec, log=lambda _: None, stop_after=3) == {"stopped_at": 3}
+    cfg.tokenizer.loader_workers = 2  # the resumed half reads through loader processes: the same batches
     assert latest_checkpoint(parts) == "checkpoints/step-00000002.pt"  # step 3 was lost with the "kill"
     logs: list[str] = []
     summary = train(parts, data, cfg.tokenizer, spec, log=logs.append)

@@ -80,7 +80,7 @@ class FactorBatches:
 
         self.data, self.order, self.batch_size, self.seed = data, order, batch_size, seed
         self.shards = Store(data.shards_url, data.options)
-        self.group = factors.open_group(Store(data.factors_url, data.options))
+        self._group: Any = None  # opened on first use, in each loader worker of its own
         index = factors.read_index(Store(data.factors_url, data.options))
         keys: dict[str, list[str]] = {}
         for row in index.select(["shard", "row", "key", "split"]).to_pylist():
@@ -95,6 +95,27 @@ class FactorBatches:
         self.steps_per_epoch = self.total // batch_size
         self._epoch: tuple[int, np.ndarray, list[np.ndarray], np.ndarray] | None = None
         self._tars: OrderedDict[str, tuple[dict[str, bytes], Any]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:  # to loader workers: no open handles, no cached tars
+        return {**self.__dict__, "_group": None, "_tars": OrderedDict(), "_epoch": None}
+
+    def __len__(self) -> int:  # a map-style dataset of batches: item s is batch s
+        return 2**62
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.batch(step)
+
+    def iterate(self, start: int, stop: int, workers: int) -> Any:
+        """Batches start … stop − 1 in order; with `workers` > 0 built ahead in loader processes
+        (the same batches: each is a function of its step alone)."""
+        if workers == 0:
+            return (self.batch(s) for s in range(start, stop))
+        from torch.utils.data import DataLoader
+
+        # spawn, not fork: the parent runs Prefect's and Zarr's threads, which a forked child would lack
+        return iter(DataLoader(self, batch_size=None, sampler=range(start, stop), num_workers=workers,
+                               prefetch_factor=4, multiprocessing_context="spawn",
+                               generator=torch.Generator().manual_seed(0)))  # never draws from the global RNG
 
     def position(self, step: int) -> dict[str, int]:
         return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch}
@@ -111,7 +132,9 @@ class FactorBatches:
     def _tar(self, t: int) -> tuple[dict[str, bytes], Any]:
         tar = self.data.tars[t][0]
         if tar not in self._tars:
-            array = self.group[factors.array_path(self.data.split, tar)]
+            if self._group is None:
+                self._group = factors.open_group(Store(self.data.factors_url, self.data.options))
+            array = self._group[factors.array_path(self.data.split, tar)]
             self._tars[tar] = (read_tar_bytes(self.shards, tar, self.data.image_format), array)
             while len(self._tars) > 2:
                 self._tars.popitem(last=False)
@@ -303,8 +326,9 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
         log(f"train_tokenizer: resuming at step {start} from {store.url(latest)}")
     t0, done = time.time(), 0
     bar = tqdm(total=cfg.steps, initial=start, desc="train_tokenizer", unit="step", disable=not progress, leave=False)
+    stream = batches.iterate(start, cfg.steps, cfg.loader_workers)
     for step in range(start, cfg.steps):
-        images, bases = batches.batch(step)
+        images, bases = next(stream)
         out = trainer.step(step, images, bases)
         if not math.isfinite(out["loss"]):
             raise UserError(f"train_tokenizer: loss became {out['loss']} at step {step}; lower tokenizer.lr")
