@@ -11,7 +11,7 @@ number of 8×8 maps at or above them (a small advantage to it, reported). Each t
 architecture for the same steps from the same seed; the error is measured on the held-out `val` split.
 Prints one JSON line and writes out/tokenizer_recon/figure7.png.
 
-    python benchmarks/tokenizer_recon.py [--steps 200] [--depths 1 2 3]
+    python benchmarks/tokenizer_recon.py [--steps 200] [--depths 1 2 3] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="full-size maps per detail factor (k)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; the table reports the mean")
     args = ap.parse_args()
     configure_environment(OUT / "work")
 
@@ -57,11 +58,11 @@ def main() -> None:
             "multi_scale": ([1, 2, 4, 8] + [8] * (3 * k), 0, 1),
             "base_detail": ([1, 2, 4, 8], 3, k),
         }
-        for name, (patch_nums, order, depth) in variants.items():
-            cfg = load_config("tiny", overrides=[*base, f"tokenizer.patch_nums={patch_nums}",
+        for (name, (patch_nums, order, depth)), seed in ((v, s) for v in variants.items() for s in args.seeds):
+            cfg = load_config("tiny", overrides=[*base, f"tokenizer.patch_nums={patch_nums}", f"tokenizer.seed={seed}",
                                                  f"tokenizer.order={order}", f"tokenizer.detail_depth={depth}"])
             spec: TokenizerSpec = cfg.tokenizer_spec()
-            store = Store(str(OUT / "runs" / f"{name}-k{k}"))
+            store = Store(str(OUT / "runs" / f"{name}-k{k}-seed{seed}-steps{args.steps}"))
             t0 = time.time()
             summary = train(store, train_data(cfg, shards, dec), cfg.tokenizer, spec, log=lambda _: None)
             model = BaseDetailVQVAE(spec)
@@ -75,20 +76,36 @@ def main() -> None:
                 se += float(((rec - x) / 2).square().sum())  # in [0, 1] units
                 n += x.numel()
             mse = se / n
-            rows.append({"variant": name, "k": k, "token_maps": len(model.schedule),
+            rows.append({"variant": name, "k": k, "seed": seed, "token_maps": len(model.schedule),
                          "tokens": sum(m.side**2 for m in model.schedule), "val_mse": round(mse, 6),
                          "val_psnr_db": round(10 * math.log10(1 / mse), 2), "train_steps": args.steps,
                          "seconds": round(time.time() - t0, 1), "final_train_rec": summary["final_rec"]})
             print(json.dumps(rows[-1]), flush=True)
-    _plot(rows, OUT / "figure7.png")
-    by = {(r["variant"], r["k"]): r for r in rows}
+    table = _mean_table(rows)
+    _plot(table, OUT / "figure7.png")
+    by = {(r["variant"], r["k"]): r for r in table}
     print(json.dumps({
         "benchmark": "tokenizer_recon", "figure": "val_mse_by_depth", "dataset": "embedded (tiny preset, 32 px)",
-        "steps": args.steps, "rows": rows, "plot": str(OUT / "figure7.png"),
+        "steps": args.steps, "seeds": args.seeds, "table": table, "plot": str(OUT / "figure7.png"),
         "base_detail_vs_multi_scale_mse_ratio": {k: round(by[("base_detail", k)]["val_mse"] /
                                                           by[("multi_scale", k)]["val_mse"], 3) for k in args.depths},
         "baseline": "multi_scale (VAR) at the same token maps and tokens",
     }))
+
+
+def _mean_table(rows: list[dict]) -> list[dict]:
+    """One row per (variant, k): the mean val MSE over seeds, with its spread."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["k"]), []).append(r)
+    out = []
+    for (variant, k), rs in groups.items():
+        mses = [r["val_mse"] for r in rs]
+        mean = sum(mses) / len(mses)
+        out.append({"variant": variant, "k": k, "token_maps": rs[0]["token_maps"], "tokens": rs[0]["tokens"],
+                    "val_mse": round(mean, 6), "val_mse_min": min(mses), "val_mse_max": max(mses),
+                    "val_psnr_db": round(10 * math.log10(1 / mean), 2), "seeds": len(rs)})
+    return out
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -83,3 +83,25 @@ def run_shard_stage(cfg):
 
     with prefect_api():
         return run_shard(cfg, progress=False)
+
+
+def sigkill_when(cmd: list[str], ready, timeout: float = 300.0) -> None:
+    """Start `cmd` (a CLI run) in its own process group, SIGKILL the whole group as soon as `ready()`
+    holds (e.g. a first part or checkpoint exists), and wait: a run killed mid-stage."""
+    import signal
+
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run `cmd` to the end (warnings-only Prefect logs); returns its completed process."""
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, run_cli, sigkill_when
 from PIL import Image
 
 from nextdetail.models.mumford_shah import decompose
@@ -171,26 +171,15 @@ def test_bad_decompose_settings_are_one_line_errors(override):
 
 
 def test_sigkilled_run_resumes_to_the_same_factors(tmp_path, embedded_source):
-    import signal
-
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
-
     def cmd(root):
         return [str(BIN / "nextdetail"), "decompose", "--no-progress", "-o", f"storage.root={root}",
                 "-o", f"data.source={embedded_source}", "-o", "shard.samples_per_shard=16", "-o", "dask.n_workers=1"]
 
-    subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list((tmp_path / "killed").glob("decompose/*/*/_parts/*.json")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert run_cli(cmd(tmp_path / "clean")).returncode == 0
+    sigkill_when(cmd(tmp_path / "killed"), lambda: list((tmp_path / "killed").glob("decompose/*/*/_parts/*.json")))
     killed = next((tmp_path / "killed").glob("decompose/*/*"))
     assert not (killed / "_COMPLETE.json").exists(), "killed too late: the stage had finished"
-    done = subprocess.run(cmd(tmp_path / "killed"), env=env, capture_output=True, text=True)
+    done = run_cli(cmd(tmp_path / "killed"))
     assert done.returncode == 0, done.stderr[-2000:]
     clean = next((tmp_path / "clean").glob("decompose/*/*"))
     assert killed.name == clean.name

@@ -7,10 +7,7 @@ import io
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from conftest import make_config, run_shard_stage
+from conftest import make_config, run_cli, run_shard_stage, sigkill_when
 from PIL import Image
 
 from nextdetail.storage.shards import shard_index_of
@@ -174,25 +171,17 @@ def test_append_rewrites_only_the_affected_shards(tmp_path, embedded_source):
 
 def test_killed_run_resumes_to_the_same_shards(tmp_path, embedded_source):
     overrides = ["-o", "shard.samples_per_shard=4", "-o", "dask.n_workers=1"]
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     cli = str(Path(sys.executable).parent / "nextdetail")
 
     def cmd(root):
         return [cli, "shard", "--no-progress", "-o", f"storage.root={root}", "-o", f"data.source={embedded_source}",
                 *overrides]
 
-    subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not list((tmp_path / "killed").glob("shards/*/_parts/*.json")):
-        assert proc.poll() is None and time.time() < deadline, "shard run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    assert run_cli(cmd(tmp_path / "clean")).returncode == 0
+    sigkill_when(cmd(tmp_path / "killed"), lambda: list((tmp_path / "killed").glob("shards/*/_parts/*.json")))
     killed_dir = next((tmp_path / "killed").glob("shards/*"))
     assert not (killed_dir / "_COMPLETE.json").exists(), "killed too late: the stage had finished"
-    done = subprocess.run(cmd(tmp_path / "killed"), env=env, capture_output=True, text=True)
+    done = run_cli(cmd(tmp_path / "killed"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reused" in done.stdout
     clean_dir = next((tmp_path / "clean").glob("shards/*"))

@@ -178,3 +178,12 @@ def test_var_loader_names_what_does_not_fit(tmp_path):
 def test_unused_schedule_argument_is_rejected():
     with pytest.raises(ValueError, match="source feature maps"):
         MultiScaleQuantizer(16, 4, (TokenMap(1, 0), TokenMap(2, 1)))([torch.zeros(1, 4, 2, 2)])
+
+
+def test_phi_sharing_follows_vars_tick_rule():
+    """VAR's 10 scales share 4 φ's as [0, 0, 1, 1, 1, 2, 2, 3, 3, 3] (ties at scales 2 and 7 resolved
+    by float64 rounding, as VAR's own code does)."""
+    schedule = tuple(TokenMap(p, 0) for p in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    quant = MultiScaleQuantizer(16, 4, schedule)
+    phis = list(quant.quant_resi.qresi_ls)
+    assert [phis.index(quant.phi(k)) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, run_cli, sigkill_when
 
 from nextdetail.storage.fs import Store
 
@@ -129,11 +129,7 @@ def test_lpips_loads_weight_files_in_their_published_layouts(tmp_path):
 def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, upstream, embedded_source):
     """`nextdetail train-tokenizer` killed (SIGKILL, whole process group) after its first checkpoint,
     run again: it resumes there and ends with the weights of an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from nextdetail.flows.train_tokenizer import train_data
@@ -145,23 +141,16 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     clean = Store(str(tmp_path / "clean"))
     train(clean, train_data(cfg, shards, dec), cfg.tokenizer, cfg.tokenizer_spec(), log=lambda _: None)
 
-    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     overrides = [f"storage.root={root}", f"data.source={embedded_source}", "shard.samples_per_shard=32",
                  "dask.n_workers=2", *settings]
     cmd = [str(Path(sys.executable).parent / "nextdetail"), "train-tokenizer", "--no-progress"]
     for o in overrides:
         cmd += ["-o", o]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = Path(root, "tokenizer", shards.url.rstrip("/").rsplit("/", 1)[-1],
                    settings_dir_name(cfg.tokenizer, cfg.tokenizer_spec()))
-    deadline = time.time() + 300
-    while not list(run_dir.glob("checkpoints/step-*.pt")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(cmd, lambda: list(run_dir.glob("checkpoints/step-*.pt")))
     assert not (run_dir / "_COMPLETE.json").exists(), "killed too late: training had finished"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    done = run_cli(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run_dir / "_COMPLETE.json").read_text())["summary"]
     assert summary["resumed_from"] >= 3

@@ -150,6 +150,26 @@ def _x86_isa() -> str:
     return "avx2" if "avx2" in flags and "fma" in flags else "base"
 
 
+def _build_location(isa: str) -> tuple[str, Path, Path]:
+    """Where the compiled solver is built: named by the ISA and the source's hash, with the source
+    copied in, so every checkout of the same code on a machine shares one build (torch rebuilds when
+    a source *path* changes — two checkouts would otherwise rebuild in turn, racing each other), and
+    a home directory shared by different machines keeps one build per ISA."""
+    import hashlib
+
+    code = Path(__file__).with_name("_at_cpu.cpp").read_bytes()
+    name = f"nextdetail_at_cpu_{isa}_{hashlib.sha256(code).hexdigest()[:12]}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build_dir = root / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    source = build_dir / "_at_cpu.cpp"
+    if not source.exists() or source.read_bytes() != code:
+        tmp = source.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(code)
+        tmp.replace(source)  # atomic: a concurrent builder never reads half a file
+    return name, source, build_dir
+
+
 def cpu_kernels() -> Any:
     """The CPU solver of `_at_cpu.cpp`, compiled on first use (~1 min, then cached by torch under
     ~/.cache/torch_extensions); None when NEXTDETAIL_CPU_KERNELS=0 or no compiler is found — the
@@ -164,9 +184,9 @@ def cpu_kernels() -> Any:
 
                 isa = _x86_isa()
                 flags = ["-O3", "-fopenmp-simd", *(["-mavx2", "-mfma"] if isa == "avx2" else [])]
-                # The ISA is in the name: a home directory shared by different machines keeps one build each.
-                _KERNELS = load(name=f"nextdetail_at_cpu_{isa}", extra_cflags=flags, verbose=False,
-                                sources=[str(Path(__file__).with_name("_at_cpu.cpp"))])
+                name, source, build_dir = _build_location(isa)
+                _KERNELS = load(name=name, extra_cflags=flags, verbose=False, sources=[str(source)],
+                                build_directory=str(build_dir))
             except Exception as err:  # no compiler / ninja: slower, same results
                 warnings.warn(f"nextdetail: compiled CPU solver unavailable ({type(err).__name__}: {str(err)[:200]}); "
                               "using the eager path", stacklevel=2)

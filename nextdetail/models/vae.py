@@ -78,6 +78,32 @@ def _attn(channels: int, using_sa: bool) -> nn.Module:
     return AttnBlock(channels) if using_sa else nn.Identity()
 
 
+def _level(block_in: int, block_out: int, n_blocks: int, dropout: float, with_attn: bool) -> nn.Module:
+    """One resolution level: `n_blocks` ResnetBlocks (`.block`), each followed by self-attention
+    (`.attn`) at the lowest resolution. VAR's names: `down[i]` / `up[i]` hold these."""
+    level = nn.Module()
+    level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else block_out, block_out, dropout) for j in range(n_blocks))
+    level.attn = nn.ModuleList(AttnBlock(block_out) for _ in range(n_blocks if with_attn else 0))
+    return level
+
+
+def _run_level(level: nn.Module, h: Tensor) -> Tensor:
+    for i_block, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i_block](h)
+    return h
+
+
+def _mid(channels: int, dropout: float, using_mid_sa: bool) -> nn.Module:
+    """The bottleneck both halves share: block_1 → attn_1 → block_2 (VAR's names)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, dropout)
+    mid.attn_1 = _attn(channels, using_mid_sa)
+    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    return mid
+
+
 class Encoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int, dropout: float, in_channels: int,
                  z_channels: int, using_sa: bool = True, using_mid_sa: bool = True) -> None:
@@ -86,34 +112,21 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         in_ch_mult = (1, *ch_mult)
         self.down = nn.ModuleList()
-        block_in = ch
+        last = self.num_resolutions - 1
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
-            block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i_level == self.num_resolutions - 1 and using_sa:
-                    attn.append(AttnBlock(block_in))
-            down = nn.Module()
-            down.block, down.attn = block, attn
-            if i_level != self.num_resolutions - 1:
+            block_in = ch * ch_mult[i_level]
+            down = _level(ch * in_ch_mult[i_level], block_in, num_res_blocks, dropout, using_sa and i_level == last)
+            if i_level != last:
                 down.downsample = Downsample2x(block_in)
             self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = _attn(block_in, using_mid_sa)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = _mid(block_in, dropout, using_mid_sa)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) in [-1, 1] → (B, z, H/d, W/d)
         h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
-            for i_block, block in enumerate(down.block):
-                h = block(h)
-                if len(down.attn) > 0:
-                    h = down.attn[i_block](h)
+            h = _run_level(down, h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -127,21 +140,12 @@ class Decoder(nn.Module):
         self.num_resolutions, self.num_res_blocks = len(ch_mult), num_res_blocks
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = _attn(block_in, using_mid_sa)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid = _mid(block_in, dropout, using_mid_sa)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(block_in, block_out, dropout))
-                block_in = block_out
-                if i_level == self.num_resolutions - 1 and using_sa:
-                    attn.append(AttnBlock(block_in))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up = _level(block_in, block_out, num_res_blocks + 1, dropout, using_sa and i_level == self.num_resolutions - 1)
+            block_in = block_out
             if i_level != 0:
                 up.upsample = Upsample2x(block_in)
             self.up.insert(0, up)  # up[i] works at the resolution of down[i]
@@ -151,11 +155,7 @@ class Decoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:  # (B, z, h, w) → (B, 3, h·d, w·d)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block, block in enumerate(up.block):
-                h = block(h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
+            h = _run_level(self.up[i_level], h)
             if i_level != 0:
-                h = up.upsample(h)
+                h = self.up[i_level].upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
