@@ -11,7 +11,7 @@ number of 8×8 maps at or above them (a small advantage to it, reported). Each t
 architecture for the same steps from the same seed; the error is measured on the held-out `val` split.
 Prints one JSON line and writes out/tokenizer_recon/figure7.png.
 
-    python benchmarks/tokenizer_recon.py [--steps 200] [--depths 1 2 3] [--seeds 0 1 2]
+    python benchmarks/tokenizer_recon.py [--steps 200] [--depths 1 2 3] [--seeds 0 1 2] [--torch-threads 1]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="full-size maps per detail factor (k)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; the table reports the mean")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch threads per run (default: all cores)")
     args = ap.parse_args()
     configure_environment(OUT / "work")
 
@@ -47,6 +48,8 @@ def main() -> None:
 
     base = ["storage.root=" + str(OUT / "data"), f"tokenizer.batch_size={args.batch_size}",
             f"tokenizer.steps={args.steps}", f"tokenizer.checkpoint_every={args.steps}", "tokenizer.log_every=1000"]
+    if args.torch_threads:
+        base.append(f"tokenizer.torch_threads={args.torch_threads}")
     results = run_pipeline(load_config("tiny", overrides=base), until="decompose", progress=False)
     shards, dec = results["shard"], results["decompose"]
     rows = []
