@@ -60,6 +60,15 @@ def _print_tokenizer(result) -> None:
     print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
 
 
+def _print_tokens(result) -> None:
+    from nextdetail.tasks.tokenize import summary_line
+
+    print(summary_line(result.summary))
+    print(f"  cache:     {result.url}   (Zarr v3 {result.summary['attempt']}/tokens.zarr, index.parquet, "
+          "_COMPLETE.json with every file's sha256)")
+    print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from nextdetail.flows.pipeline import run_pipeline
 
@@ -75,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(f"  look at one: nextdetail show decomposition {key}")
     if "train_tokenizer" in results:
         _print_tokenizer(results["train_tokenizer"])
+    if "tokenize" in results:
+        _print_tokens(results["tokenize"])
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
@@ -115,6 +126,11 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> None:
     args.until = "train_tokenizer"
+    cmd_run(args)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    args.until = "tokenize"
     cmd_run(args)
 
 
@@ -169,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint when interrupted (settings: -o tokenizer.steps=… etc.).")
     _add_config_args(p)
     p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("tokenize", help="shards + factors + tokenizer → the shared token cache (Zarr, by identity)",
+                       description="Run the stages up to tokenize: every image's token maps under "
+                                   "<tokens.cache or storage.root>/tokens/<identity>/. A complete cache with the "
+                                   "same identity there (e.g. a team bucket: -o tokens.cache=s3://bucket/prefix) "
+                                   "is verified and reused instead of encoding.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")
     ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")

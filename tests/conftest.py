@@ -70,6 +70,24 @@ def embedded_source(tmp_path_factory) -> str:
                           log=lambda _: None).url()
 
 
+@pytest.fixture()
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port), emptied, with one bucket `team-bucket`."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto keeps its buckets per process, not per server: start each test from an empty S3.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("team-bucket")
+    yield endpoint
+    server.stop()
+
+
 def make_config(root: Path | str, source: str, *overrides: str):
     from nextdetail.conf import load_config
 

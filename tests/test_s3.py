@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
-import urllib.request
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import s3fs
 from conftest import make_config, run_shard_stage
-
-
-@pytest.fixture()
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # moto keeps its buckets per process, not per server: start each test from an empty S3.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
-    s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("team-bucket")
-    yield endpoint
-    server.stop()
 
 
 def test_shard_stage_writes_to_an_s3_root_and_reuses_it(s3_endpoint, embedded_source):
@@ -72,3 +53,33 @@ def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint,
     values = lazy.compute()
     assert values.shape == (12 * 12, 3, 3, 32, 32) and values.dtype == "float32"
     assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+
+
+def test_exclusive_create_lets_exactly_one_writer_publish(s3_endpoint, tmp_path):
+    """The token cache's publish step: a create-only write (If-None-Match on S3, a hard link locally)."""
+    import threading
+
+    import pytest
+
+    from nextdetail.storage.fs import Store
+
+    for store in (Store("s3://team-bucket/x", {"client_kwargs": {"endpoint_url": s3_endpoint}}), Store(str(tmp_path))):
+        won, lost = [], []
+
+        def publish(i: int, store: Store = store, won: list = won, lost: list = lost) -> None:
+            try:
+                store.write_bytes_exclusive("_COMPLETE.json", f"writer {i}".encode())
+                won.append(i)
+            except FileExistsError:
+                lost.append(i)
+
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(lost) == 3, store
+        assert store.read_bytes("_COMPLETE.json") == f"writer {won[0]}".encode()
+        with pytest.raises(FileExistsError):
+            store.write_bytes_exclusive("_COMPLETE.json", b"late")
+        assert not [p for p in store.find() if ".tmp-" in p]

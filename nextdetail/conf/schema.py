@@ -188,6 +188,37 @@ class TokenizerConfig(_Section):
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
+class TokensConfig(_Section):
+    """The `tokenize` stage: every image's token maps in a content-addressed, shareable Zarr cache."""
+
+    cache: str | None = Field(default=None, description="root of the token caches (a path or s3://bucket/prefix, "
+                                                         "e.g. a team bucket); None: storage.root")
+    cache_options: dict[str, object] | None = Field(default=None, description="fsspec options for `cache`; "
+                                                                                "None: storage.options")
+    local_cache: str = Field(default="./.nextdetail/token-cache",
+                             description="read-through copy of a remote cache's files (verified by sha256)")
+    variants: list[Literal["none", "hflip"]] = Field(default_factory=lambda: ["none", "hflip"], min_length=1,
+                                                     description="augmentations stored per image (LlamaGen's idea)")
+    splits: list[str] | None = Field(default=None, description="splits to encode; None: every split decomposed")
+    verify: Literal["sha256", "size"] = Field(default="sha256", description="check of a cache before reuse")
+    # How the work runs, not what it computes: excluded from the cache identity.
+    batch_size: int = Field(default=64, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores")
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"cache", "cache_options", "local_cache", "verify", "batch_size", "device", "torch_threads"})
+
+    @model_validator(mode="after")
+    def _check(self) -> TokensConfig:
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"tokens.variants has repeats: {self.variants}")
+        return self
+
+    def identity_settings(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+
 class ARConfig(_Section):
     """The next-detail transformer (CART §3.3), VAR's recipe: width 64·depth, heads = depth."""
 
@@ -196,8 +227,8 @@ class ARConfig(_Section):
     lr: float = Field(default=1e-4, gt=0)
 
 
-STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer")
-"""Stages in pipeline order. Later issues append decompose, train_tokenizer, tokenize, train_ar, sample, evaluate."""
+STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer", "tokenize")
+"""Stages in pipeline order. Later issues append train_ar, sample, evaluate."""
 
 
 class PipelineConfig(_Section):
@@ -208,6 +239,7 @@ class PipelineConfig(_Section):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     decompose: DecomposeConfig = Field(default_factory=DecomposeConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
     ar: ARConfig = Field(default_factory=ARConfig)
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""`nextdetail run`: the stages in order (shard → decompose → train_tokenizer → …), up to `--until`; one cluster for all."""
+"""`nextdetail run`: the stages in order (shard → decompose → train_tokenizer → tokenize → …), up to `--until`; one cluster for all."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
         raise UserError(f"--until {until!r}: no such stage (stages: {', '.join(STAGES)})")
     from nextdetail.flows.decompose import run_decompose
     from nextdetail.flows.shard import run_shard
+    from nextdetail.flows.tokenize import run_tokenize
     from nextdetail.flows.train_tokenizer import run_train_tokenizer
 
     results: dict[str, Any] = {}
@@ -22,6 +23,8 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
         "shard": lambda scheduler: run_shard(cfg, progress=progress, scheduler=scheduler),
         "decompose": lambda scheduler: run_decompose(cfg, results["shard"], progress=progress, scheduler=scheduler),
         "train_tokenizer": lambda _: run_train_tokenizer(cfg, results["shard"], results["decompose"], progress=progress),
+        "tokenize": lambda _: run_tokenize(cfg, results["shard"], results["decompose"], results["train_tokenizer"],
+                                           progress=progress),
     }
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
         for stage in STAGES:

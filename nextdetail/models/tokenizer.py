@@ -78,6 +78,18 @@ class BaseDetailVQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: bytes | str | Path, map_location: str = "cpu") -> BaseDetailVQVAE:
+        """The model of a `tokenizer.pt` written by train_tokenizer ({"spec", "model"}), in eval mode."""
+        import io
+
+        source = io.BytesIO(checkpoint) if isinstance(checkpoint, bytes) else checkpoint
+        saved = torch.load(source, map_location=map_location, weights_only=False)
+        spec = TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()})
+        model = cls(spec)
+        model.load_state_dict(saved["model"])
+        return model.eval()
+
     # ---- encoding ------------------------------------------------------------------------------
 
     def sources(self, images: Tensor, bases: Tensor | None = None) -> list[Tensor]:

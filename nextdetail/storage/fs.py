@@ -9,6 +9,7 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -59,6 +60,11 @@ class Store:
     # -- reading ----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
+
+    def refresh(self, rel: str = "") -> None:
+        """Forget cached listings under `rel` (s3fs caches them; another writer may have changed them)."""
+        if not self.is_local:
+            self.fs.invalidate_cache(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))
@@ -112,9 +118,53 @@ class Store:
         else:
             self.fs.pipe_file(self.path(rel), data)
 
+    def write_bytes_exclusive(self, rel: str, data: bytes) -> None:
+        """Create `rel` with `data` only if it does not exist yet; FileExistsError if it does. Of two
+        concurrent writers exactly one succeeds: a hard link of the complete temporary locally (link
+        fails on an existing name), a conditional PUT (If-None-Match: *) on S3."""
+        if self.is_local:
+            final = Path(self.path(rel))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / _tmp_name(final.name)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, final)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            return
+        if self.protocol not in ("s3", "s3a"):
+            raise NotImplementedError(f"{self.url()}: exclusive create is implemented for local paths and S3 only")
+        try:
+            self.fs.pipe_file(self.path(rel), data, mode="create")
+        except FileExistsError:
+            raise
+        except OSError as err:  # some S3 implementations answer 412 without naming the condition
+            if err.errno == errno.EINVAL and self.exists(rel):
+                raise FileExistsError(self.url(rel)) from None
+            raise
+
     def remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(rel))
+
+    def remove_tree(self, rel: str) -> None:
+        """Remove everything under `rel` (no error if it is already gone)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(rel), recursive=True)
+
+    def find(self, rel: str = "") -> list[str]:
+        """Every file under `rel`, as paths relative to the root, sorted."""
+        base = self.path(rel).rstrip("/")
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
 
     def clean_temporaries(self, rel: str, older_than_s: float = 3600.0) -> int:
         """Remove temporaries that killed writers left in local directory `rel` (object stores have none)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -46,6 +47,8 @@ class Artifact:
     store: Store
     marker: str = "_COMPLETE.json"
     lineage: dict[str, Any] = field(default_factory=dict, compare=False)  # settings, upstream, code
+    checksums: bool = False  # the marker also records each file's sha256 (`verify()` checks them)
+    exclusive: bool = False  # publish only if no marker exists yet (concurrent writers: one wins)
 
     @property
     def cache_key(self) -> str:
@@ -73,8 +76,14 @@ class Artifact:
                 return None
         return record
 
-    def publish(self, summary: dict[str, Any], files: list[str], started: float) -> dict[str, Any]:
-        """Write the completion marker last: from here on readers may use the artifact."""
+    def verify(self, record: dict[str, Any]) -> list[str]:
+        """Files of a complete artifact whose content no longer has its recorded sha256 (reads them all)."""
+        return [rel for rel, digest in record.get("sha256", {}).items() if file_sha256(self.store, rel) != digest]
+
+    def publish(self, summary: dict[str, Any], files: list[str] | dict[str, str], started: float) -> dict[str, Any]:
+        """Write the completion marker last: from here on readers may use the artifact. `files` may map
+        each file to its sha256 when the writer knows it (else it is read back). With `exclusive`,
+        FileExistsError means another writer published first."""
         record = {
             "identity": self.identity,
             "stage": self.stage,
@@ -94,8 +103,27 @@ class Artifact:
         missing = [rel for rel, size in record["files"].items() if size is None]
         if missing:
             raise RuntimeError(f"{self.stage}: refusing to publish, files missing: {missing}")
-        self.store.write_bytes(self.marker, canonical_json(record).encode())
+        if self.checksums:
+            known = files if isinstance(files, dict) else {}
+            record["sha256"] = {rel: known.get(rel) or file_sha256(self.store, rel) for rel in files}
+        data = canonical_json(record).encode()
+        if self.exclusive:
+            self.store.write_bytes_exclusive(self.marker, data)
+        else:
+            self.store.write_bytes(self.marker, data)
         return record
+
+
+def file_sha256(store: Store, rel: str) -> str | None:
+    """sha256 (hex) of a stored file, streamed; None if it is missing."""
+    digest = hashlib.sha256()
+    try:
+        with store.open(rel) as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
 
 
 def _drop_cache_record(result_store: Any, key: str) -> None:
@@ -160,7 +188,13 @@ def stage_task(
             return {**record, "work": "reused"}
         started = time.time()
         summary, files = fn(artifact, *args, **kwargs)
-        return {**artifact.publish(summary, files, started), "work": "ran"}
+        try:
+            return {**artifact.publish(summary, files, started), "work": "ran"}
+        except FileExistsError:  # exclusive: another writer published the same identity first
+            record = artifact.completed()
+            if record is None:
+                raise OSError(f"{artifact.store.url(artifact.marker)} exists but is not complete") from None
+            return {**record, "work": "reused", "lost_race": True}
 
     return task(
         body,

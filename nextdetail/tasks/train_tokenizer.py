@@ -36,7 +36,7 @@ from nextdetail.conf.schema import TokenizerConfig
 from nextdetail.errors import UserError
 from nextdetail.storage import factors
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import code_version, stable_hash
+from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
 CODE = ("nextdetail.tasks.train_tokenizer", "nextdetail.models.tokenizer", "nextdetail.models.quant",
@@ -353,6 +353,7 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
     buf = io.BytesIO()
     torch.save({"spec": spec.to_dict(), "model": model.state_dict()}, buf)
     store.write_bytes("tokenizer.pt", buf.getvalue())
+    checkpoint_sha256 = bytes_sha256(buf.getvalue())  # the token cache's identity names these exact weights
     store.write_bytes("metrics.json", json.dumps(metrics).encode())
     from nextdetail.figures import png_bytes, reconstruction_grid, training_curves
 
@@ -373,6 +374,7 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
         "code_usage_per_map": [round(h["usage"], 3) for h in health],
         "perplexity_per_map": [round(h["perplexity"], 1) for h in health],
         "url": store.url(),
+        "tokenizer_sha256": checkpoint_sha256,
     }
 
 

@@ -1,0 +1,145 @@
+"""The `tokenize` flow: reuse a verified token cache with this identity, or write one and publish it.
+
+Encoding runs in the flow's process, one tar after another (Prefect's thread runner with one worker):
+all cores go to torch, or the model sits on the GPU once. Each tar is a cached task, so a killed run
+resumes: the next attempt adopts the finished tars.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.flows.decompose import DecomposeResult
+from nextdetail.flows.shard import ShardResult
+from nextdetail.flows.train_tokenizer import TokenizerResult
+from nextdetail.storage import tokens
+from nextdetail.storage.factors import read_index
+from nextdetail.storage.fs import Store
+from nextdetail.tasks.stage import file_sha256
+from nextdetail.tasks.tokenize import (
+    TokenInputs,
+    encode_tokens,
+    part_artifact,
+    plan_tokens,
+    publish_tokens,
+    summary_line,
+)
+
+
+@dataclass
+class TokensResult:
+    url: str  # the cache directory <cache root>/tokens/<identity>
+    identity: str
+    summary: dict[str, Any]
+    work: str = "ran"  # ran | reused | rebuilt
+    seconds: float = 0.0
+    options: dict | None = None  # fsspec options of the cache root
+    local_cache: str | None = None
+
+    def open(self) -> tokens.TokenCache:
+        """The published cache, read in place (local) or through the local mirror (remote)."""
+        return tokens.TokenCache(self.url, self.options, self.local_cache)
+
+
+def cache_root(cfg: PipelineConfig) -> Store:
+    options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
+    return Store(cfg.tokens.cache or cfg.storage.root, options)
+
+
+def token_inputs(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+                 tokenizer: TokenizerResult) -> TokenInputs:
+    sha = tokenizer.summary.get("tokenizer_sha256")
+    if not sha:  # a checkpoint from before the marker recorded it
+        sha = file_sha256(Store(tokenizer.url, cfg.storage.options), "tokenizer.pt")
+        if sha is None:
+            raise UserError(f"{tokenizer.checkpoint_url} is missing; re-run `nextdetail train-tokenizer`")
+    return TokenInputs(shards.url, decomposition.url, cfg.storage.options, cfg.shard.image_format,
+                       tokenizer.checkpoint_url, sha)
+
+
+@flow(name="tokenize", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def tokenize_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+                  tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
+    from tqdm.auto import tqdm
+
+    from nextdetail.models.quant import token_schedule
+
+    t0 = time.time()
+    log = get_run_logger()
+    spec = cfg.tokenizer_spec()
+    inputs = token_inputs(cfg, shards, decomposition, tokenizer)
+    index = read_index(Store(decomposition.url, cfg.storage.options))
+    plan = plan_tokens(cache_root(cfg), decomposition.identity, index, inputs, cfg.tokens, spec.order)
+    options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
+
+    def result(record: dict, work: str) -> TokensResult:
+        out = TokensResult(plan.cache.url(), plan.identity, record["summary"], work, round(time.time() - t0, 3),
+                           options, cfg.tokens.local_cache)
+        log.info(summary_line(out.summary) + f" → {out.url} ({work}, {out.seconds:.1f}s)")
+        return out
+
+    work = "ran"
+    record = plan.artifact.completed()
+    if record is not None:
+        bad = _check(plan, record, cfg, progress)
+        if not bad:
+            return result(record, "reused")
+        log.warning("tokenize: the cache %s is broken (%d files fail their sha256, first %s); rebuilding it",
+                    plan.cache.url(), len(bad), bad[0])
+        tokens.invalidate(plan.cache, f"sha256 mismatch: {bad[:10]}")
+        work = "rebuilt"
+    elif plan.cache.exists(tokens.MARKER):
+        log.warning("tokenize: the cache %s has a marker but misses files; rebuilding it", plan.cache.url())
+        tokens.invalidate(plan.cache, "files missing or of the wrong size")
+        work = "rebuilt"
+
+    attempt = tokens.Attempt.start(plan.cache)
+    removed = attempt.remove_stale()
+    if removed:
+        log.info("tokenize: removed %d attempts abandoned over an hour ago", len(removed))
+    layout = tokens.token_layout(token_schedule(spec.patch_nums, spec.order, spec.detail_depth, spec.latent_side),
+                                 spec.order, spec.vocab_size, cfg.tokens.variants)
+    splits = sorted({job.split for job in plan.jobs})
+    tokens.create_group(attempt, layout, plan.identity, splits)
+    log.info("tokenize: %d images in %d tars, %d token maps (%d tokens) × %s → %s", plan.index.num_rows,
+             len(plan.jobs), len(layout["maps"]), layout["tokens_per_image"], cfg.tokens.variants, attempt.store.url())
+    parts: list[tuple[str, dict]] = []
+    for job in tqdm(plan.jobs, desc="tokenize", unit="tar", disable=not progress):
+        if plan.cache.exists(tokens.MARKER):  # another writer published meanwhile: stop encoding
+            plan.cache.refresh(tokens.MARKER)
+            if plan.artifact.completed() is not None:
+                break
+        part = part_artifact(plan, attempt, job)
+        parts.append((part.marker, encode_tokens.submit(part, job, inputs, cfg.tokens, attempt).result()))
+    else:
+        record = publish_tokens.submit(plan.artifact, plan, attempt, parts, layout).result()
+        if record.get("summary", {}).get("attempt") == attempt.rel:
+            return result(record, work)
+    # Another writer's cache is the published one: ours is garbage.
+    attempt.discard()
+    record = plan.artifact.completed()
+    if record is None:
+        raise OSError(f"{plan.cache.url()}: another writer's marker vanished; run again")
+    log.info("tokenize: another writer published %s first; using it", plan.cache.url())
+    return result(record, "reused")
+
+
+def _check(plan: Any, record: dict, cfg: PipelineConfig, progress: bool) -> list[str]:
+    """Files of a published cache that fail verification (sha256: all read; a remote cache is pulled
+    into the local mirror on the way, which training then reads)."""
+    if cfg.tokens.verify == "size":
+        return []
+    options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
+    return tokens.TokenCache(plan.cache.url(), options, cfg.tokens.local_cache).verify(progress=progress)
+
+
+def run_tokenize(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+                 tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
+    return tokenize_flow(cfg, shards, decomposition, tokenizer, progress=progress)
