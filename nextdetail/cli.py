@@ -66,6 +66,7 @@ def _print_tokens(result) -> None:
     print(summary_line(result.summary))
     print(f"  cache:     {result.url}   (Zarr v3 {result.summary['attempt']}/tokens.zarr, index.parquet, "
           "_COMPLETE.json with every file's sha256)")
+    print(f"  picture:   {result.url}/{result.summary['attempt']}/preview.png   (images over their decoded cached tokens)")
     print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
 
 

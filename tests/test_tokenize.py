@@ -100,6 +100,11 @@ def test_cache_holds_the_tokenizers_token_maps_with_their_layout(upstream, publi
     for v, (xv, bv) in enumerate([(x, b), (x.flip(-1), b.flip(-1))]):
         expect = torch.cat([m.flatten(1) for m in model.img_to_indices(xv, bv)], 1).numpy()
         assert np.array_equal(tokens[:, v].astype(np.int64), expect)
+    from PIL import Image
+
+    cache._fetch(f"{result.summary['attempt']}/preview.png")
+    with Image.open(Path(result.url, result.summary["attempt"], "preview.png")) as im:
+        assert im.width > 8 * 32 and im.height > 2 * 32  # 8 originals over their decoded cached tokens
     maps = cache.maps(tokens[:, 0])
     assert [m.shape[1:] for m in maps] == [(1, 1), (2, 2), (4, 4), (8, 8), (8, 8), (8, 8), (8, 8)]
 
@@ -236,8 +241,8 @@ def test_two_writers_of_one_identity_leave_one_valid_cache(upstream, published, 
         for w, out in zip(writers, parts, strict=True):
             part = part_artifact(plan, w, job)
             out.append((part.marker, encode_tokens.fn(part, job, inputs, cfg.tokens, w)))
-    won = publish_tokens.fn(plan.artifact, plan, writers[0], parts[0], layout)
-    lost = publish_tokens.fn(plan.artifact, plan, writers[1], parts[1], layout)
+    won = publish_tokens.fn(plan.artifact, plan, writers[0], parts[0], layout, inputs)
+    lost = publish_tokens.fn(plan.artifact, plan, writers[1], parts[1], layout, inputs)
     assert won["work"] == "ran" and lost["work"] == "reused"
     with pytest.raises(FileExistsError):  # a writer that checked just before the winner published
         plan.artifact.publish({"attempt": writers[1].rel}, [], 0.0)

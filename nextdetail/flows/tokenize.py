@@ -119,7 +119,7 @@ def tokenize_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: Decom
         part = part_artifact(plan, attempt, job)
         parts.append((part.marker, encode_tokens.submit(part, job, inputs, cfg.tokens, attempt).result()))
     else:
-        record = publish_tokens.submit(plan.artifact, plan, attempt, parts, layout).result()
+        record = publish_tokens.submit(plan.artifact, plan, attempt, parts, layout, inputs).result()
         if record.get("summary", {}).get("attempt") == attempt.rel:
             return result(record, work)
     # Another writer's cache is the published one: ours is garbage.

@@ -181,14 +181,15 @@ def encode_tokens(artifact: Artifact, job: TokenJob, inputs: TokenInputs, cfg: T
 
 @stage_task(name="publish_tokens")
 def publish_tokens(artifact: Artifact, plan: TokenPlan, attempt: tokens.Attempt, parts: list[tuple[str, dict]],
-                   layout: dict[str, Any]) -> tuple[dict, dict[str, str]]:
-    """index.parquet and consolidated metadata into the attempt; the marker lists every file with its
-    sha256 (the parts' checksums, computed when they were written)."""
+                   layout: dict[str, Any], inputs: TokenInputs) -> tuple[dict, dict[str, str]]:
+    """index.parquet, preview.png and consolidated metadata into the attempt; the marker lists every file
+    with its sha256 (the parts' checksums, computed when they were written)."""
     from nextdetail.storage.manifest import write_table
 
     index = pa.Table.from_pylist(plan.index.select(["key", "split", "shard", "row", "class_index"]).to_pylist(),
                                  schema=tokens.INDEX_SCHEMA)
     write_table(attempt.store, "index.parquet", index)
+    write_preview(attempt, plan.jobs[0], inputs, layout)
     tokens.consolidate(attempt)
     files: dict[str, str] = {}
     for marker, record in parts:
@@ -198,6 +199,7 @@ def publish_tokens(artifact: Artifact, plan: TokenPlan, attempt: tokens.Attempt,
     for rel in attempt.store.find(tokens.ZARR):  # group metadata (and anything not yet listed)
         files.setdefault(f"{attempt.rel}/{rel}", "")
     files[f"{attempt.rel}/index.parquet"] = ""
+    files[f"{attempt.rel}/preview.png"] = ""
     encoded = [record["summary"] for _, record in parts]
     summary = {
         "attempt": attempt.rel, "layout": layout, "images": int(index.num_rows), "tars": len(parts),
@@ -210,6 +212,27 @@ def publish_tokens(artifact: Artifact, plan: TokenPlan, attempt: tokens.Attempt,
         "url": artifact.store.url(),
     }
     return summary, files
+
+
+def write_preview(attempt: tokens.Attempt, job: TokenJob, inputs: TokenInputs, layout: dict[str, Any],
+                  n: int = 8) -> None:
+    """preview.png: a few images of the first tar (top) over what the decoder makes of their cached
+    tokens (bottom, Algorithm 2): the cache round trip, at a glance."""
+    import torch
+    import zarr
+
+    from nextdetail.figures import png_bytes, reconstruction_grid
+    from nextdetail.tasks.decompose import read_tar_images
+
+    model = load_tokenizer(inputs, "cpu")
+    array = zarr.open_array(tokens._zarr_store(attempt.store), path=tokens.array_name(job.split, job.tar), mode="r")
+    rows = torch.from_numpy(array[:n, 0].astype(np.int64))  # (n, L), variant "none"
+    maps = [rows[:, m["offset"] : m["offset"] + m["length"]].view(-1, m["height"], m["width"]) for m in layout["maps"]]
+    with torch.no_grad():
+        decoded = model.indices_to_img(maps)  # (n, 3, H, W) in [-1, 1]
+    images = read_tar_images(Store(inputs.shards_url, inputs.options), job.tar, job.keys[:n], inputs.image_format)
+    originals = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    attempt.store.write_bytes("preview.png", png_bytes(reconstruction_grid(originals, decoded)))
 
 
 def summary_line(summary: dict) -> str:
