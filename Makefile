@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/shard.py
 	$(BIN)/python benchmarks/decompose.py
 	$(BIN)/python benchmarks/tokenizer_recon.py
+	$(BIN)/python benchmarks/token_loader.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail
