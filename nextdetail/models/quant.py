@@ -191,6 +191,16 @@ class MultiScaleQuantizer(nn.Module):
             partial.append(f_hat)
         return partial if cumulative else f_hat
 
+    @torch.no_grad()
+    def next_inputs(self, indices: list[Tensor], latent_side: int) -> Tensor:
+        """The transformer's teacher-forcing input (VAR's `idxBl_to_var_input`): for maps 2 … M, the
+        reconstruction of the maps before, f̂_{k−1} = Σ_{j<k} φ_j(z_j), area-resampled to map k's size
+        and flattened: (B, L − h_1·w_1, C)."""
+        step, out = NextInput(self, latent_side), []
+        for k in range(len(self.schedule) - 1):
+            out.append(step(k, indices[k]))
+        return torch.cat(out, dim=1)
+
     # ---- codebook health -------------------------------------------------------------------
 
     @torch.no_grad()
@@ -222,3 +232,19 @@ class MultiScaleQuantizer(nn.Module):
         self.embedding.weight.data[dead] = fresh.to(self.embedding.weight.dtype)
         self.ema_vocab_hit_SV[:, dead] = float(hits.sum()) / self.vocab_size / len(self.schedule)  # a grace period
         return len(dead)
+
+
+class NextInput:
+    """Sampling's counterpart of `MultiScaleQuantizer.next_inputs`: called with map k's tokens, adds
+    φ_k(z_k) to the running reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, C)."""
+
+    def __init__(self, quantizer: MultiScaleQuantizer, latent_side: int) -> None:
+        self.quantizer, self.latent_side, self.f_hat = quantizer, latent_side, None
+
+    @torch.no_grad()
+    def __call__(self, k: int, idx_Bhw: Tensor) -> Tensor:
+        h = self.quantizer._to_latent(k, idx_Bhw, self.latent_side)  # (B, C, side, side)
+        self.f_hat = h if self.f_hat is None else self.f_hat + h
+        nxt = self.quantizer.schedule[k + 1].side
+        f = self.f_hat if nxt == self.latent_side else F.interpolate(self.f_hat, size=(nxt, nxt), mode="area")
+        return f.flatten(2).transpose(1, 2)  # (B, h·w, C)

@@ -1,0 +1,262 @@
+"""The next-detail transformer (CART §3.3, Eq. 13): VAR's class-conditional decoder-only transformer
+over a base/detail token schedule.
+
+Every token map is predicted in parallel from the maps before it. As in VAR, the input at the positions
+of map k+1 is not a token embedding but the tokenizer's cumulative reconstruction f̂_k = Σ_{j≤k} φ_j(z_j)
+area-resampled to map k+1's size (`MultiScaleQuantizer.next_inputs`); map 1's input is the class
+embedding (start token) plus `pos_start`. Base scales and detail maps are only different sizes and
+levels here: decomposition order 0 is exactly VAR's layout (levels = scales).
+
+Module and parameter names follow VAR's `models/var.py` and `basic_var.py` (class_emb, pos_start,
+pos_1LC, lvl_embed, word_embed, blocks.N.attn.mat_qkv, …, head_nm, head).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    sides: tuple[int, ...]  # side of each token map, in prediction order
+    vocab_size: int = 4096
+    cvae: int = 32  # the tokenizer's z channels (the input features)
+    num_classes: int = 1000
+    depth: int = 16
+    width: int | None = None  # None: 64 · depth (VAR)
+    heads: int | None = None  # None: depth (VAR)
+    mlp_ratio: float = 4.0
+    drop_path: float | None = None  # None: 0.1 · depth / 24 (VAR)
+    cond_drop: float = 0.1  # class dropout for classifier-free guidance
+    attn_l2_norm: bool = True
+
+    @property
+    def C(self) -> int:
+        return self.width or 64 * self.depth
+
+    @property
+    def H(self) -> int:
+        return self.heads or self.depth
+
+    @property
+    def L(self) -> int:
+        return sum(s * s for s in self.sides)
+
+    @property
+    def first_l(self) -> int:
+        return self.sides[0] ** 2
+
+
+def block_causal_bias(sides: tuple[int, ...]) -> Tensor:
+    """(1, 1, L, L) additive mask: a token attends to every token of its own map and of earlier maps."""
+    level = torch.cat([torch.full((s * s,), k) for k, s in enumerate(sides)])  # (L,)
+    allowed = level.view(-1, 1) >= level.view(1, -1)  # (L, L)
+    return torch.where(allowed, 0.0, -torch.inf).view(1, 1, len(level), len(level))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, C: int, H: int, attn_l2_norm: bool) -> None:
+        super().__init__()
+        self.H, self.head_dim, self.attn_l2_norm = H, C // H, attn_l2_norm
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(C)), nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C))
+        if attn_l2_norm:  # normalized q/k with a learned per-head temperature (VAR)
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), math.log(4.0)))
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = self.head_dim**-0.5
+        self.proj = nn.Linear(C, C)
+        self.caching, self.cached_k, self.cached_v = False, None, None
+
+    def kv_caching(self, enable: bool) -> None:
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def forward(self, x: Tensor, attn_bias: Tensor | None) -> Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.H, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, head_dim)
+        if self.attn_l2_norm:
+            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            k = F.normalize(k, dim=-1)
+        if self.caching:  # sampling: this map's keys/values join those of every earlier map
+            if self.cached_k is not None:
+                k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
+            self.cached_k, self.cached_v = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if attn_bias is None else attn_bias.to(q.dtype),
+                                             scale=self.scale)  # (B, H, L, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, C: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(C, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class AdaLNSelfAttn(nn.Module):
+    """Pre-norm block whose LayerNorm scale/shift and residual gates come from the class condition."""
+
+    def __init__(self, C: int, H: int, mlp_ratio: float, drop_path: float, attn_l2_norm: bool) -> None:
+        super().__init__()
+        self.C = C
+        self.ln_wo_grad = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
+        self.attn = SelfAttention(C, H, attn_l2_norm)
+        self.ffn = FFN(C, round(C * mlp_ratio))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, cond_BD: Tensor, attn_bias: Tensor | None) -> Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias).mul_(gamma1))
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int) -> None:
+        super().__init__()
+        self.C = C
+        self.ln_wo_grad = nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x: Tensor, cond_BD: Tensor) -> Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
+
+
+class NextDetailTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C, L = cfg.C, cfg.L
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # index num_classes = unconditional
+        self.pos_start = nn.Parameter(torch.empty(1, cfg.first_l, C).normal_(std=0.02))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C).normal_(std=0.02))
+        self.lvl_embed = nn.Embedding(len(cfg.sides), C)
+        self.word_embed = nn.Linear(cfg.cvae, C)
+        dpr = cfg.drop_path if cfg.drop_path is not None else 0.1 * cfg.depth / 24
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(C, cfg.H, cfg.mlp_ratio, dpr * i / max(cfg.depth - 1, 1),
+                                                  cfg.attn_l2_norm) for i in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(C)
+        self.head = nn.Linear(C, cfg.vocab_size)
+        level = torch.cat([torch.full((s * s,), k) for k, s in enumerate(cfg.sides)])
+        self.register_buffer("lvl_1L", level.view(1, L), persistent=False)
+        self.register_buffer("attn_bias_for_masking", block_causal_bias(cfg.sides), persistent=False)
+        starts = [0]
+        for s in cfg.sides:
+            starts.append(starts[-1] + s * s)
+        self.begin_ends = [(starts[k], starts[k + 1]) for k in range(len(cfg.sides))]
+        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
+        for block in self.blocks:  # VAR starts every residual branch near zero through the AdaLN gates
+            nn.init.zeros_(block.ada_lin[-1].weight)
+            nn.init.zeros_(block.ada_lin[-1].bias)
+
+    def embed(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(tokens' input (B, l, C), condition (B, C)) for the first l positions."""
+        cond_BD = self.class_emb(label_B)  # (B, C)
+        B, first_l = label_B.shape[0], self.cfg.first_l
+        sos = cond_BD.unsqueeze(1).expand(B, first_l, -1) + self.pos_start.expand(B, first_l, -1)  # (B, first_l, C)
+        x = sos if x_BLCv_wo_first_l is None else torch.cat(
+            (sos, self.word_embed(x_BLCv_wo_first_l.to(self.word_embed.weight.dtype))), dim=1)
+        ed = x.shape[1]
+        x = x + self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed]  # (B, ed, C)
+        return x, cond_BD
+
+    def forward(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor, drop_labels: bool | None = None) -> Tensor:
+        """Teacher forcing: logits (B, L, V) for every token map given the inputs of maps 2…M."""
+        drop = self.training if drop_labels is None else drop_labels
+        if drop and self.cfg.cond_drop > 0:
+            unconditional = torch.rand(label_B.shape, device=label_B.device) < self.cfg.cond_drop
+            label_B = torch.where(unconditional, self.cfg.num_classes, label_B)
+        x, cond_BD = self.embed(label_B, x_BLCv_wo_first_l)
+        bias = self.attn_bias_for_masking[..., : x.shape[1], : x.shape[1]]
+        for block in self.blocks:
+            x = block(x, cond_BD, bias)
+        return self.head(self.head_nm(x, cond_BD)).float()
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    def _map_logits(self, k: int, x: Tensor, cond_BD: Tensor, cache: bool) -> Tensor:
+        """Logits of map k; with `cache`, x holds map k's inputs only and earlier maps come from the KV cache."""
+        bias = None if cache else self.attn_bias_for_masking[..., : x.shape[1], : x.shape[1]]
+        for block in self.blocks:
+            x = block(x, cond_BD, bias)
+        bg, ed = self.begin_ends[k]
+        x = x if cache else x[:, bg:ed]
+        return self.head(self.head_nm(x, cond_BD)).float()  # (B, h_k·w_k, V)
+
+    @torch.no_grad()
+    def sample(self, label_B: Tensor, next_input: Callable[[int, Tensor], Tensor], cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+               generator: torch.Generator | None = None, use_cache: bool = True) -> list[Tensor]:
+        """Class-conditional sampling, map by map, with classifier-free guidance ramped over the maps
+        as VAR does (t_k = cfg · k / (M − 1)). `next_input(k, idx_Bhw)` adds map k's tokens to the
+        reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, Cvae) (the tokenizer's
+        `next_inputs` step). Returns the M token maps (B, h_k, w_k)."""
+        B, M = label_B.shape[0], len(self.cfg.sides)
+        labels = torch.cat((label_B, torch.full_like(label_B, self.cfg.num_classes)))  # (2B,): cond, uncond
+        x, cond_BD = self.embed(labels, None)  # map 1's input: (2B, first_l, C)
+        for block in self.blocks:
+            block.attn.kv_caching(use_cache)
+        inputs: list[Tensor] = []  # uncached: every map's input so far, re-run each step
+        out: list[Tensor] = []
+        try:
+            for k, side in enumerate(self.cfg.sides):
+                if use_cache:
+                    x_k = x
+                else:
+                    inputs.append(x)
+                    x_k = torch.cat(inputs, dim=1)
+                logits = self._map_logits(k, x_k, cond_BD, use_cache)  # (2B, l_k, V)
+                t = cfg * k / max(M - 1, 1)
+                guided = (1 + t) * logits[:B] - t * logits[B:]  # (B, l_k, V)
+                idx = sample_top_k_top_p(guided, top_k, top_p, generator).view(B, side, side)
+                out.append(idx)
+                if k + 1 < M:
+                    nb, ned = self.begin_ends[k + 1]
+                    f = next_input(k, idx).to(self.word_embed.weight.dtype)  # (B, l_{k+1}, Cvae)
+                    x = self.word_embed(f).repeat(2, 1, 1)  # the same input for the cond and uncond halves
+                    x = x + self.lvl_embed(self.lvl_1L[:, nb:ned].expand(2 * B, -1)) + self.pos_1LC[:, nb:ned]
+        finally:
+            for block in self.blocks:
+                block.attn.kv_caching(False)
+        return out
+
+
+def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """One token per position from logits (B, l, V), restricted to the top k and/or nucleus p. → (B, l)."""
+    B, n, V = logits_BlV.shape
+    logits = logits_BlV.clone()
+    if top_k > 0:
+        kth = logits.topk(min(top_k, V), dim=-1).values[..., -1:]  # (B, l, 1)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        cut = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # the low tail whose mass is ≤ 1 − p
+        cut[..., -1:] = False  # keep at least the best
+        logits.masked_fill_(cut.scatter(-1, order, cut), -torch.inf)
+    probs = logits.softmax(-1).view(-1, V)
+    return torch.multinomial(probs, 1, generator=generator).view(B, n)

@@ -1,0 +1,88 @@
+"""The next-detail transformer: block-causal attention, KV-cached sampling, VAR's layout at order 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nextdetail.models.quant import MultiScaleQuantizer, NextInput, token_schedule
+from nextdetail.models.transformer import (
+    NextDetailTransformer,
+    TransformerConfig,
+    block_causal_bias,
+    sample_top_k_top_p,
+)
+
+SIDES = (1, 2, 4, 4, 4)  # base scales 1, 2, 4 then two detail maps at the 4×4 latent
+
+
+def _model(sides=SIDES, dtype=torch.float32) -> NextDetailTransformer:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(sides=sides, vocab_size=32, cvae=8, num_classes=5, depth=2, width=64, heads=4)
+    model = NextDetailTransformer(cfg).to(dtype).eval()
+    for block in model.blocks:  # away from VAR's zero-initialised gates, so every path carries signal
+        torch.nn.init.normal_(block.ada_lin[-1].weight, std=0.05)
+    return model
+
+
+def test_a_maps_logits_do_not_depend_on_later_maps():
+    model = _model()
+    L, first = model.cfg.L, model.cfg.first_l
+    labels = torch.tensor([1, 3])
+    x = torch.randn(2, L - first, 8)
+    base = model(labels, x, drop_labels=False)  # (B, L, V)
+    assert base.shape == (2, L, 32)
+    for m, (_, ed) in enumerate(model.begin_ends[:-1]):
+        changed = x.clone()
+        changed[:, ed - first :] += torch.randn_like(changed[:, ed - first :])  # inputs of maps m+1 …
+        out = model(labels, changed, drop_labels=False)
+        assert torch.allclose(out[:, :ed], base[:, :ed], atol=1e-6), f"map {m} saw a later map"
+        assert not torch.allclose(out[:, ed:], base[:, ed:], atol=1e-4)  # later maps do see the change
+    # within a map every token sees every other (maps are predicted in parallel)
+    bias = block_causal_bias(SIDES)[0, 0]
+    bg, ed = model.begin_ends[2]
+    assert (bias[bg:ed, bg:ed] == 0).all() and (bias[bg:ed, ed:] == -torch.inf).all() and (bias[bg:ed, :bg] == 0).all()
+
+
+def test_kv_cached_sampling_gives_the_uncached_tokens():
+    model = _model(dtype=torch.float64)
+    quantizer = MultiScaleQuantizer(32, 8, token_schedule((1, 2, 4), 1, 2, 4)).double().eval()
+    labels = torch.tensor([0, 2, 4])
+    runs = []
+    for use_cache in (True, False):
+        step = NextInput(quantizer, 4)
+        gen = torch.Generator().manual_seed(7)
+        runs.append(model.sample(labels, step, cfg=2.0, top_k=10, top_p=0.9, generator=gen, use_cache=use_cache))
+    assert [tuple(m.shape) for m in runs[0]] == [(3, s, s) for s in SIDES]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    # and the teacher-forcing input of those tokens is what sampling fed the model
+    inputs = quantizer.next_inputs(runs[0], 4)
+    assert inputs.shape == (3, model.cfg.L - 1, 8)
+    assert all(not b.attn.caching and b.attn.cached_k is None for b in model.blocks)  # caches released
+
+
+def test_order_0_is_vars_layout():
+    var_patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    sides = tuple(m.side for m in token_schedule(var_patch_nums, 0, 1, 16))
+    assert sides == var_patch_nums
+    model = NextDetailTransformer(TransformerConfig(sides=sides, depth=16))
+    assert model.cfg.L == 680 and model.cfg.C == 1024 and model.cfg.H == 16 and model.lvl_embed.num_embeddings == 10
+    # VAR's mask: d = levels of the L tokens, attend where d_query ≥ d_key
+    d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(var_patch_nums)]).view(1, 680, 1)
+    var_mask = torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, 680, 680)
+    assert torch.equal(model.attn_bias_for_masking, var_mask)
+    names = dict(model.named_parameters())
+    for name, shape in {"class_emb.weight": (1001, 1024), "pos_start": (1, 1, 1024), "pos_1LC": (1, 680, 1024),
+                        "lvl_embed.weight": (10, 1024), "word_embed.weight": (1024, 32),
+                        "blocks.0.attn.mat_qkv.weight": (3072, 1024), "blocks.0.attn.scale_mul_1H11": (1, 16, 1, 1),
+                        "blocks.15.ffn.fc1.weight": (4096, 1024), "blocks.0.ada_lin.1.weight": (6144, 1024),
+                        "head_nm.ada_lin.1.weight": (2048, 1024), "head.weight": (4096, 1024)}.items():
+        assert tuple(names[name].shape) == shape, name
+    # VAR-d16 has 310M parameters
+    assert 300e6 < sum(p.numel() for p in model.parameters()) < 320e6
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 0.0), (0, 1e-9)])
+def test_top_k_1_and_tiny_top_p_are_argmax(top_k, top_p):
+    logits = torch.randn(2, 5, 50)
+    assert torch.equal(sample_top_k_top_p(logits, top_k, top_p, torch.Generator().manual_seed(0)), logits.argmax(-1))
