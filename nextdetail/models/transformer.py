@@ -170,7 +170,7 @@ class NextDetailTransformer(nn.Module):
             starts.append(starts[-1] + s * s)
         self.begin_ends = [(starts[k], starts[k + 1]) for k in range(len(cfg.sides))]
         nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
-        for block in self.blocks:  # VAR starts every residual branch near zero through the AdaLN gates
+        for block in self.blocks:  # residual branches start closed (DiT's adaLN-Zero; VAR scales these gates to ~1e-5)
             nn.init.zeros_(block.ada_lin[-1].weight)
             nn.init.zeros_(block.ada_lin[-1].bias)
 
