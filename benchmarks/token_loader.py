@@ -94,9 +94,9 @@ def main() -> None:
     # -- naive: one random sample per Zarr read ----------------------------------------------------
     import zarr
 
-    from nextdetail.storage.tokens import _zarr_store
+    from nextdetail.storage.tokens import ZARR
 
-    group = zarr.open_group(_zarr_store(cache.local.sub(cache.attempt), read_only=True), mode="r")
+    group = zarr.open_group(cache.local.zarr_store(f"{cache.attempt}/{ZARR}", read_only=True), mode="r")
     arrays = [group[f"train/{t.removesuffix('.tar')}"] for t in batches.data.tars]
     rng = np.random.default_rng(0)
     naive_n, t0 = 0, time.perf_counter()

@@ -22,7 +22,6 @@ from nextdetail.flows.train_tokenizer import TokenizerResult
 from nextdetail.storage import tokens
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
-from nextdetail.tasks.stage import file_sha256
 from nextdetail.tasks.tokenize import (
     TokenInputs,
     encode_tokens,
@@ -49,6 +48,7 @@ class TokensResult:
 
 
 def cache_root(cfg: PipelineConfig) -> Store:
+    """Where token caches live: `tokens.cache` (with `tokens.cache_options`), else storage.root."""
     options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
     return Store(cfg.tokens.cache or cfg.storage.root, options)
 
@@ -57,7 +57,7 @@ def token_inputs(cfg: PipelineConfig, shards: ShardResult, decomposition: Decomp
                  tokenizer: TokenizerResult) -> TokenInputs:
     sha = tokenizer.summary.get("tokenizer_sha256")
     if not sha:  # a checkpoint from before the marker recorded it
-        sha = file_sha256(Store(tokenizer.url, cfg.storage.options), "tokenizer.pt")
+        sha = Store(tokenizer.url, cfg.storage.options).sha256("tokenizer.pt")
         if sha is None:
             raise UserError(f"{tokenizer.checkpoint_url} is missing; re-run `nextdetail train-tokenizer`")
     return TokenInputs(shards.url, decomposition.url, cfg.storage.options, cfg.shard.image_format,
@@ -77,7 +77,7 @@ def tokenize_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: Decom
     inputs = token_inputs(cfg, shards, decomposition, tokenizer)
     index = read_index(Store(decomposition.url, cfg.storage.options))
     plan = plan_tokens(cache_root(cfg), decomposition.identity, index, inputs, cfg.tokens, spec.order)
-    options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
+    options = plan.cache.options
 
     def result(record: dict, work: str) -> TokensResult:
         out = TokensResult(plan.cache.url(), plan.identity, record["summary"], work, round(time.time() - t0, 3),
@@ -136,8 +136,7 @@ def _check(plan: Any, record: dict, cfg: PipelineConfig, progress: bool) -> list
     into the local mirror on the way, which training then reads)."""
     if cfg.tokens.verify == "size":
         return []
-    options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
-    return tokens.TokenCache(plan.cache.url(), options, cfg.tokens.local_cache).verify(progress=progress)
+    return tokens.TokenCache(plan.cache.url(), plan.cache.options, cfg.tokens.local_cache).verify(progress=progress)
 
 
 def run_tokenize(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,

@@ -36,22 +36,12 @@ def array_path(split: str, tar: str) -> str:
     return f"{split}/{tar.removesuffix('.tar')}"
 
 
-def _zarr_store(store: Store, read_only: bool = False) -> Any:
-    """A Zarr store over ``<store>/factors.zarr``: LocalStore on disk, FsspecStore for URLs."""
-    import zarr.storage
-
-    url = store.url("factors.zarr")
-    if "://" not in url or url.startswith("file://"):
-        return zarr.storage.LocalStore(url.removeprefix("file://"), read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(url, storage_options=store.options or None, read_only=read_only)
-
-
 def create_groups(store: Store, splits: list[str]) -> None:
     """The root group and one group per split, made once before the tasks run: concurrent
     tasks creating the same parent group would race."""
     import zarr
 
-    group = zarr.open_group(_zarr_store(store), mode="a", zarr_format=3)
+    group = zarr.open_group(store.zarr_store("factors.zarr"), mode="a", zarr_format=3)
     for split in splits:
         group.require_group(split)
 
@@ -62,7 +52,7 @@ def create_array(store: Store, split: str, tar: str, n_images: int, image_shape:
     import zarr
     from zarr.codecs import BloscCodec
 
-    group = zarr.open_group(_zarr_store(store), mode="r+", zarr_format=3)
+    group = zarr.open_group(store.zarr_store("factors.zarr"), mode="r+", zarr_format=3)
     return group.create_array(
         array_path(split, tar), shape=(n_images, *image_shape), chunks=(max(1, min(chunk_images, n_images)), *image_shape),
         dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan,
@@ -75,13 +65,13 @@ def consolidate(store: Store) -> None:
 
     with warnings.catch_warnings():  # "not part of the v3 spec yet": we read it back with zarr-python only
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(_zarr_store(store), zarr_format=3)
+        zarr.consolidate_metadata(store.zarr_store("factors.zarr"), zarr_format=3)
 
 
 def open_group(store: Store) -> Any:
     import zarr
 
-    return zarr.open_group(_zarr_store(store, read_only=True), mode="r", zarr_format=3)
+    return zarr.open_group(store.zarr_store("factors.zarr", read_only=True), mode="r", zarr_format=3)
 
 
 def open_lazy(store: Store, index: pa.Table, split: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 import time
@@ -77,6 +78,26 @@ class Store:
 
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
         return self.fs.open(self.path(rel), mode)
+
+    def sha256(self, rel: str) -> str | None:
+        """sha256 (hex) of a file, streamed; None if it is missing."""
+        digest = hashlib.sha256()
+        try:
+            with self.open(rel) as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+        except FileNotFoundError:
+            return None
+        return digest.hexdigest()
+
+    def zarr_store(self, rel: str, read_only: bool = False) -> Any:
+        """A Zarr v3 store over `rel`: LocalStore on disk, FsspecStore (with this root's options) elsewhere."""
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url(rel), storage_options=self.options or None,
+                                                 read_only=read_only)
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under `rel`; empty if it does not exist."""

@@ -85,15 +85,6 @@ def part_marker(split: str, tar: str) -> str:
     return f"_parts/{split}-{tar.removesuffix('.tar')}.json"
 
 
-def _zarr_store(store: Store, read_only: bool = False) -> Any:
-    import zarr.storage
-
-    if store.is_local:
-        return zarr.storage.LocalStore(store.path(ZARR), read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(store.url(ZARR), storage_options=store.options or None,
-                                             read_only=read_only)
-
-
 # ---- writing (one attempt) ----------------------------------------------------------------------
 
 
@@ -180,7 +171,7 @@ def create_group(attempt: Attempt, layout: dict[str, Any], identity: str, splits
     """The attempt's Zarr group with the layout attrs, and one group per split (before parts run)."""
     import zarr
 
-    group = zarr.open_group(_zarr_store(attempt.store), mode="w", zarr_format=3,
+    group = zarr.open_group(attempt.store.zarr_store(ZARR), mode="w", zarr_format=3,
                             attributes={"tokens": layout, "identity": identity})
     for split in splits:
         group.require_group(split)
@@ -191,7 +182,7 @@ def write_array(attempt: Attempt, split: str, tar: str, tokens: np.ndarray) -> l
     import zarr
     from zarr.codecs import BloscCodec
 
-    group = zarr.open_group(_zarr_store(attempt.store), mode="r+", zarr_format=3)
+    group = zarr.open_group(attempt.store.zarr_store(ZARR), mode="r+", zarr_format=3)
     name = array_name(split, tar)
     array = group.create_array(name, shape=tokens.shape, chunks=tokens.shape, dtype=tokens.dtype,
                                compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
@@ -206,7 +197,7 @@ def consolidate(attempt: Attempt) -> None:
 
     with warnings.catch_warnings():  # "not part of the v3 spec yet": we read it back with zarr-python only
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(_zarr_store(attempt.store), zarr_format=3)
+        zarr.consolidate_metadata(attempt.store.zarr_store(ZARR), zarr_format=3)
 
 
 # ---- the published cache ------------------------------------------------------------------------
@@ -282,9 +273,7 @@ class TokenCache:
         bad = []
         for rel, digest in tqdm(sorted(self.sha256.items()), desc="verify tokens", unit="file", disable=not progress):
             if self.local is self.cache:
-                from nextdetail.tasks.stage import file_sha256
-
-                if file_sha256(self.cache, rel) != digest:
+                if self.cache.sha256(rel) != digest:
                     bad.append(rel)
             else:
                 try:
@@ -322,7 +311,7 @@ class TokenCache:
         if codecs != ["bytes", "blosc"] or tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) != shape:
             import zarr  # not written by this version: let Zarr read it
 
-            return zarr.open_array(_zarr_store(self.local.sub(self.attempt), read_only=True), path=name, mode="r",
+            return zarr.open_array(self.local.zarr_store(f"{self.attempt}/{ZARR}", read_only=True), path=name, mode="r",
                                    zarr_format=3)[...]
         from numcodecs import blosc
 

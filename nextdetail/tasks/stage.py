@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -78,7 +77,7 @@ class Artifact:
 
     def verify(self, record: dict[str, Any]) -> list[str]:
         """Files of a complete artifact whose content no longer has its recorded sha256 (reads them all)."""
-        return [rel for rel, digest in record.get("sha256", {}).items() if file_sha256(self.store, rel) != digest]
+        return [rel for rel, digest in record.get("sha256", {}).items() if self.store.sha256(rel) != digest]
 
     def publish(self, summary: dict[str, Any], files: list[str] | dict[str, str], started: float) -> dict[str, Any]:
         """Write the completion marker last: from here on readers may use the artifact. `files` may map
@@ -105,25 +104,13 @@ class Artifact:
             raise RuntimeError(f"{self.stage}: refusing to publish, files missing: {missing}")
         if self.checksums:
             known = files if isinstance(files, dict) else {}
-            record["sha256"] = {rel: known.get(rel) or file_sha256(self.store, rel) for rel in files}
+            record["sha256"] = {rel: known.get(rel) or self.store.sha256(rel) for rel in files}
         data = canonical_json(record).encode()
         if self.exclusive:
             self.store.write_bytes_exclusive(self.marker, data)
         else:
             self.store.write_bytes(self.marker, data)
         return record
-
-
-def file_sha256(store: Store, rel: str) -> str | None:
-    """sha256 (hex) of a stored file, streamed; None if it is missing."""
-    digest = hashlib.sha256()
-    try:
-        with store.open(rel) as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    except FileNotFoundError:
-        return None
-    return digest.hexdigest()
 
 
 def _drop_cache_record(result_store: Any, key: str) -> None:

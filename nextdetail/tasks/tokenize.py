@@ -225,7 +225,7 @@ def write_preview(attempt: tokens.Attempt, job: TokenJob, inputs: TokenInputs, l
     from nextdetail.tasks.decompose import read_tar_images
 
     model = load_tokenizer(inputs, "cpu")
-    array = zarr.open_array(tokens._zarr_store(attempt.store), path=tokens.array_name(job.split, job.tar), mode="r")
+    array = zarr.open_array(attempt.store.zarr_store(tokens.ZARR), path=tokens.array_name(job.split, job.tar), mode="r")
     rows = torch.from_numpy(array[:n, 0].astype(np.int64))  # (n, L), variant "none"
     maps = [rows[:, m["offset"] : m["offset"] + m["length"]].view(-1, m["height"], m["width"]) for m in layout["maps"]]
     with torch.no_grad():
