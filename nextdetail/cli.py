@@ -89,11 +89,6 @@ def cmd_run(args: argparse.Namespace) -> None:
         _print_tokens(results["tokenize"])
 
 
-def cmd_decompose(args: argparse.Namespace) -> None:
-    args.until = "decompose"
-    cmd_run(args)
-
-
 def cmd_show_decomposition(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -125,21 +120,6 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
         print(path)
 
 
-def cmd_train_tokenizer(args: argparse.Namespace) -> None:
-    args.until = "train_tokenizer"
-    cmd_run(args)
-
-
-def cmd_tokenize(args: argparse.Namespace) -> None:
-    args.until = "tokenize"
-    cmd_run(args)
-
-
-def cmd_shard(args: argparse.Namespace) -> None:
-    args.until = "shard"
-    cmd_run(args)
-
-
 def cmd_data_embedded(args: argparse.Namespace) -> None:
     from nextdetail.storage.embedded import build_embedded
     from nextdetail.storage.fs import Store
@@ -168,32 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("shard", help="class folders / ImageNet / embedded → webdataset tars + Parquet manifest",
-                       description="Run the shard stage alone: tars, manifest.parquet and classes.json under "
-                                   "<storage.root>/shards/. Source: -o data.source=PATH|URL|embedded.")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_shard)
-
-    p = sub.add_parser("decompose", help="shard tars → base/detail factors (Ambrosio–Tortorelli) in Zarr",
-                       description="Run the stages up to decompose: B_1…B_n per image under "
-                                   "<storage.root>/decompose/ (settings: -o decompose.alpha=… etc.).")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_decompose)
-
-    p = sub.add_parser("train-tokenizer", help="shards + factors → a trained base-detail VQ-VAE (CART §3.2)",
-                       description="Run the stages up to train_tokenizer: tokenizer.pt, metrics, curves.png and "
-                                   "reconstructions.png under <storage.root>/tokenizer/. Resumes from its last "
-                                   "checkpoint when interrupted (settings: -o tokenizer.steps=… etc.).")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_train_tokenizer)
-
-    p = sub.add_parser("tokenize", help="shards + factors + tokenizer → the shared token cache (Zarr, by identity)",
-                       description="Run the stages up to tokenize: every image's token maps under "
-                                   "<tokens.cache or storage.root>/tokens/<identity>/. A complete cache with the "
-                                   "same identity there (e.g. a team bucket: -o tokens.cache=s3://bucket/prefix) "
-                                   "is verified and reused instead of encoding.")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_tokenize)
+    # One command per stage: the pipeline up to and including it (earlier stages are reused when done).
+    stage_commands = [
+        ("shard", "class folders / ImageNet / embedded → webdataset tars + Parquet manifest",
+         "Run the shard stage alone: tars, manifest.parquet and classes.json under <storage.root>/shards/. "
+         "Source: -o data.source=PATH|URL|embedded."),
+        ("decompose", "shard tars → base/detail factors (Ambrosio–Tortorelli) in Zarr",
+         "Run the stages up to decompose: B_1…B_n per image under <storage.root>/decompose/ "
+         "(settings: -o decompose.alpha=… etc.)."),
+        ("train_tokenizer", "shards + factors → a trained base-detail VQ-VAE (CART §3.2)",
+         "Run the stages up to train_tokenizer: tokenizer.pt, metrics, curves.png and reconstructions.png under "
+         "<storage.root>/tokenizer/. Resumes from its last checkpoint when interrupted "
+         "(settings: -o tokenizer.steps=… etc.)."),
+        ("tokenize", "shards + factors + tokenizer → the shared token cache (Zarr, by identity)",
+         "Run the stages up to tokenize: every image's token maps under "
+         "<tokens.cache or storage.root>/tokens/<identity>/. A complete cache with the same identity there "
+         "(e.g. a team bucket: -o tokens.cache=s3://bucket/prefix) is verified and reused instead of encoding."),
+    ]
+    for stage, help_text, description in stage_commands:
+        p = sub.add_parser(stage.replace("_", "-"), help=help_text, description=description)
+        _add_config_args(p)
+        p.set_defaults(func=cmd_run, until=stage)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")
     ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")
