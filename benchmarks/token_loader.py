@@ -49,7 +49,7 @@ def main() -> None:
 
     cfg = load_config("tiny", overrides=[f"storage.root={OUT / 'data'}", "tokenizer.steps=30",
                                          f"tokens.local_cache={OUT / 'mirror'}"])
-    results = run_pipeline(cfg, progress=False)
+    results = run_pipeline(cfg, until="tokenize", progress=False)
     tokens_result = results["tokenize"]
     cache = tokens_result.open()
     per_image = cache.tokens_per_image

@@ -70,6 +70,56 @@ def _print_tokens(result) -> None:
     print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
 
 
+def _print_ar(result) -> None:
+    from nextdetail.tasks.train_ar import summary_line
+
+    print(summary_line(result.summary))
+    print(f"  model:     {result.checkpoint_url}   (and best.pt: lowest held-out loss)")
+    print(f"  curves:    {result.url}/loss.png   {result.url}/metrics.csv")
+    print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
+
+
+def _print_sample(result) -> None:
+    from nextdetail.tasks.sample import summary_line
+
+    print(summary_line(result.summary))
+    print(f"  look at:   {result.url}/grid.png   (per class: a real photo, then its samples)")
+    if result.summary.get("upscale", 1) > 1:
+        print(f"             {result.url}/hires/grid.png   (×{result.summary['upscale']}: bilinear vs CART's "
+              "upscaled base + patch-wise detail)")
+    print(f"  samples:   {result.url}/samples.tar   (webdataset: png, cls)   {result.url}/images/")
+
+
+def _sample_overrides(args: argparse.Namespace) -> list[str]:
+    """`nextdetail sample`'s flags as sample.* overrides."""
+    out = []
+    for flag, key in (("classes", "classes"), ("n", "per_class"), ("cfg", "cfg"), ("top_k", "top_k"),
+                      ("top_p", "top_p"), ("seed", "seed"), ("upscale", "upscale"), ("device", "device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"sample.{key}={'[' + ','.join(map(str, value)) + ']' if isinstance(value, list) else value}")
+    return out
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    args.override = [*args.override, *_sample_overrides(args)]
+    if args.ckpt is None:  # the pipeline up to its sample stage
+        args.until = "sample"
+        return cmd_run(args)
+    from pathlib import Path
+
+    from nextdetail.storage.fs import Store
+    from nextdetail.tasks.sample import SampleInputs, run_sampling, summary_line
+
+    cfg = _load(args)
+    ckpt = args.ckpt if "://" in args.ckpt else str(Path(args.ckpt).resolve())
+    summary, _ = run_sampling(Store(args.out, cfg.storage.options), SampleInputs(ckpt, cfg.storage.options),
+                              cfg.sample, progress=not args.no_progress)
+    print(summary_line(summary))
+    print(f"  look at:   {summary['url']}/grid.png" + (f"   {summary['url']}/hires/grid.png" if cfg.sample.upscale > 1 else ""))
+    print(f"  samples:   {summary['url']}/samples.tar   {summary['url']}/images/")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from nextdetail.flows.pipeline import run_pipeline
 
@@ -87,6 +137,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         _print_tokenizer(results["train_tokenizer"])
     if "tokenize" in results:
         _print_tokens(results["tokenize"])
+    if "train_ar" in results:
+        _print_ar(results["train_ar"])
+    if "sample" in results:
+        _print_sample(results["sample"])
 
 
 def cmd_show_decomposition(args: argparse.Namespace) -> None:
@@ -164,11 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
          "Run the stages up to tokenize: every image's token maps under "
          "<tokens.cache or storage.root>/tokens/<identity>/. A complete cache with the same identity there "
          "(e.g. a team bucket: -o tokens.cache=s3://bucket/prefix) is verified and reused instead of encoding."),
+        ("train_ar", "token cache → the next-detail transformer (CART §3.3)",
+         "Run the stages up to train_ar: transformer.pt, best.pt, metrics.csv and loss.png under "
+         "<storage.root>/ar/. Resumes from its last checkpoint; -o ar.nproc=N trains N processes with torchrun."),
     ]
     for stage, help_text, description in stage_commands:
         p = sub.add_parser(stage.replace("_", "-"), help=help_text, description=description)
         _add_config_args(p)
         p.set_defaults(func=cmd_run, until=stage)
+
+    p = sub.add_parser("sample", help="class-conditional samples with CFG: PNGs, grids, a webdataset tar",
+                       description="Without --ckpt: run the pipeline up to its sample stage (outputs under "
+                                   "<storage.root>/samples/). With --ckpt: sample that transformer.pt/best.pt into --out.")
+    p.add_argument("--ckpt", default=None, metavar="PATH", help="a transformer.pt or best.pt of train-ar")
+    p.add_argument("--out", default="nextdetail-samples", help="with --ckpt: output directory (default: %(default)s)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, metavar="C", help="class indices (default: all)")
+    p.add_argument("--n", type=int, default=None, help="samples per class")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance at the last map")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--upscale", type=int, default=None, help="also ×N by upscaled base + patch-wise detail; 1: off")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")
     ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")

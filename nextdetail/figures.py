@@ -99,3 +99,83 @@ def training_curves(metrics: list[dict[str, Any]], keys: tuple[str, ...] = ("los
     plt.close(fig)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
+
+
+def ar_curves(metrics: list[dict[str, Any]], uniform_loss: float) -> Image.Image:
+    """The transformer's training: cross-entropy (per step, a running mean, held-out points, the uniform
+    baseline log V) and token accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([m["step"] for m in metrics])
+    loss = np.array([m["loss"] for m in metrics])
+    acc = np.array([m["acc"] for m in metrics])
+    window = max(1, len(metrics) // 50)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid") if len(loss) else loss
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    ax.plot(steps, loss, color="0.75", linewidth=0.6, label="train (per step)")
+    ax.plot(steps[window - 1:], smooth, color="C0", linewidth=1.2, label=f"train (mean of {window})")
+    val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", color="C3", markersize=3, label="held out")
+    ax.axhline(uniform_loss, color="k", linestyle="--", linewidth=0.8, label="uniform (log V)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    bx.plot(steps, acc, color="C0", linewidth=0.8)
+    bx.set_xlabel("step")
+    bx.set_ylabel("token accuracy")
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def _tile(img: np.ndarray, side: int) -> Image.Image:
+    return Image.fromarray(img).resize((side, side), Image.NEAREST if img.shape[0] < side else Image.BILINEAR)
+
+
+def class_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray]], side: int | None = None) -> Image.Image:
+    """One row per class: its name, a real photo of it (framed, when given), then its samples (N, H, W, 3)."""
+    side = side or max(64, rows[0][2].shape[1])
+    pad, name_w, gap = 3, 120, 8
+    n = max(len(samples) for _, _, samples in rows)
+    width = name_w + side + gap + n * (side + pad) + pad
+    grid = Image.new("RGB", (width, len(rows) * (side + pad) + pad + 14), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((name_w, 1), "real", fill="black")
+    draw.text((name_w + side + gap, 1), "samples", fill="black")
+    for r, (name, reference, samples) in enumerate(rows):
+        y = 14 + pad + r * (side + pad)
+        draw.text((2, y + side // 2 - 6), name[:18], fill="black")
+        if reference is not None:
+            draw.rectangle((name_w - 2, y - 2, name_w + side + 1, y + side + 1), outline=(200, 40, 40), width=2)
+            grid.paste(_tile(reference, side), (name_w, y))
+        for i, img in enumerate(samples):
+            grid.paste(_tile(img, side), (name_w + side + gap + i * (side + pad), y))
+    return grid
+
+
+def pair_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], titles: tuple[str, str]) -> Image.Image:
+    """Per class, images of two methods side by side (CART's Figure 6): [a₁ b₁ a₂ b₂ …] at full size."""
+    side = max(128, rows[0][1].shape[1])  # small images enlarged (nearest) to be seen
+    pad, name_w = 3, 120
+    n = max(len(a) for _, a, _ in rows)
+    grid = Image.new("RGB", (name_w + 2 * n * (side + pad) + pad, len(rows) * (side + pad) + pad + 14), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        draw.text((name_w + 2 * i * (side + pad), 1), titles[0], fill="black")
+        draw.text((name_w + (2 * i + 1) * (side + pad), 1), titles[1], fill="black")
+    for r, (name, a, b) in enumerate(rows):
+        y = 14 + pad + r * (side + pad)
+        draw.text((2, y + side // 2 - 6), name[:18], fill="black")
+        for i in range(len(a)):
+            grid.paste(_tile(a[i], side), (name_w + 2 * i * (side + pad), y))
+            grid.paste(_tile(b[i], side), (name_w + (2 * i + 1) * (side + pad), y))
+    return grid

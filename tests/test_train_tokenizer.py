@@ -34,7 +34,8 @@ def upstream(tmp_path_factory, embedded_source):
 
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream, embedded_source):
     from nextdetail.flows.train_tokenizer import train_data
-    from nextdetail.tasks.train_tokenizer import latest_checkpoint, load_checkpoint, train
+    from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint
+    from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
     cfg = make_config(root, embedded_source, *FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")

@@ -220,15 +220,80 @@ class TokensConfig(_Section):
 
 
 class ARConfig(_Section):
-    """The next-detail transformer (CART §3.3), VAR's recipe: width 64·depth, heads = depth."""
+    """The `train_ar` stage: the next-detail transformer (CART §3.3) on the token cache, VAR's recipe."""
 
+    # The model: width 64·depth and heads = depth unless set (VAR).
     depth: int = Field(default=16, ge=1)
-    class_dropout: float = Field(default=0.1, ge=0, le=1)
-    lr: float = Field(default=1e-4, gt=0)
+    width: int | None = Field(default=None, ge=8, description="None: 64 · depth (VAR)")
+    heads: int | None = Field(default=None, ge=1, description="None: depth (VAR)")
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    drop_path: float | None = Field(default=None, ge=0, lt=1, description="None: 0.1 · depth / 24 (VAR)")
+    attn_l2_norm: bool = True
+    class_dropout: float = Field(default=0.1, ge=0, le=1, description="labels dropped for classifier-free guidance")
+    # The optimisation: AdamW, lr = base_lr · batch_size / base_batch (VAR: 1e-4 per 256), linear warm-up
+    # from warmup_start · lr, then decay to min_lr_ratio · lr.
+    steps: int = Field(default=200_000, ge=1)
+    batch_size: int = Field(default=768, ge=1, description="global batch, split over the processes")
+    base_lr: float = Field(default=1e-4, gt=0)
+    base_batch: int = Field(default=256, ge=1)
+    warmup_steps: int = Field(default=2000, ge=0)
+    warmup_start: float = Field(default=0.005, ge=0, le=1)
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = Field(default=0.01, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.05, ge=0)
+    grad_clip: float = Field(default=2.0, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    loss_weighting: Literal["token", "map"] = Field(
+        default="token", description="token: every token counts the same (VAR); map: every token map counts the "
+        "same (the few coarse tokens that fix an image's layout and colours weigh as much as a detail map)")
+    split: str = "train"
+    val_split: str | None = Field(default="val", description="held-out split for the best checkpoint; None: none")
+    val_batches: int = Field(default=4, ge=1)
+    seed: int = 0
+    # How the work runs, not what it computes: excluded from the cache identity.
+    device: Literal["cpu", "cuda"] = "cpu"
+    nproc: int | None = Field(default=1, ge=1, description="processes (torchrun); None: one per visible GPU")
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
+    loader_workers: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    log_every: int = Field(default=100, ge=1)
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "log_every"})
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / self.base_batch
+
+    def identity_settings(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
-STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer", "tokenize")
-"""Stages in pipeline order. Later issues append train_ar, sample, evaluate."""
+class SampleConfig(_Section):
+    """The `sample` stage: class-conditional samples of the trained transformer, with CFG."""
+
+    classes: list[int] | None = Field(default=None, description="class indices; None: every class")
+    per_class: int = Field(default=8, ge=1)
+    cfg: float = Field(default=1.5, ge=0, description="guidance at the last map (VAR's ramp from 0)")
+    top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
+    top_p: float = Field(default=0.0, ge=0, le=1, description="0: no nucleus cut")
+    seed: int = 0
+    upscale: int = Field(default=2, ge=1, le=8, description="also generate at this many times the trained size "
+                         "(CART §4.2.1: upscaled base + patch-wise detail; 1: off)")
+    checkpoint: Literal["last", "best"] = "last"
+    # How the work runs: excluded from the cache identity.
+    batch_size: int = Field(default=32, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+
+    def identity_settings(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+
+STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "sample")
+"""Stages in pipeline order. Later issues append evaluate."""
 
 
 class PipelineConfig(_Section):
@@ -241,6 +306,7 @@ class PipelineConfig(_Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokens: TokensConfig = Field(default_factory=TokensConfig)
     ar: ARConfig = Field(default_factory=ARConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
 
     @model_validator(mode="after")
     def _check_cross(self) -> PipelineConfig:

@@ -210,11 +210,13 @@ class NextDetailTransformer(nn.Module):
 
     @torch.no_grad()
     def sample(self, label_B: Tensor, next_input: Callable[[int, Tensor], Tensor], cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
-               generator: torch.Generator | None = None, use_cache: bool = True) -> list[Tensor]:
+               generator: torch.Generator | None = None, use_cache: bool = True,
+               given: list[Tensor] | None = None) -> list[Tensor]:
         """Class-conditional sampling, map by map, with classifier-free guidance ramped over the maps
         as VAR does (t_k = cfg · k / (M − 1)). `next_input(k, idx_Bhw)` adds map k's tokens to the
         reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, Cvae) (the tokenizer's
-        `next_inputs` step). Returns the M token maps (B, h_k, w_k)."""
+        `next_inputs` step). `given`: the first maps are these tokens, not sampled (a fixed prefix,
+        e.g. the base maps when only the details are generated). Returns the M token maps (B, h_k, w_k)."""
         B, M = label_B.shape[0], len(self.cfg.sides)
         labels = torch.cat((label_B, torch.full_like(label_B, self.cfg.num_classes)))  # (2B,): cond, uncond
         x, cond_BD = self.embed(labels, None)  # map 1's input: (2B, first_l, C)
@@ -229,10 +231,15 @@ class NextDetailTransformer(nn.Module):
                 else:
                     inputs.append(x)
                     x_k = torch.cat(inputs, dim=1)
-                logits = self._map_logits(k, x_k, cond_BD, use_cache)  # (2B, l_k, V)
-                t = cfg * k / max(M - 1, 1)
-                guided = (1 + t) * logits[:B] - t * logits[B:]  # (B, l_k, V)
-                idx = sample_top_k_top_p(guided, top_k, top_p, generator).view(B, side, side)
+                if given is not None and k < len(given):
+                    if use_cache:  # the prefix's keys/values still enter the cache
+                        self._map_logits(k, x_k, cond_BD, use_cache)
+                    idx = given[k].view(B, side, side)
+                else:
+                    logits = self._map_logits(k, x_k, cond_BD, use_cache)  # (2B, l_k, V)
+                    t = cfg * k / max(M - 1, 1)
+                    guided = (1 + t) * logits[:B] - t * logits[B:]  # (B, l_k, V)
+                    idx = sample_top_k_top_p(guided, top_k, top_p, generator).view(B, side, side)
                 out.append(idx)
                 if k + 1 < M:
                     nb, ned = self.begin_ends[k + 1]

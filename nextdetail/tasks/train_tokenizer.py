@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from nextdetail.conf.schema import TokenizerConfig
 from nextdetail.errors import UserError
 from nextdetail.storage import factors
+from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
 CODE = ("nextdetail.tasks.train_tokenizer", "nextdetail.models.tokenizer", "nextdetail.models.quant",
         "nextdetail.models.vae", "nextdetail.models.lpips", "nextdetail.models.discriminator")
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass(frozen=True)
@@ -165,32 +165,6 @@ class FactorBatches:
             return x, None
         b = torch.from_numpy(np.stack(bases, axis=1)).mul_(2).sub_(1)  # (n, B, 3, H, W) in [-1, 1]
         return x, b
-
-
-# ---- checkpoints ------------------------------------------------------------------------------
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{CHECKPOINTS}/step-{step:08d}.pt"
-
-
-def latest_checkpoint(store: Store) -> str | None:
-    names = sorted(n for n in store.listdir(CHECKPOINTS) if n.startswith("step-") and n.endswith(".pt"))
-    return f"{CHECKPOINTS}/{names[-1]}" if names else None
-
-
-def save_checkpoint(store: Store, step: int, state: dict[str, Any], keep: int = 2) -> None:
-    """Atomic (temp + rename / one PUT): a reader never sees half a checkpoint. Keeps the newest `keep`."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    store.write_bytes(checkpoint_name(step), buf.getvalue())
-    names = sorted(n for n in store.listdir(CHECKPOINTS) if n.startswith("step-") and n.endswith(".pt"))
-    for old in names[:-keep]:
-        store.remove(f"{CHECKPOINTS}/{old}")
-
-
-def load_checkpoint(store: Store, rel: str) -> dict[str, Any]:
-    return torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu", weights_only=False)
 
 
 # ---- training ---------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""The `sample` flow: class-conditional samples of the trained transformer (a cached stage), with a real
+photo of each class beside its samples."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.flows.shard import ShardResult
+from nextdetail.flows.tokenize import TokensResult
+from nextdetail.flows.train_ar import ARResult
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import stable_hash
+from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage, summary_line
+
+
+@dataclass
+class SampleResult:
+    url: str  # grid.png, grids/, images/, samples.tar, hires/, summary.json
+    identity: str
+    summary: dict[str, Any]
+    work: str = "ran"
+    seconds: float = 0.0
+
+
+def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult) -> tuple[tuple[int, bytes], ...]:
+    """One real image per class (the first held-out one, else the first training one), PNG-encoded."""
+    from PIL import Image
+
+    from nextdetail.figures import png_bytes
+    from nextdetail.tasks.decompose import read_tar_images
+
+    rows = tokens.open().index().select(["key", "split", "shard", "class_index"]).to_pylist()
+    rows.sort(key=lambda r: (r["split"] != "val", r["key"]))
+    first: dict[int, dict] = {}
+    for r in rows:
+        first.setdefault(r["class_index"], r)
+    store = Store(shards.url, cfg.storage.options)
+    out = []
+    for c, r in sorted(first.items()):
+        image = read_tar_images(store, r["shard"], (r["key"],), cfg.shard.image_format)[0]
+        out.append((c, png_bytes(Image.fromarray(image))))
+    return tuple(out)
+
+
+@flow(name="sample", log_prints=False, validate_parameters=False)
+def sample_flow(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult, ar: ARResult,
+                progress: bool = True) -> SampleResult:
+    t0 = time.time()
+    log = get_run_logger()
+    name = "transformer.pt" if cfg.sample.checkpoint == "last" else "best.pt"
+    inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens))
+    dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
+    out = Store(cfg.storage.root, cfg.storage.options).sub(
+        "samples", dataset_dir, ar_dir, f"{cfg.sample.checkpoint}-{stable_hash(cfg.sample.identity_settings())[:12]}")
+    artifact = plan_samples(out, ar.identity, cfg.sample)
+    fut = sample_stage.submit(artifact, inputs, cfg.sample, progress)
+    record = fut.result()
+    work = "cached" if fut.state.name == "Cached" else record["work"]
+    result = SampleResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
+    log.info(summary_line(result.summary) + f" → {result.url}/grid.png")
+    return result
+
+
+def run_sample(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult, ar: ARResult,
+               progress: bool = True) -> SampleResult:
+    return sample_flow(cfg, shards, tokens, ar, progress=progress)

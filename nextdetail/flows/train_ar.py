@@ -1,0 +1,74 @@
+"""The `train_ar` flow: one cached training task on a published token cache.
+
+Training runs in the flow's process (all cores to torch, or the GPU), or as `ar.nproc` torchrun
+processes that the task launches and supervises; never on the Dask cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.flows.shard import ShardResult
+from nextdetail.flows.tokenize import TokensResult
+from nextdetail.flows.train_tokenizer import TokenizerResult
+from nextdetail.storage.fs import Store
+from nextdetail.tasks.train_ar import (
+    ARData,
+    plan_ar,
+    settings_dir_name,
+    summary_line,
+    train_ar,
+    transformer_config,
+)
+
+
+@dataclass
+class ARResult:
+    url: str  # transformer.pt, best.pt, metrics.csv, loss.png, summary.json, checkpoints/
+    identity: str
+    summary: dict[str, Any]
+    work: str = "ran"  # ran | cached | reused
+    seconds: float = 0.0
+
+    @property
+    def checkpoint_url(self) -> str:
+        return f"{self.url}/transformer.pt"
+
+
+def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult) -> ARData:
+    classes = json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"]
+    sha = tokens.open().record["lineage"]["upstream"]["tokenizer_sha256"]  # the weights the cache was encoded with
+    return ARData(tokens.url, tokens.options, tokens.local_cache, tokens.identity, tokenizer.checkpoint_url, sha,
+                  cfg.storage.options, tuple(classes))
+
+
+@flow(name="train_ar", log_prints=False, validate_parameters=False)
+def train_ar_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
+                  progress: bool = True) -> ARResult:
+    t0 = time.time()
+    log = get_run_logger()
+    data = ar_data(cfg, shards, tokenizer, tokens)
+    layout = tokens.open().layout
+    tcfg = transformer_config(cfg.ar, layout, len(data.classes), cfg.tokenizer.z_channels)
+    dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
+    out = Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir, settings_dir_name(cfg.ar, tcfg))
+    artifact = plan_ar(out, data, cfg.ar, tcfg)
+    log.info("train_ar: depth %d, width %d, %d classes, %d steps of %d images → %s", tcfg.depth, tcfg.C,
+             tcfg.num_classes, cfg.ar.steps, cfg.ar.batch_size, out.url())
+    fut = train_ar.submit(artifact, data, cfg.ar, progress)
+    record = fut.result()
+    work = "cached" if fut.state.name == "Cached" else record["work"]
+    result = ARResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
+    log.info(summary_line(result.summary))
+    return result
+
+
+def run_train_ar(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
+                 progress: bool = True) -> ARResult:
+    return train_ar_flow(cfg, shards, tokenizer, tokens, progress=progress)

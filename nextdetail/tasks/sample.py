@@ -1,0 +1,217 @@
+"""The `sample` stage (and `nextdetail sample --ckpt …`): a trained transformer → class-conditional
+samples people can look at and the evaluation can read.
+
+Data flow (all in this file; the sampling itself in `models/sampler.py`):
+  transformer.pt (or best.pt) + the tokenizer.pt it names (sha256 checked)
+  ─▶ `generate`: per class `per_class` samples in batches; CFG ramped over the maps (VAR), top-k/top-p;
+     one torch.Generator seeded `seed` per class, so a class's samples do not depend on which other
+     classes were asked for
+  ─▶ images/<class index>-<class>/<i>.png, grids/<class index>-<class>.png (a real photo of the class
+     first, then its samples), grid.png (every class, one row each), samples.tar (webdataset: png, cls)
+  ─▶ with upscale = f > 1: hires/grid.png — per class, the bilinear ×f baseline beside CART's
+     upscaled base + patch-wise detail (§4.2.1), and hires/images/…
+  ─▶ summary.json (images/s, forward passes per image, settings), _COMPLETE.json
+
+Identity: hash(sample settings but batch size/device, the train_ar identity, which checkpoint, code).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from nextdetail.conf.schema import SampleConfig
+from nextdetail.errors import UserError
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
+from nextdetail.tasks.stage import Artifact, stage_task
+
+CODE = ("nextdetail.tasks.sample", "nextdetail.models.sampler", "nextdetail.models.transformer",
+        "nextdetail.models.quant")
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    checkpoint_url: str  # transformer.pt or best.pt of a train_ar run
+    options: dict
+    references: tuple[tuple[int, bytes], ...] = ()  # (class index, a real image PNG/JPEG of it) for the grids
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return "SampleInputs", self.checkpoint_url
+
+
+def load_models(checkpoint_url: str, options: dict, device: str) -> tuple[Any, dict]:
+    """(CARTSampler on `device`, the checkpoint's record). The tokenizer comes from the record's url and
+    must still have the recorded sha256."""
+    from nextdetail.models.sampler import CARTSampler
+    from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.tasks.train_ar import load_transformer
+
+    parent, name = checkpoint_url.rstrip("/").rsplit("/", 1)
+    store = Store(parent, options)
+    if not store.exists(name):
+        raise UserError(f"{checkpoint_url}: no such checkpoint; pass a transformer.pt or best.pt of "
+                        "`nextdetail train-ar` (under <storage.root>/ar/)")
+    transformer, record = load_transformer(store.read_bytes(name))
+    tok_url, tok_sha = record["tokenizer"]["url"], record["tokenizer"]["sha256"]
+    tok_parent, tok_name = tok_url.rsplit("/", 1)
+    tok_store = Store(tok_parent, options)
+    if not tok_store.exists(tok_name):
+        raise UserError(f"{checkpoint_url} was trained on the tokens of {tok_url}, which is gone; re-run "
+                        "`nextdetail train-tokenizer` with the same settings")
+    data = tok_store.read_bytes(tok_name)
+    if bytes_sha256(data) != tok_sha:
+        raise UserError(f"{tok_url} is not the tokenizer {checkpoint_url} was trained with (sha256 differs)")
+    tokenizer = BaseDetailVQVAE.from_checkpoint(data)
+    return CARTSampler(transformer.to(device), tokenizer.to(device)), record
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
+             log: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+    """Samples per class: {"images": {c: (n, H, W, 3) uint8}, "hires": {c: (…, fH, fW, 3)}, "bilinear": …,
+    "seconds": trained-size sampling time, "hires_seconds"}."""
+    from tqdm import tqdm
+
+    from nextdetail.models.sampler import bilinear_upscale
+
+    images: dict[int, np.ndarray] = {}
+    hires: dict[int, np.ndarray] = {}
+    bilinear: dict[int, np.ndarray] = {}
+    seconds = hires_seconds = 0.0
+    for c in tqdm(classes, desc="sample", unit="class", disable=not progress, leave=False):
+        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + c)
+        chunks, hchunks, bchunks = [], [], []
+        for start in range(0, cfg.per_class, cfg.batch_size):
+            n = min(cfg.batch_size, cfg.per_class - start)
+            labels = torch.full((n,), c, dtype=torch.long, device=device)
+            t0 = time.perf_counter()
+            out = sampler.sample(labels, cfg.cfg, cfg.top_k, cfg.top_p, g)
+            seconds += time.perf_counter() - t0
+            chunks.append(to_uint8(out.images))
+            if cfg.upscale > 1:
+                t0 = time.perf_counter()
+                hchunks.append(to_uint8(sampler.upscale(labels, out.maps, cfg.upscale, cfg.cfg, cfg.top_k, cfg.top_p, g)))
+                hires_seconds += time.perf_counter() - t0
+                bchunks.append(to_uint8(bilinear_upscale(out.images, cfg.upscale)))
+        images[c] = np.concatenate(chunks)
+        if hchunks:
+            hires[c], bilinear[c] = np.concatenate(hchunks), np.concatenate(bchunks)
+    return {"images": images, "hires": hires, "bilinear": bilinear, "seconds": seconds, "hires_seconds": hires_seconds}
+
+
+def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], references: dict[int, np.ndarray],
+                  upscale: int) -> list[str]:
+    """PNGs, grids, the webdataset tar; returns the files written (relative to `store`)."""
+    from nextdetail.figures import class_grid, pair_grid, png_bytes
+    from nextdetail.storage.shards import ShardTarWriter
+
+    files: list[str] = []
+
+    def put(rel: str, data: bytes) -> None:
+        store.write_bytes(rel, data)
+        files.append(rel)
+
+    def png(a: np.ndarray) -> bytes:
+        from PIL import Image
+
+        return png_bytes(Image.fromarray(a))
+
+    tar = io.BytesIO()
+    writer = ShardTarWriter(tar)
+    rows = []
+    for c, imgs in result["images"].items():
+        stem = f"{c:04d}-{class_names[c]}"
+        for i, a in enumerate(imgs):
+            data = png(a)
+            put(f"images/{stem}/{i:04d}.png", data)
+            writer.write({"__key__": f"{stem}-{i:04d}", "png": data, "cls": str(c)})
+        row = (class_names[c], references.get(c), imgs)
+        rows.append(row)
+        put(f"grids/{stem}.png", png_bytes(class_grid([row])))
+    writer.close()
+    put("samples.tar", tar.getvalue())
+    put("grid.png", png_bytes(class_grid(rows)))
+    if result["hires"]:
+        pairs = []
+        for c, imgs in result["hires"].items():
+            stem = f"{c:04d}-{class_names[c]}"
+            for i, a in enumerate(imgs):
+                put(f"hires/images/{stem}/{i:04d}.png", png(a))
+            pairs.append((class_names[c], result["bilinear"][c][:2], imgs[:2]))
+        put("hires/grid.png", png_bytes(pair_grid(pairs, (f"bilinear ×{upscale}", f"CART ×{upscale}"))))
+    return files
+
+
+def decode_references(references: tuple[tuple[int, bytes], ...]) -> dict[int, np.ndarray]:
+    from PIL import Image
+
+    out = {}
+    for c, data in references:
+        with Image.open(io.BytesIO(data)) as im:
+            out[c] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Callable[[str], None] = print,
+                 progress: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Sample, write everything under `store`; returns (summary, files)."""
+    device = cfg.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("sample.device=cuda but no CUDA device is visible; use -o sample.device=cpu")
+    sampler, record = load_models(inputs.checkpoint_url, inputs.options, device)
+    class_names = record["classes"]
+    classes = cfg.classes if cfg.classes is not None else list(range(len(class_names)))
+    bad = [c for c in classes if not 0 <= c < len(class_names)]
+    if bad:
+        raise UserError(f"classes {bad} are not in 0…{len(class_names) - 1} (this model's classes: "
+                        f"{', '.join(class_names[:5])}…)")
+    log(f"sample: {len(classes)} classes × {cfg.per_class}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
+        f"seed {cfg.seed}" + (f", and ×{cfg.upscale} by patch-wise detail" if cfg.upscale > 1 else ""))
+    result = generate(sampler, classes, cfg, device, log, progress)
+    files = write_outputs(store, result, class_names, decode_references(inputs.references), cfg.upscale)
+    n = len(classes) * cfg.per_class
+    summary = {
+        "images": n, "classes": len(classes), "per_class": cfg.per_class, "cfg": cfg.cfg, "top_k": cfg.top_k,
+        "top_p": cfg.top_p, "seed": cfg.seed, "upscale": cfg.upscale,
+        "images_per_s": round(n / max(result["seconds"], 1e-9), 2),
+        "forward_passes_per_image": sampler.forward_passes,
+        "hires_images_per_s": round(n / result["hires_seconds"], 2) if result["hires_seconds"] else None,
+        "checkpoint": inputs.checkpoint_url, "checkpoint_step": record["step"], "url": store.url(),
+    }
+    store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    return summary, [*files, "summary.json"]
+
+
+@stage_task(name="sample", retries=1)
+def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, progress: bool = False) -> tuple[dict, list[str]]:
+    from prefect import get_run_logger
+
+    return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
+
+
+def plan_samples(store: Store, ar_identity: str, cfg: SampleConfig) -> Artifact:
+    code = code_version(*CODE)
+    settings = cfg.identity_settings()
+    identity = stable_hash({"stage": "sample", "settings": settings, "train_ar": ar_identity, "code": code})
+    lineage = {"code": code, "settings": settings, "upstream": {"train_ar": ar_identity}}
+    return Artifact("sample", identity, store, "_COMPLETE.json", lineage=lineage)
+
+
+def summary_line(summary: dict) -> str:
+    hires = (f"; ×{summary['upscale']} patch-wise {summary['hires_images_per_s']} images/s"
+             if summary.get("hires_images_per_s") else "")
+    return (f"sample: {summary['images']} images ({summary['classes']} classes × {summary['per_class']}), cfg "
+            f"{summary['cfg']}, {summary['images_per_s']} images/s, {summary['forward_passes_per_image']} forward "
+            f"passes per image{hires}")
