@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decompose.py
 	$(BIN)/python benchmarks/tokenizer_recon.py
 	$(BIN)/python benchmarks/token_loader.py
+	$(BIN)/python benchmarks/ar.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail

@@ -150,7 +150,7 @@ def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], 
             for i, a in enumerate(imgs):
                 put(f"hires/images/{stem}/{i:04d}.png", png(a))
             pairs.append((class_names[c], result["bilinear"][c][:2], imgs[:2]))
-        put("hires/grid.png", png_bytes(pair_grid(pairs, (f"bilinear ×{upscale}", f"CART ×{upscale}"))))
+        put("hires/grid.png", png_bytes(pair_grid(pairs, (f"bilinear x{upscale}", f"CART x{upscale}"))))
     return files
 
 
