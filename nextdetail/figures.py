@@ -76,6 +76,18 @@ def reconstruction_grid(images: Any, recons: Any) -> Image.Image:
     return grid
 
 
+def figure_image(fig: Any) -> Image.Image:
+    """A finished matplotlib figure as an RGB image (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def training_curves(metrics: list[dict[str, Any]], keys: tuple[str, ...] = ("loss", "rec", "vq", "lpips", "gan_g")) -> Image.Image:
     """Loss curves over steps (log scale), one line per metric present: a PNG people look at."""
     import matplotlib
@@ -93,12 +105,7 @@ def training_curves(metrics: list[dict[str, Any]], keys: tuple[str, ...] = ("los
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 def ar_curves(metrics: list[dict[str, Any]], uniform_loss: float) -> Image.Image:
@@ -129,12 +136,7 @@ def ar_curves(metrics: list[dict[str, Any]], uniform_loss: float) -> Image.Image
     bx.set_xlabel("step")
     bx.set_ylabel("token accuracy")
     bx.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return figure_image(fig)
 
 
 def _tile(img: np.ndarray, side: int) -> Image.Image:
