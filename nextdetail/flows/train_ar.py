@@ -41,9 +41,11 @@ class ARResult:
         return f"{self.url}/transformer.pt"
 
 
-def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult) -> ARData:
+def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
+            cache: Any = None) -> ARData:
     classes = json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"]
-    sha = tokens.open().record["lineage"]["upstream"]["tokenizer_sha256"]  # the weights the cache was encoded with
+    cache = cache or tokens.open()
+    sha = cache.record["lineage"]["upstream"]["tokenizer_sha256"]  # the weights the cache was encoded with
     return ARData(tokens.url, tokens.options, tokens.local_cache, tokens.identity, tokenizer.checkpoint_url, sha,
                   cfg.storage.options, tuple(classes))
 
@@ -53,8 +55,9 @@ def train_ar_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: Tokenizer
                   progress: bool = True) -> ARResult:
     t0 = time.time()
     log = get_run_logger()
-    data = ar_data(cfg, shards, tokenizer, tokens)
-    layout = tokens.open().layout
+    cache = tokens.open()
+    data = ar_data(cfg, shards, tokenizer, tokens, cache)
+    layout = cache.layout
     tcfg = transformer_config(cfg.ar, layout, len(data.classes), cfg.tokenizer.z_channels)
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
     out = Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir, settings_dir_name(cfg.ar, tcfg))

@@ -79,7 +79,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
-             log: Callable[[str], None] = print, progress: bool = False) -> dict[str, Any]:
+             progress: bool = False) -> dict[str, Any]:
     """Samples per class: {"images": {c: (n, H, W, 3) uint8}, "hires": {c: (…, fH, fW, 3)}, "bilinear": …,
     "seconds": trained-size sampling time, "hires_seconds"}."""
     from tqdm import tqdm
@@ -179,7 +179,7 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
                         f"{', '.join(class_names[:5])}…)")
     log(f"sample: {len(classes)} classes × {cfg.per_class}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
         f"seed {cfg.seed}" + (f", and ×{cfg.upscale} by patch-wise detail" if cfg.upscale > 1 else ""))
-    result = generate(sampler, classes, cfg, device, log, progress)
+    result = generate(sampler, classes, cfg, device, progress)
     files = write_outputs(store, result, class_names, decode_references(inputs.references), cfg.upscale)
     n = len(classes) * cfg.per_class
     summary = {
