@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench ablation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenizer_recon.py
 	$(BIN)/python benchmarks/token_loader.py
 	$(BIN)/python benchmarks/ar.py
+
+ablation: $(STAMP)  # CART Table 4 at small scale: five tiny pipelines, ≈ 40 min on 2 CPU cores
+	$(BIN)/python benchmarks/order_ablation.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail

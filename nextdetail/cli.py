@@ -90,6 +90,17 @@ def _print_sample(result) -> None:
     print(f"  samples:   {result.url}/samples.tar   (webdataset: png, cls)   {result.url}/images/")
 
 
+def _print_eval(result) -> None:
+    from nextdetail.tasks.evaluate import summary_line
+
+    print(summary_line(result.summary))
+    print(f"  report:    {result.report_url}   (what was evaluated, the numbers, the pictures)")
+    print(f"  numbers:   {result.url}/metrics.json   pictures: {result.url}/grid.png"
+          + (f"  {result.url}/curves.png" if result.summary.get("checkpoints", 1) > 1 else ""))
+    ref = result.reference or {}
+    print(f"  reference: {ref.get('url')}   ({ref.get('work')}; identity {str(ref.get('identity'))[:16]})")
+
+
 def _sample_overrides(args: argparse.Namespace) -> list[str]:
     """`nextdetail sample`'s flags as sample.* overrides."""
     out = []
@@ -120,6 +131,30 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"  samples:   {summary['url']}/samples.tar   {summary['url']}/images/")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    for flag, key in (("reference", "reference"), ("n", "samples_per_class"), ("extractor", "extractor"),
+                      ("checkpoints", "checkpoints"), ("seed", "seed"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            args.override = [*args.override, f"eval.{key}={getattr(args, flag)}"]
+    if not args.ckpt:  # the pipeline up to its evaluate stage
+        args.until = "evaluate"
+        return cmd_run(args)
+    from pathlib import Path
+
+    from nextdetail.flows.evaluate import evaluate_files
+
+    cfg = _load(args)
+    shards = None
+    reference = cfg.eval.reference
+    if "/" not in reference and not reference.endswith(".npz"):  # a split of the configured dataset
+        from nextdetail.flows.pipeline import run_pipeline
+
+        shards = run_pipeline(cfg, until="shard", progress=not args.no_progress)["shard"]
+    ckpts = [c if "://" in c else str(Path(c).resolve()) for c in args.ckpt]
+    out = args.out if "://" in args.out else str(Path(args.out).resolve())
+    _print_eval(evaluate_files(cfg, ckpts, out, shards, progress=not args.no_progress))
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from nextdetail.flows.pipeline import run_pipeline
 
@@ -141,6 +176,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         _print_ar(results["train_ar"])
     if "sample" in results:
         _print_sample(results["sample"])
+    if "evaluate" in results:
+        _print_eval(results["evaluate"])
 
 
 def cmd_show_decomposition(args: argparse.Namespace) -> None:
@@ -242,6 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="FID / IS / KID / precision-recall (torch-fidelity), rFID, a report",
+                       description="Without --ckpt: run the pipeline up to its evaluate stage (outputs under "
+                                   "<storage.root>/eval/). With --ckpt: evaluate those transformer.pt/best.pt files into "
+                                   "--out. Reference statistics are cached by content under <eval.reference_cache or "
+                                   "storage.root>/refstats/.")
+    p.add_argument("--ckpt", action="append", default=None, metavar="PATH",
+                   help="a transformer.pt or best.pt of train-ar (repeat for several)")
+    p.add_argument("--out", default="nextdetail-eval", help="with --ckpt: output directory (default: %(default)s)")
+    p.add_argument("--reference", default=None, help="a split name (train, val) or a folder of images / an .npz batch")
+    p.add_argument("--n", type=int, default=None, help="generated images per class")
+    p.add_argument("--extractor", default=None, choices=["inception-v3-compat", "nextdetail-randconv-v1"])
+    p.add_argument("--checkpoints", default=None, choices=["last", "best", "all"])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")
     ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")

@@ -181,3 +181,30 @@ def pair_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], titles: tuple[str,
             grid.paste(_tile(a[i], side), (name_w + 2 * i * (side + pad), y))
             grid.paste(_tile(b[i], side), (name_w + (2 * i + 1) * (side + pad), y))
     return grid
+
+
+def metric_curves(rows: list[dict[str, Any]], real_isc: float | None = None) -> Image.Image:
+    """Evaluation metrics against training step (one point per evaluated checkpoint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in rows if r.get("step") is not None), key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    panels = [(k, t) for k, t in (("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("isc_mean", "IS ↑"), ("precision", "precision / recall ↑"))
+              if k in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), dpi=100, squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        ax.plot(steps, [r[key] for r in rows], "o-", color="C0", markersize=4, label=key.split("_")[0])
+        if key == "precision":
+            ax.plot(steps, [r["recall"] for r in rows], "s-", color="C1", markersize=4, label="recall")
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=7)
+        if key == "isc_mean" and real_isc is not None:
+            ax.axhline(real_isc, color="k", linestyle="--", linewidth=0.8, label="real images")
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    return figure_image(fig)

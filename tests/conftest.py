@@ -88,6 +88,26 @@ def s3_endpoint():
     server.stop()
 
 
+# A whole pipeline in about a minute: tiny models, few steps (the shared `pipeline` fixture and its variants).
+FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=64", "tokenizer.z_channels=8",
+        "tokenizer.batch_size=8", "tokenizer.steps=30", "tokenizer.checkpoint_every=30", "tokenizer.log_every=10",
+        "tokenizer.torch_threads=1", "tokens.torch_threads=1",
+        "ar.depth=2", "ar.width=64", "ar.batch_size=16", "ar.steps=12", "ar.warmup_steps=2", "ar.checkpoint_every=4",
+        "ar.log_every=4", "ar.val_batches=1", "ar.torch_threads=1",
+        "sample.per_class=2", "sample.classes=[0,5]", "sample.batch_size=4",
+        "eval.samples_per_class=3", "eval.checkpoints=all")
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, embedded_source):
+    """The whole tiny pipeline, shard → evaluate, on the small embedded dataset: (root, cfg, results)."""
+    from nextdetail.flows.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = make_config(root, embedded_source, *FAST)
+    return root, cfg, run_pipeline(cfg, until="evaluate", progress=False)
+
+
 def make_config(root: Path | str, source: str, *overrides: str):
     from nextdetail.conf import load_config
 

@@ -8,31 +8,16 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from conftest import make_config, run_cli
+from conftest import FAST, make_config, run_cli
 
 from nextdetail.storage.fs import Store
-
-FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=64", "tokenizer.z_channels=8",
-        "tokenizer.batch_size=8", "tokenizer.steps=30", "tokenizer.checkpoint_every=30", "tokenizer.log_every=10",
-        "tokenizer.torch_threads=1", "tokens.torch_threads=1",
-        "ar.depth=2", "ar.width=64", "ar.batch_size=16", "ar.steps=12", "ar.warmup_steps=2", "ar.checkpoint_every=4",
-        "ar.log_every=4", "ar.val_batches=1", "ar.torch_threads=1",
-        "sample.per_class=2", "sample.classes=[0,5]", "sample.batch_size=4")
 
 
 def _pipeline(cfg, until: str):
     from nextdetail.flows.pipeline import run_pipeline
 
     return run_pipeline(cfg, until=until, progress=False)
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, embedded_source):
-    root = tmp_path_factory.mktemp("ar")
-    cfg = make_config(root, embedded_source, *FAST)
-    return root, cfg, _pipeline(cfg, until="sample")
 
 
 def _data(cfg, results):

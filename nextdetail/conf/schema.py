@@ -257,10 +257,12 @@ class ARConfig(_Section):
     torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
     loader_workers: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=1000, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1, description="step checkpoints kept (evaluate with "
+                                  "eval.checkpoints=all draws its metric-vs-step curve from them)")
     log_every: int = Field(default=100, ge=1)
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "log_every"})
+        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
 
     @property
     def lr(self) -> float:
@@ -292,8 +294,55 @@ class SampleConfig(_Section):
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
-STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "sample")
-"""Stages in pipeline order. Later issues append evaluate."""
+class EvalConfig(_Section):
+    """The `evaluate` stage: FID, IS, KID, precision/recall (torch-fidelity) of generated vs. real images,
+    the tokenizer's reconstruction FID and PSNR, a report. Sampling uses sample.cfg / top_k / top_p."""
+
+    extractor: Literal["inception-v3-compat", "nextdetail-randconv-v1"] = Field(
+        default="inception-v3-compat", description="inception-v3-compat: the published protocol; "
+        "nextdetail-randconv-v1: offline, deterministic, NOT comparable with published numbers")
+    inception_weights: str | None = Field(default=None, description="weights-inception-2015-12-05-6726825d.pth: a "
+                                          "path or URL; None: torch-fidelity's own download")
+    reference: str = Field(default="train", description="real images: a split of the shard dataset (train, val, …) "
+                           "or a path/URL to a folder of images or an .npz reference batch (ADM's arr_0)")
+    reference_max: int | None = Field(default=None, ge=2, description="use at most this many reference images "
+                                      "(the first by key); None: all")
+    reference_cache: str | None = Field(default=None, description="root of the reference-statistics cache "
+                                        "(shareable, e.g. s3://team-bucket/nd); None: storage.root")
+    reference_cache_options: dict[str, object] | None = Field(default=None, description="None: storage.options")
+    samples_per_class: int = Field(default=50, ge=1, description="generated images per class (VAR: 50 × 1000)")
+    seed: int = Field(default=0, description="sampling seed of the evaluation (independent of sample.seed)")
+    checkpoints: Literal["last", "best", "all"] = Field(
+        default="last", description="all: every kept step checkpoint too (metric-vs-step curves)")
+    metrics: list[Literal["fid", "isc", "kid", "prc"]] = Field(
+        default_factory=lambda: ["fid", "isc", "kid", "prc"], min_length=1)
+    rfid: bool = Field(default=True, description="also the tokenizer's reconstruction FID and PSNR on held-out images")
+    rfid_split: str = "val"
+    # torch-fidelity's protocol settings (its defaults).
+    isc_splits: int = Field(default=10, ge=1)
+    kid_subsets: int = Field(default=100, ge=1)
+    kid_subset_size: int = Field(default=1000, ge=2, description="capped at the smaller set's size (noted)")
+    prc_neighborhood: int = Field(default=3, ge=1)
+    rng_seed: int = 2020
+    # How the work runs: excluded from the cache identity.
+    batch_size: int = Field(default=64, ge=1, description="images per feature-extractor call")
+    device: Literal["cpu", "cuda"] = "cpu"
+    weights_cache: str = Field(default="./.nextdetail/weights", description="where downloaded weights are kept")
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"reference_cache", "reference_cache_options", "batch_size", "device", "weights_cache", "inception_weights"})
+
+    def identity_settings(self) -> dict:
+        # inception_weights is excluded: the extractor's identity is the sha256 of the weights themselves.
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+
+    def protocol(self) -> dict[str, Any]:
+        return {"isc_splits": self.isc_splits, "kid_subsets": self.kid_subsets, "kid_subset_size": self.kid_subset_size,
+                "prc_neighborhood": self.prc_neighborhood, "rng_seed": self.rng_seed}
+
+
+STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "sample", "evaluate")
+"""Stages in pipeline order."""
 
 
 class PipelineConfig(_Section):
@@ -307,6 +356,7 @@ class PipelineConfig(_Section):
     tokens: TokensConfig = Field(default_factory=TokensConfig)
     ar: ARConfig = Field(default_factory=ARConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _check_cross(self) -> PipelineConfig:

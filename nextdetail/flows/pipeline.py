@@ -1,5 +1,5 @@
-"""`nextdetail run`: the stages in order (shard → decompose → train_tokenizer → tokenize → train_ar → sample), up to
-`--until`; one cluster for all."""
+"""`nextdetail run`: the stages in order (shard → decompose → train_tokenizer → tokenize → train_ar → sample →
+evaluate), up to `--until`; one cluster for all."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
     if until is not None and until not in STAGES:
         raise UserError(f"--until {until!r}: no such stage (stages: {', '.join(STAGES)})")
     from nextdetail.flows.decompose import run_decompose
+    from nextdetail.flows.evaluate import run_evaluate
     from nextdetail.flows.sample import run_sample
     from nextdetail.flows.shard import run_shard
     from nextdetail.flows.tokenize import run_tokenize
@@ -32,6 +33,8 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
                                            progress=progress),
         "sample": lambda _: run_sample(cfg, results["shard"], results["tokenize"], results["train_ar"],
                                        progress=progress),
+        "evaluate": lambda _: run_evaluate(cfg, results["shard"], results["train_tokenizer"], results["tokenize"],
+                                           results["train_ar"], progress=progress),
     }
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
         for stage in STAGES:

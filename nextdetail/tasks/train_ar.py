@@ -329,7 +329,8 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
                     if best["val_loss"] is None or metrics[-1]["val_loss"] < best["val_loss"]:
                         best = {"val_loss": metrics[-1]["val_loss"], "step": step + 1}
                         write_torch(store, "best.pt", export(trainer.model, data, step + 1, best["val_loss"]))
-                save_checkpoint(store, step + 1, trainer.state(step + 1, {"step": step + 1}, metrics, best))
+                save_checkpoint(store, step + 1, trainer.state(step + 1, {"step": step + 1}, metrics, best),
+                                keep=cfg.keep_checkpoints)
                 write_metrics_csv(store, metrics)  # watchable while a long run goes on
             if world > 1:
                 torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from

@@ -1,0 +1,178 @@
+"""The `evaluate` flow: reference statistics (cached by content, shareable), the tokenizer's reconstruction
+metrics, then FID / IS / KID / precision-recall of the transformer's checkpoints and a report."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.flows.shard import ShardResult
+from nextdetail.flows.tokenize import TokensResult
+from nextdetail.flows.train_ar import ARResult
+from nextdetail.flows.train_tokenizer import TokenizerResult
+from nextdetail.storage.fs import Store
+from nextdetail.tasks.evaluate import (
+    CheckpointRef,
+    EvalInputs,
+    RefHandle,
+    TokenizerEvalInputs,
+    evaluate_stage,
+    plan_evaluation,
+    plan_tokenizer_metrics,
+    run_evaluation,
+    sampling_config,
+    summary_line,
+    tokenizer_metrics,
+)
+from nextdetail.tasks.reference_stats import (
+    ReferenceSpec,
+    ensure_reference,
+    plan_reference,
+    reference_spec,
+    reference_stats,
+    withdraw_if_damaged,
+)
+
+
+@dataclass
+class EvalResult:
+    url: str  # report.md, metrics.json, grid.png, grids/, curves.png, samples/
+    identity: str
+    summary: dict[str, Any]
+    work: str = "ran"
+    seconds: float = 0.0
+    reference: dict[str, Any] | None = None  # url, identity, work of the reference statistics
+
+    @property
+    def report_url(self) -> str:
+        return f"{self.url}/report.md"
+
+
+def reference_root(cfg: PipelineConfig) -> Store:
+    e = cfg.eval
+    return Store(e.reference_cache or cfg.storage.root,
+                 e.reference_cache_options if e.reference_cache_options is not None else cfg.storage.options)
+
+
+def extractor_identity(cfg: PipelineConfig) -> dict[str, str]:
+    """The extractor's name and weights sha256 (builds it: Inception's weights must be at hand)."""
+    from nextdetail.models.feature_extractor import build_extractor
+
+    return build_extractor(cfg.eval.extractor, cfg.eval.inception_weights, cfg.eval.weights_cache)[1].identity()
+
+
+def _work(fut: Any, record: dict) -> str:
+    return "cached" if fut.state.name == "Cached" else record["work"]
+
+
+def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str, str], progress: bool) -> RefHandle:
+    """The reference statistics of `spec`: from the cache when complete and intact, else computed (a task)."""
+    e, root = cfg.eval, reference_root(cfg)
+    artifact = plan_reference(root, spec, extractor)
+    withdraw_if_damaged(artifact, get_run_logger().warning)
+    fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size,
+                                 e.device, progress)
+    record = fut.result()
+    get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
+                          record["summary"]["images"], _work(fut, record), artifact.store.url())
+    return RefHandle(artifact.store.url(), root.options, {**record, "work": _work(fut, record)})
+
+
+def list_checkpoints(ar: ARResult, which: str, options: dict) -> list[CheckpointRef]:
+    """last → transformer.pt; best → best.pt; all → every kept step checkpoint (transformer.pt if none)."""
+    exported = f"{ar.url}/transformer.pt"
+    if which == "best":
+        return [CheckpointRef("best", f"{ar.url}/best.pt", step=ar.summary.get("best_step"))]
+    if which == "all":
+        from nextdetail.storage.checkpoints import CHECKPOINTS
+
+        names = [n for n in Store(ar.url, options).listdir(CHECKPOINTS) if n.startswith("step-") and n.endswith(".pt")]
+        refs = [CheckpointRef(f"step {int(n[5:-3])}", exported, f"{ar.url}/{CHECKPOINTS}/{n}", int(n[5:-3]))
+                for n in sorted(names)]
+        if refs:
+            return refs
+    return [CheckpointRef("last", exported, step=ar.summary.get("steps"))]
+
+
+@flow(name="evaluate", log_prints=False, validate_parameters=False)
+def evaluate_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
+                  ar: ARResult, progress: bool = True) -> EvalResult:
+    from nextdetail.flows.sample import reference_images
+
+    t0 = time.time()
+    log = get_run_logger()
+    e = cfg.eval
+    extractor = extractor_identity(cfg)
+    spec = reference_spec(e.reference, shards.url, shards.identity, cfg.shard.image_format, cfg.storage.options,
+                          e.reference_max)
+    ref = get_reference(cfg, spec, extractor, progress)
+    dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
+    out_root = Store(cfg.storage.root, cfg.storage.options).sub("eval", dataset_dir)
+    tok_summary = None
+    if e.rfid:
+        held_out = get_reference(cfg, reference_spec(e.rfid_split, shards.url, shards.identity, cfg.shard.image_format,
+                                                     cfg.storage.options, None), extractor, progress)
+        cache = tokens.open()
+        tinputs = TokenizerEvalInputs(tokens.url, tokens.options, tokens.local_cache, tokenizer.checkpoint_url,
+                                      cache.record["lineage"]["upstream"]["tokenizer_sha256"], shards.url,
+                                      cfg.shard.image_format, cfg.storage.options, e.rfid_split, held_out)
+        tart = plan_tokenizer_metrics(out_root, tokens.identity, tinputs, extractor)
+        record = tokenizer_metrics.submit(tart, tinputs, e, progress).result()
+        tok_summary = {**record["summary"], "identity": tart.identity}
+    refs = list_checkpoints(ar, e.checkpoints, cfg.storage.options)
+    what = {"model": f"the CART transformer `{ar_dir}`", "dataset": f"`{dataset_dir}`", "train_ar_url": ar.url,
+            "train_ar_identity": ar.identity}
+    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary)
+    ids = [f"{ar.identity}:{r.label}" for r in refs]
+    artifact = plan_evaluation(out_root.sub(ar_dir), inputs, ids, e, cfg.sample, extractor)
+    fut = evaluate_stage.submit(artifact, inputs, e, sampling_config(e, cfg.sample), progress)
+    record = fut.result()
+    result = EvalResult(artifact.store.url(), artifact.identity, record["summary"], _work(fut, record),
+                        round(time.time() - t0, 3), {"url": ref.url, "identity": ref.identity, "work": ref.record["work"]})
+    log.info(summary_line(result.summary) + f" → {result.report_url}")
+    return result
+
+
+def run_evaluate(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
+                 ar: ARResult, progress: bool = True) -> EvalResult:
+    return evaluate_flow(cfg, shards, tokenizer, tokens, ar, progress=progress)
+
+
+def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards: ShardResult | None,
+                   progress: bool = True) -> EvalResult:
+    """`nextdetail eval --ckpt A [--ckpt B …]`: exported checkpoints (transformer.pt / best.pt) evaluated into
+    `out`, outside the pipeline's cache; the reference statistics still come from (and go to) their cache."""
+    from nextdetail.storage.hashing import stable_hash
+    from nextdetail.tasks.evaluate import plan_evaluation as plan
+
+    e = cfg.eval
+    if shards is None and "/" not in e.reference and not e.reference.endswith(".npz"):
+        raise UserError(f"eval.reference={e.reference} is a split name; it needs the shard dataset")
+    extractor = extractor_identity(cfg)
+    spec = reference_spec(e.reference, shards.url if shards else "", shards.identity if shards else "",
+                          cfg.shard.image_format, cfg.storage.options, e.reference_max)
+    rart = plan_reference(reference_root(cfg), spec, extractor)
+    record = ensure_reference(rart, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size, e.device,
+                              progress)
+    ref = RefHandle(rart.store.url(), rart.store.options, record)
+    refs = []
+    for path in checkpoints:
+        parent, name = path.rstrip("/").rsplit("/", 1)
+        if Store(parent, cfg.storage.options).size(name) is None:
+            raise UserError(f"{path}: no such checkpoint; pass a transformer.pt or best.pt of `nextdetail train-ar`")
+        label = name if name not in {r.label for r in refs} else f"{len(refs) + 1}-{name}"  # names samples/<label>.tar
+        refs.append(CheckpointRef(label, path))
+    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, {"model": ", ".join(f"`{p}`" for p in checkpoints)})
+    t0 = time.time()
+    store = Store(out, cfg.storage.options)
+    ids = [stable_hash(Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1])) for p in checkpoints]
+    artifact = plan(store, inputs, ids, e, cfg.sample, extractor, subdir=False)
+    summary, files = run_evaluation(store, inputs, e, sampling_config(e, cfg.sample), print, progress)
+    artifact.publish(summary, files, t0)
+    return EvalResult(store.url(), artifact.identity, summary, "ran", round(time.time() - t0, 3),
+                      {"url": ref.url, "identity": ref.identity, "work": record["work"]})

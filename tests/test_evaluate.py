@@ -1,0 +1,205 @@
+"""The `evaluate` stage: our metrics are torch-fidelity's, reference statistics are cached by content,
+and the stage writes numbers people can trace and a report people can read."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, make_config, run_cli
+from PIL import Image
+
+from nextdetail.errors import UserError
+from nextdetail.models import fidelity
+from nextdetail.models.feature_extractor import INCEPTION, RANDCONV, build_extractor
+from nextdetail.storage.fs import Store
+from nextdetail.tasks.reference_stats import ensure_reference, plan_reference, reference_spec
+
+PROTOCOL = {"isc_splits": 4, "kid_subsets": 20, "kid_subset_size": 40, "prc_neighborhood": 3, "rng_seed": 2020}
+
+
+def _images(source: str, split: str) -> np.ndarray:
+    files = sorted(Path(source, split).glob("*/*.png"))
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+
+
+def _write_folder(path: Path, images: np.ndarray) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(path / f"{i:05d}.png")
+    return path
+
+
+def _reference(root: Path, folder: Path, extractor: dict, **kw):
+    spec = reference_spec(str(folder), "", "", "png", {}, None)
+    artifact = plan_reference(Store(str(root)), spec, extractor)
+    return artifact, ensure_reference(artifact, spec, RANDCONV, None, str(root / "weights"), 32, "cpu",
+                                      log=lambda _: None, **kw)
+
+
+def _features(model, images: np.ndarray) -> dict[str, np.ndarray]:
+    return fidelity.extract(model, [images[i : i + 32] for i in range(0, len(images), 32)], ("features", "logits"))
+
+
+def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp_path):
+    """Same two image sets, same extractor: FID, IS, KID, precision and recall agree with torch-fidelity's
+    own `calculate_metrics` reading the same folders."""
+    import torch_fidelity
+
+    train = _images(embedded_source, "train")
+    fake_dir = _write_folder(tmp_path / "fake", train[:60])
+    real_dir = _write_folder(tmp_path / "real", train[60:])
+    model, info = build_extractor(RANDCONV)
+    artifact, record = _reference(tmp_path / "cache", real_dir, info.identity())
+    from nextdetail.tasks.reference_stats import load_reference
+
+    real_features, real_stats = load_reference(artifact.store, record)
+    ours = fidelity.compare(_features(model, train[:60]), real_features, real_stats, ["fid", "isc", "kid", "prc"],
+                            PROTOCOL)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(fake_dir), input2=str(real_dir), feature_extractor=RANDCONV, fid=True, isc=True, kid=True, prc=True,
+        isc_splits=4, kid_subsets=20, kid_subset_size=40, cuda=False, cache=False, verbose=False, batch_size=32,
+        save_cpu_ram=True)  # no DataLoader worker processes (forked workers and a threaded test process do not mix)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+    assert ours["isc_mean"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["precision"] == pytest.approx(theirs["precision"]) and ours["recall"] == pytest.approx(theirs["recall"])
+    assert ours["fid"] > 1.0  # two different sets of photos are not "the same"
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_gaussian_noise(embedded_source):
+    model, _ = build_extractor(RANDCONV)
+    images = _images(embedded_source, "train")
+    clean = fidelity.statistics(_features(model, images)["fid"])
+    g = torch.Generator().manual_seed(0)
+    fids = []
+    for sigma in (0, 4, 8, 16, 32, 64):
+        noisy = (torch.from_numpy(images).float() + sigma * torch.randn(images.shape, generator=g)).clamp(0, 255)
+        fids.append(fidelity.fid(fidelity.statistics(_features(model, noisy.round().byte().numpy())["fid"]), clean))
+    assert abs(fids[0]) < 1e-3 and abs(fids[0]) < 0.01 * fids[1]  # ≈ 0: float error of Σ^½ only
+    assert all(a < b for a, b in itertools.pairwise(fids)), fids
+
+
+def test_reference_statistics_are_reused_without_extraction_and_rebuilt_when_data_change(
+        embedded_source, tmp_path, monkeypatch):
+    calls = []
+    real_extract = fidelity.extract
+    monkeypatch.setattr(fidelity, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    folder = _write_folder(tmp_path / "ref", _images(embedded_source, "val"))
+    extractor = build_extractor(RANDCONV)[1].identity()
+    first, record = _reference(tmp_path / "cache", folder, extractor)
+    assert record["work"] == "ran" and len(calls) == 1
+    stats_file = Path(first.store.path(record["summary"]["file"]))
+    mtime = stats_file.stat().st_mtime_ns
+    again, record2 = _reference(tmp_path / "cache", folder, extractor)
+    assert again.identity == first.identity and record2["work"] == "reused"
+    assert len(calls) == 1 and stats_file.stat().st_mtime_ns == mtime  # no extraction, nothing rewritten
+    # a damaged statistics file (same size) is detected by its sha256 and rebuilt
+    data = bytearray(stats_file.read_bytes())
+    data[-100] ^= 0xFF
+    stats_file.write_bytes(bytes(data))
+    _, rebuilt = _reference(tmp_path / "cache", folder, extractor)
+    assert rebuilt["work"] == "ran" and len(calls) == 2
+    # one changed reference image → another identity, computed afresh
+    a = np.asarray(Image.open(folder / "00003.png")).copy()
+    a[:4] = 255 - a[:4]
+    Image.fromarray(a).save(folder / "00003.png")
+    changed, record3 = _reference(tmp_path / "cache", folder, extractor)
+    assert changed.identity != first.identity and record3["work"] == "ran" and len(calls) == 3
+
+
+def test_reference_statistics_are_shared_through_an_s3_bucket(s3_endpoint, embedded_source, tmp_path, monkeypatch):
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    folder = _write_folder(tmp_path / "ref", _images(embedded_source, "val"))
+    spec = reference_spec(str(folder), "", "", "png", {}, None)
+    extractor = build_extractor(RANDCONV)[1].identity()
+    bucket = Store("s3://team-bucket/nd", options)
+
+    def user() -> tuple:
+        artifact = plan_reference(bucket, spec, extractor)
+        return artifact, ensure_reference(artifact, spec, RANDCONV, None, str(tmp_path / "w"), 32, "cpu",
+                                          log=lambda _: None)
+
+    first, record = user()
+    assert record["work"] == "ran" and first.store.url().startswith("s3://team-bucket/nd/refstats/")
+    calls = []
+    monkeypatch.setattr(fidelity, "extract", lambda *a, **k: calls.append(1))
+    _, record2 = user()  # a teammate: same inputs, same identity, reused from the bucket
+    assert record2["work"] == "reused" and not calls
+    from nextdetail.tasks.reference_stats import load_reference
+
+    features, stats = load_reference(first.store, record2)
+    assert features.shape == (24, 512) and stats["sigma"].shape == (512, 512)
+
+
+def test_inception_without_weights_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match=r"no such file.*download .*weights-inception-2015-12-05.*eval\.inception_weights"):
+        build_extractor(INCEPTION, str(tmp_path / "missing.pth"))
+    bogus = tmp_path / "bogus.pth"
+    torch.save({"fc.weight": torch.zeros(1)}, bogus)
+    with pytest.raises(UserError, match="not Inception-v3-compat weights"):
+        build_extractor(INCEPTION, str(bogus))
+
+
+def test_evaluate_stage_metrics_report_pictures_and_caching(pipeline, embedded_source):
+    root, cfg, results = pipeline
+    ev = results["evaluate"]
+    out = Path(ev.url)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["extractor"]["name"] == RANDCONV and metrics["extractor"]["comparable_with_published"] is False
+    assert metrics["reference"]["identity"] == ev.reference["identity"] and metrics["reference"]["images"] == 144
+    assert metrics["sampling"]["seed"] == cfg.eval.seed and metrics["sampling"]["samples_per_class"] == 3
+    assert metrics["what"]["train_ar_identity"] == results["train_ar"].identity
+    rows = metrics["checkpoints"]
+    assert [r["step"] for r in rows] == [4, 8, 12] and all(r["samples"] == 36 for r in rows)
+    for r in rows:
+        assert r["fid"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["isc_mean"] >= 1
+        assert Path(r["checkpoint"]).is_file()
+    tok = metrics["tokenizer"]
+    assert tok["images"] == 24 and tok["rfid"] > 0 and 5 < tok["psnr"] < 60
+    report = (out / "report.md").read_text().splitlines()
+    assert report[0].startswith("# Evaluation of") and report[2].startswith("**Evaluated**")
+    assert "not comparable with published" in "\n".join(report[:8]).lower()
+    assert "![samples](grid.png)" in report and "![curves](curves.png)" in report
+    for name in ("grid.png", "curves.png", "samples/step-12.tar"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "grids").glob("*.png"))) == 12
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(str(out / "samples/step-12.tar"), shardshuffle=False).decode("rgb"))
+    assert len(samples) == 36 and samples[0]["png"].shape == (32, 32, 3)
+    # unchanged: nothing runs; a sampling seed: evaluate re-runs, training and the reference stay
+    from nextdetail.flows.pipeline import run_pipeline
+
+    again = run_pipeline(make_config(root, embedded_source, *FAST), until="evaluate", progress=False)
+    assert again["evaluate"].work in {"cached", "reused"} and again["evaluate"].url == ev.url
+    assert again["evaluate"].reference["work"] in {"cached", "reused"}
+    reseeded = run_pipeline(make_config(root, embedded_source, *FAST, "eval.seed=1"), until="evaluate", progress=False)
+    assert reseeded["train_ar"].work in {"cached", "reused"} and reseeded["evaluate"].work == "ran"
+    assert reseeded["evaluate"].reference["work"] in {"cached", "reused"}
+    assert reseeded["evaluate"].url != ev.url
+
+
+def test_eval_cli_on_checkpoint_files_with_a_folder_reference(pipeline, embedded_source, tmp_path):
+    nextdetail = str(Path(sys.executable).parent / "nextdetail")
+    root, _, results = pipeline
+    folder = _write_folder(tmp_path / "ref", _images(embedded_source, "train")[:50])
+    out = tmp_path / "eval-out"
+    ar = results["train_ar"]
+    proc = run_cli([nextdetail, "eval", "--ckpt", f"{ar.url}/transformer.pt", "--ckpt", f"{ar.url}/best.pt",
+                    "--reference", str(folder), "--n", "2", "--extractor", RANDCONV, "--out", str(out), "--no-progress",
+                    "-o", f"storage.root={root}"])
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["checkpoints"]) == 2 and metrics["reference"]["images"] == 50
+    assert (out / "report.md").is_file() and (out / "curves.png").is_file() and (out / "_COMPLETE.json").is_file()
+    bad = run_cli([nextdetail, "eval", "--ckpt", f"{ar.url}/transformer.pt", "--reference", str(folder),
+                   "--extractor", INCEPTION, "-o", f"eval.inception_weights={tmp_path / 'none.pth'}",
+                   "-o", f"storage.root={root}", "--out", str(out)])
+    assert bad.returncode == 2 and "eval.inception_weights" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
