@@ -117,6 +117,7 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
                         ) -> tuple[dict[str, Any], dict[int, np.ndarray], list[str]]:
     """Sample one checkpoint class by class (streamed into its tar and the feature extractor); its metrics,
     the first samples per class (for grids), and its class names."""
+    from PIL import Image
     from tqdm import tqdm
 
     from nextdetail.figures import png_bytes
@@ -129,8 +130,6 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
     feats: dict[str, list[np.ndarray]] = {"fid": [], "isc": []}
     firsts: dict[int, np.ndarray] = {}
     seconds = 0.0
-    from PIL import Image
-
     with store.atomic_writer(f"samples/{_slug(ref.label)}.tar") as f:
         writer = ShardTarWriter(f)
         for c in tqdm(range(len(names)), desc=f"evaluate {ref.label}", unit="class", disable=not progress, leave=False):
