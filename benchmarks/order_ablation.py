@@ -10,9 +10,10 @@ are not comparable with published FID).
 
     python benchmarks/order_ablation.py [--preset tiny] [--orders 0 1 2 3 4] [--root DIR] [-o key=value …]
 
-Prints one JSON line: per order FID, KID, IS, precision, recall, the tokenizer's rFID and PSNR, token
-maps, tokens per image and training seconds; `baseline` = order 0's FID, `ratio` = each order's FID ÷
-it. Writes `order_ablation.png` (metrics vs. order) and `order_ablation.json` under the root. Stages are
+Prints one JSON line: per order FID (mean over `--eval-seeds` sampling seeds, each seed's value and their
+spread — differences smaller than the spread are noise), KID, IS, precision, recall (first seed), the
+tokenizer's rFID and PSNR, token maps, tokens per image and seconds; `baseline` = order 0's FID,
+`ratio` = each order's FID ÷ it. Writes `order_ablation.png` (metrics vs. order) and `order_ablation.json` under the root. Stages are
 cached: a re-run with more orders runs only the new ones.
 """
 
@@ -25,19 +26,29 @@ from pathlib import Path
 
 
 def run_order(order: int, args: argparse.Namespace) -> dict:
+    """One order: the pipeline once, then the evaluation again per extra sampling seed (training cached)."""
+    import numpy as np
+
     from nextdetail.conf import load_config
     from nextdetail.flows.pipeline import run_pipeline
 
-    cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", f"decompose.order={max(args.orders)}",
-                                              f"tokenizer.order={order}", "eval.checkpoints=last", *args.override])
     t0 = time.time()
-    results = run_pipeline(cfg, until="evaluate", progress=False)
+    evals = []
+    for seed in args.eval_seeds:
+        cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", f"decompose.order={max(args.orders)}",
+                                                  f"tokenizer.order={order}", "eval.checkpoints=last",
+                                                  f"eval.seed={seed}", *args.override])
+        results = run_pipeline(cfg, until="evaluate", progress=False)
+        evals.append(json.loads(Path(results["evaluate"].url, "metrics.json").read_text()))
     ev, ar, tok = results["evaluate"], results["train_ar"].summary, results["train_tokenizer"].summary
-    metrics = json.loads(Path(ev.url, "metrics.json").read_text())
+    metrics = evals[0]
     row = metrics["checkpoints"][-1]
+    fids = [m["checkpoints"][-1]["fid"] for m in evals]
     return {
         "order": order, "token_maps": ar["token_maps"], "tokens_per_image": ar["tokens_per_image"],
-        "fid": row.get("fid"), "kid": row.get("kid_mean"), "isc": row.get("isc_mean"),
+        "fid": round(float(np.mean(fids)), 4), "fid_per_seed": fids,
+        "fid_spread": round(float(max(fids) - min(fids)), 4),  # sampling noise: the same model, other seeds
+        "kid": row.get("kid_mean"), "isc": row.get("isc_mean"),
         "precision": row.get("precision"), "recall": row.get("recall"),
         "rfid": (metrics.get("tokenizer") or {}).get("rfid"), "psnr": (metrics.get("tokenizer") or {}).get("psnr"),
         "tokenizer_final_rec": tok.get("final_rec"), "ar_final_loss": ar["final_loss"],
@@ -58,6 +69,9 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.2), dpi=100)
     for ax, (key, title) in zip(axes, panels, strict=True):
         ax.plot(orders, [r[key] for r in rows], "o-", color="C0", label=key)
+        if key == "fid":  # every sampling seed's FID: the spread is the evaluation's own noise
+            for r in rows:
+                ax.plot([r["order"]] * len(r["fid_per_seed"]), r["fid_per_seed"], "_", color="0.4", markersize=10)
         if key == "precision":
             ax.plot(orders, [r["recall"] for r in rows], "s-", color="C1", label="recall")
             ax.legend(fontsize=7)
@@ -65,7 +79,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("decomposition order (0 = VAR)")
         ax.set_xticks(orders)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"CART Table 4 at small scale ({rows[0]['extractor']}, {rows[0]['samples']} samples per order)",
+    fig.suptitle(f"CART Table 4 at small scale ({rows[0]['extractor']}, {rows[0]['samples']} samples per order and "
+                 f"seed; grey ticks: FID per sampling seed)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -80,6 +95,8 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--root", default="./nextdetail-data/bench-order-ablation")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1],
+                   help="sampling seeds of the evaluation: FID is their mean, their spread the noise floor")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
     args.root = str(Path(args.root).resolve())
