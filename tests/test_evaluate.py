@@ -183,6 +183,9 @@ def test_evaluate_stage_metrics_report_pictures_and_caching(pipeline, embedded_s
     assert reseeded["train_ar"].work in {"cached", "reused"} and reseeded["evaluate"].work == "ran"
     assert reseeded["evaluate"].reference["work"] in {"cached", "reused"}
     assert reseeded["evaluate"].url != ev.url
+    regridded = run_pipeline(make_config(root, embedded_source, *FAST, "sample.per_class=3"), until="evaluate",
+                             progress=False)  # the sample stage's own count: evaluation does not depend on it
+    assert regridded["sample"].work == "ran" and regridded["evaluate"].work in {"cached", "reused"}
 
 
 def test_eval_cli_on_checkpoint_files_with_a_folder_reference(pipeline, embedded_source, tmp_path):

@@ -148,7 +148,6 @@ def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards
     """`nextdetail eval --ckpt A [--ckpt B …]`: exported checkpoints (transformer.pt / best.pt) evaluated into
     `out`, outside the pipeline's cache; the reference statistics still come from (and go to) their cache."""
     from nextdetail.storage.hashing import stable_hash
-    from nextdetail.tasks.evaluate import plan_evaluation as plan
 
     e = cfg.eval
     if shards is None and "/" not in e.reference and not e.reference.endswith(".npz"):
@@ -171,7 +170,7 @@ def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards
     t0 = time.time()
     store = Store(out, cfg.storage.options)
     ids = [stable_hash(Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1])) for p in checkpoints]
-    artifact = plan(store, inputs, ids, e, cfg.sample, extractor, subdir=False)
+    artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False)
     summary, files = run_evaluation(store, inputs, e, sampling_config(e, cfg.sample), print, progress)
     artifact.publish(summary, files, t0)
     return EvalResult(store.url(), artifact.identity, summary, "ran", round(time.time() - t0, 3),

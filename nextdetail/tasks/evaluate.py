@@ -284,7 +284,9 @@ def plan_evaluation(parent: Store, inputs: EvalInputs, checkpoint_ids: list[str]
                     scfg: SampleConfig, extractor: dict[str, str], subdir: bool = True) -> Artifact:
     """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself)."""
     code = code_version(*CODE)
-    settings = {"eval": ecfg.identity_settings(), "sampling": sampling_config(ecfg, scfg).identity_settings()}
+    sampling = sampling_config(ecfg, scfg)  # of sample.*, only what evaluation samples with
+    settings = {"eval": ecfg.identity_settings(),
+                "sampling": {k: getattr(sampling, k) for k in ("per_class", "seed", "cfg", "top_k", "top_p")}}
     upstream = {"checkpoints": checkpoint_ids, "reference": inputs.reference.identity,
                 "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity"), "extractor": extractor}
     identity = stable_hash({"stage": "evaluate", "settings": settings, "upstream": upstream, "code": code})
