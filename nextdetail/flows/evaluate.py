@@ -37,6 +37,7 @@ from nextdetail.tasks.reference_stats import (
     reference_stats,
     withdraw_if_damaged,
 )
+from nextdetail.tasks.stage import build_artifact
 
 
 @dataclass
@@ -171,7 +172,7 @@ def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards
     store = Store(out, cfg.storage.options)
     ids = [stable_hash(Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1])) for p in checkpoints]
     artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False)
-    summary, files = run_evaluation(store, inputs, e, sampling_config(e, cfg.sample), print, progress)
-    artifact.publish(summary, files, t0)
-    return EvalResult(store.url(), artifact.identity, summary, "ran", round(time.time() - t0, 3),
+    done = build_artifact(artifact, lambda a: run_evaluation(a.store, inputs, e, sampling_config(e, cfg.sample), print,
+                                                             progress))
+    return EvalResult(store.url(), artifact.identity, done["summary"], done["work"], round(time.time() - t0, 3),
                       {"url": ref.url, "identity": ref.identity, "work": record["work"]})

@@ -25,7 +25,7 @@ import numpy as np
 from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
-from nextdetail.tasks.stage import Artifact, stage_task
+from nextdetail.tasks.stage import Artifact, build_artifact, stage_task
 
 CODE = ("nextdetail.tasks.reference_stats", "nextdetail.models.fidelity", "nextdetail.models.feature_extractor")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -198,18 +198,8 @@ def ensure_reference(artifact: Artifact, spec: ReferenceSpec, extractor: str, we
                      log: Any = print) -> dict[str, Any]:
     """Outside Prefect (`nextdetail eval --ckpt`): the cached statistics if complete and intact, else computed."""
     withdraw_if_damaged(artifact, log)
-    record = artifact.completed()
-    if record is not None:
-        return {**record, "work": "reused"}
-    import time
-
-    started = time.time()
-    summary, files = compute_reference(artifact, spec, extractor, weights, weights_cache, batch_size, device,
-                                       progress, log)
-    try:
-        return {**artifact.publish(summary, files, started), "work": "ran"}
-    except FileExistsError:
-        return {**artifact.completed(), "work": "reused"}
+    return build_artifact(artifact, compute_reference, spec, extractor, weights, weights_cache, batch_size, device,
+                          progress, log)
 
 
 def withdraw_if_damaged(artifact: Artifact, log: Any = print) -> bool:

@@ -153,6 +153,25 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def build_artifact(artifact: Artifact, fn: Callable[..., tuple[dict[str, Any], Any]], *args: Any,
+                   **kwargs: Any) -> dict[str, Any]:
+    """The complete artifact's record if there is one (``work == "reused"``); else run
+    ``fn(artifact, *args, **kwargs) -> (summary, files)`` and publish (``"ran"``). Every stage task's body,
+    and what commands running outside Prefect (`nextdetail eval --ckpt`) call directly."""
+    record = artifact.completed()
+    if record is not None:
+        return {**record, "work": "reused"}
+    started = time.time()
+    summary, files = fn(artifact, *args, **kwargs)
+    try:
+        return {**artifact.publish(summary, files, started), "work": "ran"}
+    except FileExistsError:  # exclusive: another writer published the same identity first
+        record = artifact.completed()
+        if record is None:
+            raise OSError(f"{artifact.store.url(artifact.marker)} exists but is not complete") from None
+        return {**record, "work": "reused", "lost_race": True}
+
+
 def stage_task(
     fn: Callable[..., tuple[dict[str, Any], list[str]]] | None = None,
     *,
@@ -170,18 +189,7 @@ def stage_task(
 
     @functools.wraps(fn)
     def body(artifact: Artifact, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        record = artifact.completed()
-        if record is not None:
-            return {**record, "work": "reused"}
-        started = time.time()
-        summary, files = fn(artifact, *args, **kwargs)
-        try:
-            return {**artifact.publish(summary, files, started), "work": "ran"}
-        except FileExistsError:  # exclusive: another writer published the same identity first
-            record = artifact.completed()
-            if record is None:
-                raise OSError(f"{artifact.store.url(artifact.marker)} exists but is not complete") from None
-            return {**record, "work": "reused", "lost_race": True}
+        return build_artifact(artifact, fn, *args, **kwargs)
 
     return task(
         body,
