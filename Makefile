@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench ablation clean
+.PHONY: run test lint bench ablation ndp-curve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)
 
 ablation: $(STAMP)  # CART Table 4 at small scale: five tiny pipelines, ≈ 40 min on 2 CPU cores
 	$(BIN)/python benchmarks/order_ablation.py
+
+ndp-curve: $(STAMP)  # NDP: FID vs FLOPs per image, 5 estimators × 6 budgets + VAR and CART at full compute
+	$(BIN)/python benchmarks/ndp_curve.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail

@@ -19,14 +19,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, metavar="FILE", help="a YAML file with the same sections as a preset")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting by dotted key, e.g. -o shard.resolution=64 -o storage.root=s3://b/p")
+    p.add_argument("--model", choices=["cart", "ndp"], default=None,
+                   help="ndp: next-detail prediction with a compute dial — sets ar.model=ndp and its tokenizer "
+                        "(tokenizer.order=0, tokenizer.truncation=0.5; -o overrides still win)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+MODEL_OVERRIDES = {"cart": ["ar.model=cart"],
+                   "ndp": ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]}
+"""What `--model` sets: NDP needs the dyadic-pyramid tokenizer trained to decode truncated quadtrees."""
 
 
 def _load(args: argparse.Namespace):
     from nextdetail.conf import load_config
 
     preset = args.preset if args.preset or args.config else "tiny"
-    return load_config(preset=preset if not args.config else None, config_file=args.config, overrides=args.override)
+    overrides = [*MODEL_OVERRIDES.get(getattr(args, "model", None) or "", []), *args.override]
+    return load_config(preset=preset if not args.config else None, config_file=args.config, overrides=overrides)
 
 
 def _print_shard(result) -> None:
@@ -84,7 +93,9 @@ def _print_sample(result) -> None:
 
     print(summary_line(result.summary))
     print(f"  look at:   {result.url}/grid.png   (per class: a real photo, then its samples)")
-    if result.summary.get("upscale", 1) > 1:
+    if result.summary.get("model") == "ndp":
+        print(f"             {result.url}/heatmap.png   (each sample beside how deep each patch was refined)")
+    elif result.summary.get("upscale", 1) > 1:
         print(f"             {result.url}/hires/grid.png   (×{result.summary['upscale']}: bilinear vs CART's "
               "upscaled base + patch-wise detail)")
     print(f"  samples:   {result.url}/samples.tar   (webdataset: png, cls)   {result.url}/images/")
@@ -105,7 +116,8 @@ def _sample_overrides(args: argparse.Namespace) -> list[str]:
     """`nextdetail sample`'s flags as sample.* overrides."""
     out = []
     for flag, key in (("classes", "classes"), ("n", "per_class"), ("cfg", "cfg"), ("top_k", "top_k"),
-                      ("top_p", "top_p"), ("seed", "seed"), ("upscale", "upscale"), ("device", "device")):
+                      ("top_p", "top_p"), ("seed", "seed"), ("upscale", "upscale"), ("device", "device"),
+                      ("budget", "budget"), ("estimator", "estimator"), ("refine_per_step", "refine_per_step")):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"sample.{key}={'[' + ','.join(map(str, value)) + ']' if isinstance(value, list) else value}")
@@ -127,7 +139,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     summary, _ = run_sampling(Store(args.out, cfg.storage.options), SampleInputs(ckpt, cfg.storage.options),
                               cfg.sample, progress=not args.no_progress)
     print(summary_line(summary))
-    print(f"  look at:   {summary['url']}/grid.png" + (f"   {summary['url']}/hires/grid.png" if cfg.sample.upscale > 1 else ""))
+    extra = ("heatmap.png" if summary.get("model") == "ndp" else "hires/grid.png" if cfg.sample.upscale > 1 else None)
+    print(f"  look at:   {summary['url']}/grid.png" + (f"   {summary['url']}/{extra}" if extra else ""))
     print(f"  samples:   {summary['url']}/samples.tar   {summary['url']}/images/")
 
 
@@ -276,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--upscale", type=int, default=None, help="also ×N by upscaled base + patch-wise detail; 1: off")
+    p.add_argument("--budget", type=float, default=None,
+                   help="NDP: fraction of the full pyramid's refinements per image (0 < b ≤ 1)")
+    p.add_argument("--estimator", default=None, choices=["learned", "entropy", "oracle", "random", "uniform"],
+                   help="NDP: which patches to refine first")
+    p.add_argument("--refine-per-step", type=int, default=None, help="NDP: patches refined per forward pass")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)

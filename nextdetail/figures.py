@@ -208,3 +208,28 @@ def metric_curves(rows: list[dict[str, Any]], real_isc: float | None = None) -> 
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     return figure_image(fig)
+
+
+def refinement_heatmap(image: np.ndarray, levels: np.ndarray, n_levels: int) -> np.ndarray:
+    """An NDP sample (H, W, 3) uint8 overlaid with how deep each patch was refined: levels (S, S) of the
+    quadtree leaves (0 = the 1×1 root … n_levels − 1 = finest) coloured dark blue → yellow (viridis),
+    blended half and half, with the leaves' outlines drawn. → (H, W, 3) uint8."""
+    from matplotlib import colormaps
+
+    H, S = image.shape[0], levels.shape[0]
+    f = H // S
+    colours = (colormaps["viridis"](levels / max(n_levels - 1, 1))[..., :3] * 255).astype(np.float32)  # (S, S, 3)
+    big = colours.repeat(f, 0).repeat(f, 1)
+    out = (0.5 * image.astype(np.float32) + 0.5 * big).round().astype(np.uint8)
+    cell = H >> levels.repeat(f, 0).repeat(f, 1).astype(np.int64)  # (H, W): each pixel's leaf side in pixels
+    yy, xx = np.mgrid[0:H, 0:H]
+    out[(yy % cell == 0) | (xx % cell == 0)] = (255, 255, 255)  # the leaves' top and left edges
+    return out
+
+
+def refinement_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], n_levels: int, per_class: int = 4) -> Image.Image:
+    """Per class: [sample, its refinement heat map] pairs (`refinement_heatmap`), enlarged to be seen."""
+    pairs = [(name, images[:per_class], np.stack([refinement_heatmap(i, lv, n_levels) for i, lv in
+                                                  zip(images[:per_class], levels[:per_class], strict=True)]))
+             for name, images, levels in rows]
+    return pair_grid(pairs, ("sample", "refined (dark: coarse)"))

@@ -146,6 +146,9 @@ class TokenizerConfig(_Section):
     order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
     detail_depth: int = Field(default=1, ge=1, description="(M − B)/n: full-resolution token maps per detail factor")
     init_from: str | None = Field(default=None, description="VAR tokenizer checkpoint (vae_ch160v4096z32.pth) to start from")
+    truncation: float = Field(default=0.0, ge=0, le=1, description="NDP: fraction of training images decoded from "
+                              "a random quadtree state of the dyadic pyramid (region-wise truncation); needs order 0 "
+                              "and patch_nums 1, 2, 4, … up to the latent side")
     # Training.
     steps: int = Field(default=100_000, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -222,6 +225,9 @@ class TokensConfig(_Section):
 class ARConfig(_Section):
     """The `train_ar` stage: the next-detail transformer (CART §3.3) on the token cache, VAR's recipe."""
 
+    model: Literal["cart", "ndp"] = Field(
+        default="cart", description="cart: the block-causal next-detail transformer (CART); ndp: the masked "
+        "next-detail model with a difficulty head (NDP; needs tokenizer.order=0 and a dyadic patch_nums)")
     # The model: width 64·depth and heads = depth unless set (VAR).
     depth: int = Field(default=16, ge=1)
     width: int | None = Field(default=None, ge=8, description="None: 64 · depth (VAR)")
@@ -247,6 +253,8 @@ class ARConfig(_Section):
     loss_weighting: Literal["token", "map"] = Field(
         default="token", description="token: every token counts the same (VAR); map: every token map counts the "
         "same (the few coarse tokens that fix an image's layout and colours weigh as much as a detail map)")
+    difficulty_weight: float = Field(default=0.5, ge=0, description="ndp: weight of the difficulty head's loss "
+                                     "(MSE to the log latent error that refining a leaf removes)")
     split: str = "train"
     val_split: str | None = Field(default="val", description="held-out split for the best checkpoint; None: none")
     val_batches: int = Field(default=4, ge=1)
@@ -264,12 +272,15 @@ class ARConfig(_Section):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
 
+    NDP_FIELDS: ClassVar[frozenset[str]] = frozenset({"difficulty_weight"})
+
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch_size / self.base_batch
 
     def identity_settings(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+        skip = self.RUNTIME_FIELDS | (self.NDP_FIELDS if self.model == "cart" else frozenset())
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
 class SampleConfig(_Section):
@@ -284,14 +295,24 @@ class SampleConfig(_Section):
     upscale: int = Field(default=2, ge=1, le=8, description="also generate at this many times the trained size "
                          "(CART §4.2.1: upscaled base + patch-wise detail; 1: off)")
     checkpoint: Literal["last", "best"] = "last"
+    # NDP's compute dial (ar.model=ndp only).
+    budget: float = Field(default=1.0, gt=0, le=1, description="ndp: fraction of the full pyramid's refinements "
+                          "spent per image (1: every patch refined to the finest scale)")
+    estimator: Literal["learned", "entropy", "oracle", "random", "uniform"] = Field(
+        default="learned", description="ndp: which leaves to refine first — the difficulty head, the children's "
+        "predictive entropy, the oracle (analysis only), random, or uniform breadth-first (VAR's order)")
+    refine_per_step: int = Field(default=4, ge=1, description="ndp: leaves refined per forward pass")
     # How the work runs: excluded from the cache identity.
     batch_size: int = Field(default=32, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    NDP_FIELDS: ClassVar[tuple[str, ...]] = ("budget", "estimator", "refine_per_step")
 
-    def identity_settings(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+    def identity_settings(self, model: str = "cart") -> dict:
+        """The settings that change the samples of a `model` (cart|ndp) transformer."""
+        skip = self.RUNTIME_FIELDS | (frozenset(self.NDP_FIELDS) if model == "cart" else frozenset({"upscale"}))
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
 class EvalConfig(_Section):
@@ -371,6 +392,16 @@ class PipelineConfig(_Section):
         if self.tokenizer.order is not None and self.tokenizer.order > self.decompose.order:
             raise ValueError(f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
                              f"(now {self.decompose.order})")
+        if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
+            from nextdetail.models.quadtree import dyadic_sides
+
+            what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
+            latent = None if res is None else res // down
+            if self.tokenizer.order != 0 or (latent is not None and (latent & (latent - 1) or
+                                                                      self.tokenizer.patch_nums != list(dyadic_sides(latent)))):
+                raise ValueError(f"{what} needs a dyadic pyramid tokenizer: tokenizer.order=0 and tokenizer.patch_nums="
+                                 f"{list(dyadic_sides(latent)) if latent and not latent & (latent - 1) else '1, 2, 4, …'}"
+                                 " (`--model ndp` sets both)")
         return self
 
     def tokenizer_spec(self) -> Any:

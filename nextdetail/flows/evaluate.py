@@ -130,7 +130,7 @@ def evaluate_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: Tokenizer
             "train_ar_identity": ar.identity}
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary)
     ids = [f"{ar.identity}:{r.label}" for r in refs]
-    artifact = plan_evaluation(out_root.sub(ar_dir), inputs, ids, e, cfg.sample, extractor)
+    artifact = plan_evaluation(out_root.sub(ar_dir), inputs, ids, e, cfg.sample, extractor, model=cfg.ar.model)
     fut = evaluate_stage.submit(artifact, inputs, e, sampling_config(e, cfg.sample), progress)
     record = fut.result()
     result = EvalResult(artifact.store.url(), artifact.identity, record["summary"], _work(fut, record),
@@ -171,7 +171,7 @@ def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards
     t0 = time.time()
     store = Store(out, cfg.storage.options)
     ids = [stable_hash(Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1])) for p in checkpoints]
-    artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False)
+    artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False, model="ndp")
     done = build_artifact(artifact, lambda a: run_evaluation(a.store, inputs, e, sampling_config(e, cfg.sample), print,
                                                              progress))
     return EvalResult(store.url(), artifact.identity, done["summary"], done["work"], round(time.time() - t0, 3),

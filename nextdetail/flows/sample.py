@@ -56,8 +56,8 @@ def sample_flow(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult, 
     inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens))
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
     out = Store(cfg.storage.root, cfg.storage.options).sub(
-        "samples", dataset_dir, ar_dir, f"{cfg.sample.checkpoint}-{stable_hash(cfg.sample.identity_settings())[:12]}")
-    artifact = plan_samples(out, ar.identity, cfg.sample)
+        "samples", dataset_dir, ar_dir, f"{cfg.sample.checkpoint}-{stable_hash(cfg.sample.identity_settings(cfg.ar.model))[:12]}")
+    artifact = plan_samples(out, ar.identity, cfg.sample, cfg.ar.model)
     fut = sample_stage.submit(artifact, inputs, cfg.sample, progress)
     record = fut.result()
     work = "cached" if fut.state.name == "Cached" else record["work"]

@@ -120,8 +120,11 @@ class MultiScaleQuantizer(nn.Module):
         if any(s.shape != sources[0].shape for s in sources):
             raise ValueError(f"source feature maps differ in shape: {[tuple(s.shape) for s in sources]}")
 
-    def forward(self, sources: list[Tensor]) -> QuantOutput:
-        """Algorithm 1 with gradients: `sources` = [f_{B_n}, f_{D_n}, …, f_{D_1}], each (B, C, h, w)."""
+    def forward(self, sources: list[Tensor], present: list[Tensor] | None = None) -> QuantOutput:
+        """Algorithm 1 with gradients: `sources` = [f_{B_n}, f_{D_n}, …, f_{D_1}], each (B, C, h, w).
+        `present` (per map, (B, h_k, w_k) bool; a quadtree state): the returned f̂ is the mixed-scale
+        reconstruction of only those tokens (`indices_to_f_mixed`), so the decoder learns to decode any
+        truncation (NDP); the codes and φ still learn from the full residual chain."""
         self._check_sources(sources)
         dtype = sources[0].dtype
         sources = [s.float() for s in sources]
@@ -150,7 +153,9 @@ class MultiScaleQuantizer(nn.Module):
         if recent:
             self.recent = torch.cat(recent)
         target = torch.stack(sources).sum(0)  # Σ sources = f_I
-        f_hat = (torch.stack(f_hat_src).sum(0).data - target.detach()).add_(target)  # straight-through
+        value = torch.stack(f_hat_src).sum(0).data if present is None else \
+            self.indices_to_f_mixed(indices, present, ww).float()
+        f_hat = (value - target.detach()).add_(target)  # straight-through
         return QuantOutput(f_hat.to(dtype), vq_loss / len(self.schedule), indices)
 
     @torch.no_grad()
@@ -190,6 +195,27 @@ class MultiScaleQuantizer(nn.Module):
             f_hat = h if f_hat is None else f_hat + h
             partial.append(f_hat)
         return partial if cumulative else f_hat
+
+    @torch.no_grad()
+    def indices_to_f_mixed(self, indices: list[Tensor], present: list[Tensor], latent_side: int) -> Tensor:
+        """Algorithm 2 over a quadtree state (NDP's mixed-scale decoding): map k contributes
+        φ_k(up(e(z_k) ⊙ present_k)) only inside the region its present tokens cover, so a region left
+        at a coarse level decodes from its coarse tokens alone; absent tokens are never read. With every
+        token present this is `indices_to_f` exactly. (B, C, side, side)."""
+        if len(indices) != len(self.schedule) or len(present) != len(indices):
+            raise ValueError(f"expected {len(self.schedule)} token maps and presence masks, got "
+                             f"{len(indices)} / {len(present)}")
+        f_hat = None
+        for k, (idx, keep) in enumerate(zip(indices, present, strict=True)):
+            e = self.embedding(idx.clamp(0, self.vocab_size - 1)).permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
+            keep_B1hw = keep.unsqueeze(1).to(e.dtype)
+            e = e * keep_B1hw
+            if idx.shape[-1] != latent_side:
+                e = F.interpolate(e, size=(latent_side, latent_side), mode="bicubic")
+                keep_B1hw = F.interpolate(keep_B1hw, size=(latent_side, latent_side), mode="nearest")
+            h = self.phi(k)(e) * keep_B1hw  # (B, C, side, side)
+            f_hat = h if f_hat is None else f_hat + h
+        return f_hat
 
     @torch.no_grad()
     def next_inputs(self, indices: list[Tensor], latent_side: int) -> Tensor:

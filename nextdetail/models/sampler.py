@@ -47,6 +47,13 @@ class CARTSampler:
         """Transformer calls per image (one per token map, KV-cached; CFG runs both halves in that one call)."""
         return len(self.transformer.cfg.sides)
 
+    @property
+    def flops_per_image(self) -> float:
+        """Forward FLOPs of one sample at the trained size (both CFG halves, KV cache): NDP's x axis."""
+        from nextdetail.models.flops import cart_sample_flops
+
+        return 2 * cart_sample_flops(self.transformer.cfg)
+
     @torch.no_grad()
     def sample(self, labels: Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                generator: torch.Generator | None = None) -> Samples:

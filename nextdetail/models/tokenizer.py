@@ -105,9 +105,11 @@ class BaseDetailVQVAE(nn.Module):
         f = self.quant_conv(self.encoder(stacked)).unflatten(0, (n + 1, b))  # (n+1, B, C, h, w)
         return [f[n]] + [f[k - 1] - f[k] for k in range(n, 0, -1)]  # f_{B_n}, f_{D_n} … f_{D_1}
 
-    def forward(self, images: Tensor, bases: Tensor | None = None) -> tuple[Tensor, QuantOutput]:
-        """Training pass: (reconstruction of `images`, the quantizer's output incl. vq_loss)."""
-        q = self.quantize(self.sources(images, bases))
+    def forward(self, images: Tensor, bases: Tensor | None = None,
+                present: list[Tensor] | None = None) -> tuple[Tensor, QuantOutput]:
+        """Training pass: (reconstruction of `images`, the quantizer's output incl. vq_loss). `present`:
+        decode only these tokens per map (a quadtree state; NDP's region-wise truncation)."""
+        q = self.quantize(self.sources(images, bases), present)
         return self.decoder(self.post_quant_conv(q.f_hat)), q
 
     @torch.no_grad()
@@ -120,6 +122,11 @@ class BaseDetailVQVAE(nn.Module):
         """Algorithm 2: Î = D(Σ φ_k(z_k)), clamped to [-1, 1]."""
         f_hat = self.quantize.indices_to_f(indices, self.spec.latent_side)
         return self.fhat_to_img(f_hat)
+
+    @torch.no_grad()
+    def indices_to_img_mixed(self, indices: list[Tensor], present: list[Tensor]) -> Tensor:
+        """NDP's mixed-scale decoding: an image from the tokens of a quadtree state (`present` per map)."""
+        return self.fhat_to_img(self.quantize.indices_to_f_mixed(indices, present, self.spec.latent_side))
 
     def fhat_to_img(self, f_hat: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(f_hat)).clamp_(-1, 1)

@@ -94,12 +94,12 @@ def sampling_config(ecfg: EvalConfig, scfg: SampleConfig) -> SampleConfig:
                                    "classes": None, "device": ecfg.device})
 
 
-def load_sampler(ref: CheckpointRef, options: dict, device: str) -> tuple[Any, dict]:
-    """(CARTSampler, the exported record) for a checkpoint; a step checkpoint's weights swapped in."""
+def load_sampler(ref: CheckpointRef, options: dict, device: str, scfg: SampleConfig | None = None) -> tuple[Any, dict]:
+    """(CARTSampler or NDPSampler, the exported record) for a checkpoint; a step checkpoint's weights swapped in."""
     from nextdetail.storage.checkpoints import load_checkpoint
     from nextdetail.tasks.sample import load_models
 
-    sampler, record = load_models(ref.url, options, device)
+    sampler, record = load_models(ref.url, options, device, scfg)
     if ref.weights_url is not None:
         parent, name = ref.weights_url.rsplit("/", 1)
         state = load_checkpoint(Store(parent, options), name)
@@ -125,17 +125,20 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
     from nextdetail.storage.shards import ShardTarWriter
     from nextdetail.tasks.sample import generate
 
-    sampler, record = load_sampler(ref, inputs.options, scfg.device)
+    sampler, record = load_sampler(ref, inputs.options, scfg.device, scfg)
     names = record["classes"]
     feats: dict[str, list[np.ndarray]] = {"fid": [], "isc": []}
     firsts: dict[int, np.ndarray] = {}
+    flops: list[float] = []
     seconds = 0.0
     with store.atomic_writer(f"samples/{_slug(ref.label)}.tar") as f:
         writer = ShardTarWriter(f)
         for c in tqdm(range(len(names)), desc=f"evaluate {ref.label}", unit="class", disable=not progress, leave=False):
             t0 = time.perf_counter()
-            images = generate(sampler, [c], scfg, scfg.device)["images"][c]  # (n, H, W, 3) uint8
+            generated = generate(sampler, [c], scfg, scfg.device)
+            images = generated["images"][c]  # (n, H, W, 3) uint8
             seconds += time.perf_counter() - t0
+            flops.extend(generated.get("flops", ()))  # NDP: the compute each sample cost
             for i, a in enumerate(images):
                 writer.write({"__key__": f"{c:04d}-{i:05d}", "png": png_bytes(Image.fromarray(a)), "cls": str(c)})
             out = fidelity.extract(extractor, [images[i : i + ecfg.batch_size] for i in range(0, len(images),
@@ -149,6 +152,10 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
     n = len(fake["fid"])
     row = {"label": ref.label, "step": record["step"], "checkpoint": ref.weights_url or ref.url, "samples": n,
            "sampling_images_per_s": round(n / max(seconds, 1e-9), 2), **{k: _round(v) for k, v in metrics.items()}}
+    if flops:
+        row.update(budget=scfg.budget, estimator=scfg.estimator, gflops_per_image=round(float(np.mean(flops)) / 1e9, 6))
+    else:
+        row["gflops_per_image"] = round(sampler.flops_per_image / 1e9, 6)
     return row, firsts, names
 
 
@@ -281,12 +288,12 @@ def evaluate_stage(artifact: Artifact, inputs: EvalInputs, ecfg: EvalConfig, scf
 
 
 def plan_evaluation(parent: Store, inputs: EvalInputs, checkpoint_ids: list[str], ecfg: EvalConfig,
-                    scfg: SampleConfig, extractor: dict[str, str], subdir: bool = True) -> Artifact:
+                    scfg: SampleConfig, extractor: dict[str, str], subdir: bool = True, model: str = "cart") -> Artifact:
     """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself)."""
     code = code_version(*CODE)
     sampling = sampling_config(ecfg, scfg)  # of sample.*, only what evaluation samples with
-    settings = {"eval": ecfg.identity_settings(),
-                "sampling": {k: getattr(sampling, k) for k in ("per_class", "seed", "cfg", "top_k", "top_p")}}
+    used = ("per_class", "seed", "cfg", "top_k", "top_p") + (SampleConfig.NDP_FIELDS if model == "ndp" else ())
+    settings = {"eval": ecfg.identity_settings(), "sampling": {k: getattr(sampling, k) for k in used}}
     upstream = {"checkpoints": checkpoint_ids, "reference": inputs.reference.identity,
                 "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity"), "extractor": extractor}
     identity = stable_hash({"stage": "evaluate", "settings": settings, "upstream": upstream, "code": code})

@@ -8,7 +8,10 @@ Data flow (all in this file; the sampling itself in `models/sampler.py`):
      classes were asked for
   ─▶ images/<class index>-<class>/<i>.png, grids/<class index>-<class>.png (a real photo of the class
      first, then its samples), grid.png (every class, one row each), samples.tar (webdataset: png, cls)
-  ─▶ with upscale = f > 1: hires/grid.png — per class, the bilinear ×f baseline beside CART's
+  ─▶ NDP (kind ndp): the budgeted sampler (`models/ndp_sampler.py`: budget, estimator, refine_per_step);
+     heatmap.png — every sample beside the map of how deep each patch was refined — and the FLOPs and
+     tokens per image in summary.json
+  ─▶ CART with upscale = f > 1: hires/grid.png — per class, the bilinear ×f baseline beside CART's
      upscaled base + patch-wise detail (§4.2.1), and hires/images/…
   ─▶ summary.json (images/s, forward passes per image, settings), _COMPLETE.json
 
@@ -34,7 +37,8 @@ from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
 CODE = ("nextdetail.tasks.sample", "nextdetail.models.sampler", "nextdetail.models.transformer",
-        "nextdetail.models.quant")
+        "nextdetail.models.quant", "nextdetail.models.ndp", "nextdetail.models.ndp_sampler", "nextdetail.models.quadtree",
+        "nextdetail.models.flops")
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,10 @@ class SampleInputs:
         return "SampleInputs", self.checkpoint_url
 
 
-def load_models(checkpoint_url: str, options: dict, device: str) -> tuple[Any, dict]:
-    """(CARTSampler on `device`, the checkpoint's record). The tokenizer comes from the record's url and
-    must still have the recorded sha256."""
+def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConfig | None = None) -> tuple[Any, dict]:
+    """(CARTSampler or NDPSampler — the checkpoint's kind — on `device`, the checkpoint's record). The
+    tokenizer comes from the record's url and must still have the recorded sha256. `cfg`: NDP's dial."""
+    from nextdetail.models.ndp_sampler import NDPSampler
     from nextdetail.models.sampler import CARTSampler
     from nextdetail.models.tokenizer import BaseDetailVQVAE
     from nextdetail.tasks.train_ar import load_transformer
@@ -70,6 +75,10 @@ def load_models(checkpoint_url: str, options: dict, device: str) -> tuple[Any, d
     if bytes_sha256(data) != tok_sha:
         raise UserError(f"{tok_url} is not the tokenizer {checkpoint_url} was trained with (sha256 differs)")
     tokenizer = BaseDetailVQVAE.from_checkpoint(data)
+    if record.get("kind", "cart") == "ndp":
+        cfg = cfg or SampleConfig()
+        return NDPSampler(transformer.to(device), tokenizer.to(device), cfg.budget, cfg.estimator,
+                          cfg.refine_per_step), record
     return CARTSampler(transformer.to(device), tokenizer.to(device)), record
 
 
@@ -81,7 +90,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
              progress: bool = False) -> dict[str, Any]:
     """Samples per class: {"images": {c: (n, H, W, 3) uint8}, "hires": {c: (…, fH, fW, 3)}, "bilinear": …,
-    "seconds": trained-size sampling time, "hires_seconds"}."""
+    "seconds": trained-size sampling time, "hires_seconds"}; NDP adds "levels": {c: (n, S, S)} (the level
+    each latent cell was refined to), "flops" and "tokens" (per image, all classes)."""
     from tqdm import tqdm
 
     from nextdetail.models.sampler import bilinear_upscale
@@ -89,10 +99,14 @@ def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
     images: dict[int, np.ndarray] = {}
     hires: dict[int, np.ndarray] = {}
     bilinear: dict[int, np.ndarray] = {}
+    levels: dict[int, np.ndarray] = {}
+    flops: list[np.ndarray] = []
+    tokens: list[np.ndarray] = []
     seconds = hires_seconds = 0.0
+    ndp = hasattr(sampler, "estimator")
     for c in tqdm(classes, desc="sample", unit="class", disable=not progress, leave=False):
         g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + c)
-        chunks, hchunks, bchunks = [], [], []
+        chunks, hchunks, bchunks, lchunks = [], [], [], []
         for start in range(0, cfg.per_class, cfg.batch_size):
             n = min(cfg.batch_size, cfg.per_class - start)
             labels = torch.full((n,), c, dtype=torch.long, device=device)
@@ -100,7 +114,11 @@ def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
             out = sampler.sample(labels, cfg.cfg, cfg.top_k, cfg.top_p, g)
             seconds += time.perf_counter() - t0
             chunks.append(to_uint8(out.images))
-            if cfg.upscale > 1:
+            if ndp:
+                lchunks.append(out.level_maps.cpu().numpy().astype(np.uint8))
+                flops.append(out.flops.cpu().numpy())
+                tokens.append(out.tokens.cpu().numpy())
+            elif cfg.upscale > 1:
                 t0 = time.perf_counter()
                 hchunks.append(to_uint8(sampler.upscale(labels, out.maps, cfg.upscale, cfg.cfg, cfg.top_k, cfg.top_p, g)))
                 hires_seconds += time.perf_counter() - t0
@@ -108,7 +126,13 @@ def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
         images[c] = np.concatenate(chunks)
         if hchunks:
             hires[c], bilinear[c] = np.concatenate(hchunks), np.concatenate(bchunks)
-    return {"images": images, "hires": hires, "bilinear": bilinear, "seconds": seconds, "hires_seconds": hires_seconds}
+        if lchunks:
+            levels[c] = np.concatenate(lchunks)
+    out = {"images": images, "hires": hires, "bilinear": bilinear, "seconds": seconds, "hires_seconds": hires_seconds}
+    if ndp:
+        out.update(levels=levels, flops=np.concatenate(flops), tokens=np.concatenate(tokens),
+                   pyramid_levels=len(sampler.sides))
+    return out
 
 
 def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], references: dict[int, np.ndarray],
@@ -143,6 +167,12 @@ def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], 
     writer.close()
     put("samples.tar", tar.getvalue())
     put("grid.png", png_bytes(class_grid(rows)))
+    if result.get("levels"):
+        from nextdetail.figures import refinement_grid
+
+        put("heatmap.png", png_bytes(refinement_grid(
+            [(class_names[c], result["images"][c], result["levels"][c]) for c in result["levels"]],
+            result["pyramid_levels"])))
     if result["hires"]:
         pairs = []
         for c, imgs in result["hires"].items():
@@ -170,15 +200,19 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
     device = cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("sample.device=cuda but no CUDA device is visible; use -o sample.device=cpu")
-    sampler, record = load_models(inputs.checkpoint_url, inputs.options, device)
+    sampler, record = load_models(inputs.checkpoint_url, inputs.options, device, cfg)
     class_names = record["classes"]
     classes = cfg.classes if cfg.classes is not None else list(range(len(class_names)))
     bad = [c for c in classes if not 0 <= c < len(class_names)]
     if bad:
         raise UserError(f"classes {bad} are not in 0…{len(class_names) - 1} (this model's classes: "
                         f"{', '.join(class_names[:5])}…)")
+    ndp = record.get("kind") == "ndp"
     log(f"sample: {len(classes)} classes × {cfg.per_class}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
-        f"seed {cfg.seed}" + (f", and ×{cfg.upscale} by patch-wise detail" if cfg.upscale > 1 else ""))
+        f"seed {cfg.seed}" + (f", NDP budget {cfg.budget:.0%} ({cfg.estimator}, {cfg.refine_per_step} per step)" if ndp
+                             else f", and ×{cfg.upscale} by patch-wise detail" if cfg.upscale > 1 else ""))
+    if ndp:
+        cfg = cfg.model_copy(update={"upscale": 1})  # CART's patch-wise ×f needs detail maps
     result = generate(sampler, classes, cfg, device, progress)
     files = write_outputs(store, result, class_names, decode_references(inputs.references), cfg.upscale)
     n = len(classes) * cfg.per_class
@@ -189,7 +223,12 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
         "forward_passes_per_image": sampler.forward_passes,
         "hires_images_per_s": round(n / result["hires_seconds"], 2) if result["hires_seconds"] else None,
         "checkpoint": inputs.checkpoint_url, "checkpoint_step": record["step"], "url": store.url(),
+        "model": record.get("kind", "cart"),
     }
+    if ndp:
+        summary.update(budget=cfg.budget, estimator=cfg.estimator, refine_per_step=cfg.refine_per_step,
+                       gflops_per_image=round(float(result["flops"].mean()) / 1e9, 6),
+                       tokens_per_image=round(float(result["tokens"].mean()), 2))
     store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
     return summary, [*files, "summary.json"]
 
@@ -201,9 +240,9 @@ def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, pr
     return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
 
 
-def plan_samples(store: Store, ar_identity: str, cfg: SampleConfig) -> Artifact:
+def plan_samples(store: Store, ar_identity: str, cfg: SampleConfig, model: str = "cart") -> Artifact:
     code = code_version(*CODE)
-    settings = cfg.identity_settings()
+    settings = cfg.identity_settings(model)
     identity = stable_hash({"stage": "sample", "settings": settings, "train_ar": ar_identity, "code": code})
     lineage = {"code": code, "settings": settings, "upstream": {"train_ar": ar_identity}}
     return Artifact("sample", identity, store, "_COMPLETE.json", lineage=lineage)
@@ -212,6 +251,8 @@ def plan_samples(store: Store, ar_identity: str, cfg: SampleConfig) -> Artifact:
 def summary_line(summary: dict) -> str:
     hires = (f"; ×{summary['upscale']} patch-wise {summary['hires_images_per_s']} images/s"
              if summary.get("hires_images_per_s") else "")
+    ndp = (f"; NDP budget {summary['budget']:.0%} ({summary['estimator']}): {summary['gflops_per_image']} GFLOPs, "
+           f"{summary['tokens_per_image']} tokens per image" if summary.get("model") == "ndp" else "")
     return (f"sample: {summary['images']} images ({summary['classes']} classes × {summary['per_class']}), cfg "
             f"{summary['cfg']}, {summary['images_per_s']} images/s, {summary['forward_passes_per_image']} forward "
-            f"passes per image{hires}")
+            f"passes per image{hires}{ndp}")

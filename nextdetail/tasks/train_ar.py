@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from nextdetail.conf.schema import ARConfig
 from nextdetail.errors import UserError
+from nextdetail.models.ndp import NDPConfig, NextDetailMaskedTransformer, ndp_loss
 from nextdetail.models.transformer import NextDetailTransformer, TransformerConfig
 from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, write_torch
 from nextdetail.storage.fs import Store
@@ -49,7 +50,7 @@ from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
 CODE = ("nextdetail.tasks.train_ar", "nextdetail.models.transformer", "nextdetail.models.quant",
-        "nextdetail.storage.token_loader")
+        "nextdetail.storage.token_loader", "nextdetail.models.ndp", "nextdetail.models.quadtree")
 EXPORT_FORMAT = 1
 FILES = ["transformer.pt", "best.pt", "metrics.csv", "loss.png", "summary.json"]
 
@@ -85,12 +86,29 @@ class ARData:
         return BaseDetailVQVAE.from_checkpoint(data).to(device)
 
 
-def transformer_config(cfg: ARConfig, layout: dict[str, Any], num_classes: int, cvae: int) -> TransformerConfig:
-    """The architecture: map sides and vocabulary from the token cache's layout, the rest from `ar.*`."""
-    return TransformerConfig(
-        sides=tuple(int(m["height"]) for m in layout["maps"]), vocab_size=int(layout["vocab_size"]), cvae=cvae,
-        num_classes=num_classes, depth=cfg.depth, width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-        drop_path=cfg.drop_path, cond_drop=cfg.class_dropout, attn_l2_norm=cfg.attn_l2_norm)
+ModelConfig = TransformerConfig | NDPConfig
+MODELS = {"cart": (TransformerConfig, NextDetailTransformer), "ndp": (NDPConfig, NextDetailMaskedTransformer)}
+
+
+def transformer_config(cfg: ARConfig, layout: dict[str, Any], num_classes: int, cvae: int) -> ModelConfig:
+    """The architecture: map sides and vocabulary from the token cache's layout, the rest from `ar.*`;
+    `ar.model=ndp` needs the maps to be a dyadic pyramid (1, 2, 4, …, latent side)."""
+    from nextdetail.models.quadtree import is_dyadic
+
+    sides = tuple(int(m["height"]) for m in layout["maps"])
+    common = dict(vocab_size=int(layout["vocab_size"]), cvae=cvae, num_classes=num_classes, depth=cfg.depth,
+                  width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
+                  cond_drop=cfg.class_dropout, attn_l2_norm=cfg.attn_l2_norm)
+    if cfg.model == "cart":
+        return TransformerConfig(sides=sides, **common)
+    if not is_dyadic(sides):
+        raise UserError(f"ar.model=ndp needs a dyadic token pyramid, but this token cache has maps {sides}; train the "
+                        "tokenizer with tokenizer.order=0 and patch_nums 1, 2, 4, … (`--model ndp` sets them)")
+    return NDPConfig(latent_side=sides[-1], **common)
+
+
+def model_kind(mcfg: ModelConfig) -> str:
+    return "ndp" if isinstance(mcfg, NDPConfig) else "cart"
 
 
 def split_maps(tokens_BL: torch.Tensor, sides: tuple[int, ...]) -> list[torch.Tensor]:
@@ -137,17 +155,18 @@ NO_DECAY = ("pos_start", "pos_1LC", "lvl_embed", "scale_mul_1H11", "q_bias", "v_
 class ARTrainer:
     """Model, optimizer and schedule of one process; `state()` / `load()` are the checkpoint."""
 
-    def __init__(self, cfg: ARConfig, tcfg: TransformerConfig, teacher: TeacherInputs, device: torch.device,
+    def __init__(self, cfg: ARConfig, tcfg: ModelConfig, teacher: TeacherInputs, device: torch.device,
                  rank: int = 0, world: int = 1) -> None:
         self.cfg, self.tcfg, self.teacher, self.device, self.rank, self.world = cfg, tcfg, teacher, device, rank, world
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = NextDetailTransformer(tcfg).to(device)
+        self.kind = model_kind(tcfg)
+        self.model = MODELS[self.kind][1](tcfg).to(device)
         self.net: torch.nn.Module = self.model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        # per-token loss weights (L,), summing to 1: uniform (VAR), or each map's tokens share 1/M
+        # CART's per-token loss weights (L,), summing to 1: uniform (VAR), or each map's tokens share 1/M
         sizes = torch.tensor([s * s for s in tcfg.sides], dtype=torch.float32)
         per_map = 1 / (len(sizes) * sizes) if cfg.loss_weighting == "map" else torch.full_like(sizes, 1 / tcfg.L)
         self.token_weights = per_map.repeat_interleave(sizes.long()).to(device)
@@ -179,34 +198,41 @@ class ARTrainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.model.train()
-        x = self.teacher(tokens)  # (B, L − first_l, Cvae)
-        with self.autocast():
-            logits = self.net(labels, x)  # (B, L, V)
-        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none",
-                             label_smoothing=self.cfg.label_smoothing)  # (B, L)
-        loss = ce.mul(self.token_weights).sum(1).mean()
+        loss, acc, extra = self.objective(self.net, tokens, labels, self.cfg.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        acc = (logits.detach().argmax(-1) == tokens).float().mean()
-        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": float(grad_norm), **extra}
+
+    def objective(self, net: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+                  drop_labels: bool | None = None, generator: torch.Generator | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(mean loss over the batch, token accuracy, extra metrics). CART: CE of all L tokens given the
+        maps before (teacher forcing). NDP: a random quadtree state per image (`models/ndp.ndp_loss`)."""
+        if self.kind == "ndp":
+            with self.autocast():
+                loss, m = ndp_loss(self.model, net, self.teacher.quantizer, tokens, labels, self.cfg.loss_weighting,
+                                   self.cfg.difficulty_weight, label_smoothing, generator, drop_labels)
+            return loss, m["acc"], {"difficulty_loss": float(m["difficulty_loss"]), "leaves": float(m["leaves"])}
+        x = self.teacher(tokens)  # (B, L − first_l, Cvae)
+        with self.autocast():
+            logits = net(labels, x, drop_labels=drop_labels)  # (B, L, V)
+        ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none", label_smoothing=label_smoothing)  # (B, L)
+        return ce.mul(self.token_weights).sum(1).mean(), (logits.detach().argmax(-1) == tokens).float().mean(), {}
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """Held-out loss (the training objective's weighting) and token accuracy with true labels (no
-        class dropout, no drop path)."""
+        class dropout, no drop path; NDP's quadtree states from a fixed generator: comparable across steps)."""
         self.model.eval()
-        total, correct, images, count = 0.0, 0.0, 0, 0
+        generator = torch.Generator().manual_seed(0)
+        total, correct, images = 0.0, 0.0, 0
         for tokens, labels in batches:
             tokens, labels = tokens.to(self.device), labels.to(self.device)
-            with self.autocast():
-                logits = self.model(labels, self.teacher(tokens), drop_labels=False)
-            ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, L)
-            total += float(ce.mul(self.token_weights).sum())
-            correct += float((logits.argmax(-1) == tokens).sum())
-            images, count = images + len(tokens), count + tokens.numel()
-        return {"val_loss": total / images, "val_acc": correct / count}
+            loss, acc, _ = self.objective(self.model, tokens, labels, 0.0, drop_labels=False, generator=generator)
+            total, correct, images = total + float(loss) * len(tokens), correct + float(acc) * len(tokens), images + len(tokens)
+        return {"val_loss": total / images, "val_acc": correct / images}
 
     def state(self, step: int, position: dict[str, int], metrics: list[dict], best: dict) -> dict[str, Any]:
         return {"step": step, "data_position": position, "metrics": metrics, "best": best,
@@ -219,22 +245,25 @@ class ARTrainer:
         return int(state["step"])
 
 
-def export(model: NextDetailTransformer, data: ARData, step: int, val_loss: float | None) -> dict[str, Any]:
+def export(model: torch.nn.Module, data: ARData, step: int, val_loss: float | None) -> dict[str, Any]:
     """What sampling loads (transformer.pt / best.pt): architecture, weights, and what they belong to."""
-    return {"format": EXPORT_FORMAT, "config": asdict(model.cfg), "model": model.state_dict(), "step": step,
+    return {"format": EXPORT_FORMAT, "kind": model_kind(model.cfg), "config": asdict(model.cfg),
+            "model": model.state_dict(), "step": step,
             "val_loss": val_loss, "classes": list(data.classes), "token_cache": data.tokens_identity,
             "tokenizer": {"url": data.tokenizer_url, "sha256": data.tokenizer_sha256}}
 
 
-def load_transformer(checkpoint: bytes | str, map_location: str = "cpu") -> tuple[NextDetailTransformer, dict]:
-    """An exported transformer (eval mode) and its record (classes, tokenizer url + sha256, step, …)."""
+def load_transformer(checkpoint: bytes | str, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """An exported model (eval mode) — `NextDetailTransformer` (kind cart) or `NextDetailMaskedTransformer`
+    (kind ndp) — and its record (classes, tokenizer url + sha256, step, …)."""
     source = io.BytesIO(checkpoint) if isinstance(checkpoint, bytes) else checkpoint
     saved = torch.load(source, map_location=map_location, weights_only=False)
     if saved.get("format") != EXPORT_FORMAT:
         raise UserError(f"{checkpoint if isinstance(checkpoint, str) else 'checkpoint'}: not a transformer.pt/best.pt "
                         "of `nextdetail train-ar` (a step checkpoint? use the run's transformer.pt)")
-    c = saved["config"]
-    model = NextDetailTransformer(TransformerConfig(**{**c, "sides": tuple(c["sides"])}))
+    c, kind = saved["config"], saved.get("kind", "cart")
+    config_cls, model_cls = MODELS[kind]
+    model = model_cls(config_cls(**{**c, "sides": tuple(c["sides"])} if kind == "cart" else c))
     model.load_state_dict(saved["model"])
     return model.eval(), saved
 
@@ -320,8 +349,10 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
             recent = metrics[-cfg.log_every:]
             rate = done * tokens_per_step / max(time.time() - t0, 1e-9)
             if rank == 0:
+                ndp = (f" difficulty {np.mean([m['difficulty_loss'] for m in recent]):.4f} leaves "
+                       f"{np.mean([m['leaves'] for m in recent]):.1f}" if "difficulty_loss" in out else "")
                 log(f"train_ar: step {step + 1}/{cfg.steps} loss {np.mean([m['loss'] for m in recent]):.4f} "
-                    f"acc {np.mean([m['acc'] for m in recent]):.3f} lr {out['lr']:.2e} | {rate:,.0f} tokens/s")
+                    f"acc {np.mean([m['acc'] for m in recent]):.3f}{ndp} lr {out['lr']:.2e} | {rate:,.0f} tokens/s")
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             if rank == 0:
                 if held_out:
@@ -366,7 +397,7 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
 
 
 def write_metrics_csv(store: Store, metrics: list[dict]) -> None:
-    columns = ["step", "loss", "acc", "lr", "grad_norm", "val_loss", "val_acc"]
+    columns = ["step", "loss", "acc", "lr", "grad_norm", "val_loss", "val_acc", "difficulty_loss", "leaves"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -425,7 +456,7 @@ def train_ar(artifact: Artifact, data: ARData, cfg: ARConfig, progress: bool = F
     return summary, FILES
 
 
-def plan_ar(store: Store, data: ARData, cfg: ARConfig, tcfg: TransformerConfig) -> Artifact:
+def plan_ar(store: Store, data: ARData, cfg: ARConfig, tcfg: ModelConfig) -> Artifact:
     code = code_version(*CODE)
     settings = cfg.identity_settings()
     identity = stable_hash({"stage": "train_ar", "settings": settings, "architecture": asdict(tcfg),
@@ -434,8 +465,8 @@ def plan_ar(store: Store, data: ARData, cfg: ARConfig, tcfg: TransformerConfig) 
     return Artifact("train_ar", identity, store, "_COMPLETE.json", lineage=lineage)
 
 
-def settings_dir_name(cfg: ARConfig, tcfg: TransformerConfig) -> str:
-    return f"d{tcfg.depth}-w{tcfg.C}-maps{len(tcfg.sides)}-{stable_hash({'s': cfg.identity_settings(), 'a': asdict(tcfg)})[:12]}"
+def settings_dir_name(cfg: ARConfig, tcfg: ModelConfig) -> str:
+    return f"{'ndp-' if cfg.model == 'ndp' else ''}d{tcfg.depth}-w{tcfg.C}-maps{len(tcfg.sides)}-{stable_hash({'s': cfg.identity_settings(), 'a': asdict(tcfg)})[:12]}"
 
 
 def summary_line(summary: dict) -> str:

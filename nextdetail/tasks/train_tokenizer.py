@@ -4,7 +4,8 @@ Data flow (all of it in this file; the model in `models/tokenizer.py`, `quant.py
   index.parquet of the decomposition (key → tar, row) ─▶ `FactorBatches`: batch s of the run is a
     pure function of (seed, s): epoch e = s // steps_per_epoch shuffles the tars and each tar's rows
     with a generator seeded (seed, e); images are decoded from the tar, B_1 … B_n read from Zarr
-  ─▶ `train()`: rec (L2 | L1) + VQ (codebook + β·commitment) [+ λ_p LPIPS] [+ λ_G hinge PatchGAN after
+  ─▶ `train()`: [with `truncation` > 0 (NDP), that fraction of the batch decodes a random quadtree
+    state of the dyadic token pyramid: region-wise random truncation of the finer tokens] rec (L2 | L1) + VQ (codebook + β·commitment) [+ λ_p LPIPS] [+ λ_G hinge PatchGAN after
     `gan_start`], AdamW, gradient clipping, bf16 autocast on CUDA; every `restart_dead_every` steps
     dead codes restart from recent encoder outputs; per-map usage/perplexity logged
   ─▶ checkpoints/step-XXXXXXXX.pt every `checkpoint_every` steps (atomic; model, optimizers, RNG,
@@ -203,13 +204,26 @@ class Trainer:
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def truncated_state(self, batch: int) -> list[torch.Tensor] | None:
+        """NDP's mixed-scale training: which tokens each image decodes from. A `truncation` fraction of
+        the images gets a random quadtree state (each node refined with the image's p ~ U(0, 1)), the
+        rest every token. Drawn from torch's global generator, which the checkpoint carries."""
+        if self.cfg.truncation <= 0:
+            return None
+        from nextdetail.models.quadtree import Quadtree
+
+        sides = tuple(m.side for m in self.model.schedule)
+        p = torch.rand(batch)
+        p = torch.where(torch.rand(batch) < self.cfg.truncation, p, torch.ones(batch))  # p = 1: the full pyramid
+        return [m.to(self.device) for m in Quadtree.random(p, sides).present()]
+
     def step(self, step: int, images: torch.Tensor, bases: torch.Tensor | None) -> dict[str, float]:
         c = self.cfg
         images = images.to(self.device)
         bases = None if bases is None else bases.to(self.device)
         gan_on = self.disc is not None and step >= c.gan_start
         with self.autocast():
-            recon, q = self.model(images, bases)
+            recon, q = self.model(images, bases, self.truncated_state(images.shape[0]))
             recon = recon.float()
             rec = F.mse_loss(recon, images) if c.rec_loss == "l2" else F.l1_loss(recon, images)
             loss = rec + q.vq_loss

@@ -1,0 +1,132 @@
+"""Benchmark: NDP's compute dial — image quality versus forward FLOPs per image.
+
+One NDP pipeline (`--model ndp`: dyadic tokenizer trained with region-wise truncation, the masked model
+with its difficulty head) is evaluated at budgets from 10 % to 100 % of full refinement for every
+difficulty estimator (learned, entropy, oracle, random, uniform = VAR's breadth-first order). Beside
+it, at full compute: VAR (the block-causal transformer on the same dyadic token cache, `ar.model=cart`)
+and CART (the preset's base/detail pipeline). Quality is the evaluation stage's FID (`eval.*` of the
+preset: on `tiny` the offline random-feature extractor — it ranks models, it is not comparable with
+published FID); compute is the forward FLOPs each image cost (both CFG halves), counted from the
+leaves every pass saw (`models/flops.py`).
+
+    python benchmarks/ndp_curve.py [--preset tiny] [--budgets 0.1 0.2 …] [--estimators …] [--root DIR] [-o k=v …]
+
+Prints one JSON line: `rows` (estimator, budget, GFLOPs per image, FID, KID), `baseline` = uniform
+refinement's FID at 100 %, and the paper's claim tested: for each estimator, the least compute at which
+its FID is within `--tolerance` of that baseline (linear interpolation between budgets) as a fraction of
+uniform's full compute (`ratio` = the learned head's; ≈ 0.5 would be "equal quality at half the
+compute"). Writes ndp_curve.png and ndp_curve.json under <root>/bench-ndp-curve/. Every point is a cached
+evaluate artifact, and the stages are `make run`'s where they coincide: a re-run computes only new points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+NDP = ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]
+
+
+def evaluate(args: argparse.Namespace, *overrides: str) -> tuple[dict, dict]:
+    """The pipeline to its evaluate stage (cached stages reused): (last checkpoint's metrics row, results)."""
+    from nextdetail.conf import load_config
+    from nextdetail.flows.pipeline import run_pipeline
+
+    cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", "eval.checkpoints=last", *overrides,
+                                              *args.override])
+    results = run_pipeline(cfg, until="evaluate", progress=False)
+    metrics = json.loads(Path(results["evaluate"].url, "metrics.json").read_text())
+    return metrics["checkpoints"][-1], {"metrics": metrics, "results": results}
+
+
+def point(row: dict, **extra: object) -> dict:
+    return {**extra, "gflops": row["gflops_per_image"], "fid": row["fid"], "kid": row.get("kid_mean"),
+            "precision": row.get("precision"), "recall": row.get("recall"), "samples": row["samples"]}
+
+
+def compute_to_reach(rows: list[dict], target: float) -> float | None:
+    """The least GFLOPs at which FID ≤ target along the curve (linear between budgets); None if never."""
+    rows = sorted(rows, key=lambda r: r["gflops"])
+    for a, b in zip([None, *rows[:-1]], rows, strict=True):
+        if b["fid"] <= target:
+            if a is None or a["fid"] == b["fid"]:
+                return b["gflops"]
+            t = (a["fid"] - target) / (a["fid"] - b["fid"])
+            return a["gflops"] + t * (b["gflops"] - a["gflops"])
+    return None
+
+
+def plot(rows: list[dict], baselines: list[dict], path: Path, extractor: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
+        pts = sorted((r for r in rows if r["estimator"] == est), key=lambda r: r["gflops"])
+        ax.plot([r["gflops"] * 1e3 for r in pts], [r["fid"] for r in pts], "o-" if est != "oracle" else "o--",
+                color=f"C{i}", label=f"NDP {est}", markersize=4)
+    for j, b in enumerate(baselines):
+        ax.plot([b["gflops"] * 1e3], [b["fid"]], "*", color=f"C{6 + j}", markersize=12, label=f"{b['model']} (full)")
+    ax.set_xlabel("forward MFLOPs per image (both CFG halves)")
+    ax.set_ylabel("FID ↓")
+    ax.set_title(f"NDP: quality vs compute ({extractor}; budgets 10–100 %)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    from nextdetail.flows.runtime import configure_environment
+
+    configure_environment()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
+    p.add_argument("--estimators", nargs="+", default=["learned", "entropy", "oracle", "random", "uniform"])
+    p.add_argument("--tolerance", type=float, default=0.05, help="'equal quality': FID within this fraction")
+    p.add_argument("--no-baselines", action="store_true", help="skip the VAR and CART full-compute points")
+    p.add_argument("--root", default="./nextdetail-data", help="storage root (default: make run's, whose stages it reuses)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    args.root = str(Path(args.root).resolve())
+    t0 = time.time()
+    rows, extractor = [], None
+    for estimator in args.estimators:
+        for budget in sorted(args.budgets):
+            row, got = evaluate(args, *NDP, f"sample.budget={budget}", f"sample.estimator={estimator}")
+            extractor = got["metrics"]["extractor"]["name"]
+            rows.append(point(row, estimator=estimator, budget=budget))
+            print(json.dumps({"progress": rows[-1]}), flush=True)
+    baselines = []
+    if not args.no_baselines:
+        var_row, _ = evaluate(args, "tokenizer.order=0", "tokenizer.truncation=0.5")  # the same tokens, VAR's model
+        baselines.append(point(var_row, model="VAR (block-causal, same dyadic tokens)"))
+        cart_row, _ = evaluate(args)
+        baselines.append(point(cart_row, model="CART (preset)"))
+    uniform = [r for r in rows if r["estimator"] == "uniform"]
+    full = max(uniform, key=lambda r: r["budget"]) if uniform else None
+    claims = {}
+    if full is not None:
+        target = full["fid"] * (1 + args.tolerance)
+        for est in dict.fromkeys(r["estimator"] for r in rows):
+            reach = compute_to_reach([r for r in rows if r["estimator"] == est], target)
+            claims[est] = None if reach is None else round(reach / full["gflops"], 4)
+    out = {"figure": "ndp_compute_to_uniform_full_quality", "baseline": full and full["fid"],
+           "baseline_gflops": full and full["gflops"], "ratio": claims.get("learned"), "claims": claims,
+           "tolerance": args.tolerance, "extractor": extractor, "rows": rows, "full_compute": baselines,
+           "seconds": round(time.time() - t0, 1), "overrides": args.override}
+    bench = Path(args.root, "bench-ndp-curve")
+    bench.mkdir(parents=True, exist_ok=True)
+    plot(rows, baselines, bench / "ndp_curve.png", extractor or "")
+    (bench / "ndp_curve.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
