@@ -4,7 +4,8 @@ One NDP pipeline (`--model ndp`: dyadic tokenizer trained with region-wise trunc
 with its difficulty head) is evaluated at budgets from 10 % to 100 % of full refinement for every
 difficulty estimator (learned, entropy, oracle, random, uniform = VAR's breadth-first order). Beside
 it, at full compute: VAR (the block-causal transformer on the same dyadic token cache, `ar.model=cart`)
-and CART (the preset's base/detail pipeline). Quality is the evaluation stage's FID (`eval.*` of the
+and CART (the preset's base/detail pipeline), and CART's detail dial (`sample.detail_budget`: detail tokens
+only in the patches its detail head ranks hardest) at `--detail-budgets`. Quality is the evaluation stage's FID (`eval.*` of the
 preset: on `tiny` the offline random-feature extractor — it ranks models, it is not comparable with
 published FID); compute is the forward FLOPs each image cost (both CFG halves), counted from the
 leaves every pass saw (`models/flops.py`).
@@ -90,7 +91,8 @@ def main() -> None:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
     p.add_argument("--estimators", nargs="+", default=["learned", "entropy", "oracle", "random", "uniform"])
     p.add_argument("--tolerance", type=float, default=0.05, help="'equal quality': FID within this fraction")
-    p.add_argument("--no-baselines", action="store_true", help="skip the VAR and CART full-compute points")
+    p.add_argument("--no-baselines", action="store_true", help="skip the VAR and CART points")
+    p.add_argument("--detail-budgets", type=float, nargs="*", default=[0.25, 0.5], help="CART's detail dial")
     p.add_argument("--root", default="./nextdetail-data", help="storage root (default: make run's, whose stages it reuses)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
@@ -109,6 +111,12 @@ def main() -> None:
         baselines.append(point(var_row, model="VAR (block-causal, same dyadic tokens)"))
         cart_row, _ = evaluate(args)
         baselines.append(point(cart_row, model="CART (preset)"))
+        dial = [point(cart_row, estimator="CART detail dial", budget=1.0)]
+        for budget in sorted(args.detail_budgets):
+            row, _ = evaluate(args, f"sample.detail_budget={budget}")
+            dial.append(point(row, estimator="CART detail dial", budget=budget))
+        out_dial = sorted(dial, key=lambda r: r["budget"])
+    dial_rows = out_dial if not args.no_baselines else []
     uniform = [r for r in rows if r["estimator"] == "uniform"]
     full = max(uniform, key=lambda r: r["budget"]) if uniform else None
     claims = {}
@@ -120,10 +128,11 @@ def main() -> None:
     out = {"figure": "ndp_compute_to_uniform_full_quality", "baseline": full and full["fid"],
            "baseline_gflops": full and full["gflops"], "ratio": claims.get("learned"), "claims": claims,
            "tolerance": args.tolerance, "extractor": extractor, "rows": rows, "full_compute": baselines,
+           "cart_detail_dial": dial_rows,
            "seconds": round(time.time() - t0, 1), "overrides": args.override}
     bench = Path(args.root, "bench-ndp-curve")
     bench.mkdir(parents=True, exist_ok=True)
-    plot(rows, baselines, bench / "ndp_curve.png", extractor or "")
+    plot(rows + dial_rows, baselines, bench / "ndp_curve.png", extractor or "")
     (bench / "ndp_curve.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
 

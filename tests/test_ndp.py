@@ -266,11 +266,92 @@ def test_sample_cli_model_ndp_budget_writes_grid_and_heat_map(ndp_pipeline, tmp_
     assert summary["budget"] == 0.3 and summary["estimator"] == "entropy" and "NDP budget 30%" in done.stdout
 
 
-def test_cart_sampling_identity_ignores_the_ndp_dial():
-    from nextdetail.conf.schema import ARConfig, SampleConfig
+def test_each_models_sampling_identity_ignores_the_other_models_dial():
+    from nextdetail.conf.schema import SampleConfig
 
     a, b = SampleConfig(), SampleConfig(budget=0.3, estimator="random")
     assert a.identity_settings("cart") == b.identity_settings("cart")
     assert a.identity_settings("ndp") != b.identity_settings("ndp")
-    assert ARConfig().identity_settings() == ARConfig(difficulty_weight=2.0).identity_settings()
-    assert ARConfig(model="ndp").identity_settings() != ARConfig(model="ndp", difficulty_weight=2.0).identity_settings()
+    c = SampleConfig(detail_budget=0.5, upscale=4)
+    assert a.identity_settings("ndp") == c.identity_settings("ndp")
+    assert a.identity_settings("cart") != c.identity_settings("cart")
+
+
+# ---- CART's detail dial ------------------------------------------------------------------------
+
+
+def _cart(order: int = 2):
+    from nextdetail.models.transformer import NextDetailTransformer, TransformerConfig
+
+    spec = TokenizerSpec(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=32,
+                         patch_nums=SIDES, order=order, using_sa=False, using_mid_sa=False)
+    torch.manual_seed(0)
+    tok = BaseDetailVQVAE(spec).eval()
+    sides = tuple(m.side for m in tok.schedule)
+    model = NextDetailTransformer(TransformerConfig(sides=sides, vocab_size=32, cvae=8, num_classes=5, depth=2,
+                                                    width=64, heads=4, n_base=len(SIDES))).eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.ada_lin[-1].weight, std=0.05)
+    return model, tok
+
+
+def test_detail_dial_keeping_every_position_is_the_standard_sampler():
+    from nextdetail.models.quant import NextInput
+
+    model, tok = _cart()
+    labels = torch.tensor([0, 3])
+    runs = []
+    for dial in (None, lambda d: torch.ones(d.shape[0], 64, dtype=torch.bool)):  # selection path, nothing dropped
+        runs.append(model.sample(labels, NextInput(tok.quantize, 8), 1.5, 5, 0.9, torch.Generator().manual_seed(2),
+                                 select_details=dial))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_detail_dial_predicts_details_only_in_the_hardest_patches():
+    from nextdetail.models.sampler import CARTSampler
+
+    model, tok = _cart()
+    labels = torch.tensor([0, 1, 2])
+    full = CARTSampler(model, tok).sample(labels, 1.5, generator=torch.Generator().manual_seed(0))
+    flops = CARTSampler(model, tok).flops_per_image
+    for budget in (0.25, 0.5):
+        sampler = CARTSampler(model, tok, detail_budget=budget, detail_patch=2)
+        out = sampler.sample(labels, 1.5, generator=torch.Generator().manual_seed(0))
+        assert (out.detail_keep.flatten(1).sum(1) == round(budget * 16) * 4).all()  # kept patches × 2×2 cells
+        assert all(torch.equal(a, b) for a, b in zip(full.maps[:4], out.maps[:4], strict=True))  # the base: as before
+        assert all((m[~out.detail_keep] == 0).all() for m in out.maps[4:])  # no detail outside the kept patches
+        assert out.images.shape == (3, 3, 32, 32) and sampler.flops_per_image < flops
+        # the kept patches are those of the highest predicted detail energy
+        with torch.no_grad():
+            from nextdetail.models.quant import NextInput
+
+            step, x = NextInput(tok.quantize, 8), None
+            for k in range(3):
+                f = step(k, out.maps[k])
+                x = f if x is None else torch.cat((x, f), 1)
+            _, feats = model(labels, x, drop_labels=False, return_features=True)
+            bg, ed = model.begin_ends[3]
+            score = torch.nn.functional.avg_pool2d(model.detail_difficulty(feats[:, bg:ed]).exp().view(3, 1, 8, 8), 2)
+        top = score.flatten(1).topk(round(budget * 16), dim=1).indices
+        assert torch.equal(out.detail_keep[:, ::2, ::2].flatten(1).nonzero()[:, 1].view(3, -1), top.sort(1).values)
+    assert torch.allclose(CARTSampler(model, tok, detail_budget=1.0).sample(
+        labels, 1.5, generator=torch.Generator().manual_seed(0)).images, full.images)
+
+
+def test_cart_detail_dial_is_a_sampling_knob_of_a_trained_cart_model(pipeline, embedded_source):
+    """The pipeline's CART transformer carries the dial's head (trained on detached features, so CART's
+    own training is unchanged); `sample.detail_budget` re-samples with fewer FLOPs and retrains nothing.
+    (How well the head ranks needs a tokenizer trained longer than this fixture's: benchmarks/ndp_curve.py.)"""
+    from conftest import FAST, make_config
+
+    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.tasks.train_ar import load_transformer
+
+    root, _, results = pipeline
+    model, _ = load_transformer(f"{results['train_ar'].url}/transformer.pt")
+    assert model.detail_head is not None and model.cfg.n_base == 4
+    dial = run_pipeline(make_config(root, embedded_source, *FAST, "sample.detail_budget=0.5"), until="sample",
+                        progress=False)
+    assert dial["train_ar"].work == "cached" and dial["sample"].identity != results["sample"].identity
+    assert dial["sample"].summary["detail_budget"] == 0.5
+    assert dial["sample"].summary["gflops_per_image"] < results["sample"].summary.get("gflops_per_image", float("inf"))

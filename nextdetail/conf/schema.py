@@ -253,8 +253,9 @@ class ARConfig(_Section):
     loss_weighting: Literal["token", "map"] = Field(
         default="token", description="token: every token counts the same (VAR); map: every token map counts the "
         "same (the few coarse tokens that fix an image's layout and colours weigh as much as a detail map)")
-    difficulty_weight: float = Field(default=0.5, ge=0, description="ndp: weight of the difficulty head's loss "
-                                     "(MSE to the log latent error that refining a leaf removes)")
+    difficulty_weight: float = Field(default=0.5, ge=0, description="weight of the difficulty head's loss — ndp: "
+                                     "MSE to the log latent error that refining a leaf removes; cart with detail maps: "
+                                     "the detail dial's head (detached features: the transformer is unchanged)")
     split: str = "train"
     val_split: str | None = Field(default="val", description="held-out split for the best checkpoint; None: none")
     val_batches: int = Field(default=4, ge=1)
@@ -272,15 +273,12 @@ class ARConfig(_Section):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
 
-    NDP_FIELDS: ClassVar[frozenset[str]] = frozenset({"difficulty_weight"})
-
     @property
     def lr(self) -> float:
         return self.base_lr * self.batch_size / self.base_batch
 
     def identity_settings(self) -> dict:
-        skip = self.RUNTIME_FIELDS | (self.NDP_FIELDS if self.model == "cart" else frozenset())
-        return {k: v for k, v in self.model_dump().items() if k not in skip}
+        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
 class SampleConfig(_Section):
@@ -302,16 +300,21 @@ class SampleConfig(_Section):
         default="learned", description="ndp: which leaves to refine first — the difficulty head, the children's "
         "predictive entropy, the oracle (analysis only), random, or uniform breadth-first (VAR's order)")
     refine_per_step: int = Field(default=4, ge=1, description="ndp: leaves refined per forward pass")
+    # CART's detail dial (ar.model=cart with detail maps).
+    detail_budget: float = Field(default=1.0, gt=0, le=1, description="cart: fraction of latent patches that get "
+                                 "detail tokens, the hardest by the detail head (1: all — the standard sampler)")
+    detail_patch: int = Field(default=2, ge=1, description="cart: side of a detail-dial patch in latent cells")
     # How the work runs: excluded from the cache identity.
     batch_size: int = Field(default=32, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
     NDP_FIELDS: ClassVar[tuple[str, ...]] = ("budget", "estimator", "refine_per_step")
+    CART_FIELDS: ClassVar[tuple[str, ...]] = ("upscale", "detail_budget", "detail_patch")
 
     def identity_settings(self, model: str = "cart") -> dict:
         """The settings that change the samples of a `model` (cart|ndp) transformer."""
-        skip = self.RUNTIME_FIELDS | (frozenset(self.NDP_FIELDS) if model == "cart" else frozenset({"upscale"}))
+        skip = self.RUNTIME_FIELDS | frozenset(self.NDP_FIELDS if model == "cart" else self.CART_FIELDS)
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 

@@ -171,7 +171,7 @@ def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards
     t0 = time.time()
     store = Store(out, cfg.storage.options)
     ids = [stable_hash(Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1])) for p in checkpoints]
-    artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False, model="ndp")
+    artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False, model="any")
     done = build_artifact(artifact, lambda a: run_evaluation(a.store, inputs, e, sampling_config(e, cfg.sample), print,
                                                              progress))
     return EvalResult(store.url(), artifact.identity, done["summary"], done["work"], round(time.time() - t0, 3),

@@ -14,13 +14,15 @@ def transformer_flops(depth: int, C: int, mlp_hidden: int, n_query: int, n_key: 
     return float(depth * per_block + 2 * C * 2 * C)  # + the head's AdaLN
 
 
-def cart_sample_flops(cfg: object) -> float:
+def cart_sample_flops(cfg: object, detail_fraction: float = 1.0) -> float:
     """One image sampled by the block-causal transformer (`transformer.TransformerConfig`): map by map
-    with a KV cache, every map's tokens attending to all earlier ones; no CFG (×2 with it)."""
+    with a KV cache, every map's tokens attending to all earlier ones; no CFG (×2 with it). The detail
+    dial runs only `detail_fraction` of each detail map's positions."""
     total, prefix = 0.0, 0
     C, hidden = cfg.C, round(cfg.C * cfg.mlp_ratio)
+    n_base = cfg.n_base if getattr(cfg, "n_base", None) else len(cfg.sides)
     for k, side in enumerate(cfg.sides):
-        n = side * side
+        n = side * side if k < n_base else round(side * side * detail_fraction)
         prefix += n
         total += transformer_flops(cfg.depth, C, hidden, n, prefix) + 2 * n * C * cfg.vocab_size
         if k:

@@ -207,15 +207,20 @@ class MultiScaleQuantizer(nn.Module):
                              f"{len(indices)} / {len(present)}")
         f_hat = None
         for k, (idx, keep) in enumerate(zip(indices, present, strict=True)):
-            e = self.embedding(idx.clamp(0, self.vocab_size - 1)).permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
-            keep_B1hw = keep.unsqueeze(1).to(e.dtype)
-            e = e * keep_B1hw
-            if idx.shape[-1] != latent_side:
-                e = F.interpolate(e, size=(latent_side, latent_side), mode="bicubic")
-                keep_B1hw = F.interpolate(keep_B1hw, size=(latent_side, latent_side), mode="nearest")
-            h = self.phi(k)(e) * keep_B1hw  # (B, C, side, side)
+            h = self.masked_to_latent(k, idx, keep, latent_side)
             f_hat = h if f_hat is None else f_hat + h
         return f_hat
+
+    def masked_to_latent(self, k: int, idx_Bhw: Tensor, keep_Bhw: Tensor, side: int) -> Tensor:
+        """`_to_latent` of only the tokens in `keep_Bhw` (bool, like idx), zero outside their region:
+        φ_k(up(e(z_k) ⊙ keep)) ⊙ up(keep). (B, C, side, side)."""
+        e = self.embedding(idx_Bhw.clamp(0, self.vocab_size - 1)).permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
+        keep_B1hw = keep_Bhw.unsqueeze(1).to(e.dtype)
+        e = e * keep_B1hw
+        if idx_Bhw.shape[-1] != side:
+            e = F.interpolate(e, size=(side, side), mode="bicubic")
+            keep_B1hw = F.interpolate(keep_B1hw, size=(side, side), mode="nearest")
+        return self.phi(k)(e) * keep_B1hw
 
     @torch.no_grad()
     def next_inputs(self, indices: list[Tensor], latent_side: int) -> Tensor:
@@ -268,8 +273,12 @@ class NextInput:
         self.quantizer, self.latent_side, self.f_hat = quantizer, latent_side, None
 
     @torch.no_grad()
-    def __call__(self, k: int, idx_Bhw: Tensor) -> Tensor:
-        h = self.quantizer._to_latent(k, idx_Bhw, self.latent_side)  # (B, C, side, side)
+    def __call__(self, k: int, idx_Bhw: Tensor, keep_Bl: Tensor | None = None) -> Tensor:
+        """`keep_Bl` (B, h_k·w_k) bool: only those tokens of map k exist (CART's detail dial)."""
+        if keep_Bl is None:
+            h = self.quantizer._to_latent(k, idx_Bhw, self.latent_side)  # (B, C, side, side)
+        else:
+            h = self.quantizer.masked_to_latent(k, idx_Bhw, keep_Bl.view(idx_Bhw.shape), self.latent_side)
         self.f_hat = h if self.f_hat is None else self.f_hat + h
         nxt = self.quantizer.schedule[k + 1].side
         f = self.f_hat if nxt == self.latent_side else F.interpolate(self.f_hat, size=(nxt, nxt), mode="area")

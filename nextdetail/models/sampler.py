@@ -11,6 +11,12 @@ High resolution, as we implement the paper's one-paragraph description (the deta
 5. decode upscaled base + the patches' details, tiled back, with the tokenizer's decoder (convolutional:
    any size).
 The baseline beside it is the trained-size sample resized bilinearly.
+
+The detail dial (ours, NDP's idea on CART): with `detail_budget` b < 1, after the base maps the
+transformer's detail head scores each position of the last base map (how much detail lives under it);
+the latent is cut into `detail_patch`² patches, and only the round(b · patches) hardest get detail tokens:
+every detail map runs (and caches) only their positions; everywhere else the image is base-only. The
+decoder then sees base + the kept details (`MultiScaleQuantizer.indices_to_f_mixed`).
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ from nextdetail.models.transformer import NextDetailTransformer
 class Samples:
     images: Tensor  # (B, 3, H, W) in [-1, 1]
     maps: list[Tensor]  # M × (B, h_k, w_k) token maps
+    detail_keep: Tensor | None = None  # (B, h, w) bool: latent cells that got detail tokens (the dial), None: all
 
 
 class CARTSampler:
-    def __init__(self, transformer: NextDetailTransformer, tokenizer: BaseDetailVQVAE) -> None:
+    def __init__(self, transformer: NextDetailTransformer, tokenizer: BaseDetailVQVAE, detail_budget: float = 1.0,
+                 detail_patch: int = 2) -> None:
         sides = tuple(m.side for m in tokenizer.schedule)
         if sides != transformer.cfg.sides or tokenizer.spec.vocab_size != transformer.cfg.vocab_size:
             raise ValueError(f"transformer (maps {transformer.cfg.sides}, V {transformer.cfg.vocab_size}) and tokenizer "
@@ -41,7 +49,30 @@ class CARTSampler:
         self.transformer, self.tokenizer = transformer.eval(), tokenizer.eval()
         self.quantizer, self.latent_side = tokenizer.quantize, tokenizer.spec.latent_side
         self.n_base = sum(1 for m in tokenizer.schedule if m.source == 0)
+        self.detail_budget, self.detail_patch = detail_budget, detail_patch
+        if self.dial_active and (self.latent_side % detail_patch or self.latent_side % sides[self.n_base - 1]):
+            raise ValueError(f"detail_patch={detail_patch} and the last base map ({sides[self.n_base - 1]}²) must "
+                             f"divide the latent side {self.latent_side}")
 
+    @property
+    def dial_active(self) -> bool:
+        return self.detail_budget < 1 and self.transformer.detail_head is not None
+
+    def kept_patches(self) -> int:
+        return max(1, round(self.detail_budget * (self.latent_side // self.detail_patch) ** 2))
+
+    def select_details(self, difficulty_Bl: Tensor) -> Tensor:
+        """Detail difficulty at the last base map (B, b²) → the kept latent cells (B, S²) bool: the
+        `kept_patches()` patches of the highest summed detail energy."""
+        B, S, P = difficulty_Bl.shape[0], self.latent_side, self.detail_patch
+        b = round(difficulty_Bl.shape[1] ** 0.5)
+        energy = difficulty_Bl.float().exp().view(B, 1, b, b)  # the head predicts log energy
+        energy = F.interpolate(energy, size=(S, S), mode="nearest") if b != S else energy
+        per_patch = F.avg_pool2d(energy, P).flatten(1)  # (B, (S/P)²)
+        chosen = torch.zeros_like(per_patch, dtype=torch.bool)
+        chosen.scatter_(1, per_patch.topk(self.kept_patches(), dim=1).indices, True)
+        side = S // P
+        return chosen.view(B, 1, side, side).repeat_interleave(P, 2).repeat_interleave(P, 3).view(B, S * S)
     @property
     def forward_passes(self) -> int:
         """Transformer calls per image (one per token map, KV-cached; CFG runs both halves in that one call)."""
@@ -49,16 +80,29 @@ class CARTSampler:
 
     @property
     def flops_per_image(self) -> float:
-        """Forward FLOPs of one sample at the trained size (both CFG halves, KV cache): NDP's x axis."""
+        """Forward FLOPs of one sample at the trained size (both CFG halves, KV cache; with the dial, only the
+        kept detail positions): NDP's x axis."""
         from nextdetail.models.flops import cart_sample_flops
 
-        return 2 * cart_sample_flops(self.transformer.cfg)
+        kept = self.kept_patches() * self.detail_patch**2 / self.latent_side**2 if self.dial_active else 1.0
+        return 2 * cart_sample_flops(self.transformer.cfg, detail_fraction=kept)
 
     @torch.no_grad()
     def sample(self, labels: Tensor, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                generator: torch.Generator | None = None) -> Samples:
-        maps = self.transformer.sample(labels, NextInput(self.quantizer, self.latent_side), cfg, top_k, top_p, generator)
-        return Samples(self.tokenizer.indices_to_img(maps), maps)
+        kept: list[Tensor] = []
+
+        def dial(difficulty_Bl: Tensor) -> Tensor:
+            kept.append(self.select_details(difficulty_Bl))
+            return kept[-1]
+
+        maps = self.transformer.sample(labels, NextInput(self.quantizer, self.latent_side), cfg, top_k, top_p, generator,
+                                       select_details=dial if self.dial_active else None)
+        if not kept:
+            return Samples(self.tokenizer.indices_to_img(maps), maps)
+        keep = kept[-1].view(-1, self.latent_side, self.latent_side)  # (B, S, S)
+        present = [torch.ones_like(m, dtype=torch.bool) for m in maps[: self.n_base]] + [keep] * (len(maps) - self.n_base)
+        return Samples(self.tokenizer.indices_to_img_mixed(maps, present), maps, keep)
 
     def _latent(self, maps: list[Tensor], ks: range) -> Tensor:
         return sum(self.quantizer._to_latent(k, maps[k], self.latent_side) for k in ks)  # (B, C, h, w)

@@ -35,6 +35,7 @@ class TransformerConfig:
     drop_path: float | None = None  # None: 0.1 · depth / 24 (VAR)
     cond_drop: float = 0.1  # class dropout for classifier-free guidance
     attn_l2_norm: bool = True
+    n_base: int | None = None  # base maps of the schedule; fewer than the maps: a detail-difficulty head (the dial)
 
     @property
     def C(self) -> int:
@@ -43,6 +44,10 @@ class TransformerConfig:
     @property
     def H(self) -> int:
         return self.heads or self.depth
+
+    @property
+    def has_detail_head(self) -> bool:
+        return self.n_base is not None and 0 < self.n_base < len(self.sides)
 
     @property
     def L(self) -> int:
@@ -162,6 +167,9 @@ class NextDetailTransformer(nn.Module):
                                                   cfg.attn_l2_norm) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, cfg.vocab_size)
+        # CART's detail dial: at each position of the last base map, how much detail lives there (log ‖Σ detail
+        # φ_k(z_k)‖² over its cells), read from the detached features the token head sees (`detail_difficulty`)
+        self.detail_head = nn.Linear(C, 1) if cfg.has_detail_head else None
         level = torch.cat([torch.full((s * s,), k) for k, s in enumerate(cfg.sides)])
         self.register_buffer("lvl_1L", level.view(1, L), persistent=False)
         self.register_buffer("attn_bias_for_masking", block_causal_bias(cfg.sides), persistent=False)
@@ -185,8 +193,10 @@ class NextDetailTransformer(nn.Module):
         x = x + self.lvl_embed(self.lvl_1L[:, :ed].expand(B, -1)) + self.pos_1LC[:, :ed]  # (B, ed, C)
         return x, cond_BD
 
-    def forward(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor, drop_labels: bool | None = None) -> Tensor:
-        """Teacher forcing: logits (B, L, V) for every token map given the inputs of maps 2…M."""
+    def forward(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor, drop_labels: bool | None = None,
+                return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Teacher forcing: logits (B, L, V) for every token map given the inputs of maps 2…M; with
+        `return_features`, also the head's input features (B, L, C)."""
         drop = self.training if drop_labels is None else drop_labels
         if drop and self.cfg.cond_drop > 0:
             unconditional = torch.rand(label_B.shape, device=label_B.device) < self.cfg.cond_drop
@@ -195,28 +205,42 @@ class NextDetailTransformer(nn.Module):
         bias = self.attn_bias_for_masking[..., : x.shape[1], : x.shape[1]]
         for block in self.blocks:
             x = block(x, cond_BD, bias)
-        return self.head(self.head_nm(x, cond_BD)).float()
+        h = self.head_nm(x, cond_BD)
+        logits = self.head(h).float()
+        return (logits, h) if return_features else logits
+
+    def detail_difficulty(self, features_BlC: Tensor) -> Tensor:
+        """The dial's score at the last base map's positions (B, l) from its head features, detached: the
+        head learns on top of the transformer without changing what it learns."""
+        return self.detail_head(features_BlC.detach()).squeeze(-1).float()
 
     # ---- sampling ------------------------------------------------------------------------------
 
-    def _map_logits(self, k: int, x: Tensor, cond_BD: Tensor, cache: bool) -> Tensor:
-        """Logits of map k; with `cache`, x holds map k's inputs only and earlier maps come from the KV cache."""
+    def _map_logits(self, k: int, x: Tensor, cond_BD: Tensor, cache: bool) -> tuple[Tensor, Tensor]:
+        """(logits, head features) of map k; with `cache`, x holds map k's inputs only (or a subset of its
+        positions) and earlier maps come from the KV cache."""
         bias = None if cache else self.attn_bias_for_masking[..., : x.shape[1], : x.shape[1]]
         for block in self.blocks:
             x = block(x, cond_BD, bias)
         bg, ed = self.begin_ends[k]
         x = x if cache else x[:, bg:ed]
-        return self.head(self.head_nm(x, cond_BD)).float()  # (B, h_k·w_k, V)
+        h = self.head_nm(x, cond_BD)
+        return self.head(h).float(), h  # (B, h_k·w_k, V), (B, h_k·w_k, C)
 
     @torch.no_grad()
-    def sample(self, label_B: Tensor, next_input: Callable[[int, Tensor], Tensor], cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+    def sample(self, label_B: Tensor, next_input: Callable[..., Tensor], cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                generator: torch.Generator | None = None, use_cache: bool = True,
-               given: list[Tensor] | None = None) -> list[Tensor]:
+               given: list[Tensor] | None = None,
+               select_details: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
         """Class-conditional sampling, map by map, with classifier-free guidance ramped over the maps
         as VAR does (t_k = cfg · k / (M − 1)). `next_input(k, idx_Bhw)` adds map k's tokens to the
         reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, Cvae) (the tokenizer's
         `next_inputs` step). `given`: the first maps are these tokens, not sampled (a fixed prefix,
-        e.g. the base maps when only the details are generated). Returns the M token maps (B, h_k, w_k)."""
+        e.g. the base maps when only the details are generated). `select_details` (CART's detail dial, KV
+        cache only): called with the detail difficulty at the last base map (B, l), returns which latent
+        cells (B, h·w) bool, the same count per image, get detail tokens; every detail map then runs only
+        those positions and `next_input(k, idx, keep)` gets the mask. Returns the M token maps (B, h_k, w_k)
+        (unselected detail positions hold 0 and are not part of the image)."""
         B, M = label_B.shape[0], len(self.cfg.sides)
         labels = torch.cat((label_B, torch.full_like(label_B, self.cfg.num_classes)))  # (2B,): cond, uncond
         x, cond_BD = self.embed(labels, None)  # map 1's input: (2B, first_l, C)
@@ -224,6 +248,10 @@ class NextDetailTransformer(nn.Module):
             block.attn.kv_caching(use_cache)
         inputs: list[Tensor] = []  # uncached: every map's input so far, re-run each step
         out: list[Tensor] = []
+        dial = select_details is not None and self.cfg.has_detail_head
+        if dial and not use_cache:
+            raise ValueError("the detail dial runs with the KV cache")
+        keep: Tensor | None = None  # (B, l) positions of the detail maps that are predicted
         try:
             for k, side in enumerate(self.cfg.sides):
                 if use_cache:
@@ -231,19 +259,32 @@ class NextDetailTransformer(nn.Module):
                 else:
                     inputs.append(x)
                     x_k = torch.cat(inputs, dim=1)
+                sel = keep is not None and k >= self.cfg.n_base
+                if sel:  # only the selected positions of this detail map: (2B, n, C)
+                    pos = keep.nonzero()[:, 1].view(B, -1).repeat(2, 1)  # (2B, n)
+                    x_k = x_k.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_k.shape[-1]))
                 if given is not None and k < len(given):
                     if use_cache:  # the prefix's keys/values still enter the cache
                         self._map_logits(k, x_k, cond_BD, use_cache)
                     idx = given[k].view(B, side, side)
                 else:
-                    logits = self._map_logits(k, x_k, cond_BD, use_cache)  # (2B, l_k, V)
+                    logits, feats = self._map_logits(k, x_k, cond_BD, use_cache)  # (2B, l_k, V), (2B, l_k, C)
                     t = cfg * k / max(M - 1, 1)
                     guided = (1 + t) * logits[:B] - t * logits[B:]  # (B, l_k, V)
-                    idx = sample_top_k_top_p(guided, top_k, top_p, generator).view(B, side, side)
+                    drawn = sample_top_k_top_p(guided, top_k, top_p, generator)  # (B, l_k) or (B, n)
+                    if sel:
+                        idx = torch.zeros(B, side * side, dtype=drawn.dtype, device=drawn.device)
+                        idx[keep] = drawn.flatten()
+                        idx = idx.view(B, side, side)
+                    else:
+                        idx = drawn.view(B, side, side)
+                    if dial and k == self.cfg.n_base - 1:
+                        keep = select_details(self.detail_difficulty(feats[:B]))  # (B, side²) bool
                 out.append(idx)
                 if k + 1 < M:
                     nb, ned = self.begin_ends[k + 1]
-                    f = next_input(k, idx).to(self.word_embed.weight.dtype)  # (B, l_{k+1}, Cvae)
+                    masked = keep is not None and k >= self.cfg.n_base  # a detail map: only its kept tokens count
+                    f = (next_input(k, idx, keep) if masked else next_input(k, idx)).to(self.word_embed.weight.dtype)
                     x = self.word_embed(f).repeat(2, 1, 1)  # the same input for the cond and uncond halves
                     x = x + self.lvl_embed(self.lvl_1L[:, nb:ned].expand(2 * B, -1)) + self.pos_1LC[:, nb:ned]
         finally:

@@ -156,6 +156,8 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
         row.update(budget=scfg.budget, estimator=scfg.estimator, gflops_per_image=round(float(np.mean(flops)) / 1e9, 6))
     else:
         row["gflops_per_image"] = round(sampler.flops_per_image / 1e9, 6)
+        if sampler.dial_active:
+            row.update(detail_budget=scfg.detail_budget, detail_patch=scfg.detail_patch)
     return row, firsts, names
 
 
@@ -292,7 +294,8 @@ def plan_evaluation(parent: Store, inputs: EvalInputs, checkpoint_ids: list[str]
     """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself)."""
     code = code_version(*CODE)
     sampling = sampling_config(ecfg, scfg)  # of sample.*, only what evaluation samples with
-    used = ("per_class", "seed", "cfg", "top_k", "top_p") + (SampleConfig.NDP_FIELDS if model == "ndp" else ())
+    dial = {"ndp": SampleConfig.NDP_FIELDS, "cart": ("detail_budget", "detail_patch")}  # "any": both (--ckpt)
+    used = ("per_class", "seed", "cfg", "top_k", "top_p", *dial.get(model, (*dial["ndp"], *dial["cart"])))
     settings = {"eval": ecfg.identity_settings(), "sampling": {k: getattr(sampling, k) for k in used}}
     upstream = {"checkpoints": checkpoint_ids, "reference": inputs.reference.identity,
                 "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity"), "extractor": extractor}

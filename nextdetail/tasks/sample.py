@@ -79,7 +79,8 @@ def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConf
         cfg = cfg or SampleConfig()
         return NDPSampler(transformer.to(device), tokenizer.to(device), cfg.budget, cfg.estimator,
                           cfg.refine_per_step), record
-    return CARTSampler(transformer.to(device), tokenizer.to(device)), record
+    cfg = cfg or SampleConfig()
+    return CARTSampler(transformer.to(device), tokenizer.to(device), cfg.detail_budget, cfg.detail_patch), record
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -229,6 +230,10 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
         summary.update(budget=cfg.budget, estimator=cfg.estimator, refine_per_step=cfg.refine_per_step,
                        gflops_per_image=round(float(result["flops"].mean()) / 1e9, 6),
                        tokens_per_image=round(float(result["tokens"].mean()), 2))
+    else:
+        summary["gflops_per_image"] = round(sampler.flops_per_image / 1e9, 6)
+        if sampler.dial_active:
+            summary.update(detail_budget=cfg.detail_budget, detail_patch=cfg.detail_patch)
     store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
     return summary, [*files, "summary.json"]
 

@@ -100,7 +100,8 @@ def transformer_config(cfg: ARConfig, layout: dict[str, Any], num_classes: int, 
                   width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
                   cond_drop=cfg.class_dropout, attn_l2_norm=cfg.attn_l2_norm)
     if cfg.model == "cart":
-        return TransformerConfig(sides=sides, **common)
+        n_base = sum(1 for m in layout["maps"] if m.get("kind", "base") == "base")
+        return TransformerConfig(sides=sides, n_base=n_base if n_base < len(sides) else None, **common)
     if not is_dyadic(sides):
         raise UserError(f"ar.model=ndp needs a dyadic token pyramid, but this token cache has maps {sides}; train the "
                         "tokenizer with tokenizer.order=0 and patch_nums 1, 2, 4, … (`--model ndp` sets them)")
@@ -125,6 +126,16 @@ class TeacherInputs:
 
     def __call__(self, tokens_BL: torch.Tensor) -> torch.Tensor:
         return self.quantizer.next_inputs(split_maps(tokens_BL, self.sides), self.latent_side)
+
+    @torch.no_grad()
+    def detail_target(self, tokens_BL: torch.Tensor, n_base: int) -> torch.Tensor:
+        """CART's detail-dial target (B, l_b): log of the detail maps' summed contribution ‖Σ_{k ≥ n_base}
+        φ_k(z_k)‖² averaged over each cell of the last base map — where detail matters."""
+        maps = split_maps(tokens_BL, self.sides)
+        detail = sum(self.quantizer._to_latent(k, maps[k], self.latent_side) for k in range(n_base, len(maps)))
+        energy = detail.float().square().sum(1, keepdim=True)  # (B, 1, S, S)
+        side = self.sides[n_base - 1]
+        return torch.log(F.adaptive_avg_pool2d(energy, side).flatten(1) + 1e-6)  # (B, l_b)
 
 
 # ---- distributed ------------------------------------------------------------------------------
@@ -199,8 +210,9 @@ class ARTrainer:
             group["lr"] = lr
         self.model.train()
         loss, acc, extra = self.objective(self.net, tokens, labels, self.cfg.label_smoothing)
+        aux = extra.pop("aux_loss", None)  # CART's detail-difficulty head: trained, not part of the reported loss
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if aux is None else loss + aux).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": float(grad_norm), **extra}
@@ -216,10 +228,18 @@ class ARTrainer:
                                    self.cfg.difficulty_weight, label_smoothing, generator, drop_labels)
             return loss, m["acc"], {"difficulty_loss": float(m["difficulty_loss"]), "leaves": float(m["leaves"])}
         x = self.teacher(tokens)  # (B, L − first_l, Cvae)
+        dial = self.model.detail_head is not None and self.cfg.difficulty_weight > 0
         with self.autocast():
-            logits = net(labels, x, drop_labels=drop_labels)  # (B, L, V)
+            out = net(labels, x, drop_labels=drop_labels, return_features=dial)
+        logits = out[0] if dial else out  # (B, L, V)
         ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none", label_smoothing=label_smoothing)  # (B, L)
-        return ce.mul(self.token_weights).sum(1).mean(), (logits.detach().argmax(-1) == tokens).float().mean(), {}
+        extra: dict[str, Any] = {}
+        if dial:  # the dial's head, on detached features: log detail energy under each last-base-map position
+            bg, ed = self.model.begin_ends[self.tcfg.n_base - 1]
+            pred = self.model.detail_difficulty(out[1][:, bg:ed])  # (B, l_b)
+            d_err = F.mse_loss(pred, self.teacher.detail_target(tokens, self.tcfg.n_base))
+            extra = {"aux_loss": self.cfg.difficulty_weight * d_err, "difficulty_loss": float(d_err.detach())}
+        return ce.mul(self.token_weights).sum(1).mean(), (logits.detach().argmax(-1) == tokens).float().mean(), extra
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
@@ -349,8 +369,8 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
             recent = metrics[-cfg.log_every:]
             rate = done * tokens_per_step / max(time.time() - t0, 1e-9)
             if rank == 0:
-                ndp = (f" difficulty {np.mean([m['difficulty_loss'] for m in recent]):.4f} leaves "
-                       f"{np.mean([m['leaves'] for m in recent]):.1f}" if "difficulty_loss" in out else "")
+                ndp = (f" difficulty {np.mean([m['difficulty_loss'] for m in recent]):.4f}" if "difficulty_loss" in out
+                       else "") + (f" leaves {np.mean([m['leaves'] for m in recent]):.1f}" if "leaves" in out else "")
                 log(f"train_ar: step {step + 1}/{cfg.steps} loss {np.mean([m['loss'] for m in recent]):.4f} "
                     f"acc {np.mean([m['acc'] for m in recent]):.3f}{ndp} lr {out['lr']:.2e} | {rate:,.0f} tokens/s")
         if (step + 1) % cfg.checkpoint_every == 0 or last:
