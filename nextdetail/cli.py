@@ -117,7 +117,8 @@ def _sample_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     for flag, key in (("classes", "classes"), ("n", "per_class"), ("cfg", "cfg"), ("top_k", "top_k"),
                       ("top_p", "top_p"), ("seed", "seed"), ("upscale", "upscale"), ("device", "device"),
-                      ("budget", "budget"), ("estimator", "estimator"), ("refine_per_step", "refine_per_step")):
+                      ("budget", "budget"), ("estimator", "estimator"), ("refine_per_step", "refine_per_step"),
+                      ("detail_budget", "detail_budget")):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"sample.{key}={'[' + ','.join(map(str, value)) + ']' if isinstance(value, list) else value}")
@@ -294,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default=None, choices=["learned", "entropy", "oracle", "random", "uniform"],
                    help="NDP: which patches to refine first")
     p.add_argument("--refine-per-step", type=int, default=None, help="NDP: patches refined per forward pass")
+    p.add_argument("--detail-budget", type=float, default=None,
+                   help="CART: fraction of latent patches that get detail tokens (the hardest; base-only elsewhere)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
