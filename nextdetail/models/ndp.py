@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextdetail.models.quadtree import Quadtree, dyadic_sides, pack, pyramid_pool, quadrants, slot_levels
-from nextdetail.models.transformer import AdaLNBeforeHead, AdaLNSelfAttn
+from nextdetail.models.transformer import AdaLNBeforeHead, AdaLNSelfAttn, VARShape
 
 
 @dataclass(frozen=True)
-class NDPConfig:
+class NDPConfig(VARShape):
     latent_side: int  # S: the pyramid is 1, 2, 4, …, S
     vocab_size: int = 4096
     cvae: int = 32
@@ -46,14 +46,6 @@ class NDPConfig:
     drop_path: float | None = None  # None: 0.1 · depth / 24
     cond_drop: float = 0.1
     attn_l2_norm: bool = True
-
-    @property
-    def C(self) -> int:
-        return self.width or 64 * self.depth
-
-    @property
-    def H(self) -> int:
-        return self.heads or self.depth
 
     @property
     def sides(self) -> tuple[int, ...]:

@@ -164,6 +164,7 @@ class NDPSampler:
     def _model_step(self, labels: Tensor, estimator: str, cfg: float, top_k: int, top_p: float,
                     generator: torch.Generator | None) -> Step:
         mcfg, K = self.transformer.cfg, len(self.sides)
+        ranking = torch.Generator().manual_seed(int(labels.sum()) * 7919 + len(labels))  # the random estimator's
 
         def step(rows: Tensor, maps: list[Tensor], tree: Quadtree) -> tuple[Tensor, ...]:
             n = len(rows)
@@ -179,9 +180,8 @@ class NDPSampler:
             elif estimator == "entropy":
                 logp = guided.log_softmax(-1)
                 score = -(logp.exp() * logp).sum(-1).sum(-1)  # (n, N)
-            elif estimator == "random":
-                g = generator
-                score = torch.rand(slot.shape, generator=g, device="cpu" if g is None else g.device).to(slot.device)
+            elif estimator == "random":  # its own generator: the tokens' draws stay those of the other estimators
+                score = torch.rand(slot.shape, generator=ranking).to(slot.device)
             else:  # uniform: breadth-first, raster order within a level
                 score = -slot.float()
             N, V = slot.shape[1], mcfg.vocab_size

@@ -22,8 +22,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class VARShape:
+    """VAR's width and head rules, shared by our transformers' configs (`depth`, `width`, `heads` fields)."""
+
+    depth: int
+    width: int | None
+    heads: int | None
+
+    @property
+    def C(self) -> int:
+        return self.width or 64 * self.depth  # VAR: 64 per layer
+
+    @property
+    def H(self) -> int:
+        return self.heads or self.depth
+
+
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(VARShape):
     sides: tuple[int, ...]  # side of each token map, in prediction order
     vocab_size: int = 4096
     cvae: int = 32  # the tokenizer's z channels (the input features)
@@ -36,14 +52,6 @@ class TransformerConfig:
     cond_drop: float = 0.1  # class dropout for classifier-free guidance
     attn_l2_norm: bool = True
     n_base: int | None = None  # base maps of the schedule; fewer than the maps: a detail-difficulty head (the dial)
-
-    @property
-    def C(self) -> int:
-        return self.width or 64 * self.depth
-
-    @property
-    def H(self) -> int:
-        return self.heads or self.depth
 
     @property
     def has_detail_head(self) -> bool:
