@@ -69,7 +69,7 @@ def plot(rows: list[dict], baselines: list[dict], path: Path, extractor: str) ->
     for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
         pts = sorted((r for r in rows if r["estimator"] == est), key=lambda r: r["gflops"])
         ax.plot([r["gflops"] * 1e3 for r in pts], [r["fid"] for r in pts], "o-" if est != "oracle" else "o--",
-                color=f"C{i}", label=f"NDP {est}", markersize=4)
+                color=f"C{i}", label=est if est.startswith("CART") else f"NDP {est}", markersize=4)
     for j, b in enumerate(baselines):
         ax.plot([b["gflops"] * 1e3], [b["fid"]], "*", color=f"C{6 + j}", markersize=12, label=f"{b['model']} (full)")
     ax.set_xlabel("forward MFLOPs per image (both CFG halves)")
