@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nextdetail.models.quadtree import Quadtree, dyadic_sides, pack, pyramid_pool, quadrants, slot_levels
-from nextdetail.models.transformer import AdaLNBeforeHead, AdaLNSelfAttn, VARShape
+from nextdetail.models.transformer import VARShape, VARTrunk
 
 
 @dataclass(frozen=True)
@@ -67,28 +67,15 @@ class NDPOutput:
     difficulty: Tensor  # (B, N) predicted log error that refining the leaf removes
 
 
-class NextDetailMaskedTransformer(nn.Module):
+class NextDetailMaskedTransformer(VARTrunk):
     def __init__(self, cfg: NDPConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, 1, cfg.L)
         C = cfg.C
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # index num_classes = unconditional
-        self.pos_start = nn.Parameter(torch.empty(1, 1, C).normal_(std=0.02))
-        self.pos_1LC = nn.Parameter(torch.empty(1, cfg.L, C).normal_(std=0.02))
-        self.lvl_embed = nn.Embedding(len(cfg.sides), C)
-        self.word_embed = nn.Linear(cfg.cvae, C)
-        dpr = cfg.drop_path if cfg.drop_path is not None else 0.1 * cfg.depth / 24
-        self.blocks = nn.ModuleList(AdaLNSelfAttn(C, cfg.H, cfg.mlp_ratio, dpr * i / max(cfg.depth - 1, 1),
-                                                  cfg.attn_l2_norm) for i in range(cfg.depth))
-        self.head_nm = AdaLNBeforeHead(C)
         self.head = nn.Linear(C, 4 * cfg.vocab_size)
         self.root_head = nn.Linear(C, cfg.vocab_size)
         self.difficulty_head = nn.Linear(C, 1)
         self.register_buffer("slot_level", slot_levels(cfg.sides), persistent=False)
-        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
-        for block in self.blocks:  # residual branches start closed (adaLN-Zero)
-            nn.init.zeros_(block.ada_lin[-1].weight)
-            nn.init.zeros_(block.ada_lin[-1].bias)
+        self._init_trunk()
 
     def forward(self, label_B: Tensor, f_BNc: Tensor, slot_BN: Tensor, valid_BN: Tensor,
                 drop_labels: bool | None = None) -> NDPOutput:

@@ -160,13 +160,18 @@ class AdaLNBeforeHead(nn.Module):
         return self.ln_wo_grad(x).mul(scale.add(1)).add_(shift)
 
 
-class NextDetailTransformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+class VARTrunk(nn.Module):
+    """What our transformers share, under VAR's names: class embedding (+1: unconditional), start
+    positions, per-slot positions, level embedding, word_embed of f̂, AdaLN blocks with VAR's drop-path
+    ramp, the AdaLN before the heads. Subclasses add their heads, then call `_init_trunk()` (last, so the
+    parameters draw from the generator in one fixed order)."""
+
+    def __init__(self, cfg: VARShape, n_start: int, L: int) -> None:
         super().__init__()
         self.cfg = cfg
-        C, L = cfg.C, cfg.L
+        C = cfg.C
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # index num_classes = unconditional
-        self.pos_start = nn.Parameter(torch.empty(1, cfg.first_l, C).normal_(std=0.02))
+        self.pos_start = nn.Parameter(torch.empty(1, n_start, C).normal_(std=0.02))
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C).normal_(std=0.02))
         self.lvl_embed = nn.Embedding(len(cfg.sides), C)
         self.word_embed = nn.Linear(cfg.cvae, C)
@@ -174,6 +179,18 @@ class NextDetailTransformer(nn.Module):
         self.blocks = nn.ModuleList(AdaLNSelfAttn(C, cfg.H, cfg.mlp_ratio, dpr * i / max(cfg.depth - 1, 1),
                                                   cfg.attn_l2_norm) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C)
+
+    def _init_trunk(self) -> None:
+        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
+        for block in self.blocks:  # residual branches start closed (DiT's adaLN-Zero; VAR scales these gates to ~1e-5)
+            nn.init.zeros_(block.ada_lin[-1].weight)
+            nn.init.zeros_(block.ada_lin[-1].bias)
+
+
+class NextDetailTransformer(VARTrunk):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__(cfg, cfg.first_l, cfg.L)
+        C, L = cfg.C, cfg.L
         self.head = nn.Linear(C, cfg.vocab_size)
         # CART's detail dial: at each position of the last base map, how much detail lives there (log ‖Σ detail
         # φ_k(z_k)‖² over its cells), read from the detached features the token head sees (`detail_difficulty`)
@@ -185,10 +202,7 @@ class NextDetailTransformer(nn.Module):
         for s in cfg.sides:
             starts.append(starts[-1] + s * s)
         self.begin_ends = [(starts[k], starts[k + 1]) for k in range(len(cfg.sides))]
-        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
-        for block in self.blocks:  # residual branches start closed (DiT's adaLN-Zero; VAR scales these gates to ~1e-5)
-            nn.init.zeros_(block.ada_lin[-1].weight)
-            nn.init.zeros_(block.ada_lin[-1].bias)
+        self._init_trunk()
 
     def embed(self, label_B: Tensor, x_BLCv_wo_first_l: Tensor | None) -> tuple[Tensor, Tensor]:
         """(tokens' input (B, l, C), condition (B, C)) for the first l positions."""
