@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenizer_recon.py
 	$(BIN)/python benchmarks/token_loader.py
 	$(BIN)/python benchmarks/ar.py
+	$(BIN)/python benchmarks/rerun.py
 
 ablation: $(STAMP)  # CART Table 4 at small scale: five tiny pipelines, ≈ 40 min on 2 CPU cores
 	$(BIN)/python benchmarks/order_ablation.py

@@ -170,28 +170,86 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    cfg = _load(args)
+    only, force = getattr(args, "only", None), getattr(args, "force", None) or []
+    if getattr(args, "dry_run", False):
+        return _print_dry_run(cfg, args.until, only, force)
     from nextdetail.flows.pipeline import run_pipeline
 
-    cfg = _load(args)
-    results = run_pipeline(cfg, until=args.until, progress=not args.no_progress)
+    results = run_pipeline(cfg, until=args.until, progress=not args.no_progress, only=only, force=force)
     print(f"nextdetail run (preset {cfg.preset}) — outputs under {cfg.storage.root}")
-    if "shard" in results:
-        _print_shard(results["shard"])
-    if "decompose" in results:
-        _print_decompose(results["decompose"])
-        key = results["decompose"].summary.get("first_key")
-        if key:
-            print(f"  look at one: nextdetail show decomposition {key}")
-    if "train_tokenizer" in results:
-        _print_tokenizer(results["train_tokenizer"])
-    if "tokenize" in results:
-        _print_tokens(results["tokenize"])
-    if "train_ar" in results:
-        _print_ar(results["train_ar"])
-    if "sample" in results:
-        _print_sample(results["sample"])
-    if "evaluate" in results:
-        _print_eval(results["evaluate"])
+    printers = {"shard": _print_shard, "decompose": _print_decompose, "train_tokenizer": _print_tokenizer,
+                "tokenize": _print_tokens, "train_ar": _print_ar, "sample": _print_sample, "evaluate": _print_eval}
+    for stage, result in results.items():
+        if results.work.get(stage) == "up to date":
+            print(f"{stage}: up to date   {result.url}   (identity {results.identities[stage][:12]})")
+            continue
+        printers[stage](result)
+        if stage == "decompose" and result.summary.get("first_key"):
+            print(f"  look at one: nextdetail show decomposition {result.summary['first_key']}")
+    print(f"  run log:   {results.run_log}   (run {results.run_id}; `nextdetail lineage STAGE` for one artifact)")
+
+
+def _print_dry_run(cfg, until: str | None, only: str | None, force: list[str]) -> None:
+    """What `run` would do, from the status (nothing is started)."""
+    from nextdetail.flows.pipeline import select_stages
+    from nextdetail.flows.status import UP_TO_DATE, pipeline_status
+
+    stages = select_stages(until, only)
+    statuses = pipeline_status(cfg, tuple(stages))
+    print(f"nextdetail run --dry-run (preset {cfg.preset}) — storage root {cfg.storage.root}")
+    for stage in stages:
+        st = statuses[stage]
+        if st.state == UP_TO_DATE and stage not in force:
+            action = "skip (up to date)"
+        elif only is not None and stage != only:
+            action = f"blocked: upstream {stage} is {st.state} (drop --only)"
+        elif stage in force:
+            action = "rebuild (--force)"
+        else:
+            action = f"run ({st.state})"
+        print(f"  {stage:<16} {action}")
+        for reason in st.reasons if st.state != UP_TO_DATE else ():
+            print(f"  {'':<16}   {reason}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    import json
+
+    from nextdetail.flows.status import format_status, pipeline_status
+
+    cfg = _load(args)
+    statuses = pipeline_status(cfg)
+    if args.json:
+        print(json.dumps([s.to_json() for s in statuses.values()], indent=1))
+    else:
+        print(format_status(cfg, statuses, verbose=args.verbose))
+
+
+def cmd_lineage(args: argparse.Namespace) -> None:
+    from nextdetail.flows.status import find_records, format_record
+
+    cfg = _load(args)
+    for record in find_records(cfg, args.artifact)[: 1 if not args.all else None]:
+        print(format_record(cfg, record))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from nextdetail.flows.pipeline import scheduled_pipeline
+    from nextdetail.flows.runtime import prefect_api
+
+    _load(args)  # a bad config fails here, in one line, not in every scheduled run
+    preset = args.preset if args.preset or args.config else "tiny"
+    parameters = {"preset": None if args.config else preset, "config_file": args.config,
+                  "overrides": [*MODEL_OVERRIDES.get(args.model or "", []), *args.override],
+                  "until": args.until, "only": args.only, "force": args.force}
+    name = args.name or f"nextdetail-{preset if not args.config else 'custom'}"
+    with prefect_api() as url:
+        print(f"nextdetail serve: deployment nextdetail-scheduled/{name} on {url}"
+              + (f" (cron {args.cron!r})" if args.cron else f" (every {args.interval:g} s)" if args.interval else "")
+              + "; trigger a run with `prefect deployment run nextdetail-scheduled/" + name + "`; Ctrl-C stops")
+        scheduled_pipeline.serve(name=name, cron=args.cron, interval=args.interval, parameters=parameters,
+                                 print_starting_message=False)
 
 
 def cmd_show_decomposition(args: argparse.Namespace) -> None:
@@ -251,7 +309,43 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pipeline's stages in order; finished stages are reused from storage.")
     _add_config_args(p)
     p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    p.add_argument("--only", choices=STAGES, default=None,
+                   help="run this stage alone; the stages it depends on must be up to date")
+    p.add_argument("--force", action="append", choices=STAGES, default=[], metavar="STAGE",
+                   help="rebuild STAGE from scratch even if it is up to date (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and why; start nothing")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="each stage: up to date, stale (and why) or missing",
+                       description="For each stage: up to date, stale (which setting, upstream, input or code "
+                                   "changed since it was built) or missing, with identities and locations. Reads "
+                                   "lineage records and completion markers only.")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list nothing-changed details")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment (scheduled or triggered)",
+                       description="Register the pipeline (this config as its parameters) as a Prefect deployment "
+                                   "and execute its runs until interrupted: schedule it with --cron/--interval, or "
+                                   "trigger runs from the Prefect UI/API. Uses PREFECT_API_URL when set.")
+    _add_config_args(p)
+    p.add_argument("--name", default=None, help="deployment name (default: nextdetail-<preset>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--cron", default=None, help="a cron schedule, e.g. '0 3 * * *'")
+    g.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="run every SECONDS")
+    p.add_argument("--until", choices=STAGES, default=None)
+    p.add_argument("--only", choices=STAGES, default=None)
+    p.add_argument("--force", action="append", choices=STAGES, default=[], metavar="STAGE")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("lineage", help="where an artifact came from: settings, upstream, code, versions, runs",
+                       description="Print the lineage record of ARTIFACT: a stage name (its artifact under the "
+                                   "current config, else its latest), an identity prefix, or an artifact's URL.")
+    p.add_argument("artifact", metavar="ARTIFACT")
+    p.add_argument("--all", action="store_true", help="every matching record, newest first")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_lineage)
 
     # One command per stage: the pipeline up to and including it (earlier stages are reused when done).
     stage_commands = [

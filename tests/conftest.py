@@ -108,11 +108,21 @@ def pipeline(tmp_path_factory, embedded_source):
     return root, cfg, run_pipeline(cfg, until="evaluate", progress=False)
 
 
+def config_overrides(root: Path | str, source: str, *overrides: str) -> list[str]:
+    """The overrides of `make_config` (for the CLI: each after an -o)."""
+    return [f"storage.root={root}", f"data.source={source}", "shard.samples_per_shard=32", "dask.n_workers=2",
+            *overrides]
+
+
 def make_config(root: Path | str, source: str, *overrides: str):
     from nextdetail.conf import load_config
 
-    return load_config("tiny", overrides=[f"storage.root={root}", f"data.source={source}",
-                                          "shard.samples_per_shard=32", "dask.n_workers=2", *overrides])
+    return load_config("tiny", overrides=config_overrides(root, source, *overrides))
+
+
+def cli_config(root: Path | str, source: str, *overrides: str) -> list[str]:
+    """`--preset tiny -o …` arguments that give the same config as `make_config(root, source, *overrides)`."""
+    return ["--preset", "tiny", *[a for o in config_overrides(root, source, *overrides) for a in ("-o", o)]]
 
 
 def run_shard_stage(cfg):

@@ -255,7 +255,7 @@ def test_two_writers_of_one_identity_leave_one_valid_cache(upstream, published, 
 def test_team_bucket_on_s3_user_b_gets_user_as_tokens_without_encoding(s3_endpoint, embedded_source, tmp_path,
                                                                        monkeypatch):
     """User A runs the pipeline with storage.root on S3 (moto) and publishes; user B, an empty local
-    directory, runs the same pipeline: every stage is found complete, the token cache is verified and
+    directory, runs the same pipeline: every stage is up to date by A's lineage records, the token cache is verified and
     pulled through B's local mirror, and the encoder never runs. A deleted chunk or marker on S3 is
     detected and rebuilt; two processes tokenizing at once leave one valid cache."""
     import s3fs
@@ -272,7 +272,7 @@ def test_team_bucket_on_s3_user_b_gets_user_as_tokens_without_encoding(s3_endpoi
     mirror = tmp_path / "b-mirror"
     user_b = user_a.model_copy(update={"tokens": user_a.tokens.model_copy(update={"local_cache": str(mirror)})})
     b = _pipeline(user_b)["tokenize"]
-    assert b.work == "reused" and b.identity == a.identity and calls.images == 0
+    assert b.work == "up to date" and b.identity == a.identity and calls.images == 0  # A's lineage is in the bucket
     assert len(list(mirror.rglob("c/0/0/0"))) == a.summary["tars"]  # pulled and verified on the way
     ta, tb = a.open(), b.open()
     for tar in {r["shard"] for r in tb.index().to_pylist()}:

@@ -312,6 +312,11 @@ class SampleConfig(_Section):
     NDP_FIELDS: ClassVar[tuple[str, ...]] = ("budget", "estimator", "refine_per_step")
     CART_FIELDS: ClassVar[tuple[str, ...]] = ("upscale", "detail_budget", "detail_patch")
 
+    def evaluation_fields(self, model: str = "cart") -> tuple[str, ...]:
+        """The sample.* settings evaluation samples with (its own count and seed; no upscaling); "any": both dials."""
+        dial = {"ndp": self.NDP_FIELDS, "cart": ("detail_budget", "detail_patch")}
+        return ("cfg", "top_k", "top_p", *dial.get(model, (*dial["ndp"], *dial["cart"])))
+
     def identity_settings(self, model: str = "cart") -> dict:
         """The settings that change the samples of a `model` (cart|ndp) transformer."""
         skip = self.RUNTIME_FIELDS | frozenset(self.NDP_FIELDS if model == "cart" else self.CART_FIELDS)
@@ -396,7 +401,8 @@ class PipelineConfig(_Section):
             raise ValueError(f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
                              f"(now {self.decompose.order})")
         if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
-            from nextdetail.models.quadtree import dyadic_sides
+            def dyadic_sides(side: int) -> tuple[int, ...]:  # models.quadtree's rule; config loads without torch
+                return tuple(2**k for k in range(side.bit_length()))
 
             what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
             latent = None if res is None else res // down

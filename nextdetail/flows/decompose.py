@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -11,8 +10,9 @@ from prefect.futures import as_completed
 from tqdm import tqdm
 
 from nextdetail.conf.schema import PipelineConfig
+from nextdetail.flows.results import DecomposeResult, ShardResult
 from nextdetail.flows.runtime import dask_cluster, dask_task_runner
-from nextdetail.flows.shard import ShardResult, run_shard
+from nextdetail.flows.shard import run_shard
 from nextdetail.storage import factors
 from nextdetail.storage.fs import Store
 from nextdetail.storage.manifest import read_table
@@ -24,22 +24,6 @@ from nextdetail.tasks.decompose import (
     write_factors,
     write_index,
 )
-
-
-@dataclass
-class DecomposeResult:
-    url: str  # the decomposition directory (factors.zarr, index.parquet)
-    identity: str
-    summary: dict[str, Any]
-    tars_ran: list[str] = field(default_factory=list)
-    tars_cached: list[str] = field(default_factory=list)
-    tars_reused: list[str] = field(default_factory=list)
-    index_work: str = "ran"
-    seconds: float = 0.0
-
-    @property
-    def zarr_url(self) -> str:
-        return f"{self.url}/factors.zarr"
 
 
 def _work(state: Any, record: dict[str, Any]) -> str:

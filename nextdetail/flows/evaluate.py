@@ -4,17 +4,13 @@ metrics, then FID / IS / KID / precision-recall of the transformer's checkpoints
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.shard import ShardResult
-from nextdetail.flows.tokenize import TokensResult
-from nextdetail.flows.train_ar import ARResult
-from nextdetail.flows.train_tokenizer import TokenizerResult
+from nextdetail.flows.results import ARResult, EvalResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.evaluate import (
     CheckpointRef,
@@ -38,20 +34,6 @@ from nextdetail.tasks.reference_stats import (
     withdraw_if_damaged,
 )
 from nextdetail.tasks.stage import build_artifact
-
-
-@dataclass
-class EvalResult:
-    url: str  # report.md, metrics.json, grid.png, grids/, curves.png, samples/
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"
-    seconds: float = 0.0
-    reference: dict[str, Any] | None = None  # url, identity, work of the reference statistics
-
-    @property
-    def report_url(self) -> str:
-        return f"{self.url}/report.md"
 
 
 def reference_root(cfg: PipelineConfig) -> Store:

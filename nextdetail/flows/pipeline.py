@@ -1,20 +1,126 @@
-"""`nextdetail run`: the stages in order (shard → decompose → train_tokenizer → tokenize → train_ar → sample →
-evaluate), up to `--until`; one cluster for all."""
+"""`nextdetail run`: every stage as one Prefect flow (each stage a subflow), skipping what is up to date.
+
+shard → decompose → train_tokenizer → tokenize → train_ar → sample → evaluate. For each stage the flow
+computes its identity (conf/stages.py); when a lineage record of that identity names a complete artifact the
+stage is skipped and its result read from the record (no subflow, no cluster), otherwise its flow runs and a
+record is written. Every run appends its rows to the Parquet run log (storage/lineage.py).
+
+- ``until``: stop after this stage;  ``only``: run this stage alone (its upstream must be up to date);
+- ``force``: rebuild these stages from scratch (their recorded artifact is deleted first); a rebuilt stage whose
+  artifact identity comes out the same leaves its downstream up to date.
+The Dask cluster starts only when a stage that needs it (shard, decompose) runs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from prefect import flow, get_run_logger
+
 from nextdetail.conf import STAGES, PipelineConfig
+from nextdetail.conf.stages import SPECS, artifact_options, stage_key, upstream_closure
 from nextdetail.errors import UserError
+from nextdetail.flows.results import (
+    ARResult,
+    DecomposeResult,
+    EvalResult,
+    SampleResult,
+    ShardResult,
+    TokenizerResult,
+    TokensResult,
+)
 from nextdetail.flows.runtime import dask_cluster, prefect_api
+from nextdetail.storage.fs import Store
+from nextdetail.storage.lineage import Lineage, environment, recorded_artifact
+
+RESULTS = {"shard": ShardResult, "decompose": DecomposeResult, "train_tokenizer": TokenizerResult,
+           "tokenize": TokensResult, "train_ar": ARResult, "sample": SampleResult, "evaluate": EvalResult}
+UP_TO_DATE = "up to date"
 
 
-def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run every stage up to and including `until`; returns each stage's result by name."""
-    if until is not None and until not in STAGES:
-        raise UserError(f"--until {until!r}: no such stage (stages: {', '.join(STAGES)})")
-    from nextdetail.flows.decompose import run_decompose
+class PipelineResults(dict):
+    """Each stage's result by name, plus what happened to it (``work``: up to date | ran) and the run's id."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.work: dict[str, str] = {}
+        self.identities: dict[str, str] = {}  # stage identity (the lineage record's name)
+        self.run_log: str | None = None
+
+
+def _intact(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> bool:
+    """Whether a recorded artifact can be used as is: complete, and the token cache verified by sha256 as its
+    own flow verifies it before every use (`tokens.verify`; a same-size corruption is caught here too)."""
+    if not recorded_artifact(record, artifact_options(cfg, stage)):
+        return False
+    if stage == "tokenize" and cfg.tokens.verify == "sha256":
+        from nextdetail.storage.tokens import TokenCache
+
+        return not TokenCache(record["artifact"]["url"], artifact_options(cfg, stage), cfg.tokens.local_cache).verify()
+    return True
+
+
+def _up_to_date(result: Any) -> Any:
+    """A result rebuilt from its lineage record, saying that this run did nothing for it."""
+    if isinstance(result, ShardResult):
+        return dataclasses.replace(result, shards_ran=[], shards_cached=[], shards_reused=[], manifest_work=UP_TO_DATE,
+                                   seconds=0.0)
+    if isinstance(result, DecomposeResult):
+        return dataclasses.replace(result, tars_ran=[], tars_cached=[], tars_reused=[], index_work=UP_TO_DATE,
+                                   seconds=0.0)
+    return dataclasses.replace(result, work=UP_TO_DATE, seconds=0.0)
+
+
+def _reused(result: Any) -> bool:
+    """Whether a stage's flow found its artifact complete instead of computing it."""
+    if isinstance(result, ShardResult):
+        return not result.shards_ran and result.manifest_work != "ran"
+    if isinstance(result, DecomposeResult):
+        return not result.tars_ran and result.index_work != "ran"
+    return result.work not in ("ran", "rebuilt")
+
+
+STAGE_RETRY_DELAYS = (2.0, 10.0)
+
+
+def run_with_retries(stage: str, runner: Callable[[], Any], log: Any) -> Any:
+    """Run a stage's flow; on an I/O or infrastructure failure (`is_transient`: S3 errors, lost Dask workers,
+    a crashed process) run it again after a back-off — its finished tasks are reused, so it resumes. The
+    tasks retry on their own too; this catches what fails between them, in the flow. Bad config or data
+    (`UserError`, ValueError, …) fails at once."""
+    from nextdetail.tasks.stage import is_transient
+
+    for delay in (*STAGE_RETRY_DELAYS, None):
+        try:
+            return runner()
+        except Exception as exc:
+            if delay is None or not is_transient(exc):
+                raise
+            log.warning("%s: %s: %s — retrying the stage in %g s (finished work is reused)", stage,
+                        type(exc).__name__, str(exc)[:300], delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def select_stages(until: str | None = None, only: str | None = None) -> list[str]:
+    """The stages a run visits: up to `until`, or `only` with what it depends on (read, not run)."""
+    for flag, stage in (("--until", until), ("--only", only)):
+        if stage is not None and stage not in STAGES:
+            raise UserError(f"{flag} {stage!r}: no such stage (stages: {', '.join(STAGES)})")
+    if only is not None:
+        return [*upstream_closure(only), only]
+    return list(STAGES[: STAGES.index(until) + 1] if until else STAGES)
+
+
+def _runners(cfg: PipelineConfig, results: dict[str, Any], progress: bool,
+             scheduler: Callable[[], str]) -> dict[str, Callable[[], Any]]:
+    from nextdetail.flows.decompose import run_decompose  # the stages' code (and torch) only when one runs
     from nextdetail.flows.evaluate import run_evaluate
     from nextdetail.flows.sample import run_sample
     from nextdetail.flows.shard import run_shard
@@ -22,23 +128,100 @@ def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool =
     from nextdetail.flows.train_ar import run_train_ar
     from nextdetail.flows.train_tokenizer import run_train_tokenizer
 
-    results: dict[str, Any] = {}
-    runners = {
-        "shard": lambda scheduler: run_shard(cfg, progress=progress, scheduler=scheduler),
-        "decompose": lambda scheduler: run_decompose(cfg, results["shard"], progress=progress, scheduler=scheduler),
-        "train_tokenizer": lambda _: run_train_tokenizer(cfg, results["shard"], results["decompose"], progress=progress),
-        "tokenize": lambda _: run_tokenize(cfg, results["shard"], results["decompose"], results["train_tokenizer"],
-                                           progress=progress),
-        "train_ar": lambda _: run_train_ar(cfg, results["shard"], results["train_tokenizer"], results["tokenize"],
-                                           progress=progress),
-        "sample": lambda _: run_sample(cfg, results["shard"], results["tokenize"], results["train_ar"],
-                                       progress=progress),
-        "evaluate": lambda _: run_evaluate(cfg, results["shard"], results["train_tokenizer"], results["tokenize"],
-                                           results["train_ar"], progress=progress),
+    r = results
+    return {
+        "shard": lambda: run_shard(cfg, progress=progress, scheduler=scheduler()),
+        "decompose": lambda: run_decompose(cfg, r["shard"], progress=progress, scheduler=scheduler()),
+        "train_tokenizer": lambda: run_train_tokenizer(cfg, r["shard"], r["decompose"], progress=progress),
+        "tokenize": lambda: run_tokenize(cfg, r["shard"], r["decompose"], r["train_tokenizer"], progress=progress),
+        "train_ar": lambda: run_train_ar(cfg, r["shard"], r["train_tokenizer"], r["tokenize"], progress=progress),
+        "sample": lambda: run_sample(cfg, r["shard"], r["tokenize"], r["train_ar"], progress=progress),
+        "evaluate": lambda: run_evaluate(cfg, r["shard"], r["train_tokenizer"], r["tokenize"], r["train_ar"],
+                                         progress=progress),
     }
-    with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
-        for stage in STAGES:
-            results[stage] = runners[stage](scheduler)
-            if stage == until:
-                break
+
+
+@flow(name="nextdetail-pipeline", log_prints=False, validate_parameters=False)
+def pipeline_flow(cfg: PipelineConfig, stages: list[str], force: list[str], only: str | None = None,
+                  progress: bool = True) -> PipelineResults:
+    log = get_run_logger()
+    run_started = time.time()
+    results = PipelineResults(uuid.uuid4().hex[:12])
+    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    env = environment()
+    rows: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        cluster: list[str] = []
+
+        def scheduler() -> str:  # started on first use, shared by every stage that needs one
+            if not cluster:
+                cluster.append(stack.enter_context(dask_cluster(**cfg.dask.model_dump())))
+            return cluster[0]
+
+        runners: dict[str, Callable[[], Any]] = {}
+        for stage in stages:
+            key = stage_key(cfg, stage, {u: results[u].identity for u in SPECS[stage].upstream})
+            record = lineage.read(stage, key.identity)
+            complete = record is not None and _intact(cfg, stage, record)
+            started = time.time()
+            if complete and stage not in force:
+                results[stage] = _up_to_date(RESULTS[stage](**record["result"]))
+                work = UP_TO_DATE
+                log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])
+            elif only is not None and stage != only:
+                raise UserError(f"--only {only}: its upstream stage {stage} is not up to date; run "
+                                f"`nextdetail run --until {stage}` first (or drop --only)")
+            else:
+                if complete and stage in force:
+                    url = record["artifact"]["url"]
+                    log.info("%s: --force: deleting %s and rebuilding it", stage, url)
+                    Store(url, artifact_options(cfg, stage)).remove_tree("")
+                runners = runners or _runners(cfg, results, progress, scheduler)
+                results[stage] = run_with_retries(stage, runners[stage], log)
+                if stage in force and not complete and _reused(results[stage]):  # built before lineage knew it
+                    log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
+                    Store(results[stage].url, artifact_options(cfg, stage)).remove_tree("")
+                    results[stage] = run_with_retries(stage, runners[stage], log)
+                work = "ran"
+                result = results[stage]
+                lineage.write({
+                    "stage": stage, "identity": key.identity,
+                    "artifact": {"identity": result.identity, "url": result.url, "marker": "_COMPLETE.json"},
+                    "settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code,
+                    **env, "run_id": results.run_id, "preset": cfg.preset, "started": started,
+                    "finished": time.time(), "seconds": round(time.time() - started, 3),
+                    "result": dataclasses.asdict(result),
+                })
+            results.work[stage] = work
+            results.identities[stage] = key.identity
+            rows.append({"run_id": results.run_id, "started": started, "stage": stage, "identity": key.identity,
+                         "artifact_identity": results[stage].identity, "url": results[stage].url, "work": work,
+                         "seconds": round(time.time() - started, 3), "host": env["host"], "user": env["user"],
+                         "git_commit": env["git"]["commit"], "preset": cfg.preset})
+    results.run_log = lineage.append_run(results.run_id, run_started, rows)
     return results
+
+
+def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool = True, only: str | None = None,
+                 force: Iterable[str] = ()) -> PipelineResults:
+    """Run the selected stages as one Prefect flow; returns each stage's result by name."""
+    force = list(force)
+    for stage in force:
+        if stage not in STAGES:
+            raise UserError(f"--force {stage!r}: no such stage (stages: {', '.join(STAGES)})")
+    stages = select_stages(until, only)
+    with prefect_api():
+        return pipeline_flow(cfg, stages, force, only, progress=progress)
+
+
+@flow(name="nextdetail-scheduled", log_prints=False)
+def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] | None = None,
+                       until: str | None = None, only: str | None = None,
+                       force: list[str] | None = None) -> dict[str, str]:
+    """The pipeline with JSON parameters (a preset or config file + overrides): what a deployment runs.
+    Returns what happened to each stage (up to date | ran)."""
+    from nextdetail.conf import load_config
+
+    cfg = load_config(preset=None if config_file else preset, config_file=config_file, overrides=overrides or [])
+    results = pipeline_flow(cfg, select_stages(until, only), list(force or []), only, progress=False)
+    return dict(results.work)

@@ -4,27 +4,14 @@ photo of each class beside its samples."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.flows.shard import ShardResult
-from nextdetail.flows.tokenize import TokensResult
-from nextdetail.flows.train_ar import ARResult
+from nextdetail.flows.results import ARResult, SampleResult, ShardResult, TokensResult
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import stable_hash
 from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage, summary_line
-
-
-@dataclass
-class SampleResult:
-    url: str  # grid.png, grids/, images/, samples.tar, hires/, summary.json
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"
-    seconds: float = 0.0
 
 
 def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult) -> tuple[tuple[int, bytes], ...]:

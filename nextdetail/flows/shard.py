@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -12,6 +11,7 @@ from tqdm import tqdm
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
+from nextdetail.flows.results import ShardResult
 from nextdetail.flows.runtime import dask_cluster, dask_task_runner
 from nextdetail.storage.embedded import build_embedded
 from nextdetail.storage.fs import Store
@@ -25,23 +25,6 @@ from nextdetail.tasks.shard import (
     write_manifest,
     write_shard,
 )
-
-
-@dataclass
-class ShardResult:
-    url: str  # the shard directory
-    identity: str  # the dataset's identity (what downstream stages key on)
-    summary: dict[str, Any]
-    shards_ran: list[str] = field(default_factory=list)  # tars written by this run
-    shards_cached: list[str] = field(default_factory=list)  # Prefect cache hits
-    shards_reused: list[str] = field(default_factory=list)  # complete on storage, unknown to Prefect
-    manifest_work: str = "ran"  # ran | cached | reused
-    tar_identities: dict[str, str] = field(default_factory=dict)  # tar name → its artifact identity
-    seconds: float = 0.0
-
-    @property
-    def manifest_url(self) -> str:
-        return f"{self.url}/manifest.parquet"
 
 
 def resolve_source(cfg: PipelineConfig, store: Store) -> str:

@@ -8,7 +8,6 @@ resumes: the next attempt adopts the finished tars.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,9 +15,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.decompose import DecomposeResult
-from nextdetail.flows.shard import ShardResult
-from nextdetail.flows.train_tokenizer import TokenizerResult
+from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage import tokens
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
@@ -30,21 +27,6 @@ from nextdetail.tasks.tokenize import (
     publish_tokens,
     summary_line,
 )
-
-
-@dataclass
-class TokensResult:
-    url: str  # the cache directory <cache root>/tokens/<identity>
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"  # ran | reused | rebuilt
-    seconds: float = 0.0
-    options: dict | None = None  # fsspec options of the cache root
-    local_cache: str | None = None
-
-    def open(self) -> tokens.TokenCache:
-        """The published cache, read in place (local) or through the local mirror (remote)."""
-        return tokens.TokenCache(self.url, self.options, self.local_cache)
 
 
 def cache_root(cfg: PipelineConfig) -> Store:

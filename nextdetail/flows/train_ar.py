@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.flows.shard import ShardResult
-from nextdetail.flows.tokenize import TokensResult
-from nextdetail.flows.train_tokenizer import TokenizerResult
+from nextdetail.flows.results import ARResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_ar import (
     ARData,
@@ -26,19 +23,6 @@ from nextdetail.tasks.train_ar import (
     train_ar,
     transformer_config,
 )
-
-
-@dataclass
-class ARResult:
-    url: str  # transformer.pt, best.pt, metrics.csv, loss.png, summary.json, checkpoints/
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"  # ran | cached | reused
-    seconds: float = 0.0
-
-    @property
-    def checkpoint_url(self) -> str:
-        return f"{self.url}/transformer.pt"
 
 
 def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,

@@ -7,15 +7,12 @@ cluster: it is one long task that wants every core, or a GPU.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.decompose import DecomposeResult
-from nextdetail.flows.shard import ShardResult
+from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_tokenizer import (
@@ -25,19 +22,6 @@ from nextdetail.tasks.train_tokenizer import (
     summary_line,
     train_tokenizer,
 )
-
-
-@dataclass
-class TokenizerResult:
-    url: str  # tokenizer.pt, metrics.json, curves.png, reconstructions.png, checkpoints/
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"  # ran | cached | reused
-    seconds: float = 0.0
-
-    @property
-    def checkpoint_url(self) -> str:
-        return f"{self.url}/tokenizer.pt"
 
 
 def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult, split: str = "train") -> TrainData:

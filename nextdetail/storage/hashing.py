@@ -24,6 +24,16 @@ def bytes_sha256(data: bytes | memoryview) -> str:
 
 
 @cache
+def module_hash(name: str) -> str:
+    """sha256 of one module's source text (read once per process: a run hashes the code it loaded)."""
+    spec = importlib.util.find_spec(name)  # imports the parent packages only, never the module itself
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"code_version: no module {name!r}")
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@cache
 def code_version(*modules: str) -> str:
     """Hash of the source text of the named modules: the code version a stage's cache key depends on.
 
@@ -31,9 +41,5 @@ def code_version(*modules: str) -> str:
     """
     digest = hashlib.sha256()
     for name in sorted(modules):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ModuleNotFoundError(f"code_version: no module {name!r}")
-        with open(spec.origin, "rb") as f:
-            digest.update(name.encode() + b"\0" + f.read() + b"\0")
+        digest.update(name.encode() + b"\0" + module_hash(name).encode() + b"\0")
     return digest.hexdigest()

@@ -294,8 +294,7 @@ def plan_evaluation(parent: Store, inputs: EvalInputs, checkpoint_ids: list[str]
     """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself)."""
     code = code_version(*CODE)
     sampling = sampling_config(ecfg, scfg)  # of sample.*, only what evaluation samples with
-    dial = {"ndp": SampleConfig.NDP_FIELDS, "cart": ("detail_budget", "detail_patch")}  # "any": both (--ckpt)
-    used = ("per_class", "seed", "cfg", "top_k", "top_p", *dial.get(model, (*dial["ndp"], *dial["cart"])))
+    used = ("per_class", "seed", *scfg.evaluation_fields(model))
     settings = {"eval": ecfg.identity_settings(), "sampling": {k: getattr(sampling, k) for k in used}}
     upstream = {"checkpoints": checkpoint_ids, "reference": inputs.reference.identity,
                 "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity"), "extractor": extractor}

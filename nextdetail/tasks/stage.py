@@ -1,6 +1,6 @@
 """The stage mechanism every stage reuses: content-addressed artifacts on Prefect's own caching.
 
-An `Artifact` is named by its identity — a hash of exactly the settings, upstream identities, input
+An `Artifact` (storage/artifacts.py) is named by its identity — a hash of exactly the settings, upstream identities, input
 fingerprints and code version it depends on — and is complete when its JSON completion marker
 (written last, atomically) carries that identity and every file it lists still has its recorded size.
 
@@ -16,101 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
-import platform
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-import nextdetail
 from nextdetail.errors import UserError
-from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import canonical_json
+from nextdetail.storage.artifacts import Artifact
 
-MARKER_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A stage output under `store`: its files plus the completion marker `marker` (relative paths)."""
-
-    stage: str
-    identity: str
-    store: Store
-    marker: str = "_COMPLETE.json"
-    lineage: dict[str, Any] = field(default_factory=dict, compare=False)  # settings, upstream, code
-    checksums: bool = False  # the marker also records each file's sha256 (`verify()` checks them)
-    exclusive: bool = False  # publish only if no marker exists yet (concurrent writers: one wins)
-
-    @property
-    def cache_key(self) -> str:
-        return f"{self.stage}-{self.identity}"
-
-    def __dask_tokenize__(self) -> tuple[str, str, str]:
-        # The identity already names the content; Dask's generic walk over the dataclass is slow.
-        return "Artifact", self.cache_key, self.store.url()
-
-    def read_marker(self) -> dict[str, Any] | None:
-        """The marker if it exists and names this identity; None otherwise (missing, other, torn)."""
-        try:
-            record = json.loads(self.store.read_bytes(self.marker))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        return record if record.get("identity") == self.identity else None
-
-    def completed(self) -> dict[str, Any] | None:
-        """The marker if the artifact is complete: identity matches and every listed file has its size."""
-        record = self.read_marker()
-        if record is None:
-            return None
-        for rel, size in record.get("files", {}).items():
-            if self.store.size(rel) != size:
-                return None
-        return record
-
-    def verify(self, record: dict[str, Any]) -> list[str]:
-        """Files of a complete artifact whose content no longer has its recorded sha256 (reads them all)."""
-        return [rel for rel, digest in record.get("sha256", {}).items() if self.store.sha256(rel) != digest]
-
-    def publish(self, summary: dict[str, Any], files: list[str] | dict[str, str], started: float) -> dict[str, Any]:
-        """Write the completion marker last: from here on readers may use the artifact. `files` may map
-        each file to its sha256 when the writer knows it (else it is read back). With `exclusive`,
-        FileExistsError means another writer published first."""
-        record = {
-            "identity": self.identity,
-            "stage": self.stage,
-            "marker_version": MARKER_VERSION,
-            "files": {rel: self.store.size(rel) for rel in files},
-            "summary": summary,
-            "lineage": {
-                **self.lineage,
-                "nextdetail": nextdetail.__version__,
-                "python": platform.python_version(),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started": started,
-                "seconds": round(time.time() - started, 3),
-            },
-        }
-        missing = [rel for rel, size in record["files"].items() if size is None]
-        if missing:
-            raise RuntimeError(f"{self.stage}: refusing to publish, files missing: {missing}")
-        if self.checksums:
-            known = files if isinstance(files, dict) else {}
-            record["sha256"] = {rel: known.get(rel) or self.store.sha256(rel) for rel in files}
-        data = canonical_json(record).encode()
-        if self.exclusive:
-            self.store.write_bytes_exclusive(self.marker, data)
-        else:
-            self.store.write_bytes(self.marker, data)
-        return record
+__all__ = ["Artifact", "ArtifactCachePolicy", "build_artifact", "is_transient", "stage_task"]
 
 
 def _drop_cache_record(result_store: Any, key: str) -> None:

@@ -1,0 +1,184 @@
+"""The pipeline's stages as data: what each one depends on (like a dvc.yaml, in one table).
+
+A stage's identity is a content hash of exactly
+- its **settings slice** (the config keys that change what it computes; how it runs — batch sizes, devices,
+  thread counts, where caches live — is left out),
+- the **identities of its upstream artifacts** (what the upstream stage's completion marker names),
+- its **inputs** from outside the pipeline (the source dataset's listing; a reference folder; weights files),
+- the **code version** of the modules that implement it (their source text).
+
+`stage_identity` computes it; `nextdetail status` and `nextdetail run` both use it, so what status calls up
+to date is what run skips. This module imports neither torch nor Prefect: status answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.storage.hashing import canonical_json, module_hash, stable_hash
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    upstream: tuple[str, ...]
+    code: tuple[str, ...]  # the modules whose source the stage's identity hashes (its flow, tasks and models)
+    settings: Callable[[PipelineConfig], dict[str, Any]]
+    inputs: Callable[[PipelineConfig], dict[str, Any]] | None = None  # fingerprints of inputs from outside
+
+    def code_hashes(self) -> dict[str, str]:
+        return {m: module_hash(m) for m in self.code}
+
+
+def _shard_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    d = cfg.data
+    data = {"source": d.source, "layout": d.layout, "splits": d.splits}
+    if d.source == "embedded":
+        data["embedded"] = d.embedded.model_dump()
+    return {"data": data, "shard": cfg.shard.model_dump()}
+
+
+def _source_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    """The source dataset: the embedded build's identity (a function of its settings and code), else the
+    listing — every file's (path, size, mtime/ETag), or its sha256 with shard.fingerprint=content."""
+    if cfg.data.source == "embedded":
+        from nextdetail.storage.embedded import embedded_identity
+
+        return {"source": {"embedded": embedded_identity(cfg.data.embedded)}}
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.sources import list_source
+
+    listing = list_source(cfg.data.source, cfg.data.splits, cfg.data.layout, cfg.storage.options)
+    files = [(it.relpath, it.wnid, it.size, it.stamp) for items in listing.items.values() for it in items]
+    if cfg.shard.fingerprint == "content":
+        store = Store(listing.url, cfg.storage.options)
+        files = [(rel, wnid, store.sha256(rel)) for rel, wnid, _, _ in files]
+    return {"source": {"url": listing.url, "classes": listing.classes, "files": stable_hash(files),
+                       "count": len(files)}}
+
+
+def _path_fingerprint(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A file's or folder's (path, size, mtime) listing, hashed; `exists: False` when it is not there."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        return {"url": url, "exists": False}
+    rows = sorted((p, int(i.get("size") or 0), str(i.get("mtime") or i.get("ETag") or i.get("LastModified") or ""))
+                  for p, i in found.items())
+    return {"url": url, "files": stable_hash(rows), "count": len(rows)}
+
+
+def _eval_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    e, out = cfg.eval, {}
+    if "/" in e.reference or e.reference.endswith(".npz"):  # a folder or .npz outside the pipeline
+        out["reference"] = _path_fingerprint(e.reference, cfg.storage.options if "://" in e.reference else {})
+    if e.extractor == "inception-v3-compat" and e.inception_weights:
+        out["inception_weights"] = _path_fingerprint(e.inception_weights, {})
+    return out
+
+
+def _eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    s = cfg.sample
+    return {"eval": cfg.eval.identity_settings(), "ar.model": cfg.ar.model,
+            "sample": {k: getattr(s, k) for k in s.evaluation_fields(cfg.ar.model)}}
+
+
+_SAMPLING = ("nextdetail.models.sampler", "nextdetail.models.transformer", "nextdetail.models.quant",
+             "nextdetail.models.ndp", "nextdetail.models.ndp_sampler", "nextdetail.models.quadtree",
+             "nextdetail.models.flops")
+_METRICS = ("nextdetail.tasks.reference_stats", "nextdetail.models.fidelity", "nextdetail.models.feature_extractor")
+
+SPECS: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("shard", (), ("nextdetail.flows.shard", "nextdetail.tasks.shard", "nextdetail.storage.images",
+                            "nextdetail.storage.shards", "nextdetail.storage.manifest", "nextdetail.storage.sources"),
+              _shard_settings, _source_inputs),
+    StageSpec("decompose", ("shard",), ("nextdetail.flows.decompose", "nextdetail.tasks.decompose",
+                                        "nextdetail.models.mumford_shah", "nextdetail.storage.factors"),
+              lambda c: {"decompose": c.decompose.identity_settings()}),
+    StageSpec("train_tokenizer", ("shard", "decompose"),
+              ("nextdetail.flows.train_tokenizer", "nextdetail.tasks.train_tokenizer", "nextdetail.models.tokenizer",
+               "nextdetail.models.quant", "nextdetail.models.vae", "nextdetail.models.lpips",
+               "nextdetail.models.discriminator"),
+              lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
+    StageSpec("tokenize", ("shard", "decompose", "train_tokenizer"),
+              ("nextdetail.flows.tokenize", "nextdetail.tasks.tokenize", "nextdetail.storage.tokens",
+               "nextdetail.models.tokenizer", "nextdetail.models.quant", "nextdetail.models.vae"),
+              lambda c: {"tokens": c.tokens.identity_settings()}),
+    StageSpec("train_ar", ("shard", "train_tokenizer", "tokenize"),
+              ("nextdetail.flows.train_ar", "nextdetail.tasks.train_ar", "nextdetail.models.transformer",
+               "nextdetail.models.quant", "nextdetail.storage.token_loader", "nextdetail.models.ndp",
+               "nextdetail.models.quadtree"),
+              lambda c: {"ar": c.ar.identity_settings()}),
+    StageSpec("sample", ("shard", "tokenize", "train_ar"), ("nextdetail.flows.sample", "nextdetail.tasks.sample",
+                                                            *_SAMPLING),
+              lambda c: {"ar.model": c.ar.model, "sample": c.sample.identity_settings(c.ar.model)}),
+    StageSpec("evaluate", ("shard", "train_tokenizer", "tokenize", "train_ar"),
+              ("nextdetail.flows.evaluate", "nextdetail.tasks.evaluate", "nextdetail.tasks.sample", *_SAMPLING,
+               *_METRICS),
+              _eval_settings, _eval_inputs),
+)}
+assert tuple(SPECS) == STAGES
+
+
+def downstream(stage: str) -> list[str]:
+    """Every stage that depends on `stage`, directly or not, in pipeline order."""
+    out: set[str] = {stage}
+    for name in STAGES:
+        if out.intersection(SPECS[name].upstream):
+            out.add(name)
+    return [s for s in STAGES if s in out and s != stage]
+
+
+def upstream_closure(stage: str) -> list[str]:
+    """Every stage `stage` depends on, directly or not, in pipeline order."""
+    need, todo = set(), list(SPECS[stage].upstream)
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(SPECS[s].upstream)
+    return [s for s in STAGES if s in need]
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """Everything a stage's identity hashes, and the identity itself."""
+
+    stage: str
+    settings: dict[str, Any]
+    upstream: dict[str, str]  # upstream stage → its artifact identity
+    inputs: dict[str, Any]
+    code: dict[str, str]  # module → sha256 of its source
+
+    @property
+    def identity(self) -> str:
+        return stable_hash({"stage": self.stage, "settings": self.settings, "upstream": self.upstream,
+                            "inputs": self.inputs, "code": self.code})
+
+
+def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str],
+              inputs: dict[str, Any] | None = None) -> StageKey:
+    """The key of `stage` under `cfg` given its upstream artifacts' identities (`inputs`: precomputed)."""
+    spec = SPECS[stage]
+    missing = [u for u in spec.upstream if u not in upstream]
+    if missing:
+        raise ValueError(f"{stage}: upstream identities missing for {missing}")
+    if inputs is None:
+        inputs = spec.inputs(cfg) if spec.inputs else {}
+    as_json = lambda obj: json.loads(canonical_json(obj))  # noqa: E731 — tuples → lists: equal to what records hold
+    return StageKey(stage, as_json(spec.settings(cfg)), {u: upstream[u] for u in spec.upstream}, as_json(inputs),
+                    spec.code_hashes())
+
+
+def artifact_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """fsspec options for the storage a stage's artifact lives on (token caches may live elsewhere)."""
+    if stage == "tokenize" and cfg.tokens.cache_options is not None:
+        return dict(cfg.tokens.cache_options)
+    return dict(cfg.storage.options)

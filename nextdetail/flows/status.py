@@ -1,0 +1,172 @@
+"""`nextdetail status`: each stage up to date, stale (and why) or missing — from identities and markers only.
+
+For each stage in order: its identity is computed from the config, its upstream artifacts' identities and
+its code (conf/stages.py); the lineage record of that identity names the artifact, whose completion marker
+must still carry it. No Prefect, no torch, no data read but listings and small JSON files.
+
+- up to date: a record for this identity exists and its artifact's marker names it (`run` skips the stage);
+- stale: the stage was built before, but not with this identity — the reasons compare the current settings,
+  upstream identities, inputs and code with the closest earlier record of the stage (fewest differences);
+- missing: never built under this storage root, or its recorded artifact is gone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.conf.stages import SPECS, StageKey, artifact_options, stage_key
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import canonical_json
+from nextdetail.storage.lineage import Lineage, recorded_artifact
+
+UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    state: str  # up to date | stale | missing
+    reasons: list[str] = field(default_factory=list)
+    identity: str | None = None  # the stage identity under the current config (None: upstream not up to date)
+    record: dict[str, Any] | None = None  # the lineage record of that identity, if any
+
+    @property
+    def artifact(self) -> dict[str, Any] | None:
+        return self.record["artifact"] if self.record else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "state": self.state, "reasons": self.reasons, "identity": self.identity,
+                "artifact": self.artifact}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _short(v: Any) -> str:
+    s = repr(v) if not isinstance(v, str) or len(v) < 40 else v[:12] + "…"
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
+    """What differs between the current key parts and the last record: settings, upstream, inputs, code."""
+    reasons = []
+    now, then = _flatten(current.get("settings", {})), _flatten(last.get("settings", {}))
+    for k in sorted(set(now) | set(then)):
+        if now.get(k, "<unset>") != then.get(k, "<unset>"):
+            reasons.append(f"setting {k}: {_short(then.get(k, '<unset>'))} → {_short(now.get(k, '<unset>'))}")
+    for u, ident in current.get("upstream", {}).items():
+        before = last.get("upstream", {}).get(u)
+        if before != ident:
+            reasons.append(f"upstream {u} changed: {str(before)[:12]} → {str(ident)[:12]}")
+    now_in, then_in = _flatten(current.get("inputs", {})), _flatten(last.get("inputs", {}))
+    for k in sorted(set(now_in) | set(then_in)):
+        if now_in.get(k) != then_in.get(k):
+            reasons.append(f"input {k}: {_short(then_in.get(k))} → {_short(now_in.get(k))}")
+    code_now, code_then = current.get("code", {}), last.get("code", {})
+    changed = sorted(m for m in set(code_now) | set(code_then) if code_now.get(m) != code_then.get(m))
+    if changed:
+        reasons.append("code changed: " + ", ".join(changed))
+    return reasons
+
+
+def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatus], lineage: Lineage) -> StageStatus:
+    spec = SPECS[stage]
+    not_ready = [u for u in spec.upstream if upstream[u].state != UP_TO_DATE]
+    last = lineage.latest(stage)
+    if not_ready:
+        reasons = [f"upstream {u} is {upstream[u].state}" for u in not_ready]
+        if last is not None:  # what else will change, as far as the config and code tell
+            current = {"settings": json.loads(canonical_json(spec.settings(cfg))), "code": spec.code_hashes()}
+            reasons += [r for r in explain(current, last) if not r.startswith("upstream")]
+        return StageStatus(stage, STALE if last else MISSING, reasons)
+    key: StageKey = stage_key(cfg, stage, {u: upstream[u].artifact["identity"] for u in spec.upstream})
+    identity = key.identity
+    record = lineage.read(stage, identity)
+    if record is not None:
+        if recorded_artifact(record, artifact_options(cfg, stage), check_sizes=False):
+            return StageStatus(stage, UP_TO_DATE, [], identity, record)
+        return StageStatus(stage, MISSING, [f"its artifact is gone or incomplete: {record['artifact']['url']}"],
+                           identity, record)
+    if last is None:
+        return StageStatus(stage, MISSING, ["never built under this storage root"], identity)
+    current = {"settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code}
+    # Against the closest earlier build (the fewest differences; the newest on ties): what made it stale.
+    candidates = [last, *lineage.records(stage)]
+    reasons = min((explain(current, r) for r in candidates), key=len)
+    return StageStatus(stage, STALE, reasons or ["identity changed"], identity)
+
+
+def pipeline_status(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> dict[str, StageStatus]:
+    """The status of `stages` (and of the stages they depend on) under `cfg`."""
+    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    out: dict[str, StageStatus] = {}
+    for stage in STAGES:
+        out[stage] = stage_status(cfg, stage, out, lineage)
+        if stage == stages[-1]:
+            break
+    return out
+
+
+def format_status(cfg: PipelineConfig, statuses: dict[str, StageStatus], verbose: bool = False) -> str:
+    lines = [f"nextdetail status (preset {cfg.preset}) — storage root {cfg.storage.root}"]
+    width = max(len(s) for s in statuses)
+    for st in statuses.values():
+        ident = (st.identity or "")[:12] or "-" * 12
+        where = st.artifact["url"] if st.state == UP_TO_DATE and st.artifact else ""
+        lines.append(f"  {st.stage:<{width}}  {st.state:<10}  {ident}  {where}".rstrip())
+        for reason in st.reasons if verbose or st.state != UP_TO_DATE else ():
+            lines.append(f"  {'':<{width}}    {reason}")
+    return "\n".join(lines)
+
+
+# ---- `nextdetail lineage ARTIFACT` ------------------------------------------------------------------
+
+def find_records(cfg: PipelineConfig, query: str) -> list[dict[str, Any]]:
+    """Lineage records matching `query`: a stage name (the current config's artifact, else the stage's
+    latest, then its others), an identity prefix (stage or artifact identity) or an artifact URL/path."""
+    from pathlib import Path
+
+    from nextdetail.errors import UserError
+
+    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    if query in STAGES:
+        current = pipeline_status(cfg, STAGES[: STAGES.index(query) + 1])[query].record
+        first = current or lineage.latest(query)
+        others = [r for r in lineage.all_records() if r["stage"] == query and r["identity"] != (first or {}).get("identity")]
+        found = ([first] if first else []) + others
+    else:
+        path = query if "://" in query else str(Path(query).resolve())
+        found = [r for r in lineage.all_records()
+                 if r["identity"].startswith(query) or r["artifact"]["identity"].startswith(query)
+                 or r["artifact"]["url"].rstrip("/") in (query.rstrip("/"), path.rstrip("/"))]
+    if not found:
+        raise UserError(f"no lineage record matches {query!r} under {lineage.store.url()}; give a stage name "
+                        f"({', '.join(STAGES)}), an identity prefix or an artifact's URL")
+    return found
+
+
+def format_record(cfg: PipelineConfig, record: dict[str, Any]) -> str:
+    """The record as readable YAML (the stage's result summary included), then the runs that touched it."""
+    import datetime
+
+    import yaml
+
+    when = lambda t: datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds")  # noqa: E731
+    shown = {k: v for k, v in record.items() if k != "result"}
+    shown["started"], shown["finished"] = when(record["started"]), when(record["finished"])
+    shown["summary"] = record.get("result", {}).get("summary")
+    text = f"# {record['stage']} {record['identity'][:12]}\n" + yaml.safe_dump(shown, sort_keys=False, width=110)
+    runs = Lineage(Store(cfg.storage.root, cfg.storage.options)).runs()
+    rows = [r for r in runs.to_pylist() if r["identity"] == record["identity"]]
+    text += "runs:\n" + "".join(f"  - {when(r['started'])}  run {r['run_id']}  {r['work']}  {r['seconds']:.1f}s  "
+                                f"{r['user']}@{r['host']}\n" for r in rows)
+    return text

@@ -1,0 +1,98 @@
+"""`Artifact`: a stage output named by its identity, complete when its completion marker says so.
+
+An artifact is complete when its JSON completion marker (written last, atomically) carries its identity and
+every file the marker lists still has its recorded size. Nothing here imports Prefect or torch: `nextdetail
+status` reads markers through this class too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nextdetail
+from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import canonical_json
+
+MARKER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stage output under `store`: its files plus the completion marker `marker` (relative paths)."""
+
+    stage: str
+    identity: str
+    store: Store
+    marker: str = "_COMPLETE.json"
+    lineage: dict[str, Any] = field(default_factory=dict, compare=False)  # settings, upstream, code
+    checksums: bool = False  # the marker also records each file's sha256 (`verify()` checks them)
+    exclusive: bool = False  # publish only if no marker exists yet (concurrent writers: one wins)
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.stage}-{self.identity}"
+
+    def __dask_tokenize__(self) -> tuple[str, str, str]:
+        # The identity already names the content; Dask's generic walk over the dataclass is slow.
+        return "Artifact", self.cache_key, self.store.url()
+
+    def read_marker(self) -> dict[str, Any] | None:
+        """The marker if it exists and names this identity; None otherwise (missing, other, torn)."""
+        try:
+            record = json.loads(self.store.read_bytes(self.marker))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return record if record.get("identity") == self.identity else None
+
+    def completed(self) -> dict[str, Any] | None:
+        """The marker if the artifact is complete: identity matches and every listed file has its size."""
+        record = self.read_marker()
+        if record is None:
+            return None
+        for rel, size in record.get("files", {}).items():
+            if self.store.size(rel) != size:
+                return None
+        return record
+
+    def verify(self, record: dict[str, Any]) -> list[str]:
+        """Files of a complete artifact whose content no longer has its recorded sha256 (reads them all)."""
+        return [rel for rel, digest in record.get("sha256", {}).items() if self.store.sha256(rel) != digest]
+
+    def publish(self, summary: dict[str, Any], files: list[str] | dict[str, str], started: float) -> dict[str, Any]:
+        """Write the completion marker last: from here on readers may use the artifact. `files` may map
+        each file to its sha256 when the writer knows it (else it is read back). With `exclusive`,
+        FileExistsError means another writer published first."""
+        record = {
+            "identity": self.identity,
+            "stage": self.stage,
+            "marker_version": MARKER_VERSION,
+            "files": {rel: self.store.size(rel) for rel in files},
+            "summary": summary,
+            "lineage": {
+                **self.lineage,
+                "nextdetail": nextdetail.__version__,
+                "python": platform.python_version(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": started,
+                "seconds": round(time.time() - started, 3),
+            },
+        }
+        missing = [rel for rel, size in record["files"].items() if size is None]
+        if missing:
+            raise RuntimeError(f"{self.stage}: refusing to publish, files missing: {missing}")
+        if self.checksums:
+            known = files if isinstance(files, dict) else {}
+            record["sha256"] = {rel: known.get(rel) or self.store.sha256(rel) for rel in files}
+        data = canonical_json(record).encode()
+        if self.exclusive:
+            self.store.write_bytes_exclusive(self.marker, data)
+        else:
+            self.store.write_bytes(self.marker, data)
+        return record

@@ -1,0 +1,207 @@
+"""Pipeline operations: `status` says what is stale and why, `run` skips exactly what status calls up to date,
+one knob re-runs only the stages it touches, `--only` / `--force` / `--dry-run`, lineage and the run log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, cli_config, make_config
+
+import nextdetail
+from nextdetail.conf import STAGES
+from nextdetail.conf.stages import SPECS, downstream
+from nextdetail.errors import UserError
+from nextdetail.flows.pipeline import run_pipeline
+from nextdetail.storage.fs import Store
+from nextdetail.storage.lineage import Lineage
+
+ENV = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def _cli(args: list[str], pythonpath: str | None = None) -> tuple[str, dict]:
+    """Run the CLI in a fresh interpreter; returns (stdout, {module family: imported?})."""
+    code = ("import sys, json; from nextdetail.cli import main; rc = main(sys.argv[1:]); "
+            "print(json.dumps({'rc': rc, 'file': __import__('nextdetail').__file__, "
+            "'torch': 'torch' in sys.modules, 'prefect': 'prefect' in sys.modules}))")
+    env = {**ENV, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=pythonpath)  # `python -c` puts the working directory first on the path
+    assert out.returncode == 0, out.stderr
+    *body, last = out.stdout.strip().splitlines()
+    return "\n".join(body), json.loads(last)
+
+
+def _status(args: list[str], pythonpath: str | None = None) -> tuple[dict[str, dict], dict]:
+    out, info = _cli(["status", "--json", *args], pythonpath)
+    return {s["stage"]: s for s in json.loads(out)}, info
+
+
+def _args(pipeline, *overrides: str) -> list[str]:
+    root, cfg, _ = pipeline
+    return cli_config(root, cfg.data.source, *FAST, *overrides)
+
+
+def test_every_module_a_stage_task_hashes_is_in_its_stage_identity():
+    """The stage table (conf/stages.py) lists at least the code each stage's artifacts hash, and the sampler
+    reaches only sample and evaluate (editing it must not retrain anything)."""
+    import importlib
+
+    modules = {"shard": ["shard"], "decompose": ["decompose"], "train_tokenizer": ["train_tokenizer"],
+               "tokenize": ["tokenize"], "train_ar": ["train_ar"], "sample": ["sample"],
+               "evaluate": ["evaluate", "reference_stats"]}
+    for stage, names in modules.items():
+        for name in names:
+            code = importlib.import_module(f"nextdetail.tasks.{name}").CODE
+            assert set(code) <= set(SPECS[stage].code), (stage, set(code) - set(SPECS[stage].code))
+    assert [s for s in STAGES if "nextdetail.models.sampler" in SPECS[s].code] == ["sample", "evaluate"]
+    assert downstream("decompose") == ["train_tokenizer", "tokenize", "train_ar", "sample", "evaluate"]
+
+
+def test_status_reads_markers_only_and_explains_what_changed(pipeline, tmp_path):
+    statuses, info = _status(_args(pipeline))
+    assert not info["torch"] and not info["prefect"]  # no torch, no Prefect on status's path
+    assert {s: st["state"] for s, st in statuses.items()} == dict.fromkeys(STAGES, "up to date")
+    results = pipeline[2]
+    for stage in STAGES:  # the artifact status names is the one the run built
+        assert statuses[stage]["artifact"]["identity"] == results[stage].identity
+        assert statuses[stage]["artifact"]["url"] == results[stage].url
+
+    statuses, _ = _status(_args(pipeline, "decompose.alpha=5"))
+    assert statuses["shard"]["state"] == "up to date"
+    assert statuses["decompose"]["state"] == "stale"
+    assert statuses["decompose"]["reasons"] == ["setting decompose.alpha: 10.0 → 5.0"]
+    for stage in downstream("decompose"):
+        assert statuses[stage]["state"] == "stale"
+        assert any("is stale" in r for r in statuses[stage]["reasons"]), statuses[stage]
+
+    # A runtime knob changes nothing.
+    statuses, _ = _status(_args(pipeline, "decompose.batch_size=2", "ar.torch_threads=2", "sample.batch_size=3"))
+    assert {st["state"] for st in statuses.values()} == {"up to date"}
+
+    # The sampler's source edited (a copy of the package first on the path): only sampling and evaluation.
+    copy = tmp_path / "src"
+    shutil.copytree(Path(nextdetail.__file__).parent, copy / "nextdetail",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    with open(copy / "nextdetail/models/sampler.py", "a") as f:
+        f.write("\n# an edit\n")
+    statuses, info = _status(_args(pipeline), pythonpath=str(copy))
+    assert info["file"].startswith(str(copy))
+    assert [s for s in STAGES if statuses[s]["state"] != "up to date"] == ["sample", "evaluate"]
+    assert statuses["sample"]["reasons"] == ["code changed: nextdetail.models.sampler"]
+
+    # Deleted artifact: missing, and the dry run says it would run.
+    out, _ = _cli(["run", "--dry-run", *_args(pipeline, "sample.seed=7")])
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.startswith("  ") and line.split()[0] in STAGES}
+    assert "skip (up to date)" in lines["train_ar"] and "run (stale)" in lines["sample"]
+    assert "setting sample.seed: 0 → 7" in out
+
+
+def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipeline):
+    root, cfg, first = pipeline
+    again = run_pipeline(cfg, progress=False)
+    assert again.work == dict.fromkeys(STAGES, "up to date")
+    for stage in STAGES:  # rebuilt from the lineage record: what the first run returned
+        assert (again[stage].url, again[stage].identity, again[stage].summary) == \
+            (first[stage].url, first[stage].identity, first[stage].summary)
+
+    knob = make_config(root, cfg.data.source, *FAST, "sample.seed=3")
+    changed = run_pipeline(knob, until="sample", progress=False)
+    assert changed.work == {**dict.fromkeys(STAGES[:-2], "up to date"), "sample": "ran"}
+    assert changed["sample"].identity != first["sample"].identity
+
+    # --only: the stage alone, its upstream read from lineage; refused while an upstream is stale.
+    only = run_pipeline(knob, only="sample", progress=False)
+    assert list(only) == list(STAGES[:-1]) and set(only.work.values()) == {"up to date"}
+    with pytest.raises(UserError, match="upstream stage decompose is not up to date"):
+        run_pipeline(make_config(root, cfg.data.source, *FAST, "decompose.alpha=5"), only="train_tokenizer",
+                     progress=False)
+
+    # The run log holds one row per stage per run; lineage records name what each artifact came from.
+    lineage = Lineage(Store(str(root)))
+    log = lineage.runs().to_pylist()
+    assert {r["run_id"] for r in log} >= {first.run_id, again.run_id, changed.run_id}
+    assert [r["work"] for r in log if r["run_id"] == again.run_id] == ["up to date"] * len(STAGES)
+    record = lineage.read("decompose", again.identities["decompose"])
+    assert record["settings"]["decompose"]["alpha"] == cfg.decompose.alpha
+    assert record["upstream"] == {"shard": first["shard"].identity}
+    assert record["packages"]["torch"] and record["host"] and "nextdetail.models.mumford_shah" in record["code"]
+
+
+def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_date(pipeline):
+    _, cfg, first = pipeline
+    before = sorted(p.name for p in Path(first["shard"].url).glob("*.tar"))
+    forced = run_pipeline(cfg, until="decompose", force=["shard"], progress=False)
+    assert forced.work == {"shard": "ran", "decompose": "up to date"}
+    assert sorted(forced["shard"].shards_ran) == sorted(first["shard"].tar_identities)  # every tar rewritten
+    assert forced["shard"].identity == first["shard"].identity
+    assert sorted(p.name for p in Path(forced["shard"].url).glob("*.tar")) == before
+
+    out, _ = _cli(["lineage", "shard", *_args(pipeline)])
+    assert f"identity: {forced.identities['shard']}" in out and "packages:" in out and "git:" in out
+    assert out.count(" ran ") >= 2  # the first build and the forced one, from the run log
+
+
+def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_source, prefect_server, tmp_path):
+    """`nextdetail serve` on the test's Prefect server: a triggered deployment run executes the pipeline
+    (here its shard stage) and shows in Prefect as a completed flow run with the stage as a subflow."""
+    import signal
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.deployments import run_deployment
+
+    root = tmp_path / "root"
+    cmd = [str(Path(sys.executable).parent / "nextdetail"), "serve", "--name", "ops-test", "--until", "shard",
+           *cli_config(root, embedded_source)]
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            with get_client(sync_client=True) as client:
+                try:
+                    client.read_deployment_by_name("nextdetail-scheduled/ops-test")
+                    break
+                except Exception:  # not registered yet
+                    pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the deployment was never registered"
+            time.sleep(1)
+        run = run_deployment("nextdetail-scheduled/ops-test", timeout=300, poll_interval=2, as_subflow=False)
+        assert run.state.is_completed(), run.state
+        with get_client(sync_client=True) as client:  # the pipeline flow ran as a subflow of the deployment's run
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])),
+                sort=FlowRunSort.START_TIME_ASC, limit=10)
+            flows = {client.read_flow(r.flow_id).name for r in children}
+        assert flows == {"nextdetail-pipeline"} and all(r.state.is_completed() for r in children)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = Lineage(Store(str(root))).runs().to_pylist()
+    assert [(r["stage"], r["work"]) for r in log] == [("shard", "ran")]
+
+
+def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up_to_date(pipeline):
+    _, cfg, first = pipeline
+    marker = json.loads(Path(first["tokenize"].url, "_COMPLETE.json").read_text())
+    chunk = Path(first["tokenize"].url, next(rel for rel in sorted(marker["sha256"]) if "/c/" in rel))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 tells
+    chunk.write_bytes(bytes(data))
+    again = run_pipeline(cfg, until="train_ar", progress=False)
+    assert again.work == {**dict.fromkeys(STAGES[:3], "up to date"), "tokenize": "ran", "train_ar": "up to date"}
+    assert again["tokenize"].work == "rebuilt" and again["tokenize"].identity == first["tokenize"].identity
+    marker = json.loads(Path(first["tokenize"].url, "_COMPLETE.json").read_text())
+    assert all(Store(first["tokenize"].url).sha256(rel) == digest for rel, digest in marker["sha256"].items())
