@@ -48,16 +48,24 @@ def create_groups(store: Store, splits: list[str]) -> None:
 
 def create_array(store: Store, split: str, tar: str, n_images: int, image_shape: tuple[int, ...],
                  dtype: str, chunk_images: int) -> Any:
-    """(Re)create one tar's array: (images, order, C, H, W), blosc-zstd with byte shuffle."""
+    """One tar's array: (images, order, C, H, W), blosc-zstd with byte shuffle. An existing array with the same
+    layout is opened, not recreated: a second writer of the same tar (two pipelines racing) must not delete
+    the chunks the first has written — both write the same bytes, each chunk atomically. One of another
+    layout (the tar changed) is replaced."""
     import zarr
     from zarr.codecs import BloscCodec
+    from zarr.errors import ContainsArrayError
 
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="r+", zarr_format=3)
-    return group.create_array(
-        array_path(split, tar), shape=(n_images, *image_shape), chunks=(max(1, min(chunk_images, n_images)), *image_shape),
-        dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan,
-        overwrite=True,
-    )
+    spec = dict(shape=(n_images, *image_shape), chunks=(max(1, min(chunk_images, n_images)), *image_shape),
+                dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan)
+    try:
+        return group.create_array(array_path(split, tar), **spec, overwrite=False)
+    except ContainsArrayError:
+        existing = group[array_path(split, tar)]
+        if (existing.shape, existing.chunks, str(existing.dtype)) == (spec["shape"], spec["chunks"], dtype):
+            return existing
+    return group.create_array(array_path(split, tar), **spec, overwrite=True)
 
 
 def consolidate(store: Store) -> None:
