@@ -25,6 +25,16 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+def _add_stage_selection(p: argparse.ArgumentParser) -> None:
+    from nextdetail.conf import STAGES
+
+    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    p.add_argument("--only", choices=STAGES, default=None,
+                   help="run this stage alone; the stages it depends on must be up to date")
+    p.add_argument("--force", action="append", choices=STAGES, default=[], metavar="STAGE",
+                   help="rebuild STAGE from scratch even if it is up to date (repeatable)")
+
+
 MODEL_OVERRIDES = {"cart": ["ar.model=cart"],
                    "ndp": ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]}
 """What `--model` sets: NDP needs the dyadic-pyramid tokenizer trained to decode truncated quadtrees."""
@@ -300,7 +310,6 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nextdetail.conf import STAGES
 
     parser = argparse.ArgumentParser(prog="nextdetail", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -308,11 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline (default preset: tiny on the embedded dataset)",
                        description="Run the pipeline's stages in order; finished stages are reused from storage.")
     _add_config_args(p)
-    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    p.add_argument("--only", choices=STAGES, default=None,
-                   help="run this stage alone; the stages it depends on must be up to date")
-    p.add_argument("--force", action="append", choices=STAGES, default=[], metavar="STAGE",
-                   help="rebuild STAGE from scratch even if it is up to date (repeatable)")
+    _add_stage_selection(p)
     p.add_argument("--dry-run", action="store_true", help="print what would run and why; start nothing")
     p.set_defaults(func=cmd_run)
 
@@ -334,9 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--cron", default=None, help="a cron schedule, e.g. '0 3 * * *'")
     g.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="run every SECONDS")
-    p.add_argument("--until", choices=STAGES, default=None)
-    p.add_argument("--only", choices=STAGES, default=None)
-    p.add_argument("--force", action="append", choices=STAGES, default=[], metavar="STAGE")
+    _add_stage_selection(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("lineage", help="where an artifact came from: settings, upstream, code, versions, runs",

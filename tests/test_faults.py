@@ -70,7 +70,7 @@ def test_a_dask_worker_killed_mid_decompose_and_the_stage_still_completes(pipeli
 
 
 def test_s3_server_stopped_during_a_token_cache_write_is_retried_and_never_half_published(embedded_source,
-                                                                                         tmp_path):
+                                                                                         tmp_path, monkeypatch):
     """moto's S3 server on a fixed port, stopped for 12 s while the token cache is written to it and started
     again: the write is retried (a task's or the stage's retry with back-off, after botocore's own), the published
     cache verifies file for file, and no reader ever saw a marker before every file was there."""
@@ -80,7 +80,9 @@ def test_s3_server_stopped_during_a_token_cache_write_is_retried_and_never_half_
     from nextdetail.flows.pipeline import run_pipeline
     from nextdetail.storage.tokens import TokenCache
 
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()

@@ -161,8 +161,8 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
     root = tmp_path / "root"
     cmd = [str(Path(sys.executable).parent / "nextdetail"), "serve", "--name", "ops-test", "--until", "shard",
            *cli_config(root, embedded_source)]
-    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 — a file, not a pipe nobody reads while it runs
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while True:
@@ -172,7 +172,7 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
                     break
                 except Exception:  # not registered yet
                     pass
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.time() < deadline, "the deployment was never registered"
             time.sleep(1)
         run = run_deployment("nextdetail-scheduled/ops-test", timeout=300, poll_interval=2, as_subflow=False)
@@ -189,6 +189,7 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
     log = Lineage(Store(str(root))).runs().to_pylist()
     assert [(r["stage"], r["work"]) for r in log] == [("shard", "ran")]
 

@@ -177,6 +177,15 @@ def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str],
                     spec.code_hashes())
 
 
+def output_identity(stage: str, identity: str, summary: dict[str, Any]) -> str:
+    """What downstream identities see of an artifact: its identity — and for the tokenizer also the sha256 of
+    its weights, since a rebuilt tokenizer (other device, threads) has other bytes under the same identity
+    and the token cache must follow it."""
+    if stage == "train_tokenizer" and summary.get("tokenizer_sha256"):
+        return f"{identity}:{summary['tokenizer_sha256']}"
+    return identity
+
+
 def artifact_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     """fsspec options for the storage a stage's artifact lives on (token caches may live elsewhere)."""
     if stage == "tokenize" and cfg.tokens.cache_options is not None:

@@ -23,7 +23,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from nextdetail.conf import STAGES, PipelineConfig
-from nextdetail.conf.stages import SPECS, artifact_options, stage_key, upstream_closure
+from nextdetail.conf.stages import SPECS, artifact_options, output_identity, stage_key, upstream_closure
 from nextdetail.errors import UserError
 from nextdetail.flows.results import (
     ARResult,
@@ -66,8 +66,12 @@ def _intact(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> bool:
     return True
 
 
-def _up_to_date(result: Any) -> Any:
-    """A result rebuilt from its lineage record, saying that this run did nothing for it."""
+def _up_to_date(cfg: PipelineConfig, result: Any) -> Any:
+    """A result rebuilt from its lineage record, saying that this run did nothing for it (how to read a token
+    cache comes from this run's config: records never hold storage options)."""
+    if isinstance(result, TokensResult):
+        result = dataclasses.replace(result, options=artifact_options(cfg, "tokenize"),
+                                     local_cache=cfg.tokens.local_cache)
     if isinstance(result, ShardResult):
         return dataclasses.replace(result, shards_ran=[], shards_cached=[], shards_reused=[], manifest_work=UP_TO_DATE,
                                    seconds=0.0)
@@ -160,12 +164,13 @@ def pipeline_flow(cfg: PipelineConfig, stages: list[str], force: list[str], only
 
         runners: dict[str, Callable[[], Any]] = {}
         for stage in stages:
-            key = stage_key(cfg, stage, {u: results[u].identity for u in SPECS[stage].upstream})
+            key = stage_key(cfg, stage, {u: output_identity(u, results[u].identity, results[u].summary)
+                                         for u in SPECS[stage].upstream})
             record = lineage.read(stage, key.identity)
             complete = record is not None and _intact(cfg, stage, record)
             started = time.time()
             if complete and stage not in force:
-                results[stage] = _up_to_date(RESULTS[stage](**record["result"]))
+                results[stage] = _up_to_date(cfg, RESULTS[stage](**record["result"]))
                 work = UP_TO_DATE
                 log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])
             elif only is not None and stage != only:
@@ -190,7 +195,7 @@ def pipeline_flow(cfg: PipelineConfig, stages: list[str], force: list[str], only
                     "settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code,
                     **env, "run_id": results.run_id, "preset": cfg.preset, "started": started,
                     "finished": time.time(), "seconds": round(time.time() - started, 3),
-                    "result": dataclasses.asdict(result),
+                    "result": {k: v for k, v in dataclasses.asdict(result).items() if k != "options"},
                 })
             results.work[stage] = work
             results.identities[stage] = key.identity

@@ -26,6 +26,7 @@ class ShardResult:
     def manifest_url(self) -> str:
         return f"{self.url}/manifest.parquet"
 
+
 @dataclass
 class DecomposeResult:
     url: str  # the decomposition directory (factors.zarr, index.parquet)
@@ -41,25 +42,27 @@ class DecomposeResult:
     def zarr_url(self) -> str:
         return f"{self.url}/factors.zarr"
 
+
 @dataclass
-class TokenizerResult:
-    url: str  # tokenizer.pt, metrics.json, curves.png, reconstructions.png, checkpoints/
+class StageResult:
+    """A stage with one artifact: where it is, its identity, its summary, and what this run did for it."""
+
+    url: str
     identity: str
     summary: dict[str, Any]
-    work: str = "ran"  # ran | cached | reused | up to date (this run skipped the stage)
+    work: str = "ran"  # ran | cached | reused | rebuilt (token cache) | up to date (this run skipped the stage)
     seconds: float = 0.0
 
+
+@dataclass
+class TokenizerResult(StageResult):  # url: tokenizer.pt, metrics.json, curves.png, reconstructions.png, checkpoints/
     @property
     def checkpoint_url(self) -> str:
         return f"{self.url}/tokenizer.pt"
 
+
 @dataclass
-class TokensResult:
-    url: str  # the cache directory <cache root>/tokens/<identity>
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"  # ran | reused | rebuilt | up to date
-    seconds: float = 0.0
+class TokensResult(StageResult):  # url: the cache directory <cache root>/tokens/<identity>
     options: dict | None = None  # fsspec options of the cache root
     local_cache: str | None = None
 
@@ -69,33 +72,21 @@ class TokensResult:
 
         return tokens.TokenCache(self.url, self.options, self.local_cache)
 
-@dataclass
-class ARResult:
-    url: str  # transformer.pt, best.pt, metrics.csv, loss.png, summary.json, checkpoints/
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"  # ran | cached | reused | up to date (this run skipped the stage)
-    seconds: float = 0.0
 
+@dataclass
+class ARResult(StageResult):  # url: transformer.pt, best.pt, metrics.csv, loss.png, summary.json, checkpoints/
     @property
     def checkpoint_url(self) -> str:
         return f"{self.url}/transformer.pt"
 
-@dataclass
-class SampleResult:
-    url: str  # grid.png, grids/, images/, samples.tar, hires/, summary.json
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"
-    seconds: float = 0.0
 
 @dataclass
-class EvalResult:
-    url: str  # report.md, metrics.json, grid.png, grids/, curves.png, samples/
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"
-    seconds: float = 0.0
+class SampleResult(StageResult):  # url: grid.png, grids/, images/, samples.tar, hires/, summary.json
+    pass
+
+
+@dataclass
+class EvalResult(StageResult):  # url: report.md, metrics.json, grid.png, grids/, curves.png, samples/
     reference: dict[str, Any] | None = None  # url, identity, work of the reference statistics
 
     @property

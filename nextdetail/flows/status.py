@@ -2,7 +2,8 @@
 
 For each stage in order: its identity is computed from the config, its upstream artifacts' identities and
 its code (conf/stages.py); the lineage record of that identity names the artifact, whose completion marker
-must still carry it. No Prefect, no torch, no data read but listings and small JSON files.
+must still carry it with every listed file at its size. No Prefect, no torch, no data read but listings and
+small JSON files (run additionally checks the token cache's sha256, `tokens.verify`).
 
 - up to date: a record for this identity exists and its artifact's marker names it (`run` skips the stage);
 - stale: the stage was built before, but not with this identity — the reasons compare the current settings,
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
-from nextdetail.conf.stages import SPECS, StageKey, artifact_options, stage_key
+from nextdetail.conf.stages import SPECS, StageKey, artifact_options, output_identity, stage_key
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import canonical_json
 from nextdetail.storage.lineage import Lineage, recorded_artifact
@@ -88,11 +89,13 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
             current = {"settings": json.loads(canonical_json(spec.settings(cfg))), "code": spec.code_hashes()}
             reasons += [r for r in explain(current, last) if not r.startswith("upstream")]
         return StageStatus(stage, STALE if last else MISSING, reasons)
-    key: StageKey = stage_key(cfg, stage, {u: upstream[u].artifact["identity"] for u in spec.upstream})
+    key: StageKey = stage_key(cfg, stage, {u: output_identity(u, upstream[u].artifact["identity"],
+                                                              upstream[u].record["result"]["summary"])
+                                           for u in spec.upstream})
     identity = key.identity
     record = lineage.read(stage, identity)
     if record is not None:
-        if recorded_artifact(record, artifact_options(cfg, stage), check_sizes=False):
+        if recorded_artifact(record, artifact_options(cfg, stage)):
             return StageStatus(stage, UP_TO_DATE, [], identity, record)
         return StageStatus(stage, MISSING, [f"its artifact is gone or incomplete: {record['artifact']['url']}"],
                            identity, record)
