@@ -19,9 +19,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", default=None, metavar="FILE", help="a YAML file with the same sections as a preset")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting by dotted key, e.g. -o shard.resolution=64 -o storage.root=s3://b/p")
-    p.add_argument("--model", choices=["cart", "ndp"], default=None,
+    p.add_argument("--model", default=None, metavar="cart|ndp|cart,ndp",
                    help="ndp: next-detail prediction with a compute dial — sets ar.model=ndp and its tokenizer "
-                        "(tokenizer.order=0, tokenizer.truncation=0.5; -o overrides still win)")
+                        "(tokenizer.order=0, tokenizer.truncation=0.5; -o overrides still win). Several (run, "
+                        "status, serve, sample, eval): one branch per model in one run, shared stages built once")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
@@ -35,17 +36,22 @@ def _add_stage_selection(p: argparse.ArgumentParser) -> None:
                    help="rebuild STAGE from scratch even if it is up to date (repeatable)")
 
 
-MODEL_OVERRIDES = {"cart": ["ar.model=cart"],
-                   "ndp": ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]}
-"""What `--model` sets: NDP needs the dyadic-pyramid tokenizer trained to decode truncated quadtrees."""
+def _load_branches(args: argparse.Namespace) -> dict:
+    """One config per `--model` (the pipeline's branches); without --model, the config's own ar.model."""
+    from nextdetail.conf import load_branches, parse_models
+
+    preset = args.preset if args.preset or args.config else "tiny"
+    return load_branches(preset if not args.config else None, args.config, args.override,
+                         parse_models(getattr(args, "model", None)))
 
 
 def _load(args: argparse.Namespace):
-    from nextdetail.conf import load_config
-
-    preset = args.preset if args.preset or args.config else "tiny"
-    overrides = [*MODEL_OVERRIDES.get(getattr(args, "model", None) or "", []), *args.override]
-    return load_config(preset=preset if not args.config else None, config_file=args.config, overrides=overrides)
+    """The config of a command that takes one model."""
+    branches = _load_branches(args)
+    if len(branches) > 1:
+        raise UserError(f"--model {args.model}: `nextdetail {args.command}` takes one model here; "
+                        "several run as branches with run, status, serve, and sample/eval without --ckpt")
+    return next(iter(branches.values()))
 
 
 def _print_shard(result) -> None:
@@ -180,60 +186,85 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    cfg = _load(args)
+    branches = _load_branches(args)
     only, force = getattr(args, "only", None), getattr(args, "force", None) or []
     if getattr(args, "dry_run", False):
-        return _print_dry_run(cfg, args.until, only, force)
+        return _print_dry_run(branches, args.until, only, force)
     from nextdetail.flows.pipeline import run_pipeline
 
-    results = run_pipeline(cfg, until=args.until, progress=not args.no_progress, only=only, force=force)
+    first = run_pipeline(branches, until=args.until, progress=not args.no_progress, only=only, force=force)
+    cfg = next(iter(branches.values()))
     print(f"nextdetail run (preset {cfg.preset}) — outputs under {cfg.storage.root}")
     printers = {"shard": _print_shard, "decompose": _print_decompose, "train_tokenizer": _print_tokenizer,
                 "tokenize": _print_tokens, "train_ar": _print_ar, "sample": _print_sample, "evaluate": _print_eval}
-    for stage, result in results.items():
-        if results.work.get(stage) == "up to date":
-            print(f"{stage}: up to date   {result.url}   (identity {results.identities[stage][:12]})")
-            continue
-        printers[stage](result)
-        if stage == "decompose" and result.summary.get("first_key"):
-            print(f"  look at one: nextdetail show decomposition {result.summary['first_key']}")
-    print(f"  run log:   {results.run_log}   (run {results.run_id}; `nextdetail lineage STAGE` for one artifact)")
+    for model, results in first.branches.items():
+        if len(branches) > 1:
+            print(f"── model {model} " + "─" * 60)
+        for stage, result in results.items():
+            if stage in results.shared:
+                print(f"{stage}: the same artifact as model {results.shared[stage]}'s   {result.url}")
+            elif results.work.get(stage) == "up to date":
+                print(f"{stage}: up to date   {result.url}   (identity {results.identities[stage][:12]})")
+            else:
+                printers[stage](result)
+                if stage == "decompose" and result.summary.get("first_key"):
+                    print(f"  look at one: nextdetail show decomposition {result.summary['first_key']}")
+    if len(branches) > 1 and all("evaluate" in r for r in first.branches.values()):
+        _print_comparison(first.branches)
+    print(f"  run log:   {first.run_log}   (run {first.run_id}; `nextdetail lineage STAGE` for one artifact)")
 
 
-def _print_dry_run(cfg, until: str | None, only: str | None, force: list[str]) -> None:
+def _print_comparison(branches: dict) -> None:
+    """The models of one run side by side: their evaluations' headline numbers."""
+    print("── models side by side (same data, same extractor) " + "─" * 25)
+    keys = [("fid", "FID ↓"), ("kid_mean", "KID ↓"), ("isc_mean", "IS ↑"), ("precision", "precision ↑"),
+            ("recall", "recall ↑"), ("gflops_per_image", "GFLOPs/image")]
+    print(f"  {'model':<6}" + "".join(f"{label:>14}" for _, label in keys))
+    for model, results in branches.items():
+        s = results["evaluate"].summary
+        cells = [s.get(k) for k, _ in keys]
+        print(f"  {model:<6}" + "".join(f"{c:>14.4g}" if isinstance(c, (int, float)) else f"{'-':>14}" for c in cells))
+
+
+def _print_dry_run(branches: dict, until: str | None, only: str | None, force: list[str]) -> None:
     """What `run` would do, from the status (nothing is started)."""
-    from nextdetail.flows.pipeline import select_stages
-    from nextdetail.flows.status import UP_TO_DATE, pipeline_status
+    from nextdetail.conf.stages import select_stages
+    from nextdetail.flows.status import UP_TO_DATE, branch_status
 
-    stages = select_stages(until, only)
-    statuses = pipeline_status(cfg, tuple(stages))
+    stages = select_stages(until, only, force)
+    cfg = next(iter(branches.values()))
     print(f"nextdetail run --dry-run (preset {cfg.preset}) — storage root {cfg.storage.root}")
-    for stage in stages:
-        st = statuses[stage]
-        if st.state == UP_TO_DATE and stage not in force:
-            action = "skip (up to date)"
-        elif only is not None and stage != only:
-            action = f"blocked: upstream {stage} is {st.state} (drop --only)"
-        elif stage in force:
-            action = "rebuild (--force)"
-        else:
-            action = f"run ({st.state})"
-        print(f"  {stage:<16} {action}")
-        for reason in st.reasons if st.state != UP_TO_DATE else ():
-            print(f"  {'':<16}   {reason}")
+    for model, statuses in branch_status(branches, tuple(stages)).items():
+        if len(branches) > 1:
+            print(f"  model {model}:")
+        for stage in stages:
+            st = statuses[stage]
+            if st.shared_with:
+                action = f"the same artifact as model {st.shared_with}'s"
+            elif st.state == UP_TO_DATE and stage not in force:
+                action = "skip (up to date)"
+            elif only is not None and stage != only:
+                action = f"blocked: upstream {stage} is {st.state} (drop --only)"
+            elif stage in force:
+                action = "rebuild (--force)"
+            else:
+                action = f"run ({st.state})"
+            print(f"  {stage:<16} {action}")
+            for reason in st.reasons if st.state != UP_TO_DATE and not st.shared_with else ():
+                print(f"  {'':<16}   {reason}")
 
 
 def cmd_status(args: argparse.Namespace) -> None:
     import json
 
-    from nextdetail.flows.status import format_status, pipeline_status
+    from nextdetail.flows.status import branch_status, format_status
 
-    cfg = _load(args)
-    statuses = pipeline_status(cfg)
+    branches = _load_branches(args)
+    statuses = branch_status(branches)
     if args.json:
-        print(json.dumps([s.to_json() for s in statuses.values()], indent=1))
+        print(json.dumps([s.to_json() for by_stage in statuses.values() for s in by_stage.values()], indent=1))
     else:
-        print(format_status(cfg, statuses, verbose=args.verbose))
+        print(format_status(branches, statuses, verbose=args.verbose))
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
@@ -245,14 +276,14 @@ def cmd_lineage(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from nextdetail.conf import parse_models
     from nextdetail.flows.pipeline import scheduled_pipeline
     from nextdetail.flows.runtime import prefect_api
 
-    _load(args)  # a bad config fails here, in one line, not in every scheduled run
+    _load_branches(args)  # a bad config fails here, in one line, not in every scheduled run
     preset = args.preset if args.preset or args.config else "tiny"
-    parameters = {"preset": None if args.config else preset, "config_file": args.config,
-                  "overrides": [*MODEL_OVERRIDES.get(args.model or "", []), *args.override],
-                  "until": args.until, "only": args.only, "force": args.force}
+    parameters = {"preset": None if args.config else preset, "config_file": args.config, "overrides": args.override,
+                  "until": args.until, "only": args.only, "force": args.force, "models": parse_models(args.model)}
     name = args.name or f"nextdetail-{preset if not args.config else 'custom'}"
     with prefect_api() as url:
         print(f"nextdetail serve: deployment nextdetail-scheduled/{name} on {url}"

@@ -231,3 +231,21 @@ def test_two_pipelines_started_at_once_on_one_storage_root_both_finish_with_one_
     attempts = list((tmp_path / "tokens").glob("*/attempts/*"))
     assert len(attempts) == 1, attempts  # the loser's attempt was discarded
     assert _artifact_files(str(next(tmp_path.glob("shards/*")))) == _artifact_files(reference["shard"].url)
+
+
+class KilledWorker(Exception):  # what distributed raises when a task's workers keep dying (matched by name)
+    pass
+
+
+@pytest.mark.parametrize(("exc", "transient"), [
+    (ConnectionResetError("peer reset"), True), (TimeoutError("slow"), True), (KilledWorker("w"), True),
+    (ChildProcessError("torchrun exited with 1"), True), (FileNotFoundError("listing lag"), True),
+    (PermissionError("read-only bucket"), False), (IsADirectoryError("x"), False), (ValueError("bad value"), False),
+    (KeyError("missing column"), False),
+])
+def test_only_io_and_infrastructure_failures_are_retried(exc, transient):
+    from nextdetail.errors import UserError
+    from nextdetail.tasks.stage import is_transient
+
+    assert is_transient(exc) is transient
+    assert is_transient(UserError("bad config")) is False

@@ -249,6 +249,55 @@ def test_ndp_stage_outputs_budgeted_samples_a_heat_map_and_compute(ndp_pipeline,
     assert again["sample"].summary["gflops_per_image"] > s["gflops_per_image"]
 
 
+def test_cart_and_ndp_in_one_run_share_shard_and_decompose(ndp_pipeline, embedded_source):
+    """`run --model cart,ndp`: two branches in one flow. The dry run says what each will do; the run builds
+    the shared shard and decompose once (one run-log row naming both models), skips NDP's up-to-date
+    branch, builds CART's, and prints the models side by side; status then calls everything up to date."""
+    import sys
+
+    from conftest import FAST, cli_config, run_cli
+
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.lineage import Lineage
+
+    root, _, ndp = ndp_pipeline
+    rest = [o for o in NDP if o.split("=")[0] not in ("ar.model", "tokenizer.order", "tokenizer.truncation")]
+    cmd = [sys.executable, "-m", "nextdetail.cli", "run", "--model", "cart,ndp", "--until", "evaluate",
+           "--no-progress", *cli_config(root, embedded_source, *FAST, *rest)]
+    dry = run_cli([*cmd, "--dry-run"])
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    cart_part, ndp_part = dry.stdout.split("model ndp:")
+    assert "train_tokenizer  run (stale)" in cart_part and "train_ar         run (stale)" in cart_part
+    assert "shard            skip (up to date)" in cart_part
+    assert "decompose        the same artifact as model cart's" in ndp_part
+    assert "train_ar         skip (up to date)" in ndp_part and "run (" not in ndp_part
+
+    done = run_cli(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "── model cart" in out and "── model ndp" in out and "models side by side" in out
+    assert "decompose: the same artifact as model cart's" in out
+    runs = Lineage(Store(str(root))).runs().to_pylist()
+    this_run = [r for r in runs if r["run_id"] == runs[-1]["run_id"]]
+    by_stage = {}
+    for r in this_run:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert [(r["model"], r["work"]) for r in by_stage["decompose"]] == [("cart,ndp", "up to date")]
+    assert sorted((r["model"], r["work"]) for r in by_stage["train_ar"]) == [("cart", "ran"), ("ndp", "up to date")]
+    ndp_eval = next(r for r in by_stage["evaluate"] if r["model"] == "ndp")
+    assert ndp_eval["url"] == ndp["evaluate"].url
+    table = out[out.index("models side by side"):].splitlines()
+    fid = {line.split()[0]: float(line.split()[1]) for line in table[2:4]}
+    assert set(fid) == {"cart", "ndp"} and all(v > 0 for v in fid.values())
+
+    status = run_cli([sys.executable, "-m", "nextdetail.cli", "status", "--model", "cart,ndp", "--json",
+                      *cli_config(root, embedded_source, *FAST, *rest)])
+    assert status.returncode == 0, status.stderr[-2000:]
+    rows = json.loads(status.stdout)
+    assert {(r["model"], r["state"]) for r in rows} == {("cart", "up to date"), ("ndp", "up to date")}
+    assert {r["stage"] for r in rows if r["shared_with"] == "cart"} == {"shard", "decompose"}
+
+
 def test_sample_cli_model_ndp_budget_writes_grid_and_heat_map(ndp_pipeline, tmp_path):
     import sys
 

@@ -206,3 +206,18 @@ def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up
     assert again["tokenize"].work == "rebuilt" and again["tokenize"].identity == first["tokenize"].identity
     marker = json.loads(Path(first["tokenize"].url, "_COMPLETE.json").read_text())
     assert all(Store(first["tokenize"].url).sha256(rel) == digest for rel, digest in marker["sha256"].items())
+
+
+def test_stage_selection_is_validated_before_anything_starts():
+    from nextdetail.conf.stages import select_stages
+    from nextdetail.errors import UserError
+
+    assert select_stages(until="decompose") == ["shard", "decompose"]
+    assert select_stages(only="tokenize", force=["tokenize"]) == ["shard", "decompose", "train_tokenizer", "tokenize"]
+    assert select_stages(force=["sample"])[-1] == "evaluate"
+    for kwargs, words in [({"only": "train_ar", "force": ["decompose"]}, "--force decompose with --only train_ar"),
+                          ({"until": "decompose", "force": ["train_ar"]}, "stops before train_ar"),
+                          ({"until": "shard", "only": "decompose"}, "give one"),
+                          ({"force": ["trian_ar"]}, "no such stage")]:
+        with pytest.raises(UserError, match=words):
+            select_stages(**kwargs)

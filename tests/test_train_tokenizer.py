@@ -158,3 +158,31 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     a = torch.load(run_dir / "tokenizer.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "clean" / "tokenizer.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream, embedded_source):
+    """tokenizer.nproc=2: the Prefect task launches torchrun (gloo on CPU); each rank trains on its half of
+    every global batch with averaged gradients and synchronized code statistics, so the losses follow a
+    one-process run of the same batches; the dead-code restart picks as many codes; the GAN steps run."""
+    from nextdetail.flows.runtime import prefect_api
+    from nextdetail.flows.train_tokenizer import run_train_tokenizer, train_data
+    from nextdetail.tasks.train_tokenizer import train
+
+    root, (shards, dec) = upstream
+    knobs = (*FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")  # the PatchGAN's BatchNorm sees each
+    # rank's half of the batch, so from step 3 on the two runs differ by design; until then they must not
+    one = make_config(root, embedded_source, *knobs)
+    train(Store(str(tmp_path / "one")), train_data(one, shards, dec), one.tokenizer, one.tokenizer_spec(),
+          log=lambda _: None)
+    with prefect_api():
+        two = run_train_tokenizer(make_config(root, embedded_source, *knobs, "tokenizer.nproc=2"), shards, dec,
+                                  progress=False)
+    assert two.work == "ran" and two.summary["processes"] == 2 and two.summary["steps"] == 6
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads(Store(two.url).read_bytes("metrics.json"))
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for m1, m2 in zip(a[:3], b[:3], strict=True):  # until the first restart (after step 3) the same training
+        for key in ("rec", "vq"):
+                assert m2[key] == pytest.approx(m1[key], rel=2e-3, abs=1e-6), (m1["step"], key, m1[key], m2[key])
+    assert a[2]["restarted_codes"] == b[2]["restarted_codes"]
+    assert all(m["loss"] == m["loss"] for m in b) and all("gan_d" in m for m in b[2:])  # finite; GAN from step 3

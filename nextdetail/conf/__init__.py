@@ -13,7 +13,16 @@ from nextdetail.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-__all__ = ["STAGES", "PipelineConfig", "available_presets", "load_config", "parse_override"]
+__all__ = ["MODELS", "MODEL_OVERRIDES", "STAGES", "PipelineConfig", "available_presets", "load_branches", "load_config",
+           "parse_models", "parse_override"]
+
+MODEL_OVERRIDES: dict[str, list[str]] = {
+    "cart": ["ar.model=cart"],
+    "ndp": ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"],
+}
+"""What choosing a model sets (`--model`): NDP needs the dyadic-pyramid tokenizer (no detail layers) trained
+to decode truncated quadtrees; -o overrides given with it still win."""
+MODELS = tuple(MODEL_OVERRIDES)
 
 
 def available_presets() -> list[str]:
@@ -97,3 +106,27 @@ def load_config(
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(_one_line(err, data)) from None
+
+
+def parse_models(text: str | list[str] | None) -> list[str]:
+    """``"cart,ndp"`` (or a list) → ["cart", "ndp"]; None or "" → [] (the config's own `ar.model`)."""
+    if not text:
+        return []
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in MODEL_OVERRIDES]
+    if unknown:
+        raise UserError(f"--model {unknown[0]!r}: no such model (models: {', '.join(MODELS)}; several: --model cart,ndp)")
+    return list(dict.fromkeys(names))
+
+
+def load_branches(
+    preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = (),
+    models: list[str] = (),
+) -> dict[str, PipelineConfig]:
+    """One config per model, each the preset/file + the model's settings (`MODEL_OVERRIDES`) + `overrides`:
+    the branches of one pipeline run. Stages whose identity comes out the same in several branches (shard,
+    decompose) are built once. No models: the config's own `ar.model`, one branch."""
+    if not models:
+        cfg = load_config(preset, config_file, list(overrides))
+        return {cfg.ar.model: cfg}
+    return {m: load_config(preset, config_file, [*MODEL_OVERRIDES[m], *overrides]) for m in models}

@@ -167,13 +167,14 @@ class TokenizerConfig(_Section):
     seed: int = 0
     # How the work runs, not what it computes: excluded from the artifact identity.
     device: Literal["cpu", "cuda"] = "cpu"
-    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores")
+    nproc: int | None = Field(default=1, ge=1, description="data-parallel processes (torchrun); None: one per GPU")
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
     loader_workers: int = Field(default=0, ge=0, description="processes decoding batches ahead; 0: in the loop")
     checkpoint_every: int = Field(default=1000, ge=1)
     log_every: int = Field(default=100, ge=1)
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "torch_threads", "loader_workers", "checkpoint_every", "log_every"})
+        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "log_every"})
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:

@@ -14,11 +14,12 @@ to date is what run skips. This module imports neither torch nor Prefect: status
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.errors import UserError
 from nextdetail.storage.hashing import canonical_json, module_hash, stable_hash
 
 
@@ -103,7 +104,8 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                                         "nextdetail.models.mumford_shah", "nextdetail.storage.factors"),
               lambda c: {"decompose": c.decompose.identity_settings()}),
     StageSpec("train_tokenizer", ("shard", "decompose"),
-              ("nextdetail.flows.train_tokenizer", "nextdetail.tasks.train_tokenizer", "nextdetail.models.tokenizer",
+              ("nextdetail.flows.train_tokenizer", "nextdetail.tasks.train_tokenizer", "nextdetail.tasks.torchrun",
+               "nextdetail.models.tokenizer",
                "nextdetail.models.quant", "nextdetail.models.vae", "nextdetail.models.lpips",
                "nextdetail.models.discriminator"),
               lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
@@ -112,7 +114,8 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
                "nextdetail.models.tokenizer", "nextdetail.models.quant", "nextdetail.models.vae"),
               lambda c: {"tokens": c.tokens.identity_settings()}),
     StageSpec("train_ar", ("shard", "train_tokenizer", "tokenize"),
-              ("nextdetail.flows.train_ar", "nextdetail.tasks.train_ar", "nextdetail.models.transformer",
+              ("nextdetail.flows.train_ar", "nextdetail.tasks.train_ar", "nextdetail.tasks.torchrun",
+               "nextdetail.models.transformer",
                "nextdetail.models.quant", "nextdetail.storage.token_loader", "nextdetail.models.ndp",
                "nextdetail.models.quadtree"),
               lambda c: {"ar": c.ar.identity_settings()}),
@@ -147,6 +150,26 @@ def upstream_closure(stage: str) -> list[str]:
     return [s for s in STAGES if s in need]
 
 
+def select_stages(until: str | None = None, only: str | None = None, force: Iterable[str] = ()) -> list[str]:
+    """The stages a run visits: up to `until`, or `only` with what it depends on (read, not run). Every
+    `force`d stage must be one this run builds: one line otherwise, before anything starts."""
+    for flag, stage in (("--until", until), ("--only", only), *(("--force", f) for f in force)):
+        if stage is not None and stage not in STAGES:
+            raise UserError(f"{flag} {stage!r}: no such stage (stages: {', '.join(STAGES)})")
+    if only is not None and until is not None:
+        raise UserError(f"--only {only} and --until {until}: give one (--only runs one stage, --until a prefix)")
+    stages = [*upstream_closure(only), only] if only is not None else list(
+        STAGES[: STAGES.index(until) + 1] if until else STAGES)
+    for f in force:
+        if only is not None and f != only:
+            raise UserError(f"--force {f} with --only {only}: --only builds {only} alone; force {f} in a run "
+                            f"without --only (e.g. --until {only} --force {f})")
+        if f not in stages:
+            raise UserError(f"--force {f}: this run stops before {f} (--until {until}); drop --force {f} or "
+                            "run further")
+    return stages
+
+
 @dataclass(frozen=True)
 class StageKey:
     """Everything a stage's identity hashes, and the identity itself."""
@@ -177,13 +200,16 @@ def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str],
                     spec.code_hashes())
 
 
+WEIGHTS_SHA256 = {"train_tokenizer": "tokenizer_sha256", "train_ar": "transformer_sha256"}
+"""The summary key holding the sha256 of a training stage's weights."""
+
+
 def output_identity(stage: str, identity: str, summary: dict[str, Any]) -> str:
-    """What downstream identities see of an artifact: its identity — and for the tokenizer also the sha256 of
-    its weights, since a rebuilt tokenizer (other device, threads) has other bytes under the same identity
-    and the token cache must follow it."""
-    if stage == "train_tokenizer" and summary.get("tokenizer_sha256"):
-        return f"{identity}:{summary['tokenizer_sha256']}"
-    return identity
+    """What downstream identities see of an artifact: its identity — and for a training stage also the sha256
+    of its weights, since a retrained model (other device, process count, threads) has other bytes under the
+    same identity and what was computed from it must follow."""
+    sha = summary.get(WEIGHTS_SHA256.get(stage, ""))
+    return f"{identity}:{sha}" if sha else identity
 
 
 def artifact_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from nextdetail.conf import STAGES, PipelineConfig
-from nextdetail.conf.stages import SPECS, artifact_options, output_identity, stage_key, upstream_closure
+from nextdetail.conf import PipelineConfig
+from nextdetail.conf.stages import SPECS, artifact_options, output_identity, select_stages, stage_key
 from nextdetail.errors import UserError
 from nextdetail.flows.results import (
     ARResult,
@@ -44,7 +44,8 @@ UP_TO_DATE = "up to date"
 
 
 class PipelineResults(dict):
-    """Each stage's result by name, plus what happened to it (``work``: up to date | ran) and the run's id."""
+    """Each stage's result by name, plus what happened to it (``work``: up to date | ran) and the run's id;
+    with several models, one per branch (`branches`, by model name)."""
 
     def __init__(self, run_id: str) -> None:
         super().__init__()
@@ -52,6 +53,8 @@ class PipelineResults(dict):
         self.work: dict[str, str] = {}
         self.identities: dict[str, str] = {}  # stage identity (the lineage record's name)
         self.run_log: str | None = None
+        self.shared: dict[str, str] = {}  # stage → the branch (model) whose identical artifact this one is
+        self.branches: dict[str, PipelineResults] = {}  # every branch's results by model (this one included)
 
 
 def _intact(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> bool:
@@ -112,16 +115,6 @@ def run_with_retries(stage: str, runner: Callable[[], Any], log: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-def select_stages(until: str | None = None, only: str | None = None) -> list[str]:
-    """The stages a run visits: up to `until`, or `only` with what it depends on (read, not run)."""
-    for flag, stage in (("--until", until), ("--only", only)):
-        if stage is not None and stage not in STAGES:
-            raise UserError(f"{flag} {stage!r}: no such stage (stages: {', '.join(STAGES)})")
-    if only is not None:
-        return [*upstream_closure(only), only]
-    return list(STAGES[: STAGES.index(until) + 1] if until else STAGES)
-
-
 def _runners(cfg: PipelineConfig, results: dict[str, Any], progress: bool,
              scheduler: Callable[[], str]) -> dict[str, Callable[[], Any]]:
     from nextdetail.flows.decompose import run_decompose  # the stages' code (and torch) only when one runs
@@ -145,88 +138,124 @@ def _runners(cfg: PipelineConfig, results: dict[str, Any], progress: bool,
     }
 
 
+Branches = dict[str, PipelineConfig]  # model name → its config: the pipeline's branches (conf.load_branches)
+
+
+def as_branches(cfg: PipelineConfig | Branches) -> Branches:
+    return dict(cfg) if isinstance(cfg, dict) else {cfg.ar.model: cfg}
+
+
 @flow(name="nextdetail-pipeline", log_prints=False, validate_parameters=False)
-def pipeline_flow(cfg: PipelineConfig, stages: list[str], force: list[str], only: str | None = None,
+def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list[str], only: str | None = None,
                   progress: bool = True) -> PipelineResults:
+    """Every selected stage of every branch (one per model), stage by stage; an identity met twice in one run
+    (the branches' shared shard and decompose) is visited once. Returns the first branch's results; the
+    others are in `.branches`."""
     log = get_run_logger()
+    branches = as_branches(cfg)
+    first = next(iter(branches))
     run_started = time.time()
-    results = PipelineResults(uuid.uuid4().hex[:12])
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    run_id = uuid.uuid4().hex[:12]
+    results = {m: PipelineResults(run_id) for m in branches}
+    for res in results.values():
+        res.branches = results
+    root = next(iter(branches.values())).storage
+    lineage = Lineage(Store(root.root, root.options))
     env = environment()
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, dict[str, Any]] = {}  # stage identity → its run-log row (one per artifact, all its models)
+    visited: dict[str, str] = {}  # stage identity → the branch that visited it in this run
     with contextlib.ExitStack() as stack:
         cluster: list[str] = []
 
-        def scheduler() -> str:  # started on first use, shared by every stage that needs one
+        def scheduler() -> str:  # started on first use, shared by every stage (and branch) that needs one
             if not cluster:
-                cluster.append(stack.enter_context(dask_cluster(**cfg.dask.model_dump())))
+                c = branches[first].dask
+                cluster.append(stack.enter_context(dask_cluster(**c.model_dump())))
             return cluster[0]
 
-        runners: dict[str, Callable[[], Any]] = {}
+        runners: dict[str, dict[str, Callable[[], Any]]] = {}
         for stage in stages:
-            key = stage_key(cfg, stage, {u: output_identity(u, results[u].identity, results[u].summary)
-                                         for u in SPECS[stage].upstream})
-            record = lineage.read(stage, key.identity)
-            complete = record is not None and _intact(cfg, stage, record)
-            started = time.time()
-            if complete and stage not in force:
-                results[stage] = _up_to_date(cfg, RESULTS[stage](**record["result"]))
-                work = UP_TO_DATE
-                log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])
-            elif only is not None and stage != only:
-                raise UserError(f"--only {only}: its upstream stage {stage} is not up to date; run "
-                                f"`nextdetail run --until {stage}` first (or drop --only)")
-            else:
-                if complete and stage in force:
-                    url = record["artifact"]["url"]
-                    log.info("%s: --force: deleting %s and rebuilding it", stage, url)
-                    Store(url, artifact_options(cfg, stage)).remove_tree("")
-                runners = runners or _runners(cfg, results, progress, scheduler)
-                results[stage] = run_with_retries(stage, runners[stage], log)
-                if stage in force and not complete and _reused(results[stage]):  # built before lineage knew it
-                    log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
-                    Store(results[stage].url, artifact_options(cfg, stage)).remove_tree("")
-                    results[stage] = run_with_retries(stage, runners[stage], log)
-                work = "ran"
-                result = results[stage]
-                lineage.write({
-                    "stage": stage, "identity": key.identity,
-                    "artifact": {"identity": result.identity, "url": result.url, "marker": "_COMPLETE.json"},
-                    "settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code,
-                    **env, "run_id": results.run_id, "preset": cfg.preset, "started": started,
-                    "finished": time.time(), "seconds": round(time.time() - started, 3),
-                    "result": {k: v for k, v in dataclasses.asdict(result).items() if k != "options"},
-                })
-            results.work[stage] = work
-            results.identities[stage] = key.identity
-            rows.append({"run_id": results.run_id, "started": started, "stage": stage, "identity": key.identity,
-                         "artifact_identity": results[stage].identity, "url": results[stage].url, "work": work,
-                         "seconds": round(time.time() - started, 3), "host": env["host"], "user": env["user"],
-                         "git_commit": env["git"]["commit"], "preset": cfg.preset})
-    results.run_log = lineage.append_run(results.run_id, run_started, rows)
-    return results
+            for model, bcfg in branches.items():
+                res = results[model]
+                key = stage_key(bcfg, stage, {u: output_identity(u, res[u].identity, res[u].summary)
+                                              for u in SPECS[stage].upstream})
+                res.identities[stage] = key.identity
+                if key.identity in visited:  # the same artifact as another branch's: one copy, visited once
+                    other = results[visited[key.identity]]
+                    res[stage], res.work[stage] = other[stage], other.work[stage]
+                    res.shared[stage] = visited[key.identity]
+                    rows[key.identity]["model"] += f",{model}"
+                    continue
+                visited[key.identity] = model
+                started = time.time()
+                res.work[stage] = _visit(stage, bcfg, key, res, lineage, force, only, log, started, env,
+                                         lambda b=model, c=bcfg: runners.setdefault(
+                                             b, _runners(c, results[b], progress, scheduler)))
+                rows[key.identity] = {
+                    "run_id": run_id, "started": started, "stage": stage, "model": model, "identity": key.identity,
+                    "artifact_identity": res[stage].identity, "url": res[stage].url, "work": res.work[stage],
+                    "seconds": round(time.time() - started, 3), "host": env["host"], "user": env["user"],
+                    "git_commit": env["git"]["commit"], "preset": bcfg.preset}
+    run_log = lineage.append_run(run_id, run_started, list(rows.values()))
+    for res in results.values():
+        res.run_log = run_log
+    return results[first]
 
 
-def run_pipeline(cfg: PipelineConfig, until: str | None = None, progress: bool = True, only: str | None = None,
-                 force: Iterable[str] = ()) -> PipelineResults:
-    """Run the selected stages as one Prefect flow; returns each stage's result by name."""
+def _visit(stage: str, cfg: PipelineConfig, key: Any, results: PipelineResults, lineage: Lineage, force: list[str],
+           only: str | None, log: Any, started: float, env: dict[str, Any],
+           runners: Callable[[], dict[str, Callable[[], Any]]]) -> str:
+    """One stage of one branch: skip it when its identity's record names an intact artifact, else run it
+    (deleting the recorded artifact first under --force) and write its lineage record. Returns the work."""
+    record = lineage.read(stage, key.identity)
+    complete = record is not None and _intact(cfg, stage, record)
+    if complete and stage not in force:
+        results[stage] = _up_to_date(cfg, RESULTS[stage](**record["result"]))
+        log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])
+        return UP_TO_DATE
+    if only is not None and stage != only:
+        raise UserError(f"--only {only}: its upstream stage {stage} is not up to date; run "
+                        f"`nextdetail run --until {stage}` first (or drop --only)")
+    if complete and stage in force:
+        url = record["artifact"]["url"]
+        log.info("%s: --force: deleting %s and rebuilding it", stage, url)
+        Store(url, artifact_options(cfg, stage)).remove_tree("")
+    runner = runners()[stage]
+    results[stage] = run_with_retries(stage, runner, log)
+    if stage in force and not complete and _reused(results[stage]):  # built before lineage knew it
+        log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
+        Store(results[stage].url, artifact_options(cfg, stage)).remove_tree("")
+        results[stage] = run_with_retries(stage, runner, log)
+    result = results[stage]
+    lineage.write({
+        "stage": stage, "identity": key.identity,
+        "artifact": {"identity": result.identity, "url": result.url, "marker": "_COMPLETE.json"},
+        "settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code,
+        **env, "run_id": results.run_id, "preset": cfg.preset, "model": cfg.ar.model, "started": started,
+        "finished": time.time(), "seconds": round(time.time() - started, 3),
+        "result": {k: v for k, v in dataclasses.asdict(result).items() if k != "options"},
+    })
+    return "ran"
+
+
+def run_pipeline(cfg: PipelineConfig | Branches, until: str | None = None, progress: bool = True,
+                 only: str | None = None, force: Iterable[str] = ()) -> PipelineResults:
+    """Run the selected stages (of every branch: one config per model) as one Prefect flow; returns each
+    stage's result by name (the first branch's; all of them in `.branches`)."""
     force = list(force)
-    for stage in force:
-        if stage not in STAGES:
-            raise UserError(f"--force {stage!r}: no such stage (stages: {', '.join(STAGES)})")
-    stages = select_stages(until, only)
+    stages = select_stages(until, only, force)
     with prefect_api():
         return pipeline_flow(cfg, stages, force, only, progress=progress)
 
 
 @flow(name="nextdetail-scheduled", log_prints=False)
 def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] | None = None,
-                       until: str | None = None, only: str | None = None,
-                       force: list[str] | None = None) -> dict[str, str]:
-    """The pipeline with JSON parameters (a preset or config file + overrides): what a deployment runs.
-    Returns what happened to each stage (up to date | ran)."""
-    from nextdetail.conf import load_config
+                       until: str | None = None, only: str | None = None, force: list[str] | None = None,
+                       models: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """The pipeline with JSON parameters (a preset or config file + overrides, the models): what a deployment
+    runs. Returns what happened to each stage of each model's branch (up to date | ran)."""
+    from nextdetail.conf import load_branches, parse_models
 
-    cfg = load_config(preset=None if config_file else preset, config_file=config_file, overrides=overrides or [])
-    results = pipeline_flow(cfg, select_stages(until, only), list(force or []), only, progress=False)
-    return dict(results.work)
+    branches = load_branches(None if config_file else preset, config_file, overrides or [], parse_models(models))
+    results = pipeline_flow(branches, select_stages(until, only, force or []), list(force or []), only, progress=False)
+    return {model: dict(res.work) for model, res in results.branches.items()}

@@ -33,14 +33,16 @@ class StageStatus:
     reasons: list[str] = field(default_factory=list)
     identity: str | None = None  # the stage identity under the current config (None: upstream not up to date)
     record: dict[str, Any] | None = None  # the lineage record of that identity, if any
+    model: str | None = None  # the branch (ar.model) this status is of
+    shared_with: str | None = None  # an earlier branch whose stage has this identity: one artifact for both
 
     @property
     def artifact(self) -> dict[str, Any] | None:
         return self.record["artifact"] if self.record else None
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "state": self.state, "reasons": self.reasons, "identity": self.identity,
-                "artifact": self.artifact}
+        return {"stage": self.stage, "model": self.model, "state": self.state, "reasons": self.reasons,
+                "identity": self.identity, "artifact": self.artifact, "shared_with": self.shared_with}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -110,24 +112,46 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
 
 def pipeline_status(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> dict[str, StageStatus]:
     """The status of `stages` (and of the stages they depend on) under `cfg`."""
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
-    out: dict[str, StageStatus] = {}
-    for stage in STAGES:
-        out[stage] = stage_status(cfg, stage, out, lineage)
-        if stage == stages[-1]:
-            break
+    return branch_status({cfg.ar.model: cfg}, stages)[cfg.ar.model]
+
+
+def branch_status(branches: dict[str, PipelineConfig],
+                  stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, StageStatus]]:
+    """The status of every branch (one config per model, `conf.load_branches`); a stage whose identity an
+    earlier branch has is marked `shared_with` it (one artifact, built once)."""
+    out: dict[str, dict[str, StageStatus]] = {}
+    seen: dict[str, str] = {}
+    for model, cfg in branches.items():
+        lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+        statuses: dict[str, StageStatus] = {}
+        for stage in STAGES:
+            st = statuses[stage] = stage_status(cfg, stage, statuses, lineage)
+            st.model = model
+            if st.identity is not None:
+                st.shared_with = seen.get(st.identity)
+                seen.setdefault(st.identity, model)
+            if stage == stages[-1]:
+                break
+        out[model] = statuses
     return out
 
 
-def format_status(cfg: PipelineConfig, statuses: dict[str, StageStatus], verbose: bool = False) -> str:
+def format_status(branches: dict[str, PipelineConfig], statuses: dict[str, dict[str, StageStatus]],
+                  verbose: bool = False) -> str:
+    cfg = next(iter(branches.values()))
     lines = [f"nextdetail status (preset {cfg.preset}) — storage root {cfg.storage.root}"]
-    width = max(len(s) for s in statuses)
-    for st in statuses.values():
-        ident = (st.identity or "")[:12] or "-" * 12
-        where = st.artifact["url"] if st.state == UP_TO_DATE and st.artifact else ""
-        lines.append(f"  {st.stage:<{width}}  {st.state:<10}  {ident}  {where}".rstrip())
-        for reason in st.reasons if verbose or st.state != UP_TO_DATE else ():
-            lines.append(f"  {'':<{width}}    {reason}")
+    width = max(len(s) for by_stage in statuses.values() for s in by_stage)
+    for model, by_stage in statuses.items():
+        if len(statuses) > 1:
+            lines.append(f"  model {model}:")
+        for st in by_stage.values():
+            ident = (st.identity or "")[:12] or "-" * 12
+            where = st.artifact["url"] if st.state == UP_TO_DATE and st.artifact else ""
+            if st.shared_with:
+                where = f"(the same artifact as model {st.shared_with}'s)"
+            lines.append(f"  {st.stage:<{width}}  {st.state:<10}  {ident}  {where}".rstrip())
+            for reason in st.reasons if (verbose or st.state != UP_TO_DATE) and not st.shared_with else ():
+                lines.append(f"  {'':<{width}}    {reason}")
     return "\n".join(lines)
 
 

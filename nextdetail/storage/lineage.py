@@ -30,7 +30,7 @@ LINEAGE = "lineage"
 PACKAGES = ("nextdetail", "torch", "torchvision", "prefect", "dask", "distributed", "zarr", "numpy", "pyarrow",
             "webdataset", "s3fs", "torch-fidelity")
 RUN_LOG_COLUMNS = ("run_id", "started", "stage", "identity", "artifact_identity", "url", "work", "seconds",
-                   "host", "user", "git_commit", "preset")
+                   "host", "user", "git_commit", "preset", "model")
 
 
 @functools.cache
@@ -119,7 +119,8 @@ class Lineage:
 
         tables = [pq.read_table(io.BytesIO(self.store.read_bytes(f"runs/{name}")))
                   for name in self.store.listdir("runs") if name.endswith(".parquet")]
-        return pa.concat_tables(tables) if tables else run_log_schema().empty_table()
+        # Logs written before a column existed read it as null.
+        return pa.concat_tables(tables, promote_options="default") if tables else run_log_schema().empty_table()
 
 
 def run_log_schema() -> Any:  # built lazily: pyarrow stays off status's import path
@@ -128,7 +129,8 @@ def run_log_schema() -> Any:  # built lazily: pyarrow stays off status's import 
     return pa.schema([("run_id", pa.string()), ("started", pa.float64()), ("stage", pa.string()),
                       ("identity", pa.string()), ("artifact_identity", pa.string()), ("url", pa.string()),
                       ("work", pa.string()), ("seconds", pa.float64()), ("host", pa.string()), ("user", pa.string()),
-                      ("git_commit", pa.string()), ("preset", pa.string())])
+                      ("git_commit", pa.string()), ("preset", pa.string()),
+                      ("model", pa.string())])  # the models whose branch holds the artifact: "cart", "cart,ndp"
 
 
 def recorded_artifact(record: dict[str, Any], options: dict[str, Any] | None, check_sizes: bool = True) -> bool:

@@ -219,7 +219,8 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
     final = rows[-1]
     summary = {"checkpoint": final["label"], "step": final["step"], "samples": final["samples"],
                "extractor": info.name, "comparable": info.comparable,
-               **{k: final[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall") if k in final},
+               **{k: final[k] for k in ("fid", "isc_mean", "kid_mean", "precision", "recall", "gflops_per_image")
+                  if k in final},
                "checkpoints": len(rows), "url": store.url(),
                "rfid": (inputs.tokenizer_metrics or {}).get("rfid"), "psnr": (inputs.tokenizer_metrics or {}).get("psnr")}
     return summary, files

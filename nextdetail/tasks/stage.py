@@ -54,8 +54,11 @@ class ArtifactCachePolicy(CachePolicy):
 
 
 def is_transient(exc: BaseException) -> bool:
-    """I/O and infrastructure failures are worth a retry; bad configuration or data never is."""
-    if isinstance(exc, (UserError, ValueError, TypeError, KeyError)):
+    """I/O and infrastructure failures are worth a retry; bad configuration or data never is. A missing file
+    counts as I/O (a concurrent writer's rename, an object store's listing lag); a permission or path-type
+    error does not (retrying cannot fix it)."""
+    if isinstance(exc, (UserError, ValueError, TypeError, KeyError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)):
         return False
     return isinstance(exc, (OSError, ConnectionError, TimeoutError)) or type(exc).__name__ in {
         "KilledWorker", "CommClosedError", "ClientError", "EndpointConnectionError",

@@ -28,9 +28,7 @@ import io
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -48,8 +46,9 @@ from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, s
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
+from nextdetail.tasks.torchrun import init_group, launch, leave_group, process_count, read_job, world_from_env
 
-CODE = ("nextdetail.tasks.train_ar", "nextdetail.models.transformer", "nextdetail.models.quant",
+CODE = ("nextdetail.tasks.train_ar", "nextdetail.tasks.torchrun", "nextdetail.models.transformer", "nextdetail.models.quant",
         "nextdetail.storage.token_loader", "nextdetail.models.ndp", "nextdetail.models.quadtree")
 EXPORT_FORMAT = 1
 FILES = ["transformer.pt", "best.pt", "metrics.csv", "loss.png", "summary.json"]
@@ -139,18 +138,6 @@ class TeacherInputs:
 
 
 # ---- distributed ------------------------------------------------------------------------------
-
-
-def world_from_env() -> tuple[int, int, int]:
-    """(rank, world, local_rank) as torchrun sets them; (0, 1, 0) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def process_count(cfg: ARConfig) -> int:
-    """`ar.nproc`, or one per visible GPU when None (1 on CPU)."""
-    if cfg.nproc is not None:
-        return cfg.nproc
-    return max(1, torch.cuda.device_count()) if cfg.device == "cuda" else 1
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -310,8 +297,7 @@ def train(store: Store, data: ARData, cfg: ARConfig, log: Callable[[str], None] 
             raise UserError("ar.device=cuda but no CUDA device is visible; use -o ar.device=cpu")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_group(device, world)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
     try:
@@ -394,7 +380,7 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
         return {}
     model = trainer.model.eval()
     final = export(model, data, cfg.steps, metrics[-1].get("val_loss") if metrics else None)
-    write_torch(store, "transformer.pt", final)
+    weights = write_torch(store, "transformer.pt", final)
     if not store.exists("best.pt"):  # no held-out split: the last weights are the best we know
         write_torch(store, "best.pt", final)
     write_metrics_csv(store, metrics)
@@ -410,7 +396,7 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
         "final_acc": round(float(np.mean([m["acc"] for m in tail])), 4) if tail else None,
         "best_val_loss": None if best["val_loss"] is None else round(best["val_loss"], 4), "best_step": best["step"],
         "seconds_this_run": round(seconds, 2), "tokens_per_s": round(done * tokens_per_step / max(seconds, 1e-9)),
-        "url": store.url(),
+        "url": store.url(), "transformer_sha256": bytes_sha256(weights),
     }
     store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
     return summary
@@ -428,39 +414,13 @@ def write_metrics_csv(store: Store, metrics: list[dict]) -> None:
 # ---- the stage: one process, or torchrun supervised by the Prefect task -----------------------
 
 
-def launch(store: Store, data: ARData, cfg: ARConfig, nproc: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run `nproc` training processes under torchrun and relay their output; a failed group raises
-    ChildProcessError (an OSError: Prefect retries it, and the retry resumes from the last checkpoint)."""
-    import pickle
-
-    with tempfile.TemporaryDirectory(prefix="nextdetail-ar-") as tmp:
-        job = os.path.join(tmp, "job.pkl")
-        with open(job, "wb") as f:
-            pickle.dump({"store": (store.url(), store.options), "data": data, "cfg": cfg.model_dump()}, f)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "nextdetail.tasks.train_ar", job]
-        log(f"train_ar: launching {nproc} processes: {' '.join(cmd)}")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log(line.rstrip())
-        if proc.wait() != 0:
-            raise ChildProcessError(f"train_ar: torchrun exited with {proc.returncode}; the retry resumes from "
-                                    f"the last checkpoint in {store.url()}")
-    return json.loads(store.read_bytes("summary.json"))
-
-
 def _torchrun_main(job_path: str) -> None:
-    import pickle
-
-    with open(job_path, "rb") as f:
-        job = pickle.load(f)
-    store = Store(*job["store"])
+    """One rank under torchrun (`tasks/torchrun.launch`)."""
+    job = read_job(job_path)
     try:
-        train(store, job["data"], ARConfig(**job["cfg"]), log=lambda s: print(s, flush=True))
+        train(Store(*job["store"]), job["data"], ARConfig(**job["cfg"]), log=lambda s: print(s, flush=True))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        leave_group()
 
 
 @stage_task(name="train_ar", retries=2)
@@ -468,9 +428,11 @@ def train_ar(artifact: Artifact, data: ARData, cfg: ARConfig, progress: bool = F
     from prefect import get_run_logger
 
     logger = get_run_logger()
-    nproc = process_count(cfg)
+    nproc = process_count(cfg.nproc, cfg.device)
     if nproc > 1:
-        summary = launch(artifact.store, data, cfg, nproc, logger.info)
+        job = {"store": (artifact.store.url(), artifact.store.options), "data": data, "cfg": cfg.model_dump()}
+        launch("train_ar", "nextdetail.tasks.train_ar", job, nproc, logger.info)
+        summary = json.loads(artifact.store.read_bytes("summary.json"))
     else:
         summary = train(artifact.store, data, cfg, log=logger.info, progress=progress)
     return summary, FILES

@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import sys
 import tarfile
 import time
 from collections import OrderedDict
@@ -40,8 +42,18 @@ from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, s
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
+from nextdetail.tasks.torchrun import (
+    average_gradients,
+    init_group,
+    launch,
+    leave_group,
+    process_count,
+    read_job,
+    world_from_env,
+)
 
-CODE = ("nextdetail.tasks.train_tokenizer", "nextdetail.models.tokenizer", "nextdetail.models.quant",
+FILES = ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png", "summary.json"]
+CODE = ("nextdetail.tasks.train_tokenizer", "nextdetail.tasks.torchrun", "nextdetail.models.tokenizer", "nextdetail.models.quant",
         "nextdetail.models.vae", "nextdetail.models.lpips", "nextdetail.models.discriminator")
 
 
@@ -76,10 +88,14 @@ class FactorBatches:
     (seed, s): resuming at step s needs no replay. Each epoch visits every image once (the last
     partial batch is dropped); tars are read whole, the two most recent kept in memory."""
 
-    def __init__(self, data: TrainData, order: int, batch_size: int, seed: int) -> None:
+    def __init__(self, data: TrainData, order: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         from PIL import Image  # noqa: F401  (fail here, not in the loop)
 
+        if batch_size % world:
+            raise UserError(f"tokenizer.batch_size={batch_size} does not split over {world} processes; "
+                            "make it a multiple of tokenizer.nproc")
         self.data, self.order, self.batch_size, self.seed = data, order, batch_size, seed
+        self.rank, self.world = rank, world  # rank r builds its contiguous B/W slice of every global batch
         self.shards = Store(data.shards_url, data.options)
         self._group: Any = None  # opened on first use, in each loader worker of its own
         index = factors.read_index(Store(data.factors_url, data.options))
@@ -154,9 +170,10 @@ class FactorBatches:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         pos = self.position(step)
         tar_order, rows, starts = self._plan(pos["epoch"])
-        first = pos["batch_in_epoch"] * self.batch_size
+        local = self.batch_size // self.world
+        first = pos["batch_in_epoch"] * self.batch_size + self.rank * local
         images, bases = [], []
-        for p in range(first, first + self.batch_size):
+        for p in range(first, first + local):
             j = int(np.searchsorted(starts, p, side="right") - 1)  # which tar of this epoch's order
             image, base = self.sample(int(tar_order[j]), int(rows[j][p - starts[j]]))
             images.append(image)
@@ -178,6 +195,8 @@ class Trainer:
     cfg: TokenizerConfig
     spec: Any
     device: torch.device
+    rank: int = 0
+    world: int = 1  # data-parallel ranks (torchrun): gradients, code statistics and restarts kept in sync
 
     def __post_init__(self) -> None:
         from nextdetail.models.tokenizer import BaseDetailVQVAE, load_var_state_dict
@@ -200,22 +219,30 @@ class Trainer:
 
             self.disc = PatchDiscriminator().to(self.device).train()
             self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        if self.world > 1:  # every rank starts from rank 0's weights (init_from, seeding: make sure)
+            for module in (self.model, self.disc):
+                for t in [*module.parameters(), *module.buffers()] if module is not None else ():
+                    torch.distributed.broadcast(t.data, 0)
 
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def truncated_state(self, batch: int) -> list[torch.Tensor] | None:
+    def truncated_state(self, step: int, batch: int) -> list[torch.Tensor] | None:
         """NDP's mixed-scale training: which tokens each image decodes from. A `truncation` fraction of
         the images gets a random quadtree state (each node refined with the image's p ~ U(0, 1)), the
-        rest every token. Drawn from torch's global generator, which the checkpoint carries."""
+        rest every token. Drawn for the whole global batch from a generator seeded by (seed, step), this
+        rank taking its slice: resumable without RNG state, the same draws on any number of processes."""
         if self.cfg.truncation <= 0:
             return None
         from nextdetail.models.quadtree import Quadtree
 
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, step]).generate_state(1)[0]))
+        total = batch * self.world
         sides = tuple(m.side for m in self.model.schedule)
-        p = torch.rand(batch)
-        p = torch.where(torch.rand(batch) < self.cfg.truncation, p, torch.ones(batch))  # p = 1: the full pyramid
-        return [m.to(self.device) for m in Quadtree.random(p, sides).present()]
+        p = torch.rand(total, generator=g)
+        p = torch.where(torch.rand(total, generator=g) < self.cfg.truncation, p, torch.ones(total))  # 1: full pyramid
+        mine = slice(self.rank * batch, (self.rank + 1) * batch)
+        return [m[mine].to(self.device) for m in Quadtree.random(p, sides, g).present()]
 
     def step(self, step: int, images: torch.Tensor, bases: torch.Tensor | None) -> dict[str, float]:
         c = self.cfg
@@ -223,7 +250,7 @@ class Trainer:
         bases = None if bases is None else bases.to(self.device)
         gan_on = self.disc is not None and step >= c.gan_start
         with self.autocast():
-            recon, q = self.model(images, bases, self.truncated_state(images.shape[0]))
+            recon, q = self.model(images, bases, self.truncated_state(step, images.shape[0]))
             recon = recon.float()
             rec = F.mse_loss(recon, images) if c.rec_loss == "l2" else F.l1_loss(recon, images)
             loss = rec + q.vq_loss
@@ -240,6 +267,7 @@ class Trainer:
                 out["gan_g"] = float(g.detach())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(list(self.model.parameters()), self.world)
         out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
         self.opt.step()
         if gan_on:
@@ -249,12 +277,27 @@ class Trainer:
                 d = hinge_d_loss(self.disc(images), self.disc(recon.detach()))
             self.opt_d.zero_grad(set_to_none=True)
             d.backward()
+            average_gradients(list(self.disc.parameters()), self.world)
             self.opt_d.step()
+            if self.world > 1:  # BatchNorm normalizes each rank's half (as DDP without SyncBatchNorm); its
+                for buf in self.disc.buffers():  # running statistics follow rank 0's, as DDP broadcasts them
+                    torch.distributed.broadcast(buf, 0)
             out["gan_d"] = float(d.detach())
+        quantize = self.model.quantize
+        if self.world > 1:  # code statistics of the global batch (the EMA is linear: mean of the ranks' EMAs)
+            torch.distributed.all_reduce(quantize.ema_vocab_hit_SV)
+            quantize.ema_vocab_hit_SV.div_(self.world)
         if c.restart_dead_every and (step + 1) % c.restart_dead_every == 0:
             g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)  # a function of the step: resumable
-            out["restarted_codes"] = self.model.quantize.restart_dead_codes(c.dead_threshold, g)
+            out["restarted_codes"] = quantize.restart_dead_codes(c.dead_threshold, g)
+            if self.world > 1:  # each rank drew from its own recent residuals: rank 0's restarted codes win
+                torch.distributed.broadcast(quantize.embedding.weight.data, 0)
         out["loss"] = float(loss.detach())
+        if self.world > 1:  # the logged numbers are the global batch's
+            keys = [k for k in out if k != "restarted_codes"]
+            mean = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(mean)
+            out.update({k: float(v) / self.world for k, v in zip(keys, mean, strict=True)})
         return out
 
     def state(self, step: int, position: dict[str, int], metrics: list[dict]) -> dict[str, Any]:
@@ -285,35 +328,44 @@ def train(
     store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, log: Callable[[str], None] = print,
     progress: bool = False, stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) in `store`; returns the summary. `stop_after`: leave after that many steps
-    of this call (tests: an interrupted run)."""
+    """Train (or resume) in `store` in this process — one of `WORLD_SIZE` under torchrun; returns rank 0's
+    summary. `stop_after`: leave after that many steps of this call (tests: an interrupted run)."""
+    rank, world, local_rank = world_from_env()
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("tokenizer.device=cuda but no CUDA device is visible; use tokenizer.device=cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("tokenizer.device=cuda but no CUDA device is visible; use -o tokenizer.device=cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    init_group(device, world)
     threads = torch.get_num_threads()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    if cfg.torch_threads or world > 1:
+        torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
     try:
-        return _train(store, data, cfg, spec, device, log, progress, stop_after)
+        return _train(store, data, cfg, spec, device, rank, world, log, progress, stop_after)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, device: torch.device,
-           log: Callable[[str], None], progress: bool, stop_after: int | None) -> dict[str, Any]:
+def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, device: torch.device, rank: int,
+           world: int, log: Callable[[str], None], progress: bool, stop_after: int | None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    batches = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed)
-    trainer = Trainer(cfg, spec, device)
+    batches = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed, rank, world)
+    trainer = Trainer(cfg, spec, device, rank, world)
     metrics: list[dict] = []
     start = 0
     latest = latest_checkpoint(store)
     if latest is not None:
         state = load_checkpoint(store, latest)
         start, metrics = trainer.load(state), state["metrics"]
-        log(f"train_tokenizer: resuming at step {start} from {store.url(latest)}")
+        if rank == 0:
+            log(f"train_tokenizer: resuming at step {start} from {store.url(latest)}")
+    elif rank == 0 and world > 1:
+        log(f"train_tokenizer: {world} data-parallel processes, {cfg.batch_size // world} images each per step")
     t0, done = time.time(), 0
-    bar = tqdm(total=cfg.steps, initial=start, desc="train_tokenizer", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train_tokenizer", unit="step", disable=not progress or rank > 0,
+               leave=False)
     stream = batches.iterate(start, cfg.steps, cfg.loader_workers)
     for step in range(start, cfg.steps):
         images, bases = next(stream)
@@ -325,18 +377,23 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
         done += 1
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             health = trainer.model.quantize.usage()
-            log(f"train_tokenizer: step {step + 1}/{cfg.steps} loss {out['loss']:.4f} rec {out['rec']:.4f} "
+            (log if rank == 0 else _quiet)(f"train_tokenizer: step {step + 1}/{cfg.steps} loss {out['loss']:.4f} rec {out['rec']:.4f} "
                 f"vq {out['vq']:.4f} | code usage per map " + " ".join(f"{h['usage']:.2f}" for h in health)
                 + " | perplexity " + " ".join(f"{h['perplexity']:.0f}" for h in health))
             metrics[-1]["usage"] = [h["usage"] for h in health]
             metrics[-1]["perplexity"] = [h["perplexity"] for h in health]
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(store, step + 1, trainer.state(step + 1, batches.position(step + 1), metrics))
+            if rank == 0:
+                save_checkpoint(store, step + 1, trainer.state(step + 1, batches.position(step + 1), metrics))
+            if world > 1:
+                torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from
         if stop_after is not None and done >= stop_after:
             bar.close()
             return {"stopped_at": step + 1}
     bar.close()
     seconds = time.time() - t0
+    if rank > 0:
+        return {}
     model = trainer.model.eval()
     buf = io.BytesIO()
     torch.save({"spec": spec.to_dict(), "model": model.state_dict()}, buf)
@@ -346,7 +403,7 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
     from nextdetail.figures import png_bytes, reconstruction_grid, training_curves
 
     store.write_bytes("curves.png", png_bytes(training_curves(metrics)))
-    images, bases = batches.batch(0)
+    images, bases = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed).batch(0)
     with torch.no_grad():
         n = min(8, len(images))
         idx = model.img_to_indices(images[:n].to(device), None if bases is None else bases[:, :n].to(device))
@@ -354,8 +411,8 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
     store.write_bytes("reconstructions.png", png_bytes(reconstruction_grid(images[:n], recon)))
     last = metrics[-1] if metrics else {}
     health = model.quantize.usage()
-    return {
-        "steps": cfg.steps, "resumed_from": start, "seconds_this_run": round(seconds, 2),
+    summary = {
+        "steps": cfg.steps, "resumed_from": start, "processes": world, "seconds_this_run": round(seconds, 2),
         "steps_per_s": round(done / max(seconds, 1e-9), 3), "token_maps": len(model.schedule),
         "final_loss": last.get("loss"), "final_rec": last.get("rec"),
         "rec_psnr_db": round(10 * math.log10(4 / max(last.get("rec", 1.0), 1e-12)), 2) if cfg.rec_loss == "l2" else None,
@@ -364,6 +421,12 @@ def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, devic
         "url": store.url(),
         "tokenizer_sha256": checkpoint_sha256,
     }
+    store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 @stage_task(name="train_tokenizer", retries=1)
@@ -372,8 +435,25 @@ def train_tokenizer(artifact: Artifact, data: TrainData, cfg: TokenizerConfig, s
     from prefect import get_run_logger
 
     logger = get_run_logger()
-    summary = train(artifact.store, data, cfg, spec, log=logger.info, progress=progress)
-    return summary, ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png"]
+    nproc = process_count(cfg.nproc, cfg.device)
+    if nproc > 1:
+        job = {"store": (artifact.store.url(), artifact.store.options), "data": data, "cfg": cfg.model_dump(),
+               "spec": spec}
+        launch("train_tokenizer", "nextdetail.tasks.train_tokenizer", job, nproc, logger.info)
+        summary = json.loads(artifact.store.read_bytes("summary.json"))
+    else:
+        summary = train(artifact.store, data, cfg, spec, log=logger.info, progress=progress)
+    return summary, FILES
+
+
+def _torchrun_main(job_path: str) -> None:
+    """One rank under torchrun (`launch`)."""
+    job = read_job(job_path)
+    try:
+        train(Store(*job["store"]), job["data"], TokenizerConfig(**job["cfg"]), job["spec"],
+              log=lambda s: print(s, flush=True))
+    finally:
+        leave_group()
 
 
 def plan_training(store: Store, decomposition_identity: str, data: TrainData, cfg: TokenizerConfig, spec: Any) -> Artifact:
@@ -394,3 +474,7 @@ def summary_line(summary: dict) -> str:
     return (f"train_tokenizer: {summary['steps']} steps, {summary['token_maps']} token maps, final rec "
             f"{summary['final_rec']:.4f}" + (f" ({summary['rec_psnr_db']} dB)" if summary.get("rec_psnr_db") else "")
             + f", code usage last map {summary['code_usage_per_map'][-1]:.2f}")
+
+
+if __name__ == "__main__":
+    _torchrun_main(sys.argv[1])
