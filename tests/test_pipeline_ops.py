@@ -221,3 +221,17 @@ def test_stage_selection_is_validated_before_anything_starts():
                           ({"force": ["trian_ar"]}, "no such stage")]:
         with pytest.raises(UserError, match=words):
             select_stages(**kwargs)
+
+
+def test_a_decomposition_knob_retrains_from_scratch_in_new_directories(pipeline):
+    """Changing decompose.alpha gives the training stages new identities: they train from step 0 in their
+    own directories — never resume the other decomposition's checkpoints — and the old artifacts stay."""
+    root, cfg, first = pipeline
+    knob = run_pipeline(make_config(root, cfg.data.source, *FAST, "decompose.alpha=20"), until="train_ar",
+                        progress=False)
+    assert knob.work == {"shard": "up to date", **dict.fromkeys(STAGES[1:5], "ran")}
+    for stage in ("train_tokenizer", "train_ar"):
+        assert knob[stage].identity != first[stage].identity and knob[stage].url != first[stage].url
+        assert knob[stage].summary["resumed_from"] == 0, (stage, knob[stage].summary)
+        assert Path(first[stage].url, "_COMPLETE.json").is_file()
+    assert knob["train_tokenizer"].summary["tokenizer_sha256"] != first["train_tokenizer"].summary["tokenizer_sha256"]

@@ -133,8 +133,8 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     import sys
     from pathlib import Path
 
-    from nextdetail.flows.train_tokenizer import train_data
-    from nextdetail.tasks.train_tokenizer import settings_dir_name, train
+    from nextdetail.flows.train_tokenizer import plan_tokenizer, train_data
+    from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
     settings = [*FAST, "tokenizer.steps=12", "tokenizer.checkpoint_every=3"]
@@ -147,8 +147,7 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     cmd = [str(Path(sys.executable).parent / "nextdetail"), "train-tokenizer", "--no-progress"]
     for o in overrides:
         cmd += ["-o", o]
-    run_dir = Path(root, "tokenizer", shards.url.rstrip("/").rsplit("/", 1)[-1],
-                   settings_dir_name(cfg.tokenizer, cfg.tokenizer_spec()))
+    run_dir = Path(plan_tokenizer(cfg, shards, dec).store.path(""))
     sigkill_when(cmd, lambda: list(run_dir.glob("checkpoints/step-*.pt")))
     assert not (run_dir / "_COMPLETE.json").exists(), "killed too late: training had finished"
     done = run_cli(cmd)

@@ -10,7 +10,6 @@ from prefect import flow, get_run_logger
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.flows.results import ARResult, SampleResult, ShardResult, TokensResult
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import stable_hash
 from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage, summary_line
 
 
@@ -42,9 +41,9 @@ def sample_flow(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult, 
     name = "transformer.pt" if cfg.sample.checkpoint == "last" else "best.pt"
     inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens))
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
-    out = Store(cfg.storage.root, cfg.storage.options).sub(
-        "samples", dataset_dir, ar_dir, f"{cfg.sample.checkpoint}-{stable_hash(cfg.sample.identity_settings(cfg.ar.model))[:12]}")
-    artifact = plan_samples(out, ar.identity, cfg.sample, cfg.ar.model)
+    artifact = plan_samples(Store(cfg.storage.root, cfg.storage.options).sub("samples", dataset_dir, ar_dir),
+                            ar.identity, cfg.sample, cfg.ar.model)
+    out = artifact.store
     fut = sample_stage.submit(artifact, inputs, cfg.sample, progress)
     record = fut.result()
     work = "cached" if fut.state.name == "Cached" else record["work"]

@@ -18,7 +18,6 @@ from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_ar import (
     ARData,
     plan_ar,
-    settings_dir_name,
     summary_line,
     train_ar,
     transformer_config,
@@ -44,8 +43,8 @@ def train_ar_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: Tokenizer
     layout = cache.layout
     tcfg = transformer_config(cfg.ar, layout, len(data.classes), cfg.tokenizer.z_channels)
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    out = Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir, settings_dir_name(cfg.ar, tcfg))
-    artifact = plan_ar(out, data, cfg.ar, tcfg)
+    artifact = plan_ar(Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir), data, cfg.ar, tcfg)
+    out = artifact.store
     log.info("train_ar: depth %d, width %d, %d classes, %d steps of %d images → %s", tcfg.depth, tcfg.C,
              tcfg.num_classes, cfg.ar.steps, cfg.ar.batch_size, out.url())
     fut = train_ar.submit(artifact, data, cfg.ar, progress)

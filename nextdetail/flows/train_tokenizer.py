@@ -13,12 +13,12 @@ from prefect import flow, get_run_logger
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult
+from nextdetail.storage.artifacts import Artifact
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_tokenizer import (
     TrainData,
     plan_training,
-    settings_dir_name,
     summary_line,
     train_tokenizer,
 )
@@ -37,6 +37,15 @@ def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: Decompos
                      tuple(counts.items()))
 
 
+def plan_tokenizer(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+                   data: TrainData | None = None) -> Artifact:
+    """The tokenizer artifact this config trains: `<root>/tokenizer/<shards dir>/v…-order…-maps…-<identity>/`."""
+    dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
+    root = Store(cfg.storage.root, cfg.storage.options).sub("tokenizer", dataset_dir)
+    data = data or train_data(cfg, shards, decomposition)
+    return plan_training(root, decomposition.identity, data, cfg.tokenizer, cfg.tokenizer_spec())
+
+
 @flow(name="train_tokenizer", log_prints=False, validate_parameters=False)
 def train_tokenizer_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
                          progress: bool = True) -> TokenizerResult:
@@ -44,10 +53,8 @@ def train_tokenizer_flow(cfg: PipelineConfig, shards: ShardResult, decomposition
     log = get_run_logger()
     spec = cfg.tokenizer_spec()
     data = train_data(cfg, shards, decomposition)
-    dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    out = Store(cfg.storage.root, cfg.storage.options).sub("tokenizer", dataset_dir,
-                                                           settings_dir_name(cfg.tokenizer, spec))
-    artifact = plan_training(out, decomposition.identity, data, cfg.tokenizer, spec)
+    artifact = plan_tokenizer(cfg, shards, decomposition, data)
+    out = artifact.store
     log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
              spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps, out.url())
     fut = train_tokenizer.submit(artifact, data, cfg.tokenizer, spec, progress)

@@ -245,12 +245,14 @@ def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, pr
     return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
 
 
-def plan_samples(store: Store, ar_identity: str, cfg: SampleConfig, model: str = "cart") -> Artifact:
+def plan_samples(root: Store, ar_identity: str, cfg: SampleConfig, model: str = "cart") -> Artifact:
+    """The samples artifact in its own directory under `root`, named by its identity."""
     code = code_version(*CODE)
     settings = cfg.identity_settings(model)
     identity = stable_hash({"stage": "sample", "settings": settings, "train_ar": ar_identity, "code": code})
     lineage = {"code": code, "settings": settings, "upstream": {"train_ar": ar_identity}}
-    return Artifact("sample", identity, store, "_COMPLETE.json", lineage=lineage)
+    return Artifact("sample", identity, root.sub(f"{cfg.checkpoint}-{identity[:12]}"), "_COMPLETE.json",
+                    lineage=lineage)
 
 
 def summary_line(summary: dict) -> str:

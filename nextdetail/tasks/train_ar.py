@@ -438,17 +438,16 @@ def train_ar(artifact: Artifact, data: ARData, cfg: ARConfig, progress: bool = F
     return summary, FILES
 
 
-def plan_ar(store: Store, data: ARData, cfg: ARConfig, tcfg: ModelConfig) -> Artifact:
+def plan_ar(root: Store, data: ARData, cfg: ARConfig, tcfg: ModelConfig) -> Artifact:
+    """The transformer artifact in its own directory under `root`, named by its identity: checkpoints there
+    belong to exactly this training (another token cache or setting never resumes them)."""
     code = code_version(*CODE)
     settings = cfg.identity_settings()
     identity = stable_hash({"stage": "train_ar", "settings": settings, "architecture": asdict(tcfg),
                             "tokens": data.tokens_identity, "code": code})
     lineage = {"code": code, "settings": settings, "upstream": {"tokenize": data.tokens_identity}}
-    return Artifact("train_ar", identity, store, "_COMPLETE.json", lineage=lineage)
-
-
-def settings_dir_name(cfg: ARConfig, tcfg: ModelConfig) -> str:
-    return f"{'ndp-' if cfg.model == 'ndp' else ''}d{tcfg.depth}-w{tcfg.C}-maps{len(tcfg.sides)}-{stable_hash({'s': cfg.identity_settings(), 'a': asdict(tcfg)})[:12]}"
+    name = f"{'ndp-' if cfg.model == 'ndp' else ''}d{tcfg.depth}-w{tcfg.C}-maps{len(tcfg.sides)}"
+    return Artifact("train_ar", identity, root.sub(f"{name}-{identity[:12]}"), "_COMPLETE.json", lineage=lineage)
 
 
 def summary_line(summary: dict) -> str:

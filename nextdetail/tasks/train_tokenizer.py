@@ -456,18 +456,16 @@ def _torchrun_main(job_path: str) -> None:
         leave_group()
 
 
-def plan_training(store: Store, decomposition_identity: str, data: TrainData, cfg: TokenizerConfig, spec: Any) -> Artifact:
+def plan_training(root: Store, decomposition_identity: str, data: TrainData, cfg: TokenizerConfig, spec: Any) -> Artifact:
+    """The tokenizer artifact in its own directory under `root`, named by its identity: checkpoints there
+    belong to exactly this training (another decomposition or setting never resumes them)."""
     code = code_version(*CODE)
     settings = cfg.identity_settings()
     identity = stable_hash({"stage": "train_tokenizer", "settings": settings, "spec": spec.to_dict(),
                             "decompose": decomposition_identity, "split": data.split, "code": code})
     lineage = {"code": code, "settings": settings, "upstream": {"decompose": decomposition_identity}}
-    return Artifact("train_tokenizer", identity, store, "_COMPLETE.json", lineage=lineage)
-
-
-def settings_dir_name(cfg: TokenizerConfig, spec: Any) -> str:
-    return (f"v{spec.vocab_size}-order{spec.order}-maps{len(spec.patch_nums) + spec.order * spec.detail_depth}-"
-            f"{stable_hash({'settings': cfg.identity_settings(), 'spec': spec.to_dict()})[:12]}")
+    name = f"v{spec.vocab_size}-order{spec.order}-maps{len(spec.patch_nums) + spec.order * spec.detail_depth}"
+    return Artifact("train_tokenizer", identity, root.sub(f"{name}-{identity[:12]}"), "_COMPLETE.json", lineage=lineage)
 
 
 def summary_line(summary: dict) -> str:
