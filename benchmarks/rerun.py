@@ -9,7 +9,8 @@ storage root and a fresh Prefect home (ephemeral server):
                     an empty Prefect flow — the floor any Prefect-driven re-run pays;
 - unchanged_overhead_s = unchanged_s − empty_flow_s   (goal ≤ 2 s; `dvc repro` with nothing to do: 0.95 s here);
 - status_s          `nextdetail status` (goal ≤ 1 s; `dvc status` on a 7-stage pipeline: 1.2 s here);
-- one_knob_s        `nextdetail run -o decompose.alpha=<other>`: decompose and what depends on it re-run.
+- one_knob_s        `nextdetail run -o decompose.alpha=<other>`: decompose and what depends on it re-run
+                    (`one_knob_trained_steps`: the training stages train every step again, resume nothing).
 
     python benchmarks/rerun.py [--preset tiny] [--root DIR] [-o key=value …]
 
@@ -61,6 +62,20 @@ def stages_ran(root: Path) -> list[str]:
     return [r["stage"] for r in pq.read_table(newest).to_pylist() if r["work"] != "up to date"]
 
 
+def trained_steps(root: Path) -> dict[str, int]:
+    """Steps each training stage of the newest run actually trained (steps − resumed_from, from its marker):
+    a knob upstream of training must retrain from step 0, not resume another training's checkpoints."""
+    import pyarrow.parquet as pq
+
+    newest = sorted((root / "lineage" / "runs").glob("*.parquet"))[-1]
+    out = {}
+    for r in pq.read_table(newest).to_pylist():
+        if r["stage"] in ("train_tokenizer", "train_ar") and r["work"] != "up to date":
+            summary = json.loads((Path(r["url"]) / "_COMPLETE.json").read_text())["summary"]
+            out[r["stage"]] = summary["steps"] - summary["resumed_from"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -93,6 +108,7 @@ def main() -> None:
     out["one_knob_status_s"] = timed([*nd, "status", *config, *knob], env)
     out["one_knob_s"] = timed([*nd, "run", "--no-progress", *config, *knob], env)
     out["one_knob_ran"] = stages_ran(root / "data")
+    out["one_knob_trained_steps"] = trained_steps(root / "data")
     out.update(figure="unchanged_overhead_s", value=out["unchanged_overhead_s"], baseline=2.0,
                ratio=round(out["unchanged_overhead_s"] / 2.0, 3), status_goal_s=1.0,
                dvc_reference={"status_s": 1.2, "repro_noop_s": 0.95})
