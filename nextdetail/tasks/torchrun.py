@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from nextdetail.errors import UserError
+
 
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world, local_rank) as torchrun sets them; (0, 1, 0) in a plain process."""
@@ -32,10 +34,20 @@ def process_count(nproc: int | None, device: str) -> int:
     return max(1, torch.cuda.device_count()) if device == "cuda" else 1
 
 
-def init_group(device: torch.device, world: int) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPU) when there is more than one rank."""
+def join(device: str, section: str) -> tuple[int, int, torch.device]:
+    """This process's (rank, world, device): its own GPU under torchrun (`LOCAL_RANK`), and the process group
+    joined (NCCL on GPUs, gloo on CPU) when there is more than one rank. `section`: the config section whose
+    `device` asked for it (for the error)."""
+    rank, world, local_rank = world_from_env()
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{section}.device=cuda but no CUDA device is visible; use -o {section}.device=cpu")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
 
 
 def launch(stage: str, module: str, job: dict[str, Any], nproc: int, log: Callable[[str], None]) -> None:

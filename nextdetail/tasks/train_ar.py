@@ -46,7 +46,7 @@ from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, s
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
-from nextdetail.tasks.torchrun import init_group, launch, leave_group, process_count, read_job, world_from_env
+from nextdetail.tasks.torchrun import join, launch, leave_group, process_count, read_job
 
 CODE = ("nextdetail.tasks.train_ar", "nextdetail.tasks.torchrun", "nextdetail.models.transformer", "nextdetail.models.quant",
         "nextdetail.storage.token_loader", "nextdetail.models.ndp", "nextdetail.models.quadtree")
@@ -290,14 +290,7 @@ def train(store: Store, data: ARData, cfg: ARConfig, log: Callable[[str], None] 
           stop_after: int | None = None) -> dict[str, Any]:
     """Train (or resume) in `store` in this process — one of `WORLD_SIZE` under torchrun. Returns rank 0's
     summary. `stop_after`: leave after that many steps of this call (tests: an interrupted run)."""
-    rank, world, local_rank = world_from_env()
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("ar.device=cuda but no CUDA device is visible; use -o ar.device=cpu")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    init_group(device, world)
+    rank, world, device = join(cfg.device, "ar")
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
     try:

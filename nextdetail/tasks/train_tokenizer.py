@@ -44,12 +44,11 @@ from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 from nextdetail.tasks.torchrun import (
     average_gradients,
-    init_group,
+    join,
     launch,
     leave_group,
     process_count,
     read_job,
-    world_from_env,
 )
 
 FILES = ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png", "summary.json"]
@@ -330,14 +329,7 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) in `store` in this process — one of `WORLD_SIZE` under torchrun; returns rank 0's
     summary. `stop_after`: leave after that many steps of this call (tests: an interrupted run)."""
-    rank, world, local_rank = world_from_env()
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("tokenizer.device=cuda but no CUDA device is visible; use -o tokenizer.device=cpu")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    init_group(device, world)
+    rank, world, device = join(cfg.device, "tokenizer")
     threads = torch.get_num_threads()
     if cfg.torch_threads or world > 1:
         torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
