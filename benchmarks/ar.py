@@ -37,12 +37,12 @@ def flops_per_token(model: torch.nn.Module, sides: tuple[int, ...]) -> float:
 
 def bench_model(order: int, args: argparse.Namespace, cfg) -> dict:
     from nextdetail.models.sampler import CARTSampler
-    from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
     from nextdetail.storage.tokens import token_layout
     from nextdetail.tasks.train_ar import ARTrainer, TeacherInputs, transformer_config
 
     device = torch.device(args.device)
-    spec = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"order": order})}).tokenizer_spec()
+    spec = TokenizerSpec.from_config(cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"order": order})}))
     torch.manual_seed(0)
     tokenizer = BaseDetailVQVAE(spec).to(device).eval()
     layout = token_layout(tokenizer.schedule, order, spec.vocab_size, ["none"])

@@ -68,8 +68,8 @@ def main() -> None:
     configure_environment(OUT / "work")
 
     from nextdetail.conf import load_config
+    from nextdetail.flows.pipeline import run_stage as run_flow
     from nextdetail.flows.runtime import dask_cluster, prefect_api
-    from nextdetail.flows.shard import run_shard
     from nextdetail.storage.embedded import build_embedded
     from nextdetail.storage.fs import Store
 
@@ -103,9 +103,9 @@ def main() -> None:
         with dask_cluster(**cfg.dask.model_dump()) as scheduler:
             cluster_times.append(time.perf_counter() - t0)
             t1 = time.perf_counter()
-            result = run_shard(cfg, progress=False, scheduler=scheduler)
+            result = run_flow(cfg, "shard", progress=False, scheduler=scheduler)
             stage_times.append(time.perf_counter() - t1)
-        assert not result.shards_cached and not result.shards_reused
+        assert not result.shards_reused
         return result
 
     with prefect_api(), ProcessPoolExecutor(args.workers) as pool:

@@ -29,6 +29,7 @@ OUT = Path(__file__).resolve().parent / "out" / "token_loader"
 
 
 def main() -> None:
+    from nextdetail.models.mumford_shah import ATConfig
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=96, help="images produced on the fly")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -44,8 +45,8 @@ def main() -> None:
     from nextdetail.models.mumford_shah import decompose
     from nextdetail.models.tokenizer import BaseDetailVQVAE
     from nextdetail.storage.fs import Store
+    from nextdetail.storage.shards import read_tar_images
     from nextdetail.storage.token_loader import TokenBatches
-    from nextdetail.tasks.decompose import read_tar_images
 
     cfg = load_config("tiny", overrides=[f"storage.root={OUT / 'data'}", "tokenizer.steps=30",
                                          f"tokens.local_cache={OUT / 'mirror'}"])
@@ -62,7 +63,7 @@ def main() -> None:
     for r in train[: args.images]:
         by_tar.setdefault(r["shard"], []).append(r["key"])
     model = BaseDetailVQVAE.from_checkpoint(Store(results["train_tokenizer"].url).read_bytes("tokenizer.pt"))
-    solver = cfg.decompose.solver()
+    solver = ATConfig.from_settings(cfg.decompose)
     shards = Store(results["shard"].url)
 
     def on_the_fly(tar: str, keys: list[str]) -> int:

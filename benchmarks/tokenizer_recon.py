@@ -64,12 +64,12 @@ def main() -> None:
         for (name, (patch_nums, order, depth)), seed in ((v, s) for v in variants.items() for s in args.seeds):
             cfg = load_config("tiny", overrides=[*base, f"tokenizer.patch_nums={patch_nums}", f"tokenizer.seed={seed}",
                                                  f"tokenizer.order={order}", f"tokenizer.detail_depth={depth}"])
-            spec: TokenizerSpec = cfg.tokenizer_spec()
+            spec: TokenizerSpec = TokenizerSpec.from_config(cfg)
             store = Store(str(OUT / "runs" / f"{name}-k{k}-seed{seed}-steps{args.steps}"))
             t0 = time.time()
             summary = train(store, train_data(cfg, shards, dec), cfg.tokenizer, spec, log=lambda _: None)
             model = BaseDetailVQVAE(spec)
-            model.load_state_dict(torch.load(store.path("tokenizer.pt"), weights_only=False)["model"])
+            model.load_state_dict(torch.load(store.path("tokenizer.pt"), weights_only=True)["model"])
             model.eval()
             val = FactorBatches(train_data(cfg, shards, dec, split="val"), spec.order, 16, seed=0)
             se, n = 0.0, 0

@@ -63,7 +63,7 @@ def _print_shard(result) -> None:
     print(f"  manifest: {result.manifest_url}")
     print(f"  classes:  {result.url}/classes.json   ({s['classes']} classes)")
     print(f"  identity: {result.identity[:16]}   this run wrote {len(result.shards_ran)} tars, "
-          f"reused {len(result.shards_cached) + len(result.shards_reused)} ({result.seconds:.1f}s)")
+          f"reused {len(result.shards_reused)} ({result.seconds:.1f}s)")
 
 
 def _print_decompose(result) -> None:
@@ -73,7 +73,7 @@ def _print_decompose(result) -> None:
     print(f"  factors:  {result.zarr_url}   (Zarr v3, one array per tar: images × order × 3 × H × W)")
     print(f"  index:    {result.url}/index.parquet")
     print(f"  identity: {result.identity[:16]}   this run decomposed {len(result.tars_ran)} tars, "
-          f"reused {len(result.tars_cached) + len(result.tars_reused)} ({result.seconds:.1f}s)")
+          f"reused {len(result.tars_reused)} ({result.seconds:.1f}s)")
 
 
 def _print_tokenizer(result) -> None:
@@ -182,7 +182,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shards = run_pipeline(cfg, until="shard", progress=not args.no_progress)["shard"]
     ckpts = [c if "://" in c else str(Path(c).resolve()) for c in args.ckpt]
     out = args.out if "://" in args.out else str(Path(args.out).resolve())
-    _print_eval(evaluate_files(cfg, ckpts, out, shards, progress=not args.no_progress))
+    from nextdetail.conf.stages import files_key
+
+    key = files_key(cfg, "evaluate", ckpts)
+    _print_eval(evaluate_files(cfg, key, ckpts, out, shards, progress=not args.no_progress))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -257,9 +260,16 @@ def _print_dry_run(branches: dict, until: str | None, only: str | None, force: l
 def cmd_status(args: argparse.Namespace) -> None:
     import json
 
-    from nextdetail.flows.status import branch_status, format_status
+    from nextdetail.conf import STAGES
+    from nextdetail.flows.status import branch_status, explain_stage, format_explain, format_status
 
     branches = _load_branches(args)
+    if args.explain:
+        if args.explain not in STAGES:
+            raise UserError(f"--explain {args.explain!r}: no such stage (stages: {', '.join(STAGES)})")
+        infos = [explain_stage(cfg, args.explain) for cfg in branches.values()]
+        print(json.dumps(infos, indent=1) if args.json else "\n\n".join(format_explain(i) for i in infos))
+        return
     statuses = branch_status(branches)
     if args.json:
         print(json.dumps([s.to_json() for by_stage in statuses.values() for s in by_stage.values()], indent=1))
@@ -298,9 +308,9 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
 
     from nextdetail.figures import decomposition_strip, safe_name, write_png
     from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.storage.factors import array_path, open_group
+    from nextdetail.storage.factors import array_path, open_group, read_index
     from nextdetail.storage.fs import Store
-    from nextdetail.tasks.decompose import read_index, read_tar_images
+    from nextdetail.storage.shards import read_tar_images
 
     cfg = _load(args)
     results = run_pipeline(cfg, until="decompose", progress=not args.no_progress)  # cached when done
@@ -359,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="store_true", help="also list nothing-changed details")
+    p.add_argument("--explain", metavar="STAGE", default=None,
+                   help="print what STAGE's identity hashes: settings, upstream identities (and weights sha256), "
+                        "inputs, every code file with its sha256")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("serve", help="serve the pipeline as a Prefect deployment (scheduled or triggered)",

@@ -126,11 +126,12 @@ def cli_config(root: Path | str, source: str, *overrides: str) -> list[str]:
 
 
 def run_shard_stage(cfg):
+    from nextdetail.conf.stages import key_of
     from nextdetail.flows.runtime import prefect_api
     from nextdetail.flows.shard import run_shard
 
     with prefect_api():
-        return run_shard(cfg, progress=False)
+        return run_shard(cfg, key_of(cfg, "shard", {}), progress=False)
 
 
 def sigkill_when(cmd: list[str], ready, timeout: float = 300.0) -> None:

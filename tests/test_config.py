@@ -12,9 +12,10 @@ NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 
 @pytest.mark.parametrize("preset", ["tiny", "imagenet256", "imagenet512"])
 def test_presets_validate(preset):
+    from nextdetail.models.tokenizer import TokenizerSpec
     cfg = load_config(preset)
     assert cfg.preset == preset
-    spec = cfg.tokenizer_spec()
+    spec = TokenizerSpec.from_config(cfg)
     assert spec.latent_side * spec.downsample == cfg.shard.resolution
     # the token maps: base scales up to the latent side, then full-resolution detail maps
     assert cfg.tokenizer.patch_nums[-1] <= spec.latent_side

@@ -47,19 +47,15 @@ def _args(pipeline, *overrides: str) -> list[str]:
     return cli_config(root, cfg.data.source, *FAST, *overrides)
 
 
-def test_every_module_a_stage_task_hashes_is_in_its_stage_identity():
-    """The stage table (conf/stages.py) lists at least the code each stage's artifacts hash, and the sampler
-    reaches only sample and evaluate (editing it must not retrain anything)."""
-    import importlib
-
-    modules = {"shard": ["shard"], "decompose": ["decompose"], "train_tokenizer": ["train_tokenizer"],
-               "tokenize": ["tokenize"], "train_ar": ["train_ar"], "sample": ["sample"],
-               "evaluate": ["evaluate", "reference_stats"]}
-    for stage, names in modules.items():
-        for name in names:
-            code = importlib.import_module(f"nextdetail.tasks.{name}").CODE
-            assert set(code) <= set(SPECS[stage].code), (stage, set(code) - set(SPECS[stage].code))
-    assert [s for s in STAGES if "nextdetail.models.sampler" in SPECS[s].code] == ["sample", "evaluate"]
+def test_stage_code_is_derived_and_the_sampler_reaches_only_sample_and_evaluate(pipeline):
+    """Each stage's code is the import closure of its flow (+ its model family's module): the task module it
+    runs is in it, and the samplers reach only sample and evaluate (editing them retrains nothing)."""
+    cfg = pipeline[1]
+    for stage in STAGES:
+        code = SPECS[stage].code(cfg)
+        assert f"nextdetail/tasks/{stage}.py" in code and f"nextdetail/flows/{stage}.py" in code
+        assert all(len(sha) == 64 for sha in code.values())
+    assert [s for s in STAGES if "nextdetail/models/sampler.py" in SPECS[s].code(cfg)] == ["sample", "evaluate"]
     assert downstream("decompose") == ["train_tokenizer", "tokenize", "train_ar", "sample", "evaluate"]
 
 
@@ -93,7 +89,7 @@ def test_status_reads_markers_only_and_explains_what_changed(pipeline, tmp_path)
     statuses, info = _status(_args(pipeline), pythonpath=str(copy))
     assert info["file"].startswith(str(copy))
     assert [s for s in STAGES if statuses[s]["state"] != "up to date"] == ["sample", "evaluate"]
-    assert statuses["sample"]["reasons"] == ["code changed: nextdetail.models.sampler"]
+    assert statuses["sample"]["reasons"] == ["code changed: nextdetail/models/sampler.py"]
 
     # Deleted artifact: missing, and the dry run says it would run.
     out, _ = _cli(["run", "--dry-run", *_args(pipeline, "sample.seed=7")])
@@ -130,7 +126,7 @@ def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipe
     record = lineage.read("decompose", again.identities["decompose"])
     assert record["settings"]["decompose"]["alpha"] == cfg.decompose.alpha
     assert record["upstream"] == {"shard": first["shard"].identity}
-    assert record["packages"]["torch"] and record["host"] and "nextdetail.models.mumford_shah" in record["code"]
+    assert record["packages"]["torch"] and record["host"] and "nextdetail/models/mumford_shah.py" in record["code"]
 
 
 def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_date(pipeline):

@@ -34,17 +34,18 @@ def test_shard_stage_writes_to_an_s3_root_and_reuses_it(s3_endpoint, embedded_so
 
 
 def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint, embedded_source):
-    from nextdetail.flows.decompose import run_decompose
+    from nextdetail.flows.pipeline import run_stage
     from nextdetail.flows.runtime import dask_cluster, prefect_api
     from nextdetail.storage import factors
+    from nextdetail.storage.factors import read_index
     from nextdetail.storage.fs import Store
-    from nextdetail.tasks.decompose import read_index
 
     options = f"storage.options={{client_kwargs: {{endpoint_url: '{s3_endpoint}'}}}}"
     cfg = make_config("s3://team-bucket/nd", embedded_source, options)
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as scheduler:
-        result = run_decompose(cfg, progress=False, scheduler=scheduler)
-        again = run_decompose(cfg, progress=False, scheduler=scheduler)
+        shards = run_stage(cfg, "shard", progress=False, scheduler=scheduler)
+        result = run_stage(cfg, "decompose", {"shard": shards}, progress=False, scheduler=scheduler)
+        again = run_stage(cfg, "decompose", {"shard": shards}, progress=False, scheduler=scheduler)
     assert result.zarr_url.startswith("s3://team-bucket/nd/decompose/") and result.tars_ran
     assert again.tars_ran == [] and again.identity == result.identity
     store = Store(result.url, cfg.storage.options)

@@ -127,26 +127,27 @@ def test_every_bad_input_ends_as_the_manifest_says(tmp_path, messy_source):
 
 
 def test_unchanged_rerun_does_no_work_and_deleted_artifacts_recompute(tmp_path, embedded_source):
+    results = Path(os.environ["PREFECT_HOME"]) / "storage"
+    kept = set(results.rglob("*")) if results.exists() else set()
     cfg = make_config(tmp_path, embedded_source)
     first = run_shard_stage(cfg)
     assert len(first.shards_ran) == len(_tars(first.url)) and first.manifest_work == "ran"
     stamps = {p.name: p.stat().st_mtime_ns for p in Path(first.url).rglob("*") if p.is_file()}
     again = run_shard_stage(cfg)
-    assert again.shards_ran == [] and again.shards_reused == [] and again.manifest_work == "cached"
-    assert sorted(again.shards_cached) == sorted(first.shards_ran)
+    assert again.shards_ran == [] and again.manifest_work == "reused"
+    assert sorted(again.shards_reused) == sorted(first.shards_ran)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in Path(first.url).rglob("*") if p.is_file()}
 
-    # The completion marker is the truth: a cache hit whose artifact is gone recomputes.
+    # The completion marker is the truth: an artifact that is gone recomputes.
     victim = sorted(Path(first.url).glob("train-*.tar"))[1]
     victim.unlink()
     healed = run_shard_stage(cfg)
-    assert healed.shards_ran == [victim.name] and healed.manifest_work == "cached"
+    assert healed.shards_ran == [victim.name] and healed.manifest_work == "reused"
     assert _tars(first.url)[victim.name] == hashlib.sha256(victim.read_bytes()).hexdigest()
 
-    # A teammate's complete artifact unknown to this Prefect (fresh result store) is reused, not rebuilt.
-    shutil.rmtree(Path(os.environ["PREFECT_HOME"]) / "storage", ignore_errors=True)
-    fresh = run_shard_stage(cfg)
-    assert fresh.shards_ran == [] and len(fresh.shards_reused) == len(first.shards_ran)
+    # The markers are the only cache: these runs kept nothing in Prefect's result storage (on a multi-host Dask
+    # cluster that would be a local path per worker host).
+    assert not (set(results.rglob("*")) if results.exists() else set()) - kept
 
 
 def test_append_rewrites_only_the_affected_shards(tmp_path, embedded_source):

@@ -27,11 +27,11 @@ def _pipeline(cfg, until: str = "tokenize"):
 
 
 def _tokenize(cfg, up):
+    from nextdetail.flows.pipeline import run_stage
     from nextdetail.flows.runtime import prefect_api
-    from nextdetail.flows.tokenize import run_tokenize
 
     with prefect_api():
-        return run_tokenize(cfg, up["shard"], up["decompose"], up["train_tokenizer"], progress=False)
+        return run_stage(cfg, "tokenize", up, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_cache_holds_the_tokenizers_token_maps_with_their_layout(upstream, publi
 
     from nextdetail.models.tokenizer import BaseDetailVQVAE
     from nextdetail.storage.factors import array_path, open_group
-    from nextdetail.tasks.decompose import read_tar_images
+    from nextdetail.storage.shards import read_tar_images
 
     _, up = upstream
     _, result = published
@@ -219,18 +219,20 @@ def test_broken_or_unpublished_caches_are_detected_and_rebuilt(upstream, publish
 
 def test_two_writers_of_one_identity_leave_one_valid_cache(upstream, published, embedded_source, tmp_path):
     """Two attempts written side by side, then both publish: one wins, the other gets the winner's cache."""
+    from nextdetail.conf.stages import key_of
     from nextdetail.flows.tokenize import cache_root, token_inputs
     from nextdetail.models.quant import token_schedule
+    from nextdetail.models.tokenizer import TokenizerSpec
     from nextdetail.storage import tokens
     from nextdetail.storage.factors import read_index
     from nextdetail.tasks.tokenize import encode_tokens, part_artifact, plan_tokens, publish_tokens
 
     root, up = upstream
     cfg = make_config(root, embedded_source, *FAST, f"tokens.cache={tmp_path}")
-    spec = cfg.tokenizer_spec()
+    spec = TokenizerSpec.from_config(cfg)
     inputs = token_inputs(cfg, up["shard"], up["decompose"], up["train_tokenizer"])
-    plan = plan_tokens(cache_root(cfg), up["decompose"].identity, read_index(Store(up["decompose"].url)), inputs,
-                       cfg.tokens, spec.order)
+    key = key_of(cfg, "tokenize", up)
+    plan = plan_tokens(cache_root(cfg), key, read_index(Store(up["decompose"].url)), inputs, cfg.tokens)
     layout = tokens.token_layout(token_schedule(spec.patch_nums, spec.order, spec.detail_depth, spec.latent_side),
                                  spec.order, spec.vocab_size, cfg.tokens.variants)
     writers = [tokens.Attempt.start(plan.cache) for _ in range(2)]

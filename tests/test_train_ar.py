@@ -65,8 +65,8 @@ def test_a_resumed_run_repeats_the_uninterrupted_loss_trajectory(pipeline, tmp_p
     np.testing.assert_allclose([m["loss"] for m in b], [m["loss"] for m in a], rtol=1e-6)
     assert b[-1]["loss"] != b[0]["loss"]
     for key in ("transformer.pt", "best.pt"):
-        sa = torch.load(tmp_path / "whole" / key, weights_only=False)["model"]
-        sb = torch.load(tmp_path / "parts" / key, weights_only=False)["model"]
+        sa = torch.load(tmp_path / "whole" / key, weights_only=True)["model"]
+        sb = torch.load(tmp_path / "parts" / key, weights_only=True)["model"]
         for name in sa:
             torch.testing.assert_close(sa[name], sb[name], rtol=1e-5, atol=1e-6)
 

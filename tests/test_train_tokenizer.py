@@ -16,13 +16,12 @@ FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=6
 
 
 def _upstream(cfg):
-    from nextdetail.flows.decompose import run_decompose
+    from nextdetail.flows.pipeline import run_stage
     from nextdetail.flows.runtime import dask_cluster, prefect_api
-    from nextdetail.flows.shard import run_shard
 
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as address:
-        shards = run_shard(cfg, progress=False, scheduler=address)
-        return shards, run_decompose(cfg, shards, progress=False, scheduler=address)
+        shards = run_stage(cfg, "shard", progress=False, scheduler=address)
+        return shards, run_stage(cfg, "decompose", {"shard": shards}, progress=False, scheduler=address)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +33,13 @@ def upstream(tmp_path_factory, embedded_source):
 
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream, embedded_source):
     from nextdetail.flows.train_tokenizer import train_data
+    from nextdetail.models.tokenizer import TokenizerSpec
     from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint
     from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
     cfg = make_config(root, embedded_source, *FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")
-    spec, data = cfg.tokenizer_spec(), train_data(cfg, shards, dec)
+    spec, data = TokenizerSpec.from_config(cfg), train_data(cfg, shards, dec)
     whole = Store(str(tmp_path / "whole"))
     train(whole, data, cfg.tokenizer, spec, log=lambda _: None)
     parts = Store(str(tmp_path / "parts"))
@@ -49,8 +49,8 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream
     logs: list[str] = []
     summary = train(parts, data, cfg.tokenizer, spec, log=logs.append)
     assert summary["resumed_from"] == 2 and any("resuming at step 2" in m for m in logs)
-    a = torch.load(tmp_path / "whole" / "tokenizer.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "parts" / "tokenizer.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "tokenizer.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "parts" / "tokenizer.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     last = load_checkpoint(parts, latest_checkpoint(parts))
     per_epoch = sum(n for _, n in data.tars) // 8
@@ -61,19 +61,20 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream
 
 
 def test_stage_is_cached_and_retrains_only_when_a_tokenizer_setting_changes(upstream, embedded_source):
+    from nextdetail.flows.pipeline import run_stage
     from nextdetail.flows.runtime import prefect_api
-    from nextdetail.flows.train_tokenizer import run_train_tokenizer
 
     root, (shards, dec) = upstream
     cfg = make_config(root, embedded_source, *FAST)
+    up = {"shard": shards, "decompose": dec}
     with prefect_api():
-        first = run_train_tokenizer(cfg, shards, dec, progress=False)
-        again = run_train_tokenizer(cfg, shards, dec, progress=False)
-        logging_only = run_train_tokenizer(make_config(root, embedded_source, *FAST, "tokenizer.log_every=3"),
-                                           shards, dec, progress=False)
-        other = run_train_tokenizer(make_config(root, embedded_source, *FAST, "tokenizer.lr=3e-4"),
-                                    shards, dec, progress=False)
-    assert first.work == "ran" and again.work in {"cached", "reused"} and logging_only.work in {"cached", "reused"}
+        first = run_stage(cfg, "train_tokenizer", up, progress=False)
+        again = run_stage(cfg, "train_tokenizer", up, progress=False)
+        logging_only = run_stage(make_config(root, embedded_source, *FAST, "tokenizer.log_every=3"), "train_tokenizer",
+                                 up, progress=False)
+        other = run_stage(make_config(root, embedded_source, *FAST, "tokenizer.lr=3e-4"), "train_tokenizer", up,
+                          progress=False)
+    assert first.work == "ran" and again.work == "reused" and logging_only.work == "reused"
     assert again.identity == first.identity == logging_only.identity
     assert other.work == "ran" and other.identity != first.identity and other.url != first.url
     out = Store(first.url)
@@ -84,7 +85,7 @@ def test_stage_is_cached_and_retrains_only_when_a_tokenizer_setting_changes(upst
     # the trained tokenizer reloads and encodes: Algorithm 1 → 2 round trip through the decoder
     from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
 
-    saved = torch.load(Store(first.url).path("tokenizer.pt"), weights_only=False)
+    saved = torch.load(Store(first.url).path("tokenizer.pt"), weights_only=True)
     spec = TokenizerSpec(**{**saved["spec"], "ch_mult": tuple(saved["spec"]["ch_mult"]),
                             "patch_nums": tuple(saved["spec"]["patch_nums"])})
     model = BaseDetailVQVAE(spec).eval()
@@ -133,29 +134,32 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     import sys
     from pathlib import Path
 
+    from nextdetail.conf.stages import key_of
     from nextdetail.flows.train_tokenizer import plan_tokenizer, train_data
+    from nextdetail.models.tokenizer import TokenizerSpec
     from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
     settings = [*FAST, "tokenizer.steps=12", "tokenizer.checkpoint_every=3"]
     cfg = make_config(root, embedded_source, *settings)
     clean = Store(str(tmp_path / "clean"))
-    train(clean, train_data(cfg, shards, dec), cfg.tokenizer, cfg.tokenizer_spec(), log=lambda _: None)
+    train(clean, train_data(cfg, shards, dec), cfg.tokenizer, TokenizerSpec.from_config(cfg), log=lambda _: None)
 
     overrides = [f"storage.root={root}", f"data.source={embedded_source}", "shard.samples_per_shard=32",
                  "dask.n_workers=2", *settings]
     cmd = [str(Path(sys.executable).parent / "nextdetail"), "train-tokenizer", "--no-progress"]
     for o in overrides:
         cmd += ["-o", o]
-    run_dir = Path(plan_tokenizer(cfg, shards, dec).store.path(""))
+    key = key_of(cfg, "train_tokenizer", {"shard": shards, "decompose": dec})
+    run_dir = Path(plan_tokenizer(cfg, key, shards).store.path(""))
     sigkill_when(cmd, lambda: list(run_dir.glob("checkpoints/step-*.pt")))
     assert not (run_dir / "_COMPLETE.json").exists(), "killed too late: training had finished"
     done = run_cli(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run_dir / "_COMPLETE.json").read_text())["summary"]
     assert summary["resumed_from"] >= 3
-    a = torch.load(run_dir / "tokenizer.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "clean" / "tokenizer.pt", weights_only=False)["model"]
+    a = torch.load(run_dir / "tokenizer.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "clean" / "tokenizer.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -163,19 +167,21 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream,
     """tokenizer.nproc=2: the Prefect task launches torchrun (gloo on CPU); each rank trains on its half of
     every global batch with averaged gradients and synchronized code statistics, so the losses follow a
     one-process run of the same batches; the dead-code restart picks as many codes; the GAN steps run."""
+    from nextdetail.flows.pipeline import run_stage
     from nextdetail.flows.runtime import prefect_api
-    from nextdetail.flows.train_tokenizer import run_train_tokenizer, train_data
+    from nextdetail.flows.train_tokenizer import train_data
+    from nextdetail.models.tokenizer import TokenizerSpec
     from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
     knobs = (*FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")  # the PatchGAN's BatchNorm sees each
     # rank's half of the batch, so from step 3 on the two runs differ by design; until then they must not
     one = make_config(root, embedded_source, *knobs)
-    train(Store(str(tmp_path / "one")), train_data(one, shards, dec), one.tokenizer, one.tokenizer_spec(),
+    train(Store(str(tmp_path / "one")), train_data(one, shards, dec), one.tokenizer, TokenizerSpec.from_config(one),
           log=lambda _: None)
     with prefect_api():
-        two = run_train_tokenizer(make_config(root, embedded_source, *knobs, "tokenizer.nproc=2"), shards, dec,
-                                  progress=False)
+        two = run_stage(make_config(root, embedded_source, *knobs, "tokenizer.nproc=2"), "train_tokenizer",
+                        {"shard": shards, "decompose": dec}, progress=False)
     assert two.work == "ran" and two.summary["processes"] == 2 and two.summary["steps"] == 6
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads(Store(two.url).read_bytes("metrics.json"))

@@ -117,13 +117,6 @@ class DecomposeConfig(_Section):
         batch size does not change a result; devices agree to within the solver tolerance)."""
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
-    def solver(self) -> Any:
-        from nextdetail.models.mumford_shah import ATConfig
-
-        return ATConfig(alpha=self.alpha, lambda_=self.lambda_, epsilon=self.epsilon, epsilon_start=self.epsilon_start,
-                        outer_iterations=self.outer_iterations, outer_tol=self.outer_tol, cg_tol=self.cg_tol,
-                        cg_max_iter=self.cg_max_iter)
-
 
 class TokenizerConfig(_Section):
     """CART's base-detail VQ-VAE on VAR's tokenizer (models/tokenizer.py) and its `train_tokenizer` stage."""
@@ -413,17 +406,3 @@ class PipelineConfig(_Section):
                                  f"{list(dyadic_sides(latent)) if latent and not latent & (latent - 1) else '1, 2, 4, …'}"
                                  " (`--model ndp` sets both)")
         return self
-
-    def tokenizer_spec(self) -> Any:
-        """The tokenizer's architecture: its settings + the decomposition order + the resolution."""
-        from nextdetail.models.tokenizer import TokenizerSpec
-
-        t = self.tokenizer
-        if self.shard.resolution is None:
-            raise ValueError("the tokenizer needs shard.resolution (one image size)")
-        return TokenizerSpec(
-            vocab_size=t.vocab_size, z_channels=t.z_channels, ch=t.ch, ch_mult=tuple(t.ch_mult),
-            num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
-            beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
-            resolution=self.shard.resolution, patch_nums=tuple(t.patch_nums),
-            order=self.decompose.order if t.order is None else t.order, detail_depth=t.detail_depth)

@@ -5,34 +5,47 @@ A stage's identity is a content hash of exactly
   thread counts, where caches live — is left out),
 - the **identities of its upstream artifacts** (what the upstream stage's completion marker names),
 - its **inputs** from outside the pipeline (the source dataset's listing; a reference folder; weights files),
-- the **code version** of the modules that implement it (their source text).
+- the **code it runs**: every file of the closure of `nextdetail` modules its entry modules import (its flow,
+  and the modules of the chosen model family), with the non-Python files they load (conf/code.py).
 
-`stage_identity` computes it; `nextdetail status` and `nextdetail run` both use it, so what status calls up
-to date is what run skips. This module imports neither torch nor Prefect: status answers in well under a second.
+This table is the only place a stage's dependencies are written. `stage_key` computes the identity;
+`nextdetail status`, `nextdetail run`, the flows and tasks (every artifact a stage writes takes its identity
+from the stage's key: `StageKey.identity`, `.artifact(part)`, `.part(part)`), lineage and the `--ckpt` paths
+all use it, so what status calls up to date is what run skips. This module imports neither torch nor Prefect:
+status answers in well under a second.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nextdetail.conf.code import code_fingerprint
 from nextdetail.conf.schema import STAGES, PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.storage.hashing import canonical_json, module_hash, stable_hash
+from nextdetail.models import FAMILIES
+from nextdetail.storage.hashing import canonical_json, stable_hash
 
 
 @dataclass(frozen=True)
 class StageSpec:
     name: str
     upstream: tuple[str, ...]
-    code: tuple[str, ...]  # the modules whose source the stage's identity hashes (its flow, tasks and models)
     settings: Callable[[PipelineConfig], dict[str, Any]]
     inputs: Callable[[PipelineConfig], dict[str, Any]] | None = None  # fingerprints of inputs from outside
+    family: str | None = None  # "model" | "sampler": the chosen model family's module the stage also runs
 
-    def code_hashes(self) -> dict[str, str]:
-        return {m: module_hash(m) for m in self.code}
+    def entries(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The modules the stage starts from: its flow, and the model family's part it runs (`ar.model`)."""
+        flow = f"nextdetail.flows.{self.name}"
+        return (flow, getattr(FAMILIES[cfg.ar.model], self.family)) if self.family else (flow,)
+
+    def code(self, cfg: PipelineConfig) -> dict[str, str]:
+        """Every file the stage's code consists of → its sha256 (derived from the imports, conf/code.py)."""
+        return code_fingerprint(self.entries(cfg))
 
 
 def _shard_settings(cfg: PipelineConfig) -> dict[str, Any]:
@@ -91,41 +104,17 @@ def _eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
             "sample": {k: getattr(s, k) for k in s.evaluation_fields(cfg.ar.model)}}
 
 
-_SAMPLING = ("nextdetail.models.sampler", "nextdetail.models.transformer", "nextdetail.models.quant",
-             "nextdetail.models.ndp", "nextdetail.models.ndp_sampler", "nextdetail.models.quadtree",
-             "nextdetail.models.flops")
-_METRICS = ("nextdetail.tasks.reference_stats", "nextdetail.models.fidelity", "nextdetail.models.feature_extractor")
-
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("shard", (), ("nextdetail.flows.shard", "nextdetail.tasks.shard", "nextdetail.storage.images",
-                            "nextdetail.storage.shards", "nextdetail.storage.manifest", "nextdetail.storage.sources"),
-              _shard_settings, _source_inputs),
-    StageSpec("decompose", ("shard",), ("nextdetail.flows.decompose", "nextdetail.tasks.decompose",
-                                        "nextdetail.models.mumford_shah", "nextdetail.storage.factors"),
-              lambda c: {"decompose": c.decompose.identity_settings()}),
-    StageSpec("train_tokenizer", ("shard", "decompose"),
-              ("nextdetail.flows.train_tokenizer", "nextdetail.tasks.train_tokenizer", "nextdetail.tasks.torchrun",
-               "nextdetail.models.tokenizer",
-               "nextdetail.models.quant", "nextdetail.models.vae", "nextdetail.models.lpips",
-               "nextdetail.models.discriminator"),
-              lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
-    StageSpec("tokenize", ("shard", "decompose", "train_tokenizer"),
-              ("nextdetail.flows.tokenize", "nextdetail.tasks.tokenize", "nextdetail.storage.tokens",
-               "nextdetail.models.tokenizer", "nextdetail.models.quant", "nextdetail.models.vae"),
-              lambda c: {"tokens": c.tokens.identity_settings()}),
-    StageSpec("train_ar", ("shard", "train_tokenizer", "tokenize"),
-              ("nextdetail.flows.train_ar", "nextdetail.tasks.train_ar", "nextdetail.tasks.torchrun",
-               "nextdetail.models.transformer",
-               "nextdetail.models.quant", "nextdetail.storage.token_loader", "nextdetail.models.ndp",
-               "nextdetail.models.quadtree"),
-              lambda c: {"ar": c.ar.identity_settings()}),
-    StageSpec("sample", ("shard", "tokenize", "train_ar"), ("nextdetail.flows.sample", "nextdetail.tasks.sample",
-                                                            *_SAMPLING),
-              lambda c: {"ar.model": c.ar.model, "sample": c.sample.identity_settings(c.ar.model)}),
-    StageSpec("evaluate", ("shard", "train_tokenizer", "tokenize", "train_ar"),
-              ("nextdetail.flows.evaluate", "nextdetail.tasks.evaluate", "nextdetail.tasks.sample", *_SAMPLING,
-               *_METRICS),
-              _eval_settings, _eval_inputs),
+    StageSpec("shard", (), _shard_settings, _source_inputs),
+    StageSpec("decompose", ("shard",), lambda c: {"decompose": c.decompose.identity_settings()}),
+    StageSpec("train_tokenizer", ("shard", "decompose"), lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
+    StageSpec("tokenize", ("shard", "decompose", "train_tokenizer"), lambda c: {"tokens": c.tokens.identity_settings()}),
+    StageSpec("train_ar", ("shard", "train_tokenizer", "tokenize"), lambda c: {"ar": c.ar.identity_settings()},
+              family="model"),
+    StageSpec("sample", ("shard", "tokenize", "train_ar"),
+              lambda c: {"ar.model": c.ar.model, "sample": c.sample.identity_settings(c.ar.model)}, family="sampler"),
+    StageSpec("evaluate", ("shard", "train_tokenizer", "tokenize", "train_ar"), _eval_settings, _eval_inputs,
+              family="sampler"),
 )}
 assert tuple(SPECS) == STAGES
 
@@ -172,36 +161,79 @@ def select_stages(until: str | None = None, only: str | None = None, force: Iter
 
 @dataclass(frozen=True)
 class StageKey:
-    """Everything a stage's identity hashes, and the identity itself."""
+    """Everything a stage's identity hashes, and the identities of what the stage writes."""
 
     stage: str
     settings: dict[str, Any]
-    upstream: dict[str, str]  # upstream stage → its artifact identity
+    upstream: dict[str, str]  # upstream stage → its output identity (a training stage's: identity:weights sha256)
     inputs: dict[str, Any]
-    code: dict[str, str]  # module → sha256 of its source
+    code: dict[str, str]  # every file of the stage's code → sha256
 
-    @property
+    @functools.cached_property
     def identity(self) -> str:
         return stable_hash({"stage": self.stage, "settings": self.settings, "upstream": self.upstream,
                             "inputs": self.inputs, "code": self.code})
 
+    def artifact(self, part: Any) -> str:
+        """An artifact inside the stage's output (a token-cache tar, …): the stage identity + its part key."""
+        return stable_hash({"stage": self.identity, "part": part})
+
+    @functools.cached_property
+    def recipe(self) -> str:
+        """What the stage does, whatever it is applied to: its settings and code (no upstream, no inputs)."""
+        return stable_hash({"stage": self.stage, "settings": self.settings, "code": self.code})
+
+    def part(self, part: Any) -> str:
+        """A part content-addressed by its own inputs (a shard tar by its files, a decomposed tar by that tar's
+        identity): the recipe + the part key. Adding k files to a source rewrites only the k parts they land in."""
+        return stable_hash({"recipe": self.recipe, "part": part})
+
+    def lineage(self) -> dict[str, Any]:
+        return {"stage_identity": self.identity, "settings": self.settings, "upstream": self.upstream,
+                "inputs": self.inputs, "code": self.code}
+
+
+def _as_json(obj: Any) -> Any:
+    return json.loads(canonical_json(obj))  # tuples → lists: equal to what records hold
+
 
 def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str],
               inputs: dict[str, Any] | None = None) -> StageKey:
-    """The key of `stage` under `cfg` given its upstream artifacts' identities (`inputs`: precomputed)."""
+    """The key of `stage` under `cfg` given its upstream output identities (`inputs`: precomputed)."""
     spec = SPECS[stage]
     missing = [u for u in spec.upstream if u not in upstream]
     if missing:
         raise ValueError(f"{stage}: upstream identities missing for {missing}")
     if inputs is None:
         inputs = spec.inputs(cfg) if spec.inputs else {}
-    as_json = lambda obj: json.loads(canonical_json(obj))  # noqa: E731 — tuples → lists: equal to what records hold
-    return StageKey(stage, as_json(spec.settings(cfg)), {u: upstream[u] for u in spec.upstream}, as_json(inputs),
-                    spec.code_hashes())
+    return StageKey(stage, _as_json(spec.settings(cfg)), {u: upstream[u] for u in spec.upstream}, _as_json(inputs),
+                    spec.code(cfg))
 
 
-WEIGHTS_SHA256 = {"train_tokenizer": "tokenizer_sha256", "train_ar": "transformer_sha256"}
-"""The summary key holding the sha256 of a training stage's weights."""
+def key_of(cfg: PipelineConfig, stage: str, results: dict[str, Any]) -> StageKey:
+    """The key of `stage` given its upstream stages' results (anything with `.identity` and `.summary`)."""
+    return stage_key(cfg, stage, {u: output_identity(u, results[u].identity, results[u].summary)
+                                  for u in SPECS[stage].upstream})
+
+
+def files_key(cfg: PipelineConfig, stage: str, paths: list[str]) -> StageKey:
+    """The key of `stage` run on files from outside the pipeline (`nextdetail eval --ckpt`): the stage's settings,
+    inputs and code as declared (every model family's: a checkpoint says its own model), with the files' sha256
+    where the upstream artifacts would be (None: the file is not there)."""
+    from nextdetail.storage.fs import Store
+
+    spec = SPECS[stage]
+    files = {p: Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1]) for p in paths}
+    entries = {e for model in FAMILIES for e in spec.entries(cfg.model_copy(update={"ar": cfg.ar.model_copy(
+        update={"model": model})}))}
+    return StageKey(stage, _as_json(spec.settings(cfg)), {"files": files},
+                    _as_json(spec.inputs(cfg) if spec.inputs else {}), code_fingerprint(entries))
+
+
+WEIGHTS_SHA256 = {"train_tokenizer": "tokenizer_sha256", "train_ar": "weights_sha256"}
+"""The summary key holding the sha256 of a training stage's weights: tokenizer.pt's bytes (spec + tensors only);
+for the transformer, of its tensors (transformer.pt also records where its tokenizer lives, which differs by
+storage root and must not change what downstream keys on)."""
 
 
 def output_identity(stage: str, identity: str, summary: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -12,7 +12,6 @@ from tqdm import tqdm
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.flows.results import DecomposeResult, ShardResult
 from nextdetail.flows.runtime import dask_cluster, dask_task_runner
-from nextdetail.flows.shard import run_shard
 from nextdetail.storage import factors
 from nextdetail.storage.fs import Store
 from nextdetail.storage.manifest import read_table
@@ -25,20 +24,20 @@ from nextdetail.tasks.decompose import (
     write_index,
 )
 
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
 
-def _work(state: Any, record: dict[str, Any]) -> str:
-    return "cached" if state.name == "Cached" else record["work"]
 
 
-@flow(name="decompose", log_prints=False, validate_parameters=False)
-def decompose_flow(cfg: PipelineConfig, shards: ShardResult, progress: bool = True) -> DecomposeResult:
+@flow(name="decompose", log_prints=False, persist_result=False, validate_parameters=False)
+def decompose_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, progress: bool = True) -> DecomposeResult:
     t0 = time.time()
     log = get_run_logger()
     shard_store = Store(shards.url, cfg.storage.options)
     manifest = read_table(shard_store, "manifest.parquet")
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
     out = Store(cfg.storage.root, cfg.storage.options).sub("decompose", dataset_dir, settings_dir_name(cfg.decompose))
-    plan = plan_factors(manifest, shards.tar_identities, cfg.decompose, out)
+    plan = plan_factors(manifest, shards.tar_identities, out, key)
     n_images = sum(len(job.keys) for _, job in plan)
     log.info("decompose: %d images in %d tars, order %d, α=%g λ=%g → %s", n_images, len(plan),
              cfg.decompose.order, cfg.decompose.alpha, cfg.decompose.lambda_, out.url())
@@ -51,28 +50,25 @@ def decompose_flow(cfg: PipelineConfig, shards: ShardResult, progress: bool = Tr
     for fut in as_completed(list(futures)):
         record = fut.result()
         records[futures[fut]] = record
-        getattr(result, f"tars_{_work(fut.state, record)}").append(futures[fut])
+        getattr(result, f"tars_{record['work']}").append(futures[fut])
         bar.update(record["summary"]["images"])
-        if record["work"] == "ran" and fut.state.name != "Cached":
+        if record["work"] == "ran":
             s = record["summary"]
             log.info("decompose: %s %d images at %.1f img/s", s["tar"], s["images"], s["images_per_s"])
     bar.close()
-    dataset = dataset_artifact(out, [a for a, _ in plan], cfg.decompose)
+    dataset = dataset_artifact(out, key, [a for a, _ in plan])
     fut = write_index.submit(dataset, [job for _, job in plan], [records[job.tar]["summary"] for _, job in plan])
     record = fut.result()
-    result.identity, result.summary, result.index_work = dataset.identity, record["summary"], _work(fut.state, record)
+    result.identity, result.summary, result.index_work = dataset.identity, record["summary"], record["work"]
     result.seconds = round(time.time() - t0, 3)
     log.info(summary_line(result.summary))
     return result
 
 
-def run_decompose(
-    cfg: PipelineConfig, shards: ShardResult | None = None, progress: bool = True, scheduler: str | None = None
-) -> DecomposeResult:
-    """Run the decompose flow (the shard stage first when `shards` is not given; it is cached)."""
+def run_decompose(cfg: PipelineConfig, key: StageKey, shards: ShardResult, progress: bool = True,
+                  scheduler: str | None = None) -> DecomposeResult:
+    """Run the decompose flow on the shard dataset `shards` (`key`: the stage's, `conf.stages.key_of`)."""
     if scheduler is None:
         with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run_decompose(cfg, shards, progress, address)
-    if shards is None:
-        shards = run_shard(cfg, progress=progress, scheduler=scheduler)
-    return decompose_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, shards, progress=progress)
+            return run_decompose(cfg, key, shards, progress, address)
+    return decompose_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, shards, progress=progress)

@@ -4,7 +4,7 @@ metrics, then FID / IS / KID / precision-recall of the transformer's checkpoints
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
 
@@ -15,18 +15,15 @@ from nextdetail.storage.fs import Store
 from nextdetail.tasks.evaluate import (
     CheckpointRef,
     EvalInputs,
-    RefHandle,
-    TokenizerEvalInputs,
     evaluate_stage,
     plan_evaluation,
-    plan_tokenizer_metrics,
     run_evaluation,
     sampling_config,
     summary_line,
-    tokenizer_metrics,
 )
 from nextdetail.tasks.reference_stats import (
     ReferenceSpec,
+    RefHandle,
     ensure_reference,
     plan_reference,
     reference_spec,
@@ -34,6 +31,10 @@ from nextdetail.tasks.reference_stats import (
     withdraw_if_damaged,
 )
 from nextdetail.tasks.stage import build_artifact
+from nextdetail.tasks.tokenizer_metrics import TokenizerEvalInputs, plan_tokenizer_metrics, tokenizer_metrics
+
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
 
 
 def reference_root(cfg: PipelineConfig) -> Store:
@@ -49,10 +50,6 @@ def extractor_identity(cfg: PipelineConfig) -> dict[str, str]:
     return build_extractor(cfg.eval.extractor, cfg.eval.inception_weights, cfg.eval.weights_cache)[1].identity()
 
 
-def _work(fut: Any, record: dict) -> str:
-    return "cached" if fut.state.name == "Cached" else record["work"]
-
-
 def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str, str], progress: bool) -> RefHandle:
     """The reference statistics of `spec`: from the cache when complete and intact, else computed (a task)."""
     e, root = cfg.eval, reference_root(cfg)
@@ -62,8 +59,8 @@ def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str,
                                  e.device, progress)
     record = fut.result()
     get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
-                          record["summary"]["images"], _work(fut, record), artifact.store.url())
-    return RefHandle(artifact.store.url(), root.options, {**record, "work": _work(fut, record)})
+                          record["summary"]["images"], record["work"], artifact.store.url())
+    return RefHandle(artifact.store.url(), root.options, {**record, "work": record["work"]})
 
 
 def list_checkpoints(ar: ARResult, which: str, options: dict) -> list[CheckpointRef]:
@@ -82,9 +79,9 @@ def list_checkpoints(ar: ARResult, which: str, options: dict) -> list[Checkpoint
     return [CheckpointRef("last", exported, step=ar.summary.get("steps"))]
 
 
-@flow(name="evaluate", log_prints=False, validate_parameters=False)
-def evaluate_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
-                  ar: ARResult, progress: bool = True) -> EvalResult:
+@flow(name="evaluate", log_prints=False, persist_result=False, validate_parameters=False)
+def evaluate_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokenizer: TokenizerResult,
+                  tokens: TokensResult, ar: ARResult, progress: bool = True) -> EvalResult:
     from nextdetail.flows.sample import reference_images
 
     t0 = time.time()
@@ -111,27 +108,24 @@ def evaluate_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: Tokenizer
     what = {"model": f"the CART transformer `{ar_dir}`", "dataset": f"`{dataset_dir}`", "train_ar_url": ar.url,
             "train_ar_identity": ar.identity}
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary)
-    ids = [f"{ar.identity}:{r.label}" for r in refs]
-    artifact = plan_evaluation(out_root.sub(ar_dir), inputs, ids, e, cfg.sample, extractor, model=cfg.ar.model)
+    artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
     fut = evaluate_stage.submit(artifact, inputs, e, sampling_config(e, cfg.sample), progress)
     record = fut.result()
-    result = EvalResult(artifact.store.url(), artifact.identity, record["summary"], _work(fut, record),
+    result = EvalResult(artifact.store.url(), artifact.identity, record["summary"], record["work"],
                         round(time.time() - t0, 3), {"url": ref.url, "identity": ref.identity, "work": ref.record["work"]})
     log.info(summary_line(result.summary) + f" → {result.report_url}")
     return result
 
 
-def run_evaluate(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
-                 ar: ARResult, progress: bool = True) -> EvalResult:
-    return evaluate_flow(cfg, shards, tokenizer, tokens, ar, progress=progress)
+def run_evaluate(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokenizer: TokenizerResult,
+                 tokens: TokensResult, ar: ARResult, progress: bool = True) -> EvalResult:
+    return evaluate_flow(cfg, key, shards, tokenizer, tokens, ar, progress=progress)
 
 
-def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards: ShardResult | None,
+def evaluate_files(cfg: PipelineConfig, key: StageKey, checkpoints: list[str], out: str, shards: ShardResult | None,
                    progress: bool = True) -> EvalResult:
     """`nextdetail eval --ckpt A [--ckpt B …]`: exported checkpoints (transformer.pt / best.pt) evaluated into
-    `out`, outside the pipeline's cache; the reference statistics still come from (and go to) their cache."""
-    from nextdetail.storage.hashing import stable_hash
-
+    `out`, outside the pipeline's cache (`key`: `conf.stages.files_key` of the checkpoints); the reference statistics still come from (and go to) their cache."""
     e = cfg.eval
     if shards is None and "/" not in e.reference and not e.reference.endswith(".npz"):
         raise UserError(f"eval.reference={e.reference} is a split name; it needs the shard dataset")
@@ -152,8 +146,7 @@ def evaluate_files(cfg: PipelineConfig, checkpoints: list[str], out: str, shards
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, {"model": ", ".join(f"`{p}`" for p in checkpoints)})
     t0 = time.time()
     store = Store(out, cfg.storage.options)
-    ids = [stable_hash(Store(p.rsplit("/", 1)[0], cfg.storage.options).sha256(p.rsplit("/", 1)[1])) for p in checkpoints]
-    artifact = plan_evaluation(store, inputs, ids, e, cfg.sample, extractor, subdir=False, model="any")
+    artifact = plan_evaluation(store, key, inputs, e, subdir=False)
     done = build_artifact(artifact, lambda a: run_evaluation(a.store, inputs, e, sampling_config(e, cfg.sample), print,
                                                              progress))
     return EvalResult(store.url(), artifact.identity, done["summary"], done["work"], round(time.time() - t0, 3),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -23,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from nextdetail.conf import PipelineConfig
-from nextdetail.conf.stages import SPECS, artifact_options, output_identity, select_stages, stage_key
+from nextdetail.conf.stages import SPECS, StageKey, artifact_options, key_of, select_stages
 from nextdetail.errors import UserError
 from nextdetail.flows.results import (
     ARResult,
@@ -76,10 +77,10 @@ def _up_to_date(cfg: PipelineConfig, result: Any) -> Any:
         result = dataclasses.replace(result, options=artifact_options(cfg, "tokenize"),
                                      local_cache=cfg.tokens.local_cache)
     if isinstance(result, ShardResult):
-        return dataclasses.replace(result, shards_ran=[], shards_cached=[], shards_reused=[], manifest_work=UP_TO_DATE,
+        return dataclasses.replace(result, shards_ran=[], shards_reused=[], manifest_work=UP_TO_DATE,
                                    seconds=0.0)
     if isinstance(result, DecomposeResult):
-        return dataclasses.replace(result, tars_ran=[], tars_cached=[], tars_reused=[], index_work=UP_TO_DATE,
+        return dataclasses.replace(result, tars_ran=[], tars_reused=[], index_work=UP_TO_DATE,
                                    seconds=0.0)
     return dataclasses.replace(result, work=UP_TO_DATE, seconds=0.0)
 
@@ -116,7 +117,7 @@ def run_with_retries(stage: str, runner: Callable[[], Any], log: Any) -> Any:
 
 
 def _runners(cfg: PipelineConfig, results: dict[str, Any], progress: bool,
-             scheduler: Callable[[], str]) -> dict[str, Callable[[], Any]]:
+             scheduler: Callable[[], str]) -> dict[str, Callable[[StageKey], Any]]:
     from nextdetail.flows.decompose import run_decompose  # the stages' code (and torch) only when one runs
     from nextdetail.flows.evaluate import run_evaluate
     from nextdetail.flows.sample import run_sample
@@ -127,14 +128,14 @@ def _runners(cfg: PipelineConfig, results: dict[str, Any], progress: bool,
 
     r = results
     return {
-        "shard": lambda: run_shard(cfg, progress=progress, scheduler=scheduler()),
-        "decompose": lambda: run_decompose(cfg, r["shard"], progress=progress, scheduler=scheduler()),
-        "train_tokenizer": lambda: run_train_tokenizer(cfg, r["shard"], r["decompose"], progress=progress),
-        "tokenize": lambda: run_tokenize(cfg, r["shard"], r["decompose"], r["train_tokenizer"], progress=progress),
-        "train_ar": lambda: run_train_ar(cfg, r["shard"], r["train_tokenizer"], r["tokenize"], progress=progress),
-        "sample": lambda: run_sample(cfg, r["shard"], r["tokenize"], r["train_ar"], progress=progress),
-        "evaluate": lambda: run_evaluate(cfg, r["shard"], r["train_tokenizer"], r["tokenize"], r["train_ar"],
-                                         progress=progress),
+        "shard": lambda k: run_shard(cfg, k, progress=progress, scheduler=scheduler()),
+        "decompose": lambda k: run_decompose(cfg, k, r["shard"], progress=progress, scheduler=scheduler()),
+        "train_tokenizer": lambda k: run_train_tokenizer(cfg, k, r["shard"], r["decompose"], progress=progress),
+        "tokenize": lambda k: run_tokenize(cfg, k, r["shard"], r["decompose"], r["train_tokenizer"], progress=progress),
+        "train_ar": lambda k: run_train_ar(cfg, k, r["shard"], r["train_tokenizer"], r["tokenize"], progress=progress),
+        "sample": lambda k: run_sample(cfg, k, r["shard"], r["tokenize"], r["train_ar"], progress=progress),
+        "evaluate": lambda k: run_evaluate(cfg, k, r["shard"], r["train_tokenizer"], r["tokenize"], r["train_ar"],
+                                           progress=progress),
     }
 
 
@@ -145,7 +146,7 @@ def as_branches(cfg: PipelineConfig | Branches) -> Branches:
     return dict(cfg) if isinstance(cfg, dict) else {cfg.ar.model: cfg}
 
 
-@flow(name="nextdetail-pipeline", log_prints=False, validate_parameters=False)
+@flow(name="nextdetail-pipeline", log_prints=False, persist_result=False, validate_parameters=False)
 def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list[str], only: str | None = None,
                   progress: bool = True) -> PipelineResults:
     """Every selected stage of every branch (one per model), stage by stage; an identity met twice in one run
@@ -177,8 +178,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
         for stage in stages:
             for model, bcfg in branches.items():
                 res = results[model]
-                key = stage_key(bcfg, stage, {u: output_identity(u, res[u].identity, res[u].summary)
-                                              for u in SPECS[stage].upstream})
+                key = key_of(bcfg, stage, res)
                 res.identities[stage] = key.identity
                 if key.identity in visited:  # the same artifact as another branch's: one copy, visited once
                     other = results[visited[key.identity]]
@@ -202,9 +202,9 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
     return results[first]
 
 
-def _visit(stage: str, cfg: PipelineConfig, key: Any, results: PipelineResults, lineage: Lineage, force: list[str],
-           only: str | None, log: Any, started: float, env: dict[str, Any],
-           runners: Callable[[], dict[str, Callable[[], Any]]]) -> str:
+def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResults, lineage: Lineage,
+           force: list[str], only: str | None, log: Any, started: float, env: dict[str, Any],
+           runners: Callable[[], dict[str, Callable[[StageKey], Any]]]) -> str:
     """One stage of one branch: skip it when its identity's record names an intact artifact, else run it
     (deleting the recorded artifact first under --force) and write its lineage record. Returns the work."""
     record = lineage.read(stage, key.identity)
@@ -220,7 +220,7 @@ def _visit(stage: str, cfg: PipelineConfig, key: Any, results: PipelineResults, 
         url = record["artifact"]["url"]
         log.info("%s: --force: deleting %s and rebuilding it", stage, url)
         Store(url, artifact_options(cfg, stage)).remove_tree("")
-    runner = runners()[stage]
+    runner = functools.partial(runners()[stage], key)
     results[stage] = run_with_retries(stage, runner, log)
     if stage in force and not complete and _reused(results[stage]):  # built before lineage knew it
         log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
@@ -248,7 +248,21 @@ def run_pipeline(cfg: PipelineConfig | Branches, until: str | None = None, progr
         return pipeline_flow(cfg, stages, force, only, progress=progress)
 
 
-@flow(name="nextdetail-scheduled", log_prints=False)
+def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None = None, progress: bool = True,
+              scheduler: str | None = None) -> Any:
+    """One stage's flow on its upstream stages' results (tests, notebooks; call inside `runtime.prefect_api`):
+    its key computed as `run_pipeline` computes it. `scheduler`: a Dask scheduler for shard and decompose
+    (default: a LocalCluster for this call)."""
+    import importlib
+
+    upstream = upstream or {}
+    runner = getattr(importlib.import_module(f"nextdetail.flows.{stage}"), f"run_{stage}")
+    extra = {"scheduler": scheduler} if stage in ("shard", "decompose") else {}
+    return runner(cfg, key_of(cfg, stage, upstream), *[upstream[u] for u in SPECS[stage].upstream],
+                  progress=progress, **extra)
+
+
+@flow(name="nextdetail-scheduled", log_prints=False, persist_result=False)
 def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] | None = None,
                        until: str | None = None, only: str | None = None, force: list[str] | None = None,
                        models: list[str] | None = None) -> dict[str, dict[str, str]]:

@@ -16,9 +16,8 @@ class ShardResult:
     identity: str  # the dataset's identity (what downstream stages key on)
     summary: dict[str, Any]
     shards_ran: list[str] = field(default_factory=list)  # tars written by this run
-    shards_cached: list[str] = field(default_factory=list)  # Prefect cache hits
-    shards_reused: list[str] = field(default_factory=list)  # complete on storage, unknown to Prefect
-    manifest_work: str = "ran"  # ran | cached | reused | up to date (this run skipped the stage)
+    shards_reused: list[str] = field(default_factory=list)  # found complete (their marker says so)
+    manifest_work: str = "ran"  # ran | reused | up to date (this run skipped the stage)
     tar_identities: dict[str, str] = field(default_factory=dict)  # tar name → its artifact identity
     seconds: float = 0.0
 
@@ -33,7 +32,6 @@ class DecomposeResult:
     identity: str
     summary: dict[str, Any]
     tars_ran: list[str] = field(default_factory=list)
-    tars_cached: list[str] = field(default_factory=list)
     tars_reused: list[str] = field(default_factory=list)
     index_work: str = "ran"
     seconds: float = 0.0
@@ -50,7 +48,7 @@ class StageResult:
     url: str
     identity: str
     summary: dict[str, Any]
-    work: str = "ran"  # ran | cached | reused | rebuilt (token cache) | up to date (this run skipped the stage)
+    work: str = "ran"  # ran | reused | rebuilt (token cache) | up to date (this run skipped the stage)
     seconds: float = 0.0
 
 

@@ -4,6 +4,7 @@ photo of each class beside its samples."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
 
@@ -12,13 +13,16 @@ from nextdetail.flows.results import ARResult, SampleResult, ShardResult, Tokens
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage, summary_line
 
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 
 def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult) -> tuple[tuple[int, bytes], ...]:
     """One real image per class (the first held-out one, else the first training one), PNG-encoded."""
     from PIL import Image
 
     from nextdetail.figures import png_bytes
-    from nextdetail.tasks.decompose import read_tar_images
+    from nextdetail.storage.shards import read_tar_images
 
     rows = tokens.open().index().select(["key", "split", "shard", "class_index"]).to_pylist()
     rows.sort(key=lambda r: (r["split"] != "val", r["key"]))
@@ -33,25 +37,25 @@ def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensRes
     return tuple(out)
 
 
-@flow(name="sample", log_prints=False, validate_parameters=False)
-def sample_flow(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult, ar: ARResult,
+@flow(name="sample", log_prints=False, persist_result=False, validate_parameters=False)
+def sample_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokens: TokensResult, ar: ARResult,
                 progress: bool = True) -> SampleResult:
     t0 = time.time()
     log = get_run_logger()
     name = "transformer.pt" if cfg.sample.checkpoint == "last" else "best.pt"
     inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens))
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
-    artifact = plan_samples(Store(cfg.storage.root, cfg.storage.options).sub("samples", dataset_dir, ar_dir),
-                            ar.identity, cfg.sample, cfg.ar.model)
+    artifact = plan_samples(Store(cfg.storage.root, cfg.storage.options).sub("samples", dataset_dir, ar_dir), key,
+                            cfg.sample)
     out = artifact.store
     fut = sample_stage.submit(artifact, inputs, cfg.sample, progress)
     record = fut.result()
-    work = "cached" if fut.state.name == "Cached" else record["work"]
+    work = record["work"]
     result = SampleResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
     log.info(summary_line(result.summary) + f" → {result.url}/grid.png")
     return result
 
 
-def run_sample(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult, ar: ARResult,
+def run_sample(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokens: TokensResult, ar: ARResult,
                progress: bool = True) -> SampleResult:
-    return sample_flow(cfg, shards, tokens, ar, progress=progress)
+    return sample_flow(cfg, key, shards, tokens, ar, progress=progress)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
@@ -26,6 +26,9 @@ from nextdetail.tasks.shard import (
     write_shard,
 )
 
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 
 def resolve_source(cfg: PipelineConfig, store: Store) -> str:
     """The source URL; the embedded dataset is built (once) under the storage root."""
@@ -34,12 +37,9 @@ def resolve_source(cfg: PipelineConfig, store: Store) -> str:
     return cfg.data.source
 
 
-def _work(state: Any, record: dict[str, Any]) -> str:
-    return "cached" if state.name == "Cached" else record["work"]
 
-
-@flow(name="shard", log_prints=False, validate_parameters=False)
-def shard_flow(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
+@flow(name="shard", log_prints=False, persist_result=False, validate_parameters=False)
+def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> ShardResult:
     t0 = time.time()
     log = get_run_logger()
     store = Store(cfg.storage.root, cfg.storage.options)
@@ -59,7 +59,7 @@ def shard_flow(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
             except OSError:
                 fingerprints[it.relpath] = "unreadable"
     out = store.sub("shards", shard_dir_name(listing.url, cfg.data, cfg.shard))
-    plan = plan_shards(listing, cfg.shard, out, fingerprints)
+    plan = plan_shards(listing, cfg.shard, out, key, fingerprints)
     log.info("shard: %d files, %d classes → %d tars in %s", n_items, len(listing.classes), len(plan), out.url())
 
     futures = {write_shard.submit(a, job, source_url, source_options, cfg.shard): job.name for a, job in plan}
@@ -69,25 +69,25 @@ def shard_flow(cfg: PipelineConfig, progress: bool = True) -> ShardResult:
     for fut in as_completed(list(futures)):
         record = fut.result()
         records[futures[fut]] = record
-        getattr(result, f"shards_{_work(fut.state, record)}").append(futures[fut])
+        getattr(result, f"shards_{record['work']}").append(futures[fut])
         bar.update()
     bar.close()
     ordered = [records[job.name]["summary"] for _, job in plan]
-    dataset = dataset_artifact(out, [a for a, _ in plan], listing.classes)
+    dataset = dataset_artifact(out, key, [a for a, _ in plan])
     fut = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes)
     record = fut.result()
     result.identity, result.summary = dataset.identity, record["summary"]
     result.tar_identities = {job.name: a.identity for a, job in plan}
-    result.manifest_work = _work(fut.state, record)
+    result.manifest_work = record["work"]
     result.seconds = round(time.time() - t0, 3)
     log.info(summary_line(result.summary))
     return result
 
 
-def run_shard(cfg: PipelineConfig, progress: bool = True, scheduler: str | None = None) -> ShardResult:
-    """Run the shard flow on the Dask scheduler at `scheduler` (default: `cfg.dask`, a LocalCluster
-    for this call). Call inside `runtime.prefect_api`."""
+def run_shard(cfg: PipelineConfig, key: StageKey, progress: bool = True, scheduler: str | None = None) -> ShardResult:
+    """Run the shard flow (`key`: the stage's, `conf.stages.key_of`) on the Dask scheduler at `scheduler`
+    (default: `cfg.dask`, a LocalCluster for this call). Call inside `runtime.prefect_api`."""
     if scheduler is None:
         with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run_shard(cfg, progress, address)
-    return shard_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, progress=progress)
+            return run_shard(cfg, key, progress, address)
+    return shard_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress)

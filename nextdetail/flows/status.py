@@ -35,6 +35,7 @@ class StageStatus:
     record: dict[str, Any] | None = None  # the lineage record of that identity, if any
     model: str | None = None  # the branch (ar.model) this status is of
     shared_with: str | None = None  # an earlier branch whose stage has this identity: one artifact for both
+    key: StageKey | None = field(default=None, repr=False)  # what the identity hashes (None: upstream not up to date)
 
     @property
     def artifact(self) -> dict[str, Any] | None:
@@ -88,7 +89,7 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
     if not_ready:
         reasons = [f"upstream {u} is {upstream[u].state}" for u in not_ready]
         if last is not None:  # what else will change, as far as the config and code tell
-            current = {"settings": json.loads(canonical_json(spec.settings(cfg))), "code": spec.code_hashes()}
+            current = {"settings": json.loads(canonical_json(spec.settings(cfg))), "code": spec.code(cfg)}
             reasons += [r for r in explain(current, last) if not r.startswith("upstream")]
         return StageStatus(stage, STALE if last else MISSING, reasons)
     key: StageKey = stage_key(cfg, stage, {u: output_identity(u, upstream[u].artifact["identity"],
@@ -98,16 +99,16 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
     record = lineage.read(stage, identity)
     if record is not None:
         if recorded_artifact(record, artifact_options(cfg, stage)):
-            return StageStatus(stage, UP_TO_DATE, [], identity, record)
+            return StageStatus(stage, UP_TO_DATE, [], identity, record, key=key)
         return StageStatus(stage, MISSING, [f"its artifact is gone or incomplete: {record['artifact']['url']}"],
-                           identity, record)
+                           identity, record, key=key)
     if last is None:
-        return StageStatus(stage, MISSING, ["never built under this storage root"], identity)
+        return StageStatus(stage, MISSING, ["never built under this storage root"], identity, key=key)
     current = {"settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code}
     # Against the closest earlier build (the fewest differences; the newest on ties): what made it stale.
     candidates = [last, *lineage.records(stage)]
     reasons = min((explain(current, r) for r in candidates), key=len)
-    return StageStatus(stage, STALE, reasons or ["identity changed"], identity)
+    return StageStatus(stage, STALE, reasons or ["identity changed"], identity, key=key)
 
 
 def pipeline_status(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> dict[str, StageStatus]:
@@ -152,6 +153,46 @@ def format_status(branches: dict[str, PipelineConfig], statuses: dict[str, dict[
             lines.append(f"  {st.stage:<{width}}  {st.state:<10}  {ident}  {where}".rstrip())
             for reason in st.reasons if (verbose or st.state != UP_TO_DATE) and not st.shared_with else ():
                 lines.append(f"  {'':<{width}}    {reason}")
+    return "\n".join(lines)
+
+
+def explain_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """What `stage`'s identity hashes under `cfg` (`nextdetail status --explain`), the way dvc.yaml lists a
+    stage's deps: the settings slice, each upstream identity (a training stage's with its weights' sha256), the
+    outside inputs, and every code file with its sha256."""
+    statuses = pipeline_status(cfg, STAGES[: STAGES.index(stage) + 1])
+    st, spec = statuses[stage], SPECS[stage]
+    key = st.key
+    upstream = {}
+    for u in spec.upstream:
+        if key is not None:
+            identity, _, weights = key.upstream[u].partition(":")
+            upstream[u] = {"identity": identity, **({"weights_sha256": weights} if weights else {})}
+        else:
+            upstream[u] = {"identity": None, "state": statuses[u].state}
+    return {"stage": stage, "state": st.state, "identity": st.identity, "model": cfg.ar.model,
+            "settings": key.settings if key else json.loads(canonical_json(spec.settings(cfg))),
+            "upstream": upstream, "inputs": key.inputs if key else None,
+            "entries": list(spec.entries(cfg)), "code": key.code if key else spec.code(cfg)}
+
+
+def format_explain(info: dict[str, Any]) -> str:
+    ident = info["identity"] or "(not computable until its upstream stages are up to date)"
+    lines = [f"{info['stage']} ({info['state']}, model {info['model']}): identity {ident}", "settings:"]
+    lines += [f"  {k} = {v!r}" for k, v in _flatten(info["settings"]).items()] or ["  (none)"]
+    lines.append("upstream:")
+    for u, up in info["upstream"].items():
+        weights = f"  weights sha256 {up['weights_sha256']}" if up.get("weights_sha256") else ""
+        lines.append(f"  {u}: {up['identity'] or up.get('state')}{weights}")
+    if not info["upstream"]:
+        lines.append("  (none)")
+    lines.append("inputs:")
+    if info["inputs"] is None:
+        lines.append("  (computed once the upstream stages are up to date)")
+    else:
+        lines += [f"  {k} = {v!r}" for k, v in _flatten(info["inputs"]).items()] or ["  (none)"]
+    lines.append(f"code ({len(info['code'])} files, the imports of {', '.join(info['entries'])}):")
+    lines += [f"  {sha}  {path}" for path, sha in info["code"].items()]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ resumes: the next attempt adopts the finished tars.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult, TokensResult
+from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.storage import tokens
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
@@ -27,6 +28,9 @@ from nextdetail.tasks.tokenize import (
     publish_tokens,
     summary_line,
 )
+
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
 
 
 def cache_root(cfg: PipelineConfig) -> Store:
@@ -46,8 +50,8 @@ def token_inputs(cfg: PipelineConfig, shards: ShardResult, decomposition: Decomp
                        tokenizer.checkpoint_url, sha)
 
 
-@flow(name="tokenize", log_prints=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def tokenize_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+@flow(name="tokenize", log_prints=False, persist_result=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
                   tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
     from tqdm.auto import tqdm
 
@@ -55,10 +59,10 @@ def tokenize_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: Decom
 
     t0 = time.time()
     log = get_run_logger()
-    spec = cfg.tokenizer_spec()
+    spec = TokenizerSpec.from_config(cfg)
     inputs = token_inputs(cfg, shards, decomposition, tokenizer)
     index = read_index(Store(decomposition.url, cfg.storage.options))
-    plan = plan_tokens(cache_root(cfg), decomposition.identity, index, inputs, cfg.tokens, spec.order)
+    plan = plan_tokens(cache_root(cfg), key, index, inputs, cfg.tokens)
     options = plan.cache.options
 
     def result(record: dict, work: str) -> TokensResult:
@@ -121,6 +125,6 @@ def _check(plan: Any, record: dict, cfg: PipelineConfig, progress: bool) -> list
     return tokens.TokenCache(plan.cache.url(), plan.cache.options, cfg.tokens.local_cache).verify(progress=progress)
 
 
-def run_tokenize(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+def run_tokenize(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
                  tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
-    return tokenize_flow(cfg, shards, decomposition, tokenizer, progress=progress)
+    return tokenize_flow(cfg, key, shards, decomposition, tokenizer, progress=progress)

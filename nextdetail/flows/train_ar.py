@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
@@ -23,6 +23,9 @@ from nextdetail.tasks.train_ar import (
     transformer_config,
 )
 
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 
 def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
             cache: Any = None) -> ARData:
@@ -33,9 +36,9 @@ def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult
                   cfg.storage.options, tuple(classes))
 
 
-@flow(name="train_ar", log_prints=False, validate_parameters=False)
-def train_ar_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
-                  progress: bool = True) -> ARResult:
+@flow(name="train_ar", log_prints=False, persist_result=False, validate_parameters=False)
+def train_ar_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokenizer: TokenizerResult,
+                  tokens: TokensResult, progress: bool = True) -> ARResult:
     t0 = time.time()
     log = get_run_logger()
     cache = tokens.open()
@@ -43,18 +46,18 @@ def train_ar_flow(cfg: PipelineConfig, shards: ShardResult, tokenizer: Tokenizer
     layout = cache.layout
     tcfg = transformer_config(cfg.ar, layout, len(data.classes), cfg.tokenizer.z_channels)
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    artifact = plan_ar(Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir), data, cfg.ar, tcfg)
+    artifact = plan_ar(Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir), key, cfg.ar, tcfg)
     out = artifact.store
     log.info("train_ar: depth %d, width %d, %d classes, %d steps of %d images → %s", tcfg.depth, tcfg.C,
              tcfg.num_classes, cfg.ar.steps, cfg.ar.batch_size, out.url())
     fut = train_ar.submit(artifact, data, cfg.ar, progress)
     record = fut.result()
-    work = "cached" if fut.state.name == "Cached" else record["work"]
+    work = record["work"]
     result = ARResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
     log.info(summary_line(result.summary))
     return result
 
 
-def run_train_ar(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
-                 progress: bool = True) -> ARResult:
-    return train_ar_flow(cfg, shards, tokenizer, tokens, progress=progress)
+def run_train_ar(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokenizer: TokenizerResult,
+                 tokens: TokensResult, progress: bool = True) -> ARResult:
+    return train_ar_flow(cfg, key, shards, tokenizer, tokens, progress=progress)

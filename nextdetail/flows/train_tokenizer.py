@@ -7,12 +7,14 @@ cluster: it is one long task that wants every core, or a GPU.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult
+from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.storage.artifacts import Artifact
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
@@ -22,6 +24,9 @@ from nextdetail.tasks.train_tokenizer import (
     summary_line,
     train_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
 
 
 def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult, split: str = "train") -> TrainData:
@@ -37,34 +42,32 @@ def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: Decompos
                      tuple(counts.items()))
 
 
-def plan_tokenizer(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
-                   data: TrainData | None = None) -> Artifact:
+def plan_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult) -> Artifact:
     """The tokenizer artifact this config trains: `<root>/tokenizer/<shards dir>/v…-order…-maps…-<identity>/`."""
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
     root = Store(cfg.storage.root, cfg.storage.options).sub("tokenizer", dataset_dir)
-    data = data or train_data(cfg, shards, decomposition)
-    return plan_training(root, decomposition.identity, data, cfg.tokenizer, cfg.tokenizer_spec())
+    return plan_training(root, key, TokenizerSpec.from_config(cfg))
 
 
-@flow(name="train_tokenizer", log_prints=False, validate_parameters=False)
-def train_tokenizer_flow(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+@flow(name="train_tokenizer", log_prints=False, persist_result=False, validate_parameters=False)
+def train_tokenizer_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
                          progress: bool = True) -> TokenizerResult:
     t0 = time.time()
     log = get_run_logger()
-    spec = cfg.tokenizer_spec()
+    spec = TokenizerSpec.from_config(cfg)
     data = train_data(cfg, shards, decomposition)
-    artifact = plan_tokenizer(cfg, shards, decomposition, data)
+    artifact = plan_tokenizer(cfg, key, shards)
     out = artifact.store
     log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
              spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps, out.url())
     fut = train_tokenizer.submit(artifact, data, cfg.tokenizer, spec, progress)
     record = fut.result()
-    work = "cached" if fut.state.name == "Cached" else record["work"]
+    work = record["work"]
     result = TokenizerResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
     log.info(summary_line(result.summary))
     return result
 
 
-def run_train_tokenizer(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+def run_train_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
                         progress: bool = True) -> TokenizerResult:
-    return train_tokenizer_flow(cfg, shards, decomposition, progress=progress)
+    return train_tokenizer_flow(cfg, key, shards, decomposition, progress=progress)

@@ -66,6 +66,13 @@ class ATConfig:
     cg_tol: float = 3e-2  # relative residual (preconditioned norm) of each linear solve
     cg_max_iter: int = 40
 
+    @classmethod
+    def from_settings(cls, d: Any) -> ATConfig:
+        """The solver of a `DecomposeConfig` (`decompose.*`)."""
+        return cls(alpha=d.alpha, lambda_=d.lambda_, epsilon=d.epsilon, epsilon_start=d.epsilon_start,
+                   outer_iterations=d.outer_iterations, outer_tol=d.outer_tol, cg_tol=d.cg_tol,
+                   cg_max_iter=d.cg_max_iter)
+
     def epsilon_at(self, k: int) -> float:
         if self.epsilon_start is None or self.outer_iterations <= 1:
             return self.epsilon

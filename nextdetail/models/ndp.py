@@ -24,6 +24,7 @@ predictive-entropy estimator already covers "uncertainty".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from nextdetail.models.transformer import VARShape, VARTrunk
 
 @dataclass(frozen=True)
 class NDPConfig(VARShape):
+    kind: ClassVar[str] = "ndp"  # the model family (nextdetail.models.FAMILIES)
     latent_side: int  # S: the pyramid is 1, 2, 4, …, S
     vocab_size: int = 4096
     cvae: int = 32
@@ -190,3 +192,6 @@ def forward_flops(cfg: NDPConfig, n_leaves: int) -> float:
 def full_refinements(sides: tuple[int, ...]) -> int:
     """Internal nodes of the full pyramid: the refinements that reach every finest token."""
     return sum(s * s for s in sides[:-1])
+
+
+Config, Model = NDPConfig, NextDetailMaskedTransformer  # the family's names (nextdetail.models.FAMILIES)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -210,3 +211,8 @@ class NDPSampler:
 
         maps = [full_maps[0].clone()] + [torch.zeros_like(m) for m in full_maps[1:]]
         return self._run(labels, step, budget, None, 0.0, 0, 0.0, maps=maps)
+
+
+def from_config(transformer: Any, tokenizer: Any, cfg: Any) -> NDPSampler:
+    """The family's sampler (nextdetail.models.FAMILIES) with `sample.*`'s budget."""
+    return NDPSampler(transformer, tokenizer, cfg.budget, cfg.estimator, cfg.refine_per_step)

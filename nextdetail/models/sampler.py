@@ -22,6 +22,7 @@ decoder then sees base + the kept details (`MultiScaleQuantizer.indices_to_f_mix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,3 +132,8 @@ class CARTSampler:
 def bilinear_upscale(images: Tensor, factor: int) -> Tensor:
     """The baseline of Figure 6: a trained-size sample resized bilinearly."""
     return F.interpolate(images, scale_factor=factor, mode="bilinear", align_corners=False).clamp_(-1, 1)
+
+
+def from_config(transformer: NextDetailTransformer, tokenizer: BaseDetailVQVAE, cfg: Any) -> CARTSampler:
+    """The family's sampler (nextdetail.models.FAMILIES) with `sample.*`'s detail dial."""
+    return CARTSampler(transformer, tokenizer, cfg.detail_budget, cfg.detail_patch)

@@ -48,6 +48,19 @@ class TokenizerSpec:
     detail_depth: int = 1  # token maps per detail factor, (M − B)/n
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> TokenizerSpec:
+        """The architecture a `PipelineConfig` trains: `tokenizer.*` + the decomposition order + the resolution."""
+        t = cfg.tokenizer
+        if cfg.shard.resolution is None:
+            raise ValueError("the tokenizer needs shard.resolution (one image size)")
+        return cls(
+            vocab_size=t.vocab_size, z_channels=t.z_channels, ch=t.ch, ch_mult=tuple(t.ch_mult),
+            num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
+            beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
+            resolution=cfg.shard.resolution, patch_nums=tuple(t.patch_nums),
+            order=cfg.decompose.order if t.order is None else t.order, detail_depth=t.detail_depth)
+
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
@@ -79,12 +92,13 @@ class BaseDetailVQVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: bytes | str | Path, map_location: str = "cpu") -> BaseDetailVQVAE:
+    def from_checkpoint(cls, checkpoint: bytes | str | Path, map_location: str = "cpu",
+                        where: str | None = None) -> BaseDetailVQVAE:
         """The model of a `tokenizer.pt` written by train_tokenizer ({"spec", "model"}), in eval mode."""
-        import io
+        from nextdetail.storage.checkpoints import read_torch
 
-        source = io.BytesIO(checkpoint) if isinstance(checkpoint, bytes) else checkpoint
-        saved = torch.load(source, map_location=map_location, weights_only=False)
+        saved = read_torch(checkpoint, where or ("tokenizer.pt" if isinstance(checkpoint, bytes) else str(checkpoint)),
+                           map_location)
         spec = TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()})
         model = cls(spec)
         model.load_state_dict(saved["model"])
@@ -176,3 +190,26 @@ def load_var_state_dict(model: BaseDetailVQVAE, state_dict: dict[str, Tensor] | 
         loaded[key] = value
     model.load_state_dict(loaded, strict=True)
     return model
+
+
+def images_to_uint8(images: Tensor) -> Any:
+    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def load_tokenizer(url: str, options: dict | None, sha256: str, needed_by: str) -> BaseDetailVQVAE:
+    """The tokenizer.pt at `url`, which must still have the `sha256` that `needed_by` (a token cache, a
+    transformer) was made with: one line naming both otherwise."""
+    from nextdetail.errors import UserError
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.hashing import bytes_sha256
+
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    data = Store(parent, options or {}).read_bytes(name) if Store(parent, options or {}).exists(name) else None
+    if data is None:
+        raise UserError(f"{url}: gone, but {needed_by} was made with it; re-run `nextdetail train-tokenizer` with the "
+                        "same settings")
+    if bytes_sha256(data) != sha256:
+        raise UserError(f"{url}: not the tokenizer {needed_by} was made with (its sha256 differs); re-run "
+                        "`nextdetail train-tokenizer` and the stages after it")
+    return BaseDetailVQVAE.from_checkpoint(data, where=url)

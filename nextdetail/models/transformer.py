@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ class VARShape:
 
 @dataclass(frozen=True)
 class TransformerConfig(VARShape):
+    kind: ClassVar[str] = "cart"  # the model family (nextdetail.models.FAMILIES)
     sides: tuple[int, ...]  # side of each token map, in prediction order
     vocab_size: int = 4096
     cvae: int = 32  # the tokenizer's z channels (the input features)
@@ -330,3 +332,6 @@ def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
         logits.masked_fill_(cut.scatter(-1, order, cut), -torch.inf)
     probs = logits.softmax(-1).view(-1, V)
     return torch.multinomial(probs, 1, generator=generator).view(B, n)
+
+
+Config, Model = TransformerConfig, NextDetailTransformer  # the family's names (nextdetail.models.FAMILIES)

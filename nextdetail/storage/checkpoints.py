@@ -7,10 +7,13 @@ killed run resumes from the newest. Both training stages (tokenizer, transformer
 from __future__ import annotations
 
 import io
+import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
 
 CHECKPOINTS = "checkpoints"
@@ -44,5 +47,31 @@ def write_torch(store: Store, rel: str, obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's content — each tensor's name, dtype, shape and bytes, in name order —
+    independent of how or where the file holding it was written."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_torch(source: bytes | str | Path, where: str, map_location: str = "cpu") -> Any:
+    """A torch file read as tensors and plain values only (`weights_only=True`): a file on a shared bucket can
+    hand out weights, never code. Anything else is refused in one line naming the file and the fix."""
+    try:
+        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location=map_location,
+                          weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "not plain data")
+        raise UserError(f"{where}: refused: it holds more than tensors and plain values ({reason[:160]}), and "
+                        "unpickling it could run code; it is an older nextdetail format or not ours — delete it and "
+                        "re-run the stage that writes it") from None
+
+
 def load_checkpoint(store: Store, rel: str) -> dict[str, Any]:
-    return torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu", weights_only=False)
+    return read_torch(store.read_bytes(rel), store.url(rel))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from nextdetail.conf.schema import EmbeddedConfig
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import canonical_json, code_version, stable_hash
+from nextdetail.storage.hashing import canonical_json, stable_hash
 
 
 def _photos() -> dict[str, Callable[[], np.ndarray]]:
@@ -46,7 +46,9 @@ CLASSES: tuple[str, ...] = tuple(sorted(
 
 
 def embedded_identity(cfg: EmbeddedConfig) -> str:
-    return stable_hash({"embedded": cfg.model_dump(), "code": code_version(__name__)})
+    from nextdetail.conf.code import code_fingerprint
+
+    return stable_hash({"embedded": cfg.model_dump(), "code": code_fingerprint([__name__])})
 
 
 def embedded_location(store: Store, cfg: EmbeddedConfig) -> Store:

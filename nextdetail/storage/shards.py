@@ -9,10 +9,18 @@ a shard are sorted by key; tar members carry mtime 0 and no owner, so equal inpu
 from __future__ import annotations
 
 import hashlib
+import io
 import math
-from typing import IO
+import tarfile
+from typing import IO, TYPE_CHECKING
 
 import webdataset as wds
+
+from nextdetail.errors import UserError
+from nextdetail.storage.fs import Store
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def shard_name(split: str, index: int) -> str:
@@ -64,3 +72,29 @@ class ShardTarWriter:
     @property
     def sha256(self) -> str:
         return self._out.sha.hexdigest()
+
+
+def read_tar_images(shards: Store, tar: str, keys: tuple[str, ...], image_format: str) -> np.ndarray:
+    """The images of `keys` from one tar as uint8 (N, H, W, 3), in the order of `keys`."""
+    import numpy as np
+    from PIL import Image
+
+    wanted = {k: i for i, k in enumerate(keys)}
+    out: list[np.ndarray | None] = [None] * len(keys)
+    with shards.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for member in tf:
+            key, _, ext = member.name.partition(".")
+            if ext != image_format or key not in wanted:
+                continue
+            data = tf.extractfile(member).read()
+            with Image.open(io.BytesIO(data)) as im:
+                out[wanted[key]] = np.asarray(im.convert("RGB"))
+    missing = [k for k, a in zip(keys, out, strict=True) if a is None]
+    if missing:
+        raise UserError(f"{shards.url(tar)}: {len(missing)} samples of the manifest are missing (first: "
+                        f"{missing[0]}); re-run the shard stage")
+    shapes = {a.shape for a in out}  # type: ignore[union-attr]
+    if len(shapes) != 1:
+        raise UserError(f"{shards.url(tar)}: images of different sizes {sorted(shapes)[:3]}; decompose needs "
+                        "shard.resolution set (center-cropped, one size)")
+    return np.stack(out)  # type: ignore[arg-type]

@@ -12,21 +12,19 @@ Artifact layout under ``<root>/decompose/<shard dataset dir>/<settings id>/``::
 
     factors.zarr/…   index.parquet   _parts/<tar>.json (per-tar markers)   _COMPLETE.json
 
-Identities: a tar's is hash(that shard tar's identity, the decomposition settings that change the
-numbers — α, λ, ε, iterations, tolerances, order, dtype, chunking — and the code); batch size,
-device and threads are left out: they change how fast, not what. The dataset's is hash(all of them).
-Changing α therefore re-runs this stage (and what reads it), never `shard`.
+Identities: a tar's is `key.part(that shard tar's identity)` — the stage's recipe (the settings that change
+the numbers — α, λ, ε, iterations, tolerances, order, dtype, chunking — and its code, `_at_cpu.cpp` included)
+and that tar; batch size, device and threads are left out: they change how fast, not what. The dataset's is
+the stage identity. Changing α therefore re-runs this stage (and what reads it), never `shard`.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,10 +32,12 @@ from nextdetail.conf.schema import DecomposeConfig
 from nextdetail.errors import UserError
 from nextdetail.storage import factors
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import code_version, stable_hash
+from nextdetail.storage.hashing import stable_hash
+from nextdetail.storage.shards import read_tar_images
 from nextdetail.tasks.stage import Artifact, stage_task
 
-CODE = ("nextdetail.tasks.decompose", "nextdetail.models.mumford_shah", "nextdetail.storage.factors")
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,10 @@ def settings_dir_name(cfg: DecomposeConfig) -> str:
 
 
 def plan_factors(
-    manifest: Any, tar_identities: dict[str, str], cfg: DecomposeConfig, store: Store
+    manifest: Any, tar_identities: dict[str, str], store: Store, key: StageKey
 ) -> list[tuple[Artifact, FactorJob]]:
-    """One (artifact, job) per tar of the manifest that holds at least one written sample."""
-    code = code_version(*CODE)
-    settings = cfg.identity_settings()
+    """One (artifact, job) per tar of the manifest that holds at least one written sample; a part's identity is
+    the stage's recipe + its tar's identity (`key.part`): a tar the shard stage did not rewrite is not redone."""
     rows = collections.defaultdict(list)
     for r in manifest.select(["key", "split", "shard", "index_in_shard", "class_index", "status"]).to_pylist():
         if r["index_in_shard"] >= 0:
@@ -73,35 +72,10 @@ def plan_factors(
     for (split, tar), items in rows.items():
         items.sort()
         job = FactorJob(split, tar, tuple(k for _, k, _ in items), tuple(c for _, _, c in items))
-        identity = stable_hash({"stage": "decompose", "tar": tar_identities[tar], "settings": settings, "code": code})
-        lineage = {"code": code, "settings": settings, "upstream": {"shard": tar_identities[tar]}}
+        identity = key.part({"tar": tar_identities[tar]})
+        lineage = {"stage_identity": key.identity, "recipe": key.recipe, "upstream": {"shard": tar_identities[tar]}}
         plan.append((Artifact("decompose", identity, store, f"{job.part}.json", lineage=lineage), job))
     return plan
-
-
-def read_tar_images(shards: Store, tar: str, keys: tuple[str, ...], image_format: str) -> np.ndarray:
-    """The images of `keys` from one tar as uint8 (N, H, W, 3), in the order of `keys`."""
-    from PIL import Image
-
-    wanted = {k: i for i, k in enumerate(keys)}
-    out: list[np.ndarray | None] = [None] * len(keys)
-    with shards.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for member in tf:
-            key, _, ext = member.name.partition(".")
-            if ext != image_format or key not in wanted:
-                continue
-            data = tf.extractfile(member).read()
-            with Image.open(io.BytesIO(data)) as im:
-                out[wanted[key]] = np.asarray(im.convert("RGB"))
-    missing = [k for k, a in zip(keys, out, strict=True) if a is None]
-    if missing:
-        raise UserError(f"{shards.url(tar)}: {len(missing)} samples of the manifest are missing (first: "
-                        f"{missing[0]}); re-run the shard stage")
-    shapes = {a.shape for a in out}  # type: ignore[union-attr]
-    if len(shapes) != 1:
-        raise UserError(f"{shards.url(tar)}: images of different sizes {sorted(shapes)[:3]}; decompose needs "
-                        "shard.resolution set (center-cropped, one size)")
-    return np.stack(out)  # type: ignore[arg-type]
 
 
 @stage_task(name="write_factors")
@@ -122,7 +96,7 @@ def write_factors(
     n, h, w, c = images.shape
     array = factors.create_array(artifact.store, job.split, job.tar, n, (cfg.order, c, h, w), cfg.dtype,
                                  cfg.chunk_images)
-    at: ATConfig = cfg.solver()
+    at: ATConfig = ATConfig.from_settings(cfg)
     outer, cg = [], []
     t0 = time.time()
     for start in range(0, n, cfg.batch_size):
@@ -161,22 +135,14 @@ def write_index(artifact: Artifact, jobs: list[FactorJob], summaries: list[dict]
     return summary, ["index.parquet", "factors.zarr/zarr.json"]
 
 
-def dataset_artifact(store: Store, parts: list[Artifact], cfg: DecomposeConfig) -> Artifact:
-    code = code_version(*CODE)
-    identity = stable_hash({"stage": "decompose-dataset", "parts": [a.identity for a in parts], "code": code})
-    return Artifact("decompose", identity, store, "_COMPLETE.json",
-                    lineage={"code": code, "settings": cfg.identity_settings(), "upstream": {"tars": len(parts)}})
+def dataset_artifact(store: Store, key: StageKey, parts: list[Artifact]) -> Artifact:
+    """The decomposition (index.parquet + the consolidated Zarr group): the stage's identity."""
+    return Artifact("decompose", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "tars": len(parts)})
 
 
 def summary_line(summary: dict) -> str:
     return (f"decompose: {summary['images']} images in {summary['tars']} tars → base factors B_1…B_n "
             f"(mean {summary['mean_outer_iterations']} alternations per order)")
-
-
-def read_index(store: Store) -> Any:
-    from nextdetail.storage.manifest import read_table
-
-    return read_table(store, "index.parquet")
 
 
 def marker_summary(store: Store) -> dict:

@@ -13,8 +13,9 @@ Data flow (all in this file; reference statistics in `tasks/reference_stats.py`,
 The tokenizer's reconstruction FID and PSNR (`tokenizer_metrics`) are their own cached task: they depend
 on the token cache and the held-out reference only, not on the transformer.
 
-Identity: hash(eval settings but how-it-runs fields, the sampling settings, the checkpoints (train_ar
-identity + which), the reference and tokenizer-metric identities, the extractor (name + weights sha256), code).
+Identity: the stage's (conf/stages.py): `eval.*` but how-it-runs fields, the sampling settings evaluation
+uses, the upstream identities (with the weights' sha256), the inputs (a reference folder, Inception weights)
+and the code its flow imports.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,12 +32,13 @@ import torch
 from nextdetail.conf.schema import EvalConfig, SampleConfig
 from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import code_version, stable_hash
+from nextdetail.storage.hashing import stable_hash
+from nextdetail.tasks.reference_stats import RefHandle
 from nextdetail.tasks.stage import Artifact, stage_task
 
-CODE = ("nextdetail.tasks.evaluate", "nextdetail.tasks.sample", "nextdetail.models.sampler",
-        "nextdetail.models.transformer", "nextdetail.models.quant", "nextdetail.models.fidelity",
-        "nextdetail.models.feature_extractor")
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 GRID_PER_CLASS = 8
 NOT_COMPARABLE = ("These numbers were computed with the offline extractor `{name}` (random convolutional features "
                   "generated from a fixed seed), not with Inception-v3. They rank models evaluated the same way, but "
@@ -50,29 +52,6 @@ class CheckpointRef:
     url: str  # an exported transformer.pt / best.pt: architecture, classes, tokenizer (url + sha256)
     weights_url: str | None = None  # a step checkpoint whose weights replace the exported ones
     step: int | None = None
-
-
-@dataclass(frozen=True)
-class RefHandle:
-    """A complete reference_stats artifact: its directory, fsspec options and marker record."""
-
-    url: str
-    options: dict
-    record: dict
-
-    @property
-    def identity(self) -> str:
-        return self.record["identity"]
-
-    def load(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        from nextdetail.tasks.reference_stats import load_reference
-
-        return load_reference(Store(self.url, self.options), self.record)
-
-    def describe(self) -> dict[str, Any]:
-        s = self.record["summary"]
-        return {"identity": self.identity, "url": self.url, "source": s["source"], "images": s["images"],
-                "real_isc_mean": s["isc_mean"], "real_isc_std": s["isc_std"]}
 
 
 @dataclass(frozen=True)
@@ -290,108 +269,13 @@ def evaluate_stage(artifact: Artifact, inputs: EvalInputs, ecfg: EvalConfig, scf
     return run_evaluation(artifact.store, inputs, ecfg, scfg, get_run_logger().info, progress)
 
 
-def plan_evaluation(parent: Store, inputs: EvalInputs, checkpoint_ids: list[str], ecfg: EvalConfig,
-                    scfg: SampleConfig, extractor: dict[str, str], subdir: bool = True, model: str = "cart") -> Artifact:
-    """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself)."""
-    code = code_version(*CODE)
-    sampling = sampling_config(ecfg, scfg)  # of sample.*, only what evaluation samples with
-    used = ("per_class", "seed", *scfg.evaluation_fields(model))
-    settings = {"eval": ecfg.identity_settings(), "sampling": {k: getattr(sampling, k) for k in used}}
-    upstream = {"checkpoints": checkpoint_ids, "reference": inputs.reference.identity,
-                "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity"), "extractor": extractor}
-    identity = stable_hash({"stage": "evaluate", "settings": settings, "upstream": upstream, "code": code})
-    store = parent.sub(f"{ecfg.checkpoints}-{identity[:12]}") if subdir else parent
-    return Artifact("evaluate", identity, store, "_COMPLETE.json",
-                    lineage={"code": code, "settings": settings, "upstream": upstream})
-
-
-# ---- the tokenizer's reconstruction quality ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenizerEvalInputs:
-    tokens_url: str
-    tokens_options: dict | None
-    local_cache: str | None
-    tokenizer_url: str
-    tokenizer_sha256: str
-    shards_url: str
-    image_format: str
-    options: dict
-    split: str
-    reference: RefHandle  # statistics of the same held-out images
-
-    def __dask_tokenize__(self) -> tuple[str, str, str]:
-        return "TokenizerEvalInputs", self.tokens_url, self.split
-
-
-def run_tokenizer_metrics(store: Store, inputs: TokenizerEvalInputs, ecfg: EvalConfig, log: Callable[[str], None] = print,
-                          progress: bool = False) -> tuple[dict[str, Any], list[str]]:
-    """Decode the cached tokens of the held-out split (variant "none") and compare with the originals:
-    rFID against their reference statistics, mean PSNR."""
-    from nextdetail.models import fidelity
-    from nextdetail.models.feature_extractor import build_extractor
-    from nextdetail.models.tokenizer import BaseDetailVQVAE
-    from nextdetail.storage.hashing import bytes_sha256
-    from nextdetail.storage.tokens import TokenCache
-    from nextdetail.tasks.decompose import read_tar_images
-    from nextdetail.tasks.sample import to_uint8
-
-    device = ecfg.device
-    parent, name = inputs.tokenizer_url.rsplit("/", 1)
-    data = Store(parent, inputs.options).read_bytes(name)
-    if bytes_sha256(data) != inputs.tokenizer_sha256:
-        raise UserError(f"{inputs.tokenizer_url} is not the tokenizer the token cache was encoded with (sha256)")
-    tokenizer = BaseDetailVQVAE.from_checkpoint(data).to(device).eval()
-    extractor, info = build_extractor(ecfg.extractor, ecfg.inception_weights, ecfg.weights_cache, device)
-    cache = TokenCache(inputs.tokens_url, inputs.tokens_options, inputs.local_cache)
-    variant = cache.variants.index("none") if "none" in cache.variants else 0
-    rows = [r for r in cache.index().to_pylist() if r["split"] == inputs.split]
-    if not rows:
-        raise UserError(f"the token cache {inputs.tokens_url} has no {inputs.split!r} images; set -o eval.rfid_split=… "
-                        "to a tokenized split or -o eval.rfid=false")
-    by_tar: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: r["key"]):
-        by_tar.setdefault(r["shard"], []).append(r)
-    shards = Store(inputs.shards_url, inputs.options)
-    psnrs, batches = [], []
-    for tar, tar_rows in by_tar.items():
-        tokens = cache.read(inputs.split, tar)[[r["row"] for r in tar_rows], variant]  # (n, L)
-        originals = read_tar_images(shards, tar, tuple(r["key"] for r in tar_rows), inputs.image_format)
-        for i in range(0, len(tar_rows), ecfg.batch_size):
-            maps = [torch.from_numpy(m.astype(np.int64)).to(device) for m in cache.maps(tokens[i : i + ecfg.batch_size])]
-            recon = to_uint8(tokenizer.indices_to_img(maps))  # (B, H, W, 3)
-            psnrs.append(fidelity.psnr(recon, originals[i : i + ecfg.batch_size]))
-            batches.append(recon)
-    feats = fidelity.extract(extractor, batches, (info.fid_layer, info.isc_layer), device, progress,
-                             desc="reconstruction features")
-    _, real_stats = inputs.reference.load()
-    rfid = fidelity.fid(fidelity.statistics(feats["fid"]), real_stats)
-    psnr = float(np.concatenate(psnrs).mean())
-    summary = {"rfid": round(rfid, 6), "psnr": round(psnr, 4), "images": len(feats["fid"]), "split": inputs.split,
-               "extractor": info.name, "tokenizer": inputs.tokenizer_url, "reference": inputs.reference.identity}
-    log(f"evaluate: tokenizer reconstructions of {summary['images']} {inputs.split} images: rFID {rfid:.3f}, "
-        f"PSNR {psnr:.2f} dB")
-    store.write_bytes("metrics.json", json.dumps(summary, indent=1).encode())
-    return summary, ["metrics.json"]
-
-
-@stage_task(name="tokenizer_metrics", retries=1)
-def tokenizer_metrics(artifact: Artifact, inputs: TokenizerEvalInputs, ecfg: EvalConfig,
-                      progress: bool = False) -> tuple[dict, list[str]]:
-    from prefect import get_run_logger
-
-    return run_tokenizer_metrics(artifact.store, inputs, ecfg, get_run_logger().info, progress)
-
-
-def plan_tokenizer_metrics(parent: Store, tokens_identity: str, inputs: TokenizerEvalInputs,
-                           extractor: dict[str, str]) -> Artifact:
-    code = code_version("nextdetail.tasks.evaluate", "nextdetail.models.fidelity", "nextdetail.models.feature_extractor",
-                        "nextdetail.models.tokenizer", "nextdetail.models.quant")
-    upstream = {"tokens": tokens_identity, "reference": inputs.reference.identity, "extractor": extractor,
-                "split": inputs.split}
-    identity = stable_hash({"stage": "tokenizer_metrics", "upstream": upstream, "code": code})
-    return Artifact("tokenizer_metrics", identity, parent.sub(f"tokenizer-{identity[:12]}"), "_COMPLETE.json", lineage={"code": code, "upstream": upstream})
+def plan_evaluation(parent: Store, key: StageKey, inputs: EvalInputs, ecfg: EvalConfig, subdir: bool = True) -> Artifact:
+    """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself). Its identity is
+    the stage's (the transformer's weights, the reference's content and the extractor are all in it); the
+    reference statistics and tokenizer metrics it used are recorded beside."""
+    store = parent.sub(f"{ecfg.checkpoints}-{key.identity[:12]}") if subdir else parent
+    used = {"reference": inputs.reference.identity, "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity")}
+    return Artifact("evaluate", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "used": used})
 
 
 def _checkpoint_name(r: dict[str, Any]) -> str:

@@ -24,10 +24,9 @@ import numpy as np
 
 from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
+from nextdetail.storage.hashing import bytes_sha256, stable_hash
 from nextdetail.tasks.stage import Artifact, build_artifact, stage_task
 
-CODE = ("nextdetail.tasks.reference_stats", "nextdetail.models.fidelity", "nextdetail.models.feature_extractor")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -91,7 +90,7 @@ class ReferenceSpec:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """uint8 (B, H, W, 3) batches of the reference images (one size per batch)."""
         if self.kind == "split":
-            from nextdetail.tasks.decompose import read_tar_images
+            from nextdetail.storage.shards import read_tar_images
 
             store = Store(self.url, self.options)
             by_tar: dict[str, list[str]] = {}
@@ -151,10 +150,35 @@ def reference_spec(source: str, shards_url: str, shards_identity: str, image_for
                          image_format=image_format, max_images=max_images)
 
 
+@dataclass(frozen=True)
+class RefHandle:
+    """A complete reference_stats artifact: its directory, fsspec options and marker record."""
+
+    url: str
+    options: dict
+    record: dict
+
+    @property
+    def identity(self) -> str:
+        return self.record["identity"]
+
+    def load(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return load_reference(Store(self.url, self.options), self.record)
+
+    def describe(self) -> dict[str, Any]:
+        s = self.record["summary"]
+        return {"identity": self.identity, "url": self.url, "source": s["source"], "images": s["images"],
+                "real_isc_mean": s["isc_mean"], "real_isc_std": s["isc_std"]}
+
+
+
 def plan_reference(root: Store, spec: ReferenceSpec, extractor: dict[str, str]) -> Artifact:
-    code = code_version(*CODE)
+    """Under `root`/refstats/<identity>: one artifact per reference content × extractor, shared by every
+    evaluation (`conf.stages.shared_identity`)."""
+    from nextdetail.conf.code import shared_identity
+
     parts = spec.identity_parts()
-    identity = stable_hash({"stage": "reference_stats", "reference": parts, "extractor": extractor, "code": code})
+    identity, code = shared_identity("reference_stats", {"reference": parts, "extractor": extractor})
     lineage = {"code": code, "settings": {"reference": parts, "extractor": extractor}, "source": spec.label}
     return Artifact("reference_stats", identity, root.sub("refstats", identity), "_COMPLETE.json", lineage=lineage,
                     checksums=True, exclusive=True)

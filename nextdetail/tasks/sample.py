@@ -15,7 +15,8 @@ Data flow (all in this file; the sampling itself in `models/sampler.py`):
      upscaled base + patch-wise detail (§4.2.1), and hires/images/…
   ─▶ summary.json (images/s, forward passes per image, settings), _COMPLETE.json
 
-Identity: hash(sample settings but batch size/device, the train_ar identity, which checkpoint, code).
+Identity: the stage's (conf/stages.py): `sample.*` but batch size/device, the train_ar identity with the
+sha256 of the transformer's weights, and the code its flow imports (the model family's sampler).
 """
 
 from __future__ import annotations
@@ -25,20 +26,20 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from nextdetail.conf.schema import SampleConfig
 from nextdetail.errors import UserError
+from nextdetail.models.tokenizer import images_to_uint8 as to_uint8
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
-CODE = ("nextdetail.tasks.sample", "nextdetail.models.sampler", "nextdetail.models.transformer",
-        "nextdetail.models.quant", "nextdetail.models.ndp", "nextdetail.models.ndp_sampler", "nextdetail.models.quadtree",
-        "nextdetail.models.flops")
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,8 @@ class SampleInputs:
 def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConfig | None = None) -> tuple[Any, dict]:
     """(CARTSampler or NDPSampler — the checkpoint's kind — on `device`, the checkpoint's record). The
     tokenizer comes from the record's url and must still have the recorded sha256. `cfg`: NDP's dial."""
-    from nextdetail.models.ndp_sampler import NDPSampler
-    from nextdetail.models.sampler import CARTSampler
-    from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.models import family
+    from nextdetail.models.tokenizer import load_tokenizer
     from nextdetail.tasks.train_ar import load_transformer
 
     parent, name = checkpoint_url.rstrip("/").rsplit("/", 1)
@@ -64,28 +64,11 @@ def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConf
     if not store.exists(name):
         raise UserError(f"{checkpoint_url}: no such checkpoint; pass a transformer.pt or best.pt of "
                         "`nextdetail train-ar` (under <storage.root>/ar/)")
-    transformer, record = load_transformer(store.read_bytes(name))
-    tok_url, tok_sha = record["tokenizer"]["url"], record["tokenizer"]["sha256"]
-    tok_parent, tok_name = tok_url.rsplit("/", 1)
-    tok_store = Store(tok_parent, options)
-    if not tok_store.exists(tok_name):
-        raise UserError(f"{checkpoint_url} was trained on the tokens of {tok_url}, which is gone; re-run "
-                        "`nextdetail train-tokenizer` with the same settings")
-    data = tok_store.read_bytes(tok_name)
-    if bytes_sha256(data) != tok_sha:
-        raise UserError(f"{tok_url} is not the tokenizer {checkpoint_url} was trained with (sha256 differs)")
-    tokenizer = BaseDetailVQVAE.from_checkpoint(data)
-    if record.get("kind", "cart") == "ndp":
-        cfg = cfg or SampleConfig()
-        return NDPSampler(transformer.to(device), tokenizer.to(device), cfg.budget, cfg.estimator,
-                          cfg.refine_per_step), record
-    cfg = cfg or SampleConfig()
-    return CARTSampler(transformer.to(device), tokenizer.to(device), cfg.detail_budget, cfg.detail_patch), record
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] → (B, H, W, 3) uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    transformer, record = load_transformer(store.read_bytes(name), where=checkpoint_url)
+    tokenizer = load_tokenizer(record["tokenizer"]["url"], options, record["tokenizer"]["sha256"], checkpoint_url)
+    sampler = family(record.get("kind", "cart"), "sampler").from_config(transformer.to(device), tokenizer.to(device),
+                                                                         cfg or SampleConfig())
+    return sampler, record
 
 
 def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
@@ -245,14 +228,11 @@ def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, pr
     return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
 
 
-def plan_samples(root: Store, ar_identity: str, cfg: SampleConfig, model: str = "cart") -> Artifact:
-    """The samples artifact in its own directory under `root`, named by its identity."""
-    code = code_version(*CODE)
-    settings = cfg.identity_settings(model)
-    identity = stable_hash({"stage": "sample", "settings": settings, "train_ar": ar_identity, "code": code})
-    lineage = {"code": code, "settings": settings, "upstream": {"train_ar": ar_identity}}
-    return Artifact("sample", identity, root.sub(f"{cfg.checkpoint}-{identity[:12]}"), "_COMPLETE.json",
-                    lineage=lineage)
+def plan_samples(root: Store, key: StageKey, cfg: SampleConfig) -> Artifact:
+    """The samples artifact in its own directory under `root`, named by the stage identity (which keys on the
+    transformer's weights)."""
+    return Artifact("sample", key.identity, root.sub(f"{cfg.checkpoint}-{key.identity[:12]}"), "_COMPLETE.json",
+                    lineage=key.lineage())
 
 
 def summary_line(summary: dict) -> str:

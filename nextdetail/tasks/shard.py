@@ -25,19 +25,19 @@ import collections
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nextdetail.conf.schema import DataConfig, ShardConfig
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import bytes_sha256, canonical_json, code_version, stable_hash
+from nextdetail.storage.hashing import bytes_sha256, canonical_json, stable_hash
 from nextdetail.storage.images import SkipImage, decode_image, encode_image, preprocess
 from nextdetail.storage.manifest import read_table, rows_to_table, write_table
 from nextdetail.storage.shards import ShardTarWriter, shard_count_for, shard_index_of, shard_name
 from nextdetail.storage.sources import SourceListing
 from nextdetail.tasks.stage import Artifact, stage_task
 
-CODE = ("nextdetail.tasks.shard", "nextdetail.storage.images", "nextdetail.storage.shards",
-        "nextdetail.storage.manifest")
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,11 @@ def shard_dir_name(listing_url: str, data: DataConfig, cfg: ShardConfig) -> str:
 
 
 def plan_shards(
-    listing: SourceListing, cfg: ShardConfig, store: Store, fingerprints: dict[str, str] | None = None
+    listing: SourceListing, cfg: ShardConfig, store: Store, key: StageKey, fingerprints: dict[str, str] | None = None
 ) -> list[tuple[Artifact, ShardJob]]:
-    """One (artifact, job) per tar, in split then index order."""
+    """One (artifact, job) per tar, in split then index order; a tar's identity is the stage's recipe + its name
+    and files (`key.part`), so adding files rewrites only the tars they land in."""
     class_index = {c: i for i, c in enumerate(listing.classes)}
-    code = code_version(*CODE)
-    settings = cfg.model_dump()
     artifacts = []
     for split, items in listing.items.items():
         n_shards = (cfg.shard_count or {}).get(split) or shard_count_for(len(items), cfg.samples_per_shard)
@@ -125,9 +124,8 @@ def plan_shards(
         for index, bucket in enumerate(buckets):
             ordered = ShardItems(sorted(bucket, key=lambda x: (x.key, x.relpath)))
             job = ShardJob(split, index, ordered, stable_hash([list(vars(x).values()) for x in ordered]))
-            identity = stable_hash({"stage": "shard", "settings": settings, "code": code, "name": job.name,
-                                    "items": job.digest})
-            lineage = {"code": code, "settings": settings, "items": len(job.items)}
+            identity = key.part({"name": job.name, "items": job.digest})
+            lineage = {"stage_identity": key.identity, "recipe": key.recipe, "items": len(job.items)}
             artifacts.append((Artifact("shard", identity, store, f"{job.part}.json", lineage=lineage), job))
     return artifacts
 
@@ -226,12 +224,9 @@ def write_manifest(
     return summary, ["manifest.parquet", "classes.json"]
 
 
-def dataset_artifact(store: Store, shards: list[Artifact], classes: list[str]) -> Artifact:
-    code = code_version(*CODE)
-    identity = stable_hash({"stage": "shard-dataset", "shards": [a.identity for a in shards], "classes": classes,
-                            "code": code})
-    return Artifact("shard", identity, store, "_COMPLETE.json",
-                    lineage={"code": code, "upstream": {"shards": len(shards)}})
+def dataset_artifact(store: Store, key: StageKey, shards: list[Artifact]) -> Artifact:
+    """The shard dataset (manifest, classes): the stage's identity."""
+    return Artifact("shard", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "tars": len(shards)})
 
 
 def summary_line(summary: dict) -> str:

@@ -1,56 +1,30 @@
-"""The stage mechanism every stage reuses: content-addressed artifacts on Prefect's own caching.
+"""The stage mechanism every stage reuses: content-addressed artifacts, their completion markers the one truth.
 
-An `Artifact` (storage/artifacts.py) is named by its identity — a hash of exactly the settings, upstream identities, input
-fingerprints and code version it depends on — and is complete when its JSON completion marker
-(written last, atomically) carries that identity and every file it lists still has its recorded size.
+An `Artifact` (storage/artifacts.py) is named by its identity — derived from its stage's key (conf/stages.py) —
+and is complete when its JSON completion marker (written last, atomically) carries that identity and every
+file it lists still has its recorded size.
 
-`stage_task` turns a function that writes an artifact into a Prefect task whose cache key *is* the
-identity (`ArtifactCachePolicy`). The marker stays the truth:
-- a Prefect cache record whose artifact is gone or incomplete is dropped, so the task recomputes;
-- an artifact that is complete but unknown to this Prefect (a teammate's bucket, a fresh
-  PREFECT_HOME) is reused by the task body without recomputing;
-- retries (with back-off) only for I/O and infrastructure errors, never for `UserError`/bad data.
+`stage_task` turns a function that writes an artifact into a Prefect task whose body first asks the marker:
+a complete artifact (this run's, an earlier one's, a teammate's bucket) is reused without recomputing. Prefect's
+own result cache is not used: its records live under each machine's PREFECT_HOME (on a multi-host Dask cluster,
+a local path per worker host) and would be a second truth beside the marker. Retries (with back-off) only for
+I/O and infrastructure errors, never for `UserError`/bad data.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 
 from nextdetail.errors import UserError
 from nextdetail.storage.artifacts import Artifact
 
-__all__ = ["Artifact", "ArtifactCachePolicy", "build_artifact", "is_transient", "stage_task"]
-
-
-def _drop_cache_record(result_store: Any, key: str) -> None:
-    """Delete Prefect's record for `key` so the task runs again (the artifact behind it is gone)."""
-    storage = getattr(result_store, "result_storage", None)
-    if storage is None:
-        from prefect.results import get_default_result_storage
-
-        storage = get_default_result_storage(_sync=True)
-    resolve = getattr(storage, "_resolve_path", None)
-    if resolve is not None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            Path(resolve(key)).unlink()
-
-
-class ArtifactCachePolicy(CachePolicy):
-    """Cache key = the `artifact` argument's identity; a record without a complete artifact is dropped."""
-
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kw: Any) -> str:
-        artifact: Artifact = inputs["artifact"]
-        if artifact.completed() is None:
-            _drop_cache_record(task_ctx.result_store, artifact.cache_key)
-        return artifact.cache_key
+__all__ = ["Artifact", "build_artifact", "is_transient", "stage_task"]
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -101,8 +75,8 @@ def stage_task(
 ) -> Any:
     """Decorate ``fn(artifact, *args) -> (summary, files)`` that writes `files` under `artifact.store`.
 
-    The task returns the marker's record. Its Prefect state is ``Cached`` on a cache hit; the record's
-    ``"work"`` is ``"reused"`` when an artifact Prefect did not know was found complete, ``"ran"`` otherwise.
+    The task returns the marker's record; its ``"work"`` is ``"reused"`` when the artifact was found complete,
+    ``"ran"`` when this call built it. Nothing is kept in Prefect's result storage.
     """
     if fn is None:
         return functools.partial(stage_task, name=name, retries=retries, retry_delay_seconds=retry_delay_seconds)
@@ -114,8 +88,8 @@ def stage_task(
     return task(
         body,
         name=name or fn.__name__,
-        cache_policy=ArtifactCachePolicy(),
-        persist_result=True,
+        cache_policy=NO_CACHE,
+        persist_result=False,
         retries=retries,
         retry_delay_seconds=list(retry_delay_seconds),
         retry_condition_fn=_retry_condition,

@@ -13,8 +13,8 @@ Data flow (all of it in this file; the cache's layout and its attempt/publish pr
   ─▶ publish_tokens: index.parquet, consolidated metadata, then `_COMPLETE.json` create-only with the
     sha256 of every file: one of two concurrent writers wins, the other uses the winner's cache
 
-Identity: hash(sha256 of tokenizer.pt, the decomposition's identity, the settings that change the
-tokens — variants, splits, the decomposition order the tokenizer reads — and the code). Where the
+Identity: the stage's (conf/stages.py): `tokens.*` (variants, splits), the shard, decomposition and
+tokenizer identities (the last with tokenizer.pt's sha256), and the code its flow imports. Where the
 cache lives, batch size, device and threads change how, not what: left out.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,11 +31,11 @@ from nextdetail.conf.schema import TokensConfig
 from nextdetail.errors import UserError
 from nextdetail.storage import factors, tokens
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import code_version, stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
-CODE = ("nextdetail.tasks.tokenize", "nextdetail.storage.tokens", "nextdetail.models.tokenizer",
-        "nextdetail.models.quant", "nextdetail.models.vae")
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class TokenInputs:
 
 @dataclass(frozen=True)
 class TokenPlan:
+    key: StageKey
     identity: str
     cache: Store  # <cache root>/tokens/<identity>
     artifact: Artifact  # the published cache: _COMPLETE.json, checksums, create-only
@@ -72,8 +73,7 @@ class TokenPlan:
     index: Any  # pa.Table: the decomposition's rows of the encoded splits, in job order
 
 
-def plan_tokens(cache_root: Store, decomposition_identity: str, index: Any, inputs: TokenInputs,
-                cfg: TokensConfig, order: int) -> TokenPlan:
+def plan_tokens(cache_root: Store, key: StageKey, index: Any, inputs: TokenInputs, cfg: TokensConfig) -> TokenPlan:
     """The cache's identity and location, and one job per tar of the wanted splits."""
     import pyarrow.compute as pc
 
@@ -87,19 +87,15 @@ def plan_tokens(cache_root: Store, decomposition_identity: str, index: Any, inpu
     for r in rows.select(["split", "shard", "row", "key"]).to_pylist():
         by_tar.setdefault((r["split"], r["shard"]), []).append((r["row"], r["key"]))
     jobs = tuple(TokenJob(split, tar, tuple(k for _, k in sorted(items))) for (split, tar), items in by_tar.items())
-    code = code_version(*CODE)
-    settings = {**cfg.identity_settings(), "splits": splits, "order": order}
-    identity = stable_hash({"stage": "tokenize", "tokenizer_sha256": inputs.tokenizer_sha256,
-                            "decompose": decomposition_identity, "settings": settings, "code": code})
+    identity = key.identity  # keys on the tokenizer's weights: its upstream identity carries their sha256
     cache = cache_root.sub("tokens", identity)
-    lineage = {"code": code, "settings": settings,
-               "upstream": {"decompose": decomposition_identity, "tokenizer_sha256": inputs.tokenizer_sha256}}
+    lineage = {**key.lineage(), "upstream": {**key.upstream, "tokenizer_sha256": inputs.tokenizer_sha256}}
     artifact = Artifact("tokenize", identity, cache, tokens.MARKER, lineage=lineage, checksums=True, exclusive=True)
-    return TokenPlan(identity, cache, artifact, jobs, rows)
+    return TokenPlan(key, identity, cache, artifact, jobs, rows)
 
 
 def part_artifact(plan: TokenPlan, attempt: tokens.Attempt, job: TokenJob) -> Artifact:
-    identity = stable_hash({"cache": plan.identity, "split": job.split, "tar": job.tar, "keys": job.keys})
+    identity = plan.key.artifact({"split": job.split, "tar": job.tar, "keys": job.keys})
     return Artifact("tokenize", identity, attempt.store, tokens.part_marker(job.split, job.tar), checksums=True)
 
 
@@ -109,17 +105,13 @@ _MODELS: dict[tuple[str, str], Any] = {}  # (sha256, device) → model: loaded o
 
 
 def load_tokenizer(inputs: TokenInputs, device: str) -> Any:
-    from nextdetail.models.tokenizer import BaseDetailVQVAE
-    from nextdetail.storage.hashing import bytes_sha256
+    from nextdetail.models.tokenizer import load_tokenizer as load
 
     key = (inputs.tokenizer_sha256, device)
     if key not in _MODELS:
-        data = Store(inputs.tokenizer_url.rsplit("/", 1)[0], inputs.options).read_bytes("tokenizer.pt")
-        if bytes_sha256(data) != inputs.tokenizer_sha256:
-            raise UserError(f"{inputs.tokenizer_url}: its sha256 differs from the one its train_tokenizer marker "
-                            "records; re-run `nextdetail train-tokenizer`")
         _MODELS.clear()
-        _MODELS[key] = BaseDetailVQVAE.from_checkpoint(data).to(device)
+        _MODELS[key] = load(inputs.tokenizer_url, inputs.options, inputs.tokenizer_sha256,
+                            "its train_tokenizer marker").to(device)
     return _MODELS[key]
 
 
@@ -157,7 +149,7 @@ def encode_tokens(artifact: Artifact, job: TokenJob, inputs: TokenInputs, cfg: T
     if adopted is not None:
         summary = {**adopted["summary"], "work": "copied", "copied_from": adopted["copied_from"]}
         return summary, adopted["sha256"]
-    from nextdetail.tasks.decompose import read_tar_images
+    from nextdetail.storage.shards import read_tar_images
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("tokens.device=cuda but there is no CUDA device here; use tokens.device=cpu")
@@ -222,7 +214,7 @@ def write_preview(attempt: tokens.Attempt, job: TokenJob, inputs: TokenInputs, l
     import zarr
 
     from nextdetail.figures import png_bytes, reconstruction_grid
-    from nextdetail.tasks.decompose import read_tar_images
+    from nextdetail.storage.shards import read_tar_images
 
     model = load_tokenizer(inputs, "cpu")
     array = zarr.open_array(attempt.store.zarr_store(tokens.ZARR), path=tokens.array_name(job.split, job.tar), mode="r")

@@ -17,8 +17,8 @@ Processes: one, in the flow's process, or `nproc` data-parallel ones under torch
 the Prefect task supervises: a crashed process group is an infrastructure failure, retried by Prefect
 from the last checkpoint.
 
-Identity: hash(ar settings but runtime ones, the transformer's architecture, the token cache's
-identity — which names the tokenizer's sha256, the decomposition and the dataset — and code).
+Identity: the stage's (conf/stages.py): `ar.*` but runtime knobs, the shard, tokenizer (+ its weights' sha256)
+and token-cache identities, and the code its flow imports (the model family's included).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,16 +40,23 @@ import torch.nn.functional as F
 
 from nextdetail.conf.schema import ARConfig
 from nextdetail.errors import UserError
-from nextdetail.models.ndp import NDPConfig, NextDetailMaskedTransformer, ndp_loss
-from nextdetail.models.transformer import NextDetailTransformer, TransformerConfig
-from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, write_torch
+from nextdetail.models import family
+from nextdetail.storage.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_torch,
+    save_checkpoint,
+    tensors_sha256,
+    write_torch,
+)
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
+from nextdetail.storage.hashing import bytes_sha256
 from nextdetail.tasks.stage import Artifact, stage_task
 from nextdetail.tasks.torchrun import join, launch, leave_group, process_count, read_job
 
-CODE = ("nextdetail.tasks.train_ar", "nextdetail.tasks.torchrun", "nextdetail.models.transformer", "nextdetail.models.quant",
-        "nextdetail.storage.token_loader", "nextdetail.models.ndp", "nextdetail.models.quadtree")
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 EXPORT_FORMAT = 1
 FILES = ["transformer.pt", "best.pt", "metrics.csv", "loss.png", "summary.json"]
 
@@ -76,17 +83,13 @@ class ARData:
         return TokenCache(self.tokens_url, self.tokens_options, self.local_cache)
 
     def tokenizer(self, device: str | torch.device = "cpu") -> Any:
-        from nextdetail.models.tokenizer import BaseDetailVQVAE
+        from nextdetail.models.tokenizer import load_tokenizer
 
-        data = Store(self.tokenizer_url.rsplit("/", 1)[0], self.options).read_bytes("tokenizer.pt")
-        if bytes_sha256(data) != self.tokenizer_sha256:
-            raise UserError(f"{self.tokenizer_url}: not the tokenizer the token cache was encoded with (sha256 "
-                            "differs); re-run `nextdetail tokenize`")
-        return BaseDetailVQVAE.from_checkpoint(data).to(device)
+        return load_tokenizer(self.tokenizer_url, self.options, self.tokenizer_sha256,
+                              f"the token cache {self.tokens_url}").to(device)
 
 
-ModelConfig = TransformerConfig | NDPConfig
-MODELS = {"cart": (TransformerConfig, NextDetailTransformer), "ndp": (NDPConfig, NextDetailMaskedTransformer)}
+ModelConfig = Any  # the `Config` of a model family: TransformerConfig (cart) or NDPConfig (ndp)
 
 
 def transformer_config(cfg: ARConfig, layout: dict[str, Any], num_classes: int, cvae: int) -> ModelConfig:
@@ -100,15 +103,15 @@ def transformer_config(cfg: ARConfig, layout: dict[str, Any], num_classes: int, 
                   cond_drop=cfg.class_dropout, attn_l2_norm=cfg.attn_l2_norm)
     if cfg.model == "cart":
         n_base = sum(1 for m in layout["maps"] if m.get("kind", "base") == "base")
-        return TransformerConfig(sides=sides, n_base=n_base if n_base < len(sides) else None, **common)
+        return family("cart", "model").Config(sides=sides, n_base=n_base if n_base < len(sides) else None, **common)
     if not is_dyadic(sides):
         raise UserError(f"ar.model=ndp needs a dyadic token pyramid, but this token cache has maps {sides}; train the "
                         "tokenizer with tokenizer.order=0 and patch_nums 1, 2, 4, … (`--model ndp` sets them)")
-    return NDPConfig(latent_side=sides[-1], **common)
+    return family("ndp", "model").Config(latent_side=sides[-1], **common)
 
 
 def model_kind(mcfg: ModelConfig) -> str:
-    return "ndp" if isinstance(mcfg, NDPConfig) else "cart"
+    return mcfg.kind
 
 
 def split_maps(tokens_BL: torch.Tensor, sides: tuple[int, ...]) -> list[torch.Tensor]:
@@ -158,7 +161,7 @@ class ARTrainer:
         self.cfg, self.tcfg, self.teacher, self.device, self.rank, self.world = cfg, tcfg, teacher, device, rank, world
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.kind = model_kind(tcfg)
-        self.model = MODELS[self.kind][1](tcfg).to(device)
+        self.model = family(self.kind, "model").Model(tcfg).to(device)
         self.net: torch.nn.Module = self.model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -211,7 +214,7 @@ class ARTrainer:
         maps before (teacher forcing). NDP: a random quadtree state per image (`models/ndp.ndp_loss`)."""
         if self.kind == "ndp":
             with self.autocast():
-                loss, m = ndp_loss(self.model, net, self.teacher.quantizer, tokens, labels, self.cfg.loss_weighting,
+                loss, m = family("ndp", "model").ndp_loss(self.model, net, self.teacher.quantizer, tokens, labels, self.cfg.loss_weighting,
                                    self.cfg.difficulty_weight, label_smoothing, generator, drop_labels)
             return loss, m["acc"], {"difficulty_loss": float(m["difficulty_loss"]), "leaves": float(m["leaves"])}
         x = self.teacher(tokens)  # (B, L − first_l, Cvae)
@@ -260,17 +263,18 @@ def export(model: torch.nn.Module, data: ARData, step: int, val_loss: float | No
             "tokenizer": {"url": data.tokenizer_url, "sha256": data.tokenizer_sha256}}
 
 
-def load_transformer(checkpoint: bytes | str, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_transformer(checkpoint: bytes | str, map_location: str = "cpu",
+                     where: str | None = None) -> tuple[torch.nn.Module, dict]:
     """An exported model (eval mode) — `NextDetailTransformer` (kind cart) or `NextDetailMaskedTransformer`
     (kind ndp) — and its record (classes, tokenizer url + sha256, step, …)."""
-    source = io.BytesIO(checkpoint) if isinstance(checkpoint, bytes) else checkpoint
-    saved = torch.load(source, map_location=map_location, weights_only=False)
+    where = where or ("transformer checkpoint" if isinstance(checkpoint, bytes) else checkpoint)
+    saved = read_torch(checkpoint, where, map_location)
     if saved.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{checkpoint if isinstance(checkpoint, str) else 'checkpoint'}: not a transformer.pt/best.pt "
+        raise UserError(f"{where}: not a transformer.pt/best.pt "
                         "of `nextdetail train-ar` (a step checkpoint? use the run's transformer.pt)")
     c, kind = saved["config"], saved.get("kind", "cart")
-    config_cls, model_cls = MODELS[kind]
-    model = model_cls(config_cls(**{**c, "sides": tuple(c["sides"])} if kind == "cart" else c))
+    models = family(kind, "model")
+    model = models.Model(models.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}))
     model.load_state_dict(saved["model"])
     return model.eval(), saved
 
@@ -390,6 +394,7 @@ def _train(store: Store, data: ARData, cfg: ARConfig, device: torch.device, rank
         "best_val_loss": None if best["val_loss"] is None else round(best["val_loss"], 4), "best_step": best["step"],
         "seconds_this_run": round(seconds, 2), "tokens_per_s": round(done * tokens_per_step / max(seconds, 1e-9)),
         "url": store.url(), "transformer_sha256": bytes_sha256(weights),
+        "weights_sha256": tensors_sha256(final["model"]),
     }
     store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
     return summary
@@ -431,16 +436,12 @@ def train_ar(artifact: Artifact, data: ARData, cfg: ARConfig, progress: bool = F
     return summary, FILES
 
 
-def plan_ar(root: Store, data: ARData, cfg: ARConfig, tcfg: ModelConfig) -> Artifact:
-    """The transformer artifact in its own directory under `root`, named by its identity: checkpoints there
-    belong to exactly this training (another token cache or setting never resumes them)."""
-    code = code_version(*CODE)
-    settings = cfg.identity_settings()
-    identity = stable_hash({"stage": "train_ar", "settings": settings, "architecture": asdict(tcfg),
-                            "tokens": data.tokens_identity, "code": code})
-    lineage = {"code": code, "settings": settings, "upstream": {"tokenize": data.tokens_identity}}
+def plan_ar(root: Store, key: StageKey, cfg: ARConfig, tcfg: ModelConfig) -> Artifact:
+    """The transformer artifact in its own directory under `root`, named by the stage identity: checkpoints
+    there belong to exactly this training (another token cache or setting never resumes them)."""
     name = f"{'ndp-' if cfg.model == 'ndp' else ''}d{tcfg.depth}-w{tcfg.C}-maps{len(tcfg.sides)}"
-    return Artifact("train_ar", identity, root.sub(f"{name}-{identity[:12]}"), "_COMPLETE.json", lineage=lineage)
+    return Artifact("train_ar", key.identity, root.sub(f"{name}-{key.identity[:12]}"), "_COMPLETE.json",
+                    lineage={**key.lineage(), "architecture": asdict(tcfg)})
 
 
 def summary_line(summary: dict) -> str:

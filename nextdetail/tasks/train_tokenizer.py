@@ -12,9 +12,9 @@ Data flow (all of it in this file; the model in `models/tokenizer.py`, `quant.py
     quantizer statistics, data position): a killed run resumes at its last checkpoint, bit for bit
   ─▶ tokenizer.pt (spec + weights), metrics.json, curves.png, reconstructions.png, _COMPLETE.json
 
-Identity: hash(tokenizer settings but device/threads/logging, the tokenizer's architecture incl. the
-decomposition order and resolution, the decomposition dataset's identity, code). Changing any
-tokenizer setting re-trains; changing nothing does nothing.
+Identity: the stage's (conf/stages.py): `tokenizer.*` but device/threads/logging, the shard and
+decomposition identities, and the code its flow imports. Changing any tokenizer setting re-trains;
+changing nothing does nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from nextdetail.errors import UserError
 from nextdetail.storage import factors
 from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import bytes_sha256, code_version, stable_hash
+from nextdetail.storage.hashing import bytes_sha256
 from nextdetail.tasks.stage import Artifact, stage_task
 from nextdetail.tasks.torchrun import (
     average_gradients,
@@ -51,9 +51,10 @@ from nextdetail.tasks.torchrun import (
     read_job,
 )
 
+if TYPE_CHECKING:
+    from nextdetail.conf.stages import StageKey
+
 FILES = ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png", "summary.json"]
-CODE = ("nextdetail.tasks.train_tokenizer", "nextdetail.tasks.torchrun", "nextdetail.models.tokenizer", "nextdetail.models.quant",
-        "nextdetail.models.vae", "nextdetail.models.lpips", "nextdetail.models.discriminator")
 
 
 @dataclass(frozen=True)
@@ -448,16 +449,12 @@ def _torchrun_main(job_path: str) -> None:
         leave_group()
 
 
-def plan_training(root: Store, decomposition_identity: str, data: TrainData, cfg: TokenizerConfig, spec: Any) -> Artifact:
-    """The tokenizer artifact in its own directory under `root`, named by its identity: checkpoints there
+def plan_training(root: Store, key: StageKey, spec: Any) -> Artifact:
+    """The tokenizer artifact in its own directory under `root`, named by the stage identity: checkpoints there
     belong to exactly this training (another decomposition or setting never resumes them)."""
-    code = code_version(*CODE)
-    settings = cfg.identity_settings()
-    identity = stable_hash({"stage": "train_tokenizer", "settings": settings, "spec": spec.to_dict(),
-                            "decompose": decomposition_identity, "split": data.split, "code": code})
-    lineage = {"code": code, "settings": settings, "upstream": {"decompose": decomposition_identity}}
     name = f"v{spec.vocab_size}-order{spec.order}-maps{len(spec.patch_nums) + spec.order * spec.detail_depth}"
-    return Artifact("train_tokenizer", identity, root.sub(f"{name}-{identity[:12]}"), "_COMPLETE.json", lineage=lineage)
+    return Artifact("train_tokenizer", key.identity, root.sub(f"{name}-{key.identity[:12]}"), "_COMPLETE.json",
+                    lineage=key.lineage())
 
 
 def summary_line(summary: dict) -> str:
