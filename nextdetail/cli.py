@@ -6,6 +6,8 @@ Errors the user can fix (bad config, bad paths) print one line and exit 2; trace
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,16 +26,26 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "(tokenizer.order=0, tokenizer.truncation=0.5; -o overrides still win). Several (run, "
                         "status, serve, sample, eval): one branch per model in one run, shared stages built once")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="more output: Prefect's and Dask's INFO logs on the terminal (always in the Prefect UI); "
+                        "status: the details of up-to-date stages too")
 
 
 def _add_stage_selection(p: argparse.ArgumentParser) -> None:
     from nextdetail.conf import STAGES
 
-    p.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
-    p.add_argument("--only", choices=STAGES, default=None,
+    names = f"one of {', '.join(STAGES)}; train-tokenizer and train_tokenizer both work"
+    p.add_argument("--until", type=stage_name, default=None, metavar="STAGE", help=f"stop after this stage ({names})")
+    p.add_argument("--only", type=stage_name, default=None, metavar="STAGE",
                    help="run this stage alone; the stages it depends on must be up to date")
-    p.add_argument("--force", action="append", choices=STAGES, default=[], metavar="STAGE",
+    p.add_argument("--force", action="append", type=stage_name, default=[], metavar="STAGE",
                    help="rebuild STAGE from scratch even if it is up to date (repeatable)")
+
+
+def stage_name(name: str) -> str:
+    """A stage as the commands spell it (train-tokenizer) or as the stage table does (train_tokenizer); an
+    unknown name passes through to `select_stages`, which names the stages in one line."""
+    return name.replace("-", "_")
 
 
 def _load_branches(args: argparse.Namespace) -> dict:
@@ -188,11 +200,32 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_eval(evaluate_files(cfg, key, ckpts, out, shards, progress=not args.no_progress))
 
 
+def preflight(branches: dict) -> None:
+    """What makes a run fail, checked before Prefect or Dask start, each in one line: the stage selection, a
+    writable storage root (and token / reference caches), a source that is a readable dataset folder."""
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.sources import check_root, split_prefixes
+
+    for cfg in branches.values():
+        Store(cfg.storage.root, cfg.storage.options).check_writable("storage.root")
+        if cfg.tokens.cache:
+            options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
+            Store(cfg.tokens.cache, options).check_writable("tokens.cache")
+        if cfg.data.source != "embedded":
+            source = Store(cfg.data.source, cfg.storage.options)
+            check_root(source, cfg.data.source)
+            split_prefixes(source, cfg.data.source, cfg.data.splits, cfg.data.layout)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
+    from nextdetail.conf.stages import select_stages
+
     branches = _load_branches(args)
     only, force = getattr(args, "only", None), getattr(args, "force", None) or []
+    select_stages(args.until, only, force)
     if getattr(args, "dry_run", False):
         return _print_dry_run(branches, args.until, only, force)
+    preflight(branches)
     from nextdetail.flows.pipeline import run_pipeline
 
     first = run_pipeline(branches, until=args.until, progress=not args.no_progress, only=only, force=force)
@@ -368,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lineage records and completion markers only.")
     _add_config_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-v", "--verbose", action="store_true", help="also list nothing-changed details")
-    p.add_argument("--explain", metavar="STAGE", default=None,
+    p.add_argument("--explain", metavar="STAGE", default=None, type=stage_name,
                    help="print what STAGE's identity hashes: settings, upstream identities (and weights sha256), "
                         "inputs, every code file with its sha256")
     p.set_defaults(func=cmd_status)
@@ -417,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, help_text, description in stage_commands:
         p = sub.add_parser(stage.replace("_", "-"), help=help_text, description=description)
         _add_config_args(p)
+        p.add_argument("--force", action="append", type=stage_name, default=[], metavar="STAGE",
+                       help="rebuild STAGE (this one or an earlier one) from scratch (repeatable)")
         p.set_defaults(func=cmd_run, until=stage)
 
     p = sub.add_parser("sample", help="class-conditional samples with CFG: PNGs, grids, a webdataset tar",
@@ -484,17 +518,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    configure_environment()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors end here, having written nothing
+    configure_environment(verbose=getattr(args, "verbose", False))
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+    if args.func in (cmd_run, cmd_sample, cmd_eval, cmd_serve, cmd_show_decomposition):  # they start processes
+        from nextdetail.flows.runtime import watch_parent
+
+        watch_parent()
     try:
         args.func(args)
     except UserError as err:
         print(f"nextdetail: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("nextdetail: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `nextdetail status | head`
+        sys.stderr.close()
+        return 0
     return 0
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C (or SIGTERM): stop now — end every child (Prefect's server, the Dask cluster, torchrun ranks),
+    say so in one line and exit 130 without unwinding through Prefect and Dask (minutes, and tracebacks).
+    Every write is atomic, so the re-run resumes from what was finished."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("nextdetail: interrupted — re-run the same command to resume", file=sys.stderr, flush=True)
+    from nextdetail.flows.runtime import end_children
+
+    end_children()
+    os._exit(130)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def test_overrides_parse_yaml_values():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("shard.reslution=64", "unknown key 'shard.reslution' (allowed here: fingerprint, image_format"),
+    ("shard.reslution=64", "unknown key 'shard.reslution' (allowed here: exif, fingerprint, image_format"),
     ("shard.resolution=big", "shard.resolution='big' is invalid"),
     ("shard.image_format=gif", "shard.image_format='gif' is invalid: Input should be 'jpg' or 'png'"),
     ("nosection.x=1", "unknown key 'nosection'"),

@@ -73,8 +73,9 @@ def _one_line(err: ValidationError, data: dict[str, Any]) -> str:
     if first["type"] == "extra_forbidden":
         allowed = ", ".join(_allowed_keys(PipelineConfig, loc[:-1]))
         return f"config: unknown key {key!r} (allowed here: {allowed})"
-    if first["type"] == "value_error" and not loc:
-        return f"config: {first['msg'].removeprefix('Value error, ')}"
+    if first["type"] == "value_error" and (not loc or isinstance(first.get("input"), dict)):
+        # a section's own check: its message names the keys; the whole section's values would bury it
+        return f"config: {key + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"config: {key}={first.get('input')!r} is invalid: {first['msg']}{more}"
 

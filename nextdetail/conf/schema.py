@@ -69,6 +69,9 @@ class ShardConfig(_Section):
         default=None, description="fixed shards per split (e.g. {train: 1024}); None derives it from the size"
     )
     small_images: Literal["upscale", "skip"] = "upscale"
+    exif: Literal["apply", "ignore"] = Field(
+        default="apply", description="EXIF orientation: apply (photos upright; recorded per file in the manifest) or "
+        "ignore (the stored pixels, as ADM/VAR prepare ImageNet: the imagenet presets)")
     fingerprint: Literal["stat", "content"] = Field(
         default="stat", description="input identity: (path, size, mtime) or the bytes' sha256 (portable, reads all)"
     )
@@ -79,7 +82,7 @@ class ShardConfig(_Section):
             raise ValueError("preprocess=center_crop needs a resolution")
         for split, n in (self.shard_count or {}).items():
             if n < 1:
-                raise ValueError(f"shard_count[{split}] must be >= 1")
+                raise ValueError(f"shard.shard_count.{split}={n}: must be >= 1 (tars for that split)")
         return self
 
 

@@ -25,12 +25,18 @@ ENV_DEFAULTS = {
 }
 
 
-def configure_environment(work_dir: str | Path = ".nextdetail") -> None:
-    """Set Prefect's environment defaults (a user's own settings win). Call before importing prefect."""
-    for key, value in ENV_DEFAULTS.items():
+QUIET = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # the terminal handler only: the UI still gets INFO
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+}
+
+
+def configure_environment(work_dir: str | Path = ".nextdetail", verbose: bool = False) -> None:
+    """Set Prefect's environment defaults (a user's own settings win). Call before importing prefect. Unless
+    `verbose`, Prefect's and Dask's own INFO logs stay off the terminal (our progress bars and summaries show)."""
+    for key, value in {**ENV_DEFAULTS, **({} if verbose else QUIET)}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path(work_dir, "prefect").resolve()))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # its SQLite database lives here
 
 
 @contextlib.contextmanager
@@ -38,18 +44,95 @@ def prefect_api() -> Iterator[str]:
     """Yield the API URL in use: PREFECT_API_URL if set, else a freshly started ephemeral server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # the ephemeral server's database, a CA file
     url = os.environ.get("PREFECT_API_URL")
     if not url:
         from prefect.server.api.server import SubprocessASGIServer
 
-        server = SubprocessASGIServer()
+        server = SubprocessASGIServer()  # the CLI's watchdog (`watch_parent`) ends it if this process is killed
         server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         url = server.api_url
         # Not stopped by hand at exit: Prefect's own atexit handling does it (stopping it here can hang).
         os.environ["PREFECT_API_URL"] = url
     _light_tls_context_for_plain_http(url)
+    _quiet_user_errors()
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield url
+
+
+WATCHDOG = """
+import os, sys, time
+import psutil
+parent = psutil.Process(int(sys.argv[1]))
+me = os.getpid()
+family = []
+try:
+    while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+        family = [p for p in parent.children(recursive=True) if p.pid != me]  # server, Dask workers, ranks
+        time.sleep(0.5)
+except psutil.Error:
+    pass
+for p in family:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(family, timeout=3)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def watch_parent() -> None:
+    """What this process starts (the ephemeral Prefect server, the Dask cluster, torchrun ranks) must not
+    outlive it, even SIGKILLed (they would keep running under ppid 1): a small watchdog in its own session
+    keeps the list of this process's descendants and ends them when this process is gone."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def end_children(grace: float = 3.0) -> None:
+    """SIGTERM every process this one started (Prefect's server, Dask's nannies and workers, torchrun ranks),
+    SIGKILL whatever is left after `grace` seconds. What they wrote is atomic: a re-run resumes."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for p in children:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """A `UserError` (bad config or data) reaches the user as the CLI's one line; Prefect's console copies of
+    it — the traceback and the "Finished in state Failed" line — are dropped there (the UI keeps them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from nextdetail.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            return False
+        return "UserError" not in record.getMessage()
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *[logging.getLogger(n) for n in ("prefect", "prefect.flow_runs",
+                                                                          "prefect.task_runs")]):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    isinstance(f, _NoUserErrorTracebacks) for f in handler.filters):
+                handler.addFilter(_NoUserErrorTracebacks())
 
 
 def _light_tls_context_for_plain_http(url: str) -> None:

@@ -44,7 +44,7 @@ def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> Sha
     log = get_run_logger()
     store = Store(cfg.storage.root, cfg.storage.options)
     source_url = resolve_source(cfg, store)
-    source_options = {} if cfg.data.source == "embedded" else cfg.storage.options
+    source_options = cfg.storage.options  # the embedded build lives under storage.root, on its endpoint
     listing = list_source(source_url, cfg.data.splits, cfg.data.layout, source_options)
     n_items = sum(len(v) for v in listing.items.values())
     if n_items == 0:

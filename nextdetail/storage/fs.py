@@ -22,6 +22,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from nextdetail.errors import UserError
+
 TMP_MARK = ".tmp-"
 
 
@@ -33,12 +35,37 @@ class Store:
     """A storage root with atomic writes. Paths passed to methods are relative to the root."""
 
     def __init__(self, root: str, options: dict[str, Any] | None = None) -> None:
-        self.fs, path = fsspec.core.url_to_fs(str(root), **(options or {}))
+        try:
+            self.fs, path = fsspec.core.url_to_fs(str(root), **(options or {}))
+        except (ValueError, ImportError) as err:  # "Protocol not known: foo", a protocol whose package is missing
+            protocol = str(root).split("://", 1)[0] if "://" in str(root) else ""
+            if not protocol or ("Protocol not known" not in str(err) and not isinstance(err, ImportError)):
+                raise
+            raise UserError(f"{root}: unknown storage protocol {protocol!r} ({str(err).splitlines()[0][:120]}); "
+                            "give a local path or a URL such as s3://bucket/prefix") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
         protocol = self.fs.protocol
         self.protocol = "file" if self.is_local else protocol[0] if isinstance(protocol, tuple) else protocol
         self.options = dict(options or {})
+
+    def check_writable(self, what: str) -> None:
+        """One line (UserError) unless a file can be written and removed under the root; creates the root."""
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            if self.is_local:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+            self.write_bytes(probe, b"")
+            self.remove(probe)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"{what} {self.url()}: a part of this path is a file, not a folder; choose another "
+                            f"folder (-o {what}=…)") from None
+        except PermissionError:
+            raise UserError(f"{what} {self.url()}: not writable by this user; choose a folder you can write "
+                            f"(-o {what}=…)") from None
+        except OSError as err:
+            raise UserError(f"{what} {self.url()}: cannot write there ({err.strerror or err}); choose another "
+                            f"folder (-o {what}=…)") from None
 
     def __repr__(self) -> str:
         return f"Store({self.url()!r})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decompression bombs are errors, not warnings: a 1 GPixel "JPEG" in a class folder is bad input.
 Image.MAX_IMAGE_PIXELS = 16384 * 16384
@@ -37,8 +37,10 @@ class Decoded:
     conversions: list[str] = field(default_factory=list)
 
 
-def decode_image(data: bytes, name: str = "") -> Decoded:
-    """Decode `data` by its content; convert CMYK, greyscale, palette and alpha images to RGB."""
+def decode_image(data: bytes, name: str = "", exif: str = "apply") -> Decoded:
+    """Decode `data` by its content; convert CMYK, greyscale, palette and alpha images to RGB. `exif="apply"`
+    turns a photo upright by its EXIF orientation (recorded as conversion `exif_orientation_<tag>`); "ignore"
+    keeps the stored pixels, as ADM/VAR prepare ImageNet."""
     if len(data) == 0:
         raise SkipImage("empty_file")
     try:
@@ -56,6 +58,10 @@ def decode_image(data: bytes, name: str = "") -> Decoded:
     except (SyntaxError, ValueError) as err:
         raise SkipImage("decode_error", str(err)) from None
     conversions: list[str] = []
+    orientation = im.getexif().get(0x0112, 1) if exif == "apply" else 1
+    if orientation not in (None, 1):
+        im = ImageOps.exif_transpose(im)
+        conversions.append(f"exif_orientation_{orientation}")
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if ext in _EXPECTED and fmt not in _EXPECTED[ext]:
         conversions.append(f"content_is_{fmt.lower()}")

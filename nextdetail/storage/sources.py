@@ -10,9 +10,11 @@ Listing never reads file contents: each file's fingerprint is its (size, mtime) 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
+import stat
 from dataclasses import dataclass
 
 import fsspec
@@ -22,6 +24,7 @@ from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
 
 LABELS_CSV = "LOC_val_solution.csv"
+UNREADABLE, NOT_A_FILE = -1, -2  # SourceItem.size of what cannot be read (the shard stage skips it, with a reason)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
 
 
@@ -30,15 +33,27 @@ class SourceItem:
     split: str
     relpath: str  # posix path relative to the source root: what the manifest and the shard's json record
     wnid: str | None  # class folder name / wnid; None when the file lies outside any class
-    size: int  # -1: could not stat (broken link, permission)
+    size: int  # UNREADABLE: could not stat or list (broken link, permission); NOT_A_FILE: a FIFO, socket, device
     stamp: str  # modification stamp: mtime in ns locally, ETag / LastModified on object stores
 
     @property
     def key(self) -> str:
-        """webdataset sample key: the path without extension; dots and odd characters become '_'
-        because webdataset splits a member name at the first dot of its basename."""
+        """webdataset sample key: the path without extension; dots and odd characters become '_' because
+        webdataset splits a member name at the first dot of its basename. Where that changed the name, 8 hex
+        digits of the original's sha256 follow, so two files never share a key (`a.b.c.JPEG`, `a_b_c.JPEG`)."""
         stem = self.relpath.rsplit(".", 1)[0] if "." in self.relpath.rsplit("/", 1)[-1] else self.relpath
-        return _UNSAFE.sub("_", stem)
+        safe = _UNSAFE.sub("_", stem)
+        if safe != stem:
+            safe += "_" + hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return safe
+
+
+
+
+def display_path(relpath: str) -> str:
+    """A path as text for manifests and logs: the bytes of a name that is not UTF-8 (old Samba/NFS copies)
+    as \\xNN escapes; the file itself is still read by its real name."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -54,17 +69,26 @@ def _walk_local(root: str, sub: str) -> list[tuple[str, int, str]]:
     stack = [sub]
     while stack:
         rel = stack.pop()
-        with os.scandir(os.path.join(root, rel)) as it:
-            for entry in it:
-                erel = f"{rel}/{entry.name}" if rel else entry.name
-                try:
-                    if entry.is_dir(follow_symlinks=True):
-                        stack.append(erel)
-                        continue
-                    st = entry.stat(follow_symlinks=True)
-                    out.append((erel, st.st_size, str(st.st_mtime_ns)))
-                except OSError:  # broken symlink, permission: listed, and skipped later with its reason
-                    out.append((erel, -1, ""))
+        try:
+            entries = list(os.scandir(os.path.join(root, rel)))
+        except OSError:  # an unreadable directory: listed as one unreadable entry, never silently lost
+            if not rel:
+                raise
+            out.append((rel, UNREADABLE, ""))
+            continue
+        for entry in entries:
+            erel = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(erel)
+                    continue
+                st = entry.stat(follow_symlinks=True)
+                if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever
+                    out.append((erel, NOT_A_FILE, ""))
+                    continue
+                out.append((erel, st.st_size, str(st.st_mtime_ns)))
+            except OSError:  # broken symlink, permission: listed, and skipped later with its reason
+                out.append((erel, UNREADABLE, ""))
     return out
 
 
@@ -98,33 +122,31 @@ def _read_val_labels(fs: fsspec.AbstractFileSystem, root: str, split: str) -> di
     return None
 
 
+def check_root(store: Store, url: str) -> None:
+    """One line when the source root is not a readable directory: missing and not-a-directory differ."""
+    try:
+        exists = store.fs.exists(store.root)
+    except OSError as err:
+        raise UserError(f"data.source {url!r}: cannot be read ({err.strerror or err}); check the path and its "
+                        "permissions") from None
+    if not exists:
+        raise UserError(f"data.source {url!r} does not exist; point it at a class-folder or ImageNet dataset "
+                        "(or -o data.source=embedded)")
+    if not _isdir(store.fs, store.root):
+        raise UserError(f"data.source {url!r} is a file, not a directory; point it at the dataset's folder")
+    if store.is_local and not os.access(store.root, os.R_OK | os.X_OK):
+        raise UserError(f"data.source {url!r}: permission denied; make it readable for this user")
+
+
 def list_source(url: str, splits: list[str], layout: str = "auto", storage_options: dict | None = None) -> SourceListing:
     """List every file of the requested splits with its class; the class map comes from the first split."""
     store = Store(url, storage_options)
     fs, root = store.fs, store.root
-    if not _isdir(fs, root):
-        raise UserError(f"data.source {url!r} is not a directory; point it at a class-folder or ImageNet dataset")
-    split_dirs = {s: _isdir(fs, f"{root}/{s}") for s in splits}
-    if layout == "imagenet" and not split_dirs.get("train", False):
-        raise UserError(f"data.source {url!r} has no train/ folder; ImageNet layout is train/<wnid>/*.JPEG")
-    if not any(split_dirs.values()):
-        if splits[0] != "train" or len(splits) > 1:
-            raise UserError(
-                f"data.source {url!r} has no {'/'.join(splits)} folders; for a plain class-folder root set -o data.splits=[train]"
-            )
-        split_dirs = {"train": True}
-        prefix = {"train": ""}
-    else:
-        missing = [s for s, ok in split_dirs.items() if not ok]
-        if missing:
-            raise UserError(
-                f"data.source {url!r} has no {missing[0]}/ folder; add it or drop it: -o data.splits=[{','.join(s for s in splits if s not in missing)}]"
-            )
-        prefix = {s: s for s in splits}
-
+    check_root(store, url)
+    prefix = split_prefixes(store, url, splits, layout)
     items: dict[str, list[SourceItem]] = {}
     classes: list[str] | None = None
-    for split in split_dirs:
+    for split in prefix:
         files = _walk(fs, root, prefix[split])
         strip = len(prefix[split]) + 1 if prefix[split] else 0
         # Direct children that are directories are the classes of a class-folder split.
@@ -148,4 +170,43 @@ def list_source(url: str, splits: list[str], layout: str = "auto", storage_optio
             split_items.append(SourceItem(split, relpath, wnid, size, stamp))
         items[split] = sorted(split_items, key=lambda it: it.relpath)
     return SourceListing(store.url(), items, classes or [])
+
+
+def split_prefixes(store: Store, url: str, splits: list[str], layout: str = "auto") -> dict[str, str]:
+    """Each split's folder under the root ("" for a plain class-folder root), or one line saying what is
+    missing. Reads directory entries only: cheap enough to check before anything starts."""
+    fs, root = store.fs, store.root
+    split_dirs = {s: _isdir(fs, f"{root}/{s}") for s in splits}
+    if layout == "imagenet" and not split_dirs.get("train", False):
+        raise UserError(f"data.source {url!r} has no train/ folder; ImageNet layout is train/<wnid>/*.JPEG")
+    if not any(split_dirs.values()):
+        if splits[0] != "train" or len(splits) > 1:
+            raise UserError(
+                f"data.source {url!r} has no {'/'.join(splits)} folders; for a plain class-folder root set -o data.splits=[train]"
+            )
+        prefix = {"train": ""}
+    else:
+        missing = [s for s, ok in split_dirs.items() if not ok]
+        if missing:
+            raise UserError(
+                f"data.source {url!r} has no {missing[0]}/ folder; add it or drop it: -o data.splits=[{','.join(s for s in splits if s not in missing)}]"
+            )
+        prefix = {s: s for s in splits}
+    for split in list(prefix)[1:]:  # a flat later split (ImageNet's val/) needs its labels file
+        inner = fs.ls(f"{root}/{prefix[split]}", detail=True)
+        flat = [e for e in inner if e.get("type") != "directory" and not str(e["name"]).endswith(LABELS_CSV)]
+        if flat and not any(e.get("type") == "directory" for e in inner) and not any(
+                fs.exists(w) for w in (f"{root}/{split}/{LABELS_CSV}", f"{root}/{LABELS_CSV}")):
+            raise UserError(f"data.source {url!r}: {split}/ holds images but no class folders and no {LABELS_CSV} "
+                            f"(ImageNet's labels of a flat {split}/); add the file, sort {split}/ into class folders, "
+                            f"or drop it: -o data.splits=[{','.join(s for s in splits if s != split)}]")
+    first = next(iter(prefix))
+    try:
+        entries = fs.ls(f"{root}/{prefix[first]}" if prefix[first] else root, detail=True)
+    except OSError as err:
+        raise UserError(f"data.source {url!r}: {first}/ cannot be read ({err.strerror or err})") from None
+    if not any(e.get("type") == "directory" for e in entries):
+        raise UserError(f"data.source {url!r}: split {first!r} has no class folders (<class>/<image> under "
+                        f"{prefix[first] or 'the root'})")
+    return prefix
 

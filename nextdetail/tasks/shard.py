@@ -33,7 +33,7 @@ from nextdetail.storage.hashing import bytes_sha256, canonical_json, stable_hash
 from nextdetail.storage.images import SkipImage, decode_image, encode_image, preprocess
 from nextdetail.storage.manifest import read_table, rows_to_table, write_table
 from nextdetail.storage.shards import ShardTarWriter, shard_count_for, shard_index_of, shard_name
-from nextdetail.storage.sources import SourceListing
+from nextdetail.storage.sources import NOT_A_FILE, UNREADABLE, SourceListing, display_path
 from nextdetail.tasks.stage import Artifact, stage_task
 
 if TYPE_CHECKING:
@@ -131,12 +131,12 @@ def plan_shards(
 
 
 def _encode_sample(item: ShardItem, data: bytes, cfg: ShardConfig, row: dict[str, Any]) -> dict[str, bytes]:
-    decoded = decode_image(data, item.relpath)
+    decoded = decode_image(data, item.relpath, cfg.exif)
     row.update(width=decoded.width, height=decoded.height)
     image = preprocess(decoded, cfg.resolution, cfg.preprocess, cfg.small_images)
     payload = encode_image(image, cfg.image_format, cfg.jpeg_quality)
     row.update(status="converted" if decoded.conversions else "written", reason=",".join(decoded.conversions))
-    meta = {"source_path": item.relpath, "wnid": item.wnid, "original_size": [decoded.width, decoded.height],
+    meta = {"source_path": display_path(item.relpath), "wnid": item.wnid, "original_size": [decoded.width, decoded.height],
             "source_format": decoded.format}
     return {"__key__": item.key, cfg.image_format: payload, "cls": str(item.class_index),
             "json": canonical_json(meta)}
@@ -155,12 +155,16 @@ def write_shard(
         writer = ShardTarWriter(f)
         for item in job.items:
             row = {"key": item.key, "split": job.split, "shard": job.name, "index_in_shard": -1,
-                   "class_index": item.class_index, "wnid": item.wnid, "source_path": item.relpath,
+                   "class_index": item.class_index, "wnid": item.wnid, "source_path": display_path(item.relpath),
                    "size": item.size, "width": -1, "height": -1, "content_hash": "", "status": "skipped", "reason": ""}
             try:
                 if item.key == previous_key:
                     raise SkipImage("duplicate_key", f"another file maps to key {item.key}")
+                if item.size == NOT_A_FILE:
+                    raise SkipImage("not_a_file", "a FIFO, socket or device file: never opened")
                 if item.wnid is None:
+                    if item.size == UNREADABLE:
+                        raise SkipImage("unreadable", "could not be listed or stat'ed")
                     raise SkipImage("no_class", "file lies outside the class folders")
                 if item.class_index < 0:
                     raise SkipImage("unknown_class", f"class {item.wnid!r} is not in the training split")

@@ -1,0 +1,284 @@
+"""The front door: a wrong path, an unwritable root or an odd file ends in one clear line (exit 2) before
+Prefect or Dask start, or becomes a manifest row with its reason — never a traceback, never a hang."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import FAST, cli_config, make_config, run_shard_stage
+
+NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
+
+
+def _cli(args: list[str], tmp_path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI as a new user starts it: no Prefect server given (it would start its own ephemeral one, with
+    its home under tmp_path/prefect-home)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return subprocess.run([NEXTDETAIL, *args], capture_output=True, text=True, env=env, cwd=cwd or tmp_path,
+                          timeout=120)
+
+
+def _one_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nextdetail: "), proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    return lines[0]
+
+
+def _missing(t: Path) -> str:
+    return str(t / "nowhere")
+
+
+def _a_file(t: Path) -> str:
+    (t / "a-file.txt").write_text("x")
+    return str(t / "a-file.txt")
+
+
+def _no_class_folders(t: Path) -> str:
+    (t / "flat").mkdir()
+    (t / "flat" / "a.png").write_bytes(b"x")
+    return str(t / "flat")
+
+
+@pytest.mark.parametrize("make, words", [
+    (_missing, ("does not exist",)),
+    (_a_file, ("is a file, not a directory",)),
+    (_no_class_folders, ("has no class folders",)),
+    (lambda t: "foo://bucket/data", ("unknown storage protocol 'foo'",)),
+])
+def test_a_bad_source_is_one_line_before_anything_starts(tmp_path, make, words):
+    source = make(tmp_path)
+    proc = _cli(["shard", "-o", f"storage.root={tmp_path / 'root'}", "-o", f"data.source={source}",
+                 "-o", "data.splits=[train]"], tmp_path)
+    _one_line(proc, *words)
+    assert not (tmp_path / "prefect-home").exists()  # Prefect never started
+
+
+def test_a_flat_split_without_its_labels_file_is_one_line(tmp_path, embedded_source):
+    source = tmp_path / "source"
+    shutil.copytree(embedded_source, source)
+    for f in (source / "val").rglob("*.png"):  # val/ flattened, as ImageNet ships it, but no LOC_val_solution.csv
+        f.rename(source / "val" / f.name)
+    for d in [d for d in (source / "val").iterdir() if d.is_dir()]:
+        d.rmdir()
+    proc = _cli(["shard", "-o", f"storage.root={tmp_path / 'root'}", "-o", f"data.source={source}"], tmp_path)
+    _one_line(proc, "val/", "LOC_val_solution.csv")
+
+
+def test_an_unwritable_storage_root_is_one_line(tmp_path, embedded_source):
+    (tmp_path / "a-file").write_text("x")
+    proc = _cli(["run", "-o", f"storage.root={tmp_path / 'a-file' / 'root'}", "-o", f"data.source={embedded_source}"],
+                tmp_path)
+    _one_line(proc, "storage.root", "is a file, not a folder")
+    assert not (tmp_path / "prefect-home").exists()
+
+
+def test_help_writes_nothing_and_stage_names_take_either_spelling(tmp_path):
+    proc = _cli(["--help"], tmp_path)
+    assert proc.returncode == 0 and not list(tmp_path.iterdir())
+    root = tmp_path / "root"
+    for spelling in ("train-tokenizer", "train_tokenizer"):
+        proc = _cli(["run", "--dry-run", "--until", spelling, "-o", f"storage.root={root}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "train_tokenizer" in proc.stdout and "tokenize " not in proc.stdout
+    _one_line(_cli(["run", "--until", "bogus"], tmp_path), "--until 'bogus'", "train_tokenizer")
+
+
+@pytest.mark.timeout(300)
+def test_a_fifo_and_an_unreadable_folder_are_rows_with_reasons_not_a_hang(tmp_path, embedded_source):
+    """A FIFO named like an image would block a reader forever; an unreadable sub-folder used to crash the
+    listing (`status` too). Both are manifest rows with their reason; every good file is written."""
+    source = tmp_path / "source"
+    shutil.copytree(embedded_source, source)
+    os.mkfifo(source / "train" / "coffee" / "pipe.JPEG")
+    locked = source / "train" / "rocket" / "locked"
+    locked.mkdir()
+    shutil.copy(next((source / "train" / "rocket").glob("*.png")), locked / "inside.png")
+    n_good = sum(1 for _ in source.rglob("*.png")) - 1
+    locked.chmod(0)
+    # root reads everything: without the two capabilities that let it, the lock holds as for any user
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    args = cli_config(tmp_path / "out", str(source))
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    try:
+        status = subprocess.run([*unprivileged, NEXTDETAIL, "status", *args], capture_output=True, text=True, env=env)
+        assert status.returncode == 0 and "missing" in status.stdout, status.stderr
+        shard = subprocess.run([*unprivileged, NEXTDETAIL, "shard", "--no-progress", *args], capture_output=True,
+                               text=True, env=env, timeout=240)
+    finally:
+        locked.chmod(0o755)
+    assert shard.returncode == 0, shard.stderr[-2000:]
+    assert "Traceback" not in shard.stderr
+    manifest = next((tmp_path / "out" / "shards").glob("*/manifest.parquet"))
+    rows = {r["source_path"]: r for r in pq.read_table(manifest).to_pylist()}
+    assert (rows["train/coffee/pipe.JPEG"]["status"], rows["train/coffee/pipe.JPEG"]["reason"]) == ("skipped",
+                                                                                                   "not_a_file")
+    assert (rows["train/rocket/locked"]["status"], rows["train/rocket/locked"]["reason"]) == ("skipped", "unreadable")
+    assert sum(r["status"] in ("written", "converted") for r in rows.values()) == n_good
+
+
+def test_the_embedded_default_on_an_s3_endpoint_with_options(s3_endpoint, monkeypatch):
+    """The README's team set-up with the default data: the embedded build is written to the bucket and read
+    back through the same endpoint options (a dead proxy catches any request sent elsewhere)."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    options = f"storage.options={{client_kwargs: {{endpoint_url: '{s3_endpoint}'}}}}"
+    cfg = make_config("s3://team-bucket/nd", "embedded", options,
+                      "data.embedded={per_class: 3, val_per_class: 1, image_size: 40}")
+    result = run_shard_stage(cfg)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    rows = pq.read_table(io.BytesIO(fs.cat_file(result.manifest_url))).to_pylist()
+    assert len(rows) == 12 * 4 and all(r["status"] in ("written", "converted") for r in rows)
+
+
+def test_names_that_sanitise_alike_or_are_not_utf8_are_all_written_under_distinct_keys(tmp_path, embedded_source):
+    source = tmp_path / "source"
+    shutil.copytree(embedded_source, source)
+    photo = next((source / "train" / "coffee").glob("*.png")).read_bytes()
+    names = ["a.b.c.png", "a_b_c.png", "café.png", "cafe\u0301.png"]
+    for name in names:
+        (source / "train" / "coffee" / name).write_bytes(photo)
+    odd = os.path.join(os.fsencode(source / "train" / "coffee"), b"bad_\xff\xfe.png")
+    with open(odd, "wb") as f:
+        f.write(photo)
+    cfg = make_config(tmp_path / "out", str(source))
+    first = run_shard_stage(cfg)
+    rows = {r["source_path"]: r for r in pq.read_table(Path(first.url) / "manifest.parquet").to_pylist()}
+    ours = [rows[f"train/coffee/{n}"] for n in [*names, "bad_\\xff\\xfe.png"]]
+    assert all(r["status"] == "written" for r in ours), [(r["source_path"], r["reason"]) for r in ours]
+    assert len({r["key"] for r in ours}) == len(ours) and all("." not in r["key"] for r in ours)
+    assert rows["train/coffee/a_b_c.png"]["key"] == "train/coffee/a_b_c"  # a clean name keeps its key
+    again = run_shard_stage(cfg)  # stable across runs
+    assert {r["key"] for r in pq.read_table(Path(again.url) / "manifest.parquet").to_pylist()} == {r["key"] for r in
+                                                                                                   rows.values()}
+
+
+def _ours(prefect_home: Path) -> list[str]:
+    """Processes still running with this test's PREFECT_HOME: the ephemeral server, Dask workers, ranks."""
+    import psutil
+
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and p.environ().get("PREFECT_HOME") == str(prefect_home):
+                left.append(" ".join(p.info["cmdline"] or [])[:120])
+    return left
+
+
+def _gone_within(prefect_home: Path, seconds: float) -> list[str]:
+    deadline = time.time() + seconds
+    while (left := _ours(prefect_home)) and time.time() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage, ready", [
+    ("shard", "shards/*/*.tar"),
+    ("train_tokenizer", "tokenizer/*/*/checkpoints/step-*.pt"),
+])
+def test_ctrl_c_stops_the_work_in_seconds_in_one_line_and_the_rerun_resumes(tmp_path, embedded_source, stage, ready):
+    """SIGINT to the CLI's process group (a terminal's Ctrl-C) mid-stage, the CLI starting its own Prefect
+    server and Dask cluster: exit 130 within 10 s, one line, no process of the run left; the re-run builds
+    what an uninterrupted run builds."""
+    root = tmp_path / "root"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="WARNING")
+    cmd = [NEXTDETAIL, "run", "--until", stage, "--no-progress", *cli_config(root, embedded_source, *FAST)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 400
+    while next(root.glob(ready), None) is None:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and time.time() - t0 < 10, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("nextdetail:")] == [
+        "nextdetail: interrupted — re-run the same command to resume"]
+    assert not _gone_within(tmp_path / "prefect-home", 10)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert again.returncode == 0, again.stderr[-2000:]
+    reference = tmp_path / "reference"
+    clean = subprocess.run([NEXTDETAIL, "run", "--until", stage, "--no-progress",
+                            *cli_config(reference, embedded_source, *FAST)], env=env, capture_output=True, text=True,
+                           timeout=500)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    if stage == "shard":
+        digest = lambda base: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                               for p in base.glob("shards/*/*.tar")}
+    else:
+        digest = lambda base: {p.name: _weights(p) for p in base.glob("tokenizer/*/*/tokenizer.pt")}  # noqa: E731
+    assert digest(root) == digest(reference) and digest(root)
+
+
+def _weights(path: Path) -> str:
+    import torch
+
+    from nextdetail.storage.checkpoints import tensors_sha256
+
+    return tensors_sha256(torch.load(path, weights_only=True)["model"])
+
+
+@pytest.mark.timeout(300)
+def test_a_sigkilled_cli_leaves_no_prefect_server_behind(tmp_path, embedded_source):
+    root = tmp_path / "root"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="WARNING")
+    proc = subprocess.Popen([NEXTDETAIL, "run", "--until", "shard", "--no-progress", *cli_config(root, embedded_source)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while next(root.glob("shards/*/*.tar"), None) is None:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    assert _ours(tmp_path / "prefect-home")  # the server and the Dask workers are running
+    os.kill(proc.pid, signal.SIGKILL)  # the CLI alone, as `kill -9 PID` does: its children are orphaned
+    proc.wait()
+    assert not _gone_within(tmp_path / "prefect-home", 10)
+
+
+def test_a_section_check_names_the_key_not_the_whole_section(tmp_path):
+    line = _one_line(_cli(["config", "-o", "shard.shard_count={train: 0}"], tmp_path), "shard.shard_count.train=0")
+    assert "samples_per_shard" not in line  # the section's other values are not dumped
+
+
+@pytest.mark.parametrize("exif", ["apply", "ignore"])
+def test_exif_orientation_is_a_setting_and_what_was_applied_is_in_the_manifest(tmp_path, embedded_source, exif):
+    import tarfile
+
+    from PIL import Image
+
+    source = tmp_path / "source"
+    shutil.copytree(embedded_source, source)
+    phone = Image.new("RGB", (60, 40), (200, 30, 30))  # stored landscape; EXIF 6: shown rotated 90° clockwise
+    tags = Image.Exif()
+    tags[0x0112] = 6
+    phone.save(source / "train" / "coffee" / "phone.jpg", format="JPEG", exif=tags)
+    result = run_shard_stage(make_config(tmp_path / "out", str(source), "shard.resolution=null",
+                                         "shard.preprocess=keep", f"shard.exif={exif}"))
+    row = next(r for r in pq.read_table(Path(result.url) / "manifest.parquet").to_pylist()
+               if r["source_path"] == "train/coffee/phone.jpg")
+    with tarfile.open(Path(result.url) / row["shard"]) as tf:
+        member = tf.getmember(f"{row['key']}.png")  # the tiny preset writes PNG
+        written = Image.open(io.BytesIO(tf.extractfile(member).read()))
+    if exif == "apply":
+        assert written.size == (40, 60) and (row["status"], row["reason"]) == ("converted", "exif_orientation_6")
+    else:
+        assert written.size == (60, 40) and (row["status"], row["reason"]) == ("written", "")
