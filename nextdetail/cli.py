@@ -201,8 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def preflight(branches: dict) -> None:
-    """What makes a run fail, checked before Prefect or Dask start, each in one line: the stage selection, a
-    writable storage root (and token / reference caches), a source that is a readable dataset folder."""
+    """What makes a run fail, checked before Prefect or Dask start, each in one line: a writable storage root
+    (and token cache), a source that is a readable dataset folder with its splits and class folders."""
     from nextdetail.storage.fs import Store
     from nextdetail.storage.sources import check_root, split_prefixes
 

@@ -60,7 +60,7 @@ def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str,
     record = fut.result()
     get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
                           record["summary"]["images"], record["work"], artifact.store.url())
-    return RefHandle(artifact.store.url(), root.options, {**record, "work": record["work"]})
+    return RefHandle(artifact.store.url(), root.options, record)
 
 
 def list_checkpoints(ar: ARResult, which: str, options: dict) -> list[CheckpointRef]:

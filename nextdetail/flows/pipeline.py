@@ -116,27 +116,19 @@ def run_with_retries(stage: str, runner: Callable[[], Any], log: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-def _runners(cfg: PipelineConfig, results: dict[str, Any], progress: bool,
-             scheduler: Callable[[], str]) -> dict[str, Callable[[StageKey], Any]]:
-    from nextdetail.flows.decompose import run_decompose  # the stages' code (and torch) only when one runs
-    from nextdetail.flows.evaluate import run_evaluate
-    from nextdetail.flows.sample import run_sample
-    from nextdetail.flows.shard import run_shard
-    from nextdetail.flows.tokenize import run_tokenize
-    from nextdetail.flows.train_ar import run_train_ar
-    from nextdetail.flows.train_tokenizer import run_train_tokenizer
+DASK_STAGES = ("shard", "decompose")  # the stages whose tasks run on the Dask cluster
 
-    r = results
-    return {
-        "shard": lambda k: run_shard(cfg, k, progress=progress, scheduler=scheduler()),
-        "decompose": lambda k: run_decompose(cfg, k, r["shard"], progress=progress, scheduler=scheduler()),
-        "train_tokenizer": lambda k: run_train_tokenizer(cfg, k, r["shard"], r["decompose"], progress=progress),
-        "tokenize": lambda k: run_tokenize(cfg, k, r["shard"], r["decompose"], r["train_tokenizer"], progress=progress),
-        "train_ar": lambda k: run_train_ar(cfg, k, r["shard"], r["train_tokenizer"], r["tokenize"], progress=progress),
-        "sample": lambda k: run_sample(cfg, k, r["shard"], r["tokenize"], r["train_ar"], progress=progress),
-        "evaluate": lambda k: run_evaluate(cfg, k, r["shard"], r["train_tokenizer"], r["tokenize"], r["train_ar"],
-                                           progress=progress),
-    }
+
+def _run_flow(cfg: PipelineConfig, stage: str, key: StageKey, upstream: dict[str, Any], progress: bool,
+              scheduler: Callable[[], str] | None) -> Any:
+    """Stage `stage`'s flow (`flows/<stage>.py:run_<stage>`, imported only when it runs: torch comes with it) on
+    its upstream results, in the stage table's order; `scheduler()` gives the Dask scheduler for the Dask stages
+    (None: a LocalCluster for this call)."""
+    import importlib
+
+    runner = getattr(importlib.import_module(f"nextdetail.flows.{stage}"), f"run_{stage}")
+    extra = {"scheduler": scheduler() if scheduler else None} if stage in DASK_STAGES else {}
+    return runner(cfg, key, *[upstream[u] for u in SPECS[stage].upstream], progress=progress, **extra)
 
 
 Branches = dict[str, PipelineConfig]  # model name → its config: the pipeline's branches (conf.load_branches)
@@ -174,7 +166,6 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
                 cluster.append(stack.enter_context(dask_cluster(**c.model_dump())))
             return cluster[0]
 
-        runners: dict[str, dict[str, Callable[[], Any]]] = {}
         for stage in stages:
             for model, bcfg in branches.items():
                 res = results[model]
@@ -189,8 +180,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
                 visited[key.identity] = model
                 started = time.time()
                 res.work[stage] = _visit(stage, bcfg, key, res, lineage, force, only, log, started, env,
-                                         lambda b=model, c=bcfg: runners.setdefault(
-                                             b, _runners(c, results[b], progress, scheduler)))
+                                         functools.partial(_run_flow, bcfg, stage, key, res, progress, scheduler))
                 rows[key.identity] = {
                     "run_id": run_id, "started": started, "stage": stage, "model": model, "identity": key.identity,
                     "artifact_identity": res[stage].identity, "url": res[stage].url, "work": res.work[stage],
@@ -204,7 +194,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
 
 def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResults, lineage: Lineage,
            force: list[str], only: str | None, log: Any, started: float, env: dict[str, Any],
-           runners: Callable[[], dict[str, Callable[[StageKey], Any]]]) -> str:
+           runner: Callable[[], Any]) -> str:
     """One stage of one branch: skip it when its identity's record names an intact artifact, else run it
     (deleting the recorded artifact first under --force) and write its lineage record. Returns the work."""
     record = lineage.read(stage, key.identity)
@@ -220,7 +210,6 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
         url = record["artifact"]["url"]
         log.info("%s: --force: deleting %s and rebuilding it", stage, url)
         Store(url, artifact_options(cfg, stage)).remove_tree("")
-    runner = functools.partial(runners()[stage], key)
     results[stage] = run_with_retries(stage, runner, log)
     if stage in force and not complete and _reused(results[stage]):  # built before lineage knew it
         log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
@@ -253,13 +242,9 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None =
     """One stage's flow on its upstream stages' results (tests, notebooks; call inside `runtime.prefect_api`):
     its key computed as `run_pipeline` computes it. `scheduler`: a Dask scheduler for shard and decompose
     (default: a LocalCluster for this call)."""
-    import importlib
-
     upstream = upstream or {}
-    runner = getattr(importlib.import_module(f"nextdetail.flows.{stage}"), f"run_{stage}")
-    extra = {"scheduler": scheduler} if stage in ("shard", "decompose") else {}
-    return runner(cfg, key_of(cfg, stage, upstream), *[upstream[u] for u in SPECS[stage].upstream],
-                  progress=progress, **extra)
+    return _run_flow(cfg, stage, key_of(cfg, stage, upstream), upstream, progress,
+                     (lambda: scheduler) if scheduler else None)
 
 
 @flow(name="nextdetail-scheduled", log_prints=False, persist_result=False)
