@@ -543,6 +543,11 @@ def _interrupted(signum: int, frame: object) -> None:
     Every write is atomic, so the re-run resumes from what was finished."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("nextdetail: interrupted — re-run the same command to resume", file=sys.stderr, flush=True)
+    # From here on this process's threads (Prefect's, Dask's nannies and scheduler) see their peers go: what
+    # they would log about it, and anything a nanny restarts, writes nowhere.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
     from nextdetail.flows.runtime import end_children
 
     end_children()

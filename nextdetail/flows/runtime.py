@@ -99,17 +99,28 @@ def watch_parent() -> None:
 
 def end_children(grace: float = 3.0) -> None:
     """SIGTERM every process this one started (Prefect's server, Dask's nannies and workers, torchrun ranks),
-    SIGKILL whatever is left after `grace` seconds. What they wrote is atomic: a re-run resumes."""
+    SIGKILL whatever is left after `grace` seconds. Asked again until none is left: a Dask nanny (a thread of
+    this process) restarts a worker whose process ends. What they wrote is atomic: a re-run resumes."""
+    import time
+
     import psutil
 
-    children = psutil.Process().children(recursive=True)
-    for p in children:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(children, timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    deadline = time.monotonic() + grace
+    while (children := psutil.Process().children(recursive=True)) and time.monotonic() < deadline + grace:
+        late = time.monotonic() > deadline
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill() if late else p.terminate()
+        psutil.wait_procs(children, timeout=0.3)
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook (this module is preloaded into every LocalCluster worker). A terminal's Ctrl-C goes to
+    the whole process group; the CLI owns it and ends the workers itself (`end_children`), so a worker neither
+    stops half-way on its own nor is restarted by its nanny to find the scheduler gone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _NoUserErrorTracebacks(logging.Filter):
@@ -182,7 +193,7 @@ def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker:
             memory_limit=memory_limit,
             dashboard_address=":0",  # a free port: concurrent runs never collide
             # Workers import the stage code (and Prefect) at start-up, not inside the first task.
-            preload=["nextdetail.tasks.shard", "nextdetail.tasks.decompose"],
+            preload=["nextdetail.tasks.shard", "nextdetail.tasks.decompose", __name__],
             silence_logs=logging.WARNING,
         )
     try:

@@ -59,7 +59,9 @@ def launch(stage: str, module: str, job: dict[str, Any], nproc: int, log: Callab
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", module, path]
         log(f"{stage}: launching {nproc} processes: {' '.join(cmd)}")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its own session: a terminal's Ctrl-C reaches the CLI alone, which ends torchrun and its ranks together.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         assert proc.stdout is not None
         for line in proc.stdout:
             log(line.rstrip())
