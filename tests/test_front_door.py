@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -97,37 +99,144 @@ def test_help_writes_nothing_and_stage_names_take_either_spelling(tmp_path):
     _one_line(_cli(["run", "--until", "bogus"], tmp_path), "--until 'bogus'", "train_tokenizer")
 
 
-@pytest.mark.timeout(300)
-def test_a_fifo_and_an_unreadable_folder_are_rows_with_reasons_not_a_hang(tmp_path, embedded_source):
-    """A FIFO named like an image would block a reader forever; an unreadable sub-folder used to crash the
-    listing (`status` too). Both are manifest rows with their reason; every good file is written."""
+def _bad_input_corpus(tmp_path: Path, embedded_source: str) -> tuple[Path, list[Path]]:
+    """The embedded photos plus what real folders hold: a FIFO named like an image, an unreadable sub-folder
+    and an unreadable file, a broken link, a text file, a truncated and an empty image, a name that is not
+    UTF-8, an empty class folder, one holding only a README, a hidden folder, a stray file beside the classes,
+    and a val/ split whose files are all bad (its bucket would be an empty tar). Returns (root, locked paths)."""
     source = tmp_path / "source"
     shutil.copytree(embedded_source, source)
-    os.mkfifo(source / "train" / "coffee" / "pipe.JPEG")
-    locked = source / "train" / "rocket" / "locked"
-    locked.mkdir()
-    shutil.copy(next((source / "train" / "rocket").glob("*.png")), locked / "inside.png")
-    n_good = sum(1 for _ in source.rglob("*.png")) - 1
-    locked.chmod(0)
-    # root reads everything: without the two capabilities that let it, the lock holds as for any user
+    photo = next((source / "train" / "coffee").glob("*.png"))
+    coffee, rocket = source / "train" / "coffee", source / "train" / "rocket"
+    os.mkfifo(coffee / "pipe.JPEG")
+    (rocket / "locked").mkdir()
+    shutil.copy(photo, rocket / "locked" / "inside.png")
+    shutil.copy(photo, coffee / "secret.png")
+    (coffee / "gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    (coffee / "notes.txt").write_text("not an image")
+    (coffee / "truncated.png").write_bytes(photo.read_bytes()[:200])
+    (coffee / "empty.JPEG").write_bytes(b"")
+    with open(os.path.join(os.fsencode(coffee), b"old_\xe9t\xe9.png"), "wb") as f:  # Latin-1 bytes
+        f.write(photo.read_bytes())
+    (source / "train" / "aaa_empty").mkdir()
+    (source / "train" / "readme_only").mkdir()
+    (source / "train" / "readme_only" / "README").write_text("to be filled")
+    (source / "train" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(photo, source / "train" / ".ipynb_checkpoints" / "copy.png")
+    (source / "train" / "LICENSE").write_text("a stray file beside the class folders")
+    shutil.rmtree(source / "val")
+    (source / "val" / "coffee").mkdir(parents=True)
+    (source / "val" / "coffee" / "broken.png").write_bytes(b"\x89PNG not really")
+    return source, [rocket / "locked", coffee / "secret.png"]
+
+
+def _source_paths(source: Path, locked_dir: Path) -> set[str]:
+    from nextdetail.storage.sources import display_path
+
+    found = set()
+    for dirpath, dirs, files in (w for split in ("train", "val") for w in os.walk(source / split)):
+        rel = os.path.relpath(dirpath, source).replace(os.sep, "/")
+        if Path(dirpath) == locked_dir:  # one row for the folder that cannot be listed
+            found.add(display_path(rel))
+            dirs.clear()
+            continue
+        found |= {display_path(f"{rel}/{f}".removeprefix("./")) for f in files}
+    return found
+
+
+def _check_tars(shard_dir: Path) -> list[str]:
+    """No tar without samples; the printed patterns name exactly the tars; their members are the manifest's
+    written rows."""
+    import webdataset as wds
+    from braceexpand import braceexpand
+
+    marker = json.loads((shard_dir / "_COMPLETE.json").read_text())
+    rows = pq.read_table(shard_dir / "manifest.parquet").to_pylist()
+    tars = sorted(p.name for p in shard_dir.glob("*.tar"))
+    assert sorted(n for pattern in marker["summary"]["patterns"].values() for n in braceexpand(pattern)) == tars
+    members = set()
+    for tar in tars:
+        keys = {s["__key__"] for s in wds.WebDataset(str(shard_dir / tar), shardshuffle=False, empty_check=False)}
+        assert keys, f"{tar} has no samples"
+        members |= {(tar, k) for k in keys}
+    assert members == {(r["shard"], r["key"]) for r in rows if r["index_in_shard"] >= 0}
+    return tars
+
+
+@pytest.mark.timeout(600)
+def test_a_bad_input_corpus_through_shard_and_status(tmp_path, embedded_source):
+    """The corpus through the CLI's `shard` and `status` as an unprivileged user: exit 0 and no traceback; every
+    file a tar member or a manifest row with its reason; no tar without samples and the printed pattern names
+    exactly the tars; an empty folder and a README-only one are both classes. Then the locks are lifted: what
+    could not be read is retried by the next run (status says so), the tar that changes gets a new content hash
+    (what downstream keys on), the others stay, and the killed writer's temporary of the rewritten tar is gone."""
+    source, locked = _bad_input_corpus(tmp_path, embedded_source)
+    # root reads everything: without the two capabilities that let it, the locks hold as for any user
     unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
-    args = cli_config(tmp_path / "out", str(source))
+    args = cli_config(tmp_path / "out", str(source), "shard.samples_per_shard=1")  # many buckets: some empty
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+    def cli(*cmd: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*unprivileged, NEXTDETAIL, *cmd, *args], capture_output=True, text=True, env=env,
+                              timeout=240)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc
+
+    for path in locked:
+        path.chmod(0)
     try:
-        status = subprocess.run([*unprivileged, NEXTDETAIL, "status", *args], capture_output=True, text=True, env=env)
-        assert status.returncode == 0 and "missing" in status.stdout, status.stderr
-        shard = subprocess.run([*unprivileged, NEXTDETAIL, "shard", "--no-progress", *args], capture_output=True,
-                               text=True, env=env, timeout=240)
+        assert "missing" in cli("status").stdout
+        first = cli("shard", "--no-progress")
+        shard_dir = next((tmp_path / "out" / "shards").glob("*"))
+        marker = json.loads((shard_dir / "_COMPLETE.json").read_text())
+        rows = {r["source_path"]: r for r in pq.read_table(shard_dir / "manifest.parquet").to_pylist()}
+        assert set(rows) == _source_paths(source, locked[0])  # every file accounted for
+        assert not any(t.startswith("val-") for t in _check_tars(shard_dir))  # val/ has no sample: no tar
+        retry_status = cli("status").stdout
+        # The file's lock lifted (the folder's stays): no listing fingerprint changes, yet the re-run reads it.
+        locked[1].chmod(0o644)
+        parts = {p.stem: json.loads(p.read_text())["summary"] for p in (shard_dir / "_parts").glob("*.json")}
+        secret_tar = rows["train/coffee/secret.png"]["shard"]
+        stale_tmp, other_tmp = shard_dir / f".{secret_tar}.tmp-999999-deadbeef", shard_dir / ".x.tar.tmp-1-feedbeef"
+        for tmp in (stale_tmp, other_tmp):  # what killed writers left, a minute ago
+            tmp.write_bytes(b"half a tar")
+            os.utime(tmp, (time.time() - 60, time.time() - 60))
+        cli("shard", "--no-progress")
+        _check_tars(shard_dir)
+        final_status = cli("status").stdout
     finally:
-        locked.chmod(0o755)
-    assert shard.returncode == 0, shard.stderr[-2000:]
-    assert "Traceback" not in shard.stderr
-    manifest = next((tmp_path / "out" / "shards").glob("*/manifest.parquet"))
-    rows = {r["source_path"]: r for r in pq.read_table(manifest).to_pylist()}
-    assert (rows["train/coffee/pipe.JPEG"]["status"], rows["train/coffee/pipe.JPEG"]["reason"]) == ("skipped",
-                                                                                                   "not_a_file")
-    assert (rows["train/rocket/locked"]["status"], rows["train/rocket/locked"]["reason"]) == ("skipped", "unreadable")
-    assert sum(r["status"] in ("written", "converted") for r in rows.values()) == n_good
+        for path in locked:
+            path.chmod(0o755)
+    reason = {p: (r["status"], r["reason"]) for p, r in rows.items()}
+    assert {p: reason[p] for p in (
+        "train/coffee/pipe.JPEG", "train/rocket/locked", "train/coffee/secret.png", "train/coffee/gone.JPEG",
+        "train/coffee/notes.txt", "train/coffee/truncated.png", "train/coffee/empty.JPEG",
+        "train/.ipynb_checkpoints/copy.png", "train/readme_only/README", "train/LICENSE", "val/coffee/broken.png",
+        "train/coffee/old_\\xe9t\\xe9.png")} == {
+        "train/coffee/pipe.JPEG": ("skipped", "not_a_file"), "train/rocket/locked": ("skipped", "unreadable"),
+        "train/coffee/secret.png": ("skipped", "unreadable"), "train/coffee/gone.JPEG": ("skipped", "unreadable"),
+        "train/coffee/notes.txt": ("skipped", "not_an_image"), "train/coffee/truncated.png": ("skipped", "truncated"),
+        "train/coffee/empty.JPEG": ("skipped", "empty_file"),
+        "train/.ipynb_checkpoints/copy.png": ("skipped", "hidden_folder"),
+        "train/readme_only/README": ("skipped", "not_an_image"), "train/LICENSE": ("skipped", "no_class"),
+        "val/coffee/broken.png": ("skipped", "not_an_image"), "train/coffee/old_\\xe9t\\xe9.png": ("written", "")}
+    classes = json.loads((shard_dir / "classes.json").read_text())["classes"]
+    assert classes[0] == "aaa_empty" and "readme_only" in classes and ".ipynb_checkpoints" not in classes
+    assert marker["summary"]["empty_classes"] == ["aaa_empty", "readme_only"]
+    assert "2 class folder(s) without images" in first.stderr + first.stdout
+    assert marker["summary"]["retry"] == 1 and "could not be read" in retry_status  # secret.png
+    after = {r["source_path"]: r for r in pq.read_table(shard_dir / "manifest.parquet").to_pylist()}
+    assert after["train/coffee/secret.png"]["status"] == "written"
+    assert after["train/rocket/locked"]["reason"] == "unreadable"  # still locked: no retry, its fix lists new files
+    new_parts = {p.stem: json.loads(p.read_text())["summary"] for p in (shard_dir / "_parts").glob("*.json")}
+    changed = {n for n in new_parts if new_parts[n]["tar_sha256"] != parts.get(n, {}).get("tar_sha256")}
+    assert changed == {secret_tar.removesuffix(".tar")}
+    new_marker = json.loads((shard_dir / "_COMPLETE.json").read_text())
+    assert new_marker["identity"] == marker["identity"]  # the same listing and settings …
+    assert new_marker["summary"]["content_sha256"] != marker["summary"]["content_sha256"]  # … other tars
+    assert new_marker["summary"]["retry"] == 0 and "could not be read" not in final_status
+    assert re.search(r"shard\s+up to date", final_status), final_status
+    assert not stale_tmp.exists() and other_tmp.exists()
 
 
 def test_the_embedded_default_on_an_s3_endpoint_with_options(s3_endpoint, monkeypatch):

@@ -125,7 +125,7 @@ def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipe
     assert [r["work"] for r in log if r["run_id"] == again.run_id] == ["up to date"] * len(STAGES)
     record = lineage.read("decompose", again.identities["decompose"])
     assert record["settings"]["decompose"]["alpha"] == cfg.decompose.alpha
-    assert record["upstream"] == {"shard": first["shard"].identity}
+    assert record["upstream"] == {"shard": f"{first['shard'].identity}:{first['shard'].summary['content_sha256']}"}
     assert record["packages"]["torch"] and record["host"] and "nextdetail/models/mumford_shah.py" in record["code"]
 
 

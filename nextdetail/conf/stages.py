@@ -230,17 +230,18 @@ def files_key(cfg: PipelineConfig, stage: str, paths: list[str]) -> StageKey:
                     _as_json(spec.inputs(cfg) if spec.inputs else {}), code_fingerprint(entries))
 
 
-WEIGHTS_SHA256 = {"train_tokenizer": "tokenizer_sha256", "train_ar": "weights_sha256"}
-"""The summary key holding the sha256 of a training stage's weights: tokenizer.pt's bytes (spec + tensors only);
-for the transformer, of its tensors (transformer.pt also records where its tokenizer lives, which differs by
-storage root and must not change what downstream keys on)."""
+CONTENT_SHA256 = {"shard": "content_sha256", "train_tokenizer": "tokenizer_sha256", "train_ar": "weights_sha256"}
+"""The summary key holding the sha256 of what a stage wrote where its bytes can differ under one identity: the
+shard tars (a re-shard reads a file it could not read before), tokenizer.pt's bytes (spec + tensors only); for
+the transformer, its tensors (transformer.pt also records where its tokenizer lives, which differs by storage
+root and must not change what downstream keys on)."""
 
 
 def output_identity(stage: str, identity: str, summary: dict[str, Any]) -> str:
-    """What downstream identities see of an artifact: its identity — and for a training stage also the sha256
-    of its weights, since a retrained model (other device, process count, threads) has other bytes under the
-    same identity and what was computed from it must follow."""
-    sha = summary.get(WEIGHTS_SHA256.get(stage, ""))
+    """What downstream identities see of an artifact: its identity — and, where the bytes can differ under one
+    identity (a retrained model on another device, process count or thread count; a re-shard), their sha256:
+    what was computed from them must follow."""
+    sha = summary.get(CONTENT_SHA256.get(stage, ""))
     return f"{identity}:{sha}" if sha else identity
 
 

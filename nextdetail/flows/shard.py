@@ -77,7 +77,9 @@ def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> Sha
     fut = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes)
     record = fut.result()
     result.identity, result.summary = dataset.identity, record["summary"]
-    result.tar_identities = {job.name: a.identity for a, job in plan}
+    # A tar as decompose keys its part on: identity and bytes (`content_sha256` in the dataset summary).
+    result.tar_identities = {job.name: f"{a.identity}:{records[job.name]['summary']['tar_sha256']}"
+                             for a, job in plan if records[job.name]["summary"]["samples"]}
     result.manifest_work = record["work"]
     result.seconds = round(time.time() - t0, 3)
     log.info(summary_line(result.summary))

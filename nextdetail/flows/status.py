@@ -70,7 +70,11 @@ def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
     for u, ident in current.get("upstream", {}).items():
         before = last.get("upstream", {}).get(u)
         if before != ident:
-            reasons.append(f"upstream {u} changed: {str(before)[:12]} → {str(ident)[:12]}")
+            was, now = str(before).split(":", 1), str(ident).split(":", 1)
+            if was[0] == now[0] and len(now) == 2:  # one identity, other bytes (a retrained model, a re-shard)
+                reasons.append(f"upstream {u} rebuilt with other content: {was[-1][:12]} → {now[1][:12]}")
+            else:
+                reasons.append(f"upstream {u} changed: {str(before)[:12]} → {str(ident)[:12]}")
     now_in, then_in = _flatten(current.get("inputs", {})), _flatten(last.get("inputs", {}))
     for k in sorted(set(now_in) | set(then_in)):
         if now_in.get(k) != then_in.get(k):
@@ -100,6 +104,11 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
     if record is not None:
         if recorded_artifact(record, artifact_options(cfg, stage)):
             return StageStatus(stage, UP_TO_DATE, [], identity, record, key=key)
+        retry = record["result"].get("summary", {}).get("retry")
+        if retry and recorded_artifact(record, artifact_options(cfg, stage), check_sizes=False):
+            return StageStatus(stage, STALE, [f"{retry} input file(s) could not be read when it was built: run "
+                                              "retries them (and rebuilds what follows only if they now read)"],
+                               identity, record, key=key)
         return StageStatus(stage, MISSING, [f"its artifact is gone or incomplete: {record['artifact']['url']}"],
                            identity, record, key=key)
     if last is None:

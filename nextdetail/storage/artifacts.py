@@ -51,9 +51,10 @@ class Artifact:
         return record if record.get("identity") == self.identity else None
 
     def completed(self) -> dict[str, Any] | None:
-        """The marker if the artifact is complete: identity matches and every listed file has its size."""
+        """The marker if the artifact is complete: identity matches, every listed file has its size, and nothing
+        was left out for a reason a re-run can fix (summary `retry`: files that could not be read)."""
         record = self.read_marker()
-        if record is None:
+        if record is None or record.get("summary", {}).get("retry"):  # built around inputs that could not be read
             return None
         for rel, size in record.get("files", {}).items():
             if self.store.size(rel) != size:
@@ -91,6 +92,8 @@ class Artifact:
             known = files if isinstance(files, dict) else {}
             record["sha256"] = {rel: known.get(rel) or self.store.sha256(rel) for rel in files}
         data = canonical_json(record).encode()
+        # What killed writers of these files left behind (untouched since this build began) goes with the resume.
+        self.store.clean_temporaries_of([*files, self.marker], before=started)
         if self.exclusive:
             self.store.write_bytes_exclusive(self.marker, data)
         else:

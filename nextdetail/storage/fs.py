@@ -8,6 +8,7 @@ half-written file under the final name.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -213,6 +214,29 @@ class Store:
             return []
         prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+
+    def clean_temporaries_of(self, rels: list[str], before: float) -> int:
+        """Remove the temporaries of files `rels` not modified since `before` (local directories only): what
+        killed writers of the same files left. A live concurrent writer keeps its temporary's mtime fresh."""
+        if not self.is_local:
+            return 0
+        names = collections.defaultdict(set)
+        for rel in rels:
+            parent, _, name = rel.rpartition("/")
+            names[parent].add(f".{name}{TMP_MARK}")
+        removed = 0
+        for parent, prefixes in names.items():
+            try:
+                entries = list(os.scandir(self.path(parent) if parent else self.root))
+            except OSError:
+                continue
+            for entry in entries:
+                if TMP_MARK in entry.name and entry.name.split(TMP_MARK, 1)[0] + TMP_MARK in prefixes:
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat().st_mtime < before:
+                            os.unlink(entry.path)
+                            removed += 1
+        return removed
 
     def clean_temporaries(self, rel: str, older_than_s: float = 3600.0) -> int:
         """Remove temporaries that killed writers left in local directory `rel` (object stores have none)."""

@@ -122,6 +122,15 @@ def _read_val_labels(fs: fsspec.AbstractFileSystem, root: str, split: str) -> di
     return None
 
 
+def class_folders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The classes of a class-folder split: every sub-folder, whatever it holds (as torchvision's ImageFolder
+    finds them), sorted — so an empty folder, or one holding only a README, is a class with no samples, and
+    filling it later shifts no class index. Hidden folders (.git, .ipynb_checkpoints) are not classes (their
+    files are skipped, reason hidden_folder). On an object store a folder exists only while it holds a file."""
+    return sorted(name for e in fs.ls(path, detail=True) if e.get("type") == "directory"
+                  and not (name := str(e["name"]).rstrip("/").rsplit("/", 1)[-1]).startswith("."))
+
+
 def check_root(store: Store, url: str) -> None:
     """One line when the source root is not a readable directory: missing and not-a-directory differ."""
     try:
@@ -149,11 +158,10 @@ def list_source(url: str, splits: list[str], layout: str = "auto", storage_optio
     for split in prefix:
         files = _walk(fs, root, prefix[split])
         strip = len(prefix[split]) + 1 if prefix[split] else 0
-        # Direct children that are directories are the classes of a class-folder split.
         class_dirs = sorted({f[0][strip:].split("/", 1)[0] for f in files if "/" in f[0][strip:]})
         labels = _read_val_labels(fs, root, split) if not class_dirs else None
         if classes is None:
-            classes = class_dirs
+            classes = class_folders(fs, f"{root}/{prefix[split]}" if prefix[split] else root)
             if not classes:
                 raise UserError(f"data.source {url!r}: split {split!r} has no class folders")
         split_items = []

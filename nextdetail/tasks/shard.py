@@ -122,6 +122,8 @@ def plan_shards(
             item = ShardItem(it.key, it.relpath, it.wnid, class_index.get(it.wnid, -1) if it.wnid else -1, it.size, fp)
             buckets[shard_index_of(item.key, n_shards)].append(item)
         for index, bucket in enumerate(buckets):
+            if not bucket:  # no tar for an empty bucket (a loader handed only it would find no samples)
+                continue
             ordered = ShardItems(sorted(bucket, key=lambda x: (x.key, x.relpath)))
             job = ShardJob(split, index, ordered, stable_hash([list(vars(x).values()) for x in ordered]))
             identity = key.part({"name": job.name, "items": job.digest})
@@ -149,45 +151,70 @@ def write_shard(
     """Write one tar and its manifest part. Never raises on a bad input file: it becomes a row."""
     source = Store(source_url, source_options)
     rows: list[dict[str, Any]] = []
-    previous_key = None
     written = 0
-    with artifact.store.atomic_writer(job.name) as f:
-        writer = ShardTarWriter(f)
-        for item in job.items:
-            row = {"key": item.key, "split": job.split, "shard": job.name, "index_in_shard": -1,
-                   "class_index": item.class_index, "wnid": item.wnid, "source_path": display_path(item.relpath),
-                   "size": item.size, "width": -1, "height": -1, "content_hash": "", "status": "skipped", "reason": ""}
-            try:
-                if item.key == previous_key:
-                    raise SkipImage("duplicate_key", f"another file maps to key {item.key}")
-                if item.size == NOT_A_FILE:
-                    raise SkipImage("not_a_file", "a FIFO, socket or device file: never opened")
-                if item.wnid is None:
-                    if item.size == UNREADABLE:
-                        raise SkipImage("unreadable", "could not be listed or stat'ed")
-                    raise SkipImage("no_class", "file lies outside the class folders")
-                if item.class_index < 0:
-                    raise SkipImage("unknown_class", f"class {item.wnid!r} is not in the training split")
-                try:
-                    data = source.read_bytes(item.relpath)
-                except (OSError, ValueError) as err:  # unreadable, vanished, a directory named like a file
-                    raise SkipImage("unreadable", type(err).__name__) from None
-                row.update(size=len(data), content_hash=bytes_sha256(data))
-                writer.write(_encode_sample(item, data, cfg, row))
-                row["index_in_shard"] = written
-                written += 1
-            except SkipImage as skip:
-                row.update(status="skipped", reason=skip.reason)
-            rows.append(row)
-            previous_key = item.key
-        writer.close()
+    try:
+        with artifact.store.atomic_writer(job.name) as f:
+            writer = ShardTarWriter(f)
+            retry = _write_samples(job, source, cfg, writer, rows)
+            writer.close()
+            written = sum(r["index_in_shard"] >= 0 for r in rows)
+            if not written:
+                raise _NoSamples  # the temporary goes: no tar without samples
+    except _NoSamples:
+        artifact.store.remove(job.name)  # an earlier run's tar of this name, when it had samples
     write_table(artifact.store, f"{job.part}.parquet", rows_to_table(rows))
     counts = collections.Counter(r["status"] for r in rows)
     reasons = collections.Counter(f"{r['status']}:{reason}" for r in rows if r["reason"]
                                   for reason in r["reason"].split(","))
-    summary = {"shard": job.name, "samples": counts["written"] + counts["converted"], "status": dict(counts),
-               "reasons": dict(reasons), "tar_sha256": writer.sha256}
-    return summary, [job.name, f"{job.part}.parquet"]
+    summary = {"shard": job.name, "samples": written, "status": dict(counts), "reasons": dict(reasons),
+               "tar_sha256": writer.sha256 if written else None,
+               # Listed files that could not be read are not a result (a chmod that fixes one changes no listing
+               # fingerprint): the marker says so and the next run retries them.
+               "retry": retry}
+    return summary, [job.name, f"{job.part}.parquet"] if written else [f"{job.part}.parquet"]
+
+
+class _NoSamples(Exception):
+    pass
+
+
+def _write_samples(job: ShardJob, source: Store, cfg: ShardConfig, writer: ShardTarWriter,
+                   rows: list[dict[str, Any]]) -> int:
+    """Each item of `job` → a tar member, or a manifest row saying why not. Returns how many listed files could
+    not be read (a listing that failed — a broken link, an unreadable folder — changes once it is fixed)."""
+    previous_key = None
+    written = retry = 0
+    for item in job.items:
+        row = {"key": item.key, "split": job.split, "shard": job.name, "index_in_shard": -1,
+               "class_index": item.class_index, "wnid": item.wnid, "source_path": display_path(item.relpath),
+               "size": item.size, "width": -1, "height": -1, "content_hash": "", "status": "skipped", "reason": ""}
+        try:
+            if item.key == previous_key:
+                raise SkipImage("duplicate_key", f"another file maps to key {item.key}")
+            if item.size == NOT_A_FILE:
+                raise SkipImage("not_a_file", "a FIFO, socket or device file: never opened")
+            if item.wnid is None:
+                if item.size == UNREADABLE:
+                    raise SkipImage("unreadable", "could not be listed or stat'ed")
+                raise SkipImage("no_class", "file lies outside the class folders")
+            if item.wnid.startswith("."):
+                raise SkipImage("hidden_folder", f"{item.wnid!r} is hidden (.git, .ipynb_checkpoints): not a class")
+            if item.class_index < 0:
+                raise SkipImage("unknown_class", f"class {item.wnid!r} is not in the training split")
+            try:
+                data = source.read_bytes(item.relpath)
+            except (OSError, ValueError) as err:  # unreadable, vanished, a directory named like a file
+                retry += item.size != UNREADABLE
+                raise SkipImage("unreadable", type(err).__name__) from None
+            row.update(size=len(data), content_hash=bytes_sha256(data))
+            writer.write(_encode_sample(item, data, cfg, row))
+            row["index_in_shard"] = written
+            written += 1
+        except SkipImage as skip:
+            row.update(status="skipped", reason=skip.reason)
+        rows.append(row)
+        previous_key = item.key
+    return retry
 
 
 @stage_task(name="write_manifest")
@@ -201,31 +228,58 @@ def write_manifest(
     table = pa.concat_tables([read_table(store, f"{job.part}.parquet") for job in jobs])
     write_table(store, "manifest.parquet", table)
     store.write_bytes("classes.json", json.dumps({"classes": classes}, indent=1).encode())
-    # Tars (and their parts) of an earlier plan, e.g. before a split outgrew its shard count.
-    planned = {job.name.removesuffix(".tar") for job in jobs}
+    # Tars (and their parts) of an earlier plan, e.g. before a split outgrew its shard count; a part whose
+    # files were all skipped keeps its manifest part but has no tar.
+    with_samples = {job.name for job, s in zip(jobs, shard_summaries, strict=True) if s["samples"]}
+    planned = {"": {n.removesuffix(".tar") for n in with_samples}, "_parts": {j.name.removesuffix(".tar") for j in jobs}}
     splits = {job.split for job in jobs}
     for rel, suffixes in (("", (".tar",)), ("_parts", (".parquet", ".json"))):
         for name in store.listdir(rel):
             stem = name.split(".", 1)[0]
-            if name.endswith(suffixes) and stem.rsplit("-", 1)[0] in splits and stem not in planned:
+            if name.endswith(suffixes) and stem.rsplit("-", 1)[0] in splits and stem not in planned[rel]:
                 store.remove(f"{rel}/{name}".lstrip("/"))
         store.clean_temporaries(rel)
     reasons: collections.Counter[str] = collections.Counter()
     for shard_summary in shard_summaries:
         reasons.update(shard_summary["reasons"])
-    indices = collections.defaultdict(list)
+    tars = collections.defaultdict(list)
     for job in jobs:
-        indices[job.split].append(job.index)
+        if job.name in with_samples:
+            tars[job.split].append(job.index)
+    first = jobs[0].split if jobs else None
+    counts = collections.Counter(r["class_index"] for r in table.select(["split", "index_in_shard", "class_index"])
+                                 .to_pylist() if r["split"] == first and r["index_in_shard"] >= 0)
     summary = {
         "images": table.num_rows,
         "status": dict(collections.Counter(table.column("status").to_pylist())),
         "reasons": dict(sorted(reasons.items())),
         "classes": len(classes),
-        "shards": {split: len(ix) for split, ix in indices.items()},
-        "patterns": {split: f"{split}-{{{min(ix):06d}..{max(ix):06d}}}.tar" for split, ix in indices.items()},
+        "empty_classes": [c for i, c in enumerate(classes) if not counts[i]],  # folders with no image: still classes
+        "shards": {split: len(ix) for split, ix in tars.items()},
+        "patterns": {split: brace_pattern(split, ix) for split, ix in tars.items()},
+        # What downstream stages key on besides the identity: the tars' bytes (a forced re-shard that reads a
+        # file it could not read before changes them under the same identity).
+        "content_sha256": stable_hash({"tars": {s["shard"]: s["tar_sha256"] for s in shard_summaries},
+                                       "classes": classes}),
+        "retry": sum(s.get("retry", 0) for s in shard_summaries),
         "url": store.url(),
     }
     return summary, ["manifest.parquet", "classes.json"]
+
+
+def brace_pattern(split: str, indices: list[int]) -> str:
+    """The tars of a split as one webdataset/braceexpand pattern: ``train-{000000..000007}.tar``; runs
+    joined by commas when buckets without samples left gaps (``train-{{000000..000002},000005}.tar``)."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    parts = [f"{a:06d}" if a == b else f"{{{a:06d}..{b:06d}}}" for a, b in runs]
+    if len(parts) == 1:
+        return f"{split}-{parts[0]}.tar"
+    return f"{split}-{{{','.join(parts)}}}.tar"
 
 
 def dataset_artifact(store: Store, key: StageKey, shards: list[Artifact]) -> Artifact:
@@ -242,5 +296,11 @@ def summary_line(summary: dict) -> str:
         parts[-1] += " (" + ", ".join(f"{k} {v}" for k, v in conv.items()) + ")"
     skipped = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("skipped:")}
     parts.append(f"{st.get('skipped', 0)} skipped" + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""))
-    return f"shard: {summary['images']} images → " + ", ".join(parts)
+    line = f"shard: {summary['images']} images → " + ", ".join(parts)
+    if summary.get("empty_classes"):
+        empty = summary["empty_classes"]
+        line += f"; {len(empty)} class folder(s) without images (still classes): {', '.join(empty[:5])}"
+    if summary.get("retry"):
+        line += f"; {summary['retry']} unreadable file(s) retried by the next run"
+    return line
 
