@@ -53,8 +53,22 @@ def _load_branches(args: argparse.Namespace) -> dict:
     from nextdetail.conf import load_branches, parse_models
 
     preset = args.preset if args.preset or args.config else "tiny"
-    return load_branches(preset if not args.config else None, args.config, args.override,
-                         parse_models(getattr(args, "model", None)))
+    branches = load_branches(preset if not args.config else None, args.config, args.override,
+                             parse_models(getattr(args, "model", None)))
+    return _with_credentials(branches)
+
+
+def _with_credentials(branches: dict) -> dict:
+    """Each branch with its credentials file / Secret block merged into storage.options (a block is read
+    from the Prefect API: PREFECT_API_URL, else the ephemeral server started here and kept for the run)."""
+    from nextdetail.conf.secrets import resolve_credentials
+
+    if any(cfg.storage.credentials_block for cfg in branches.values()):
+        from nextdetail.flows.runtime import prefect_api
+
+        with prefect_api():
+            return {m: resolve_credentials(cfg) for m, cfg in branches.items()}
+    return {m: resolve_credentials(cfg) for m, cfg in branches.items()}
 
 
 def _load(args: argparse.Namespace):
@@ -324,6 +338,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from nextdetail.flows.runtime import prefect_api
 
     _load_branches(args)  # a bad config fails here, in one line, not in every scheduled run
+    from nextdetail.conf import parse_override
+    from nextdetail.conf.secrets import override_has_secret
+
+    inline = [o.partition("=")[0] for o in args.override if override_has_secret(*parse_override(o))]
+    if inline:  # a deployment's parameters are stored by the Prefect server and shown in its UI
+        raise UserError(f"serve: -o {inline[0]}=… would store a credential in the deployment's parameters; give it "
+                        "at run time instead: -o storage.credentials_block=NAME (a Prefect Secret block), "
+                        "-o storage.credentials_file=PATH, or the environment / an AWS profile")
     preset = args.preset if args.preset or args.config else "tiny"
     parameters = {"preset": None if args.config else preset, "config_file": args.config, "overrides": args.override,
                   "until": args.until, "only": args.only, "force": args.force, "models": parse_models(args.model)}
@@ -534,6 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `nextdetail status | head`
         sys.stderr.close()
         return 0
+    except Exception as err:
+        from nextdetail.errors import credentials_problem
+
+        line = credentials_problem(err)
+        if line is None:
+            raise
+        print(f"nextdetail: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

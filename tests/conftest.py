@@ -30,7 +30,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fast: needs no pipeline, no Prefect server, no Dask (`make test-fast`)")
+
+
+@pytest.fixture(autouse=True)
+def _prefect_unless_fast(request: pytest.FixtureRequest) -> None:
+    """Every test but the `fast` ones runs against the session's Prefect server (started on first need)."""
+    if request.node.get_closest_marker("fast") is None:
+        request.getfixturevalue("prefect_server")
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """One real Prefect API server for the whole session; flows and Dask workers find it by env."""
     port = _free_port()

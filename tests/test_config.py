@@ -7,6 +7,8 @@ import pytest
 from nextdetail.conf import available_presets, load_config
 from nextdetail.errors import UserError
 
+pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast`
+
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 
 

@@ -164,6 +164,7 @@ def test_show_decomposition_writes_a_strip_per_key(tmp_path, embedded_source):
     assert main(["show", "decomposition", "no/such/key", "--out", str(out), *args]) == 2
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("override", ["decompose.alpha=-1", "decompose.chunk_images=3"])
 def test_bad_decompose_settings_are_one_line_errors(override):
     from nextdetail.conf import load_config

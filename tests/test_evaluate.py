@@ -46,6 +46,7 @@ def _features(model, images: np.ndarray) -> dict[str, np.ndarray]:
     return fidelity.extract(model, [images[i : i + 32] for i in range(0, len(images), 32)], ("features", "logits"))
 
 
+@pytest.mark.fast
 def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp_path):
     """Same two image sets, same extractor: FID, IS, KID, precision and recall agree with torch-fidelity's
     own `calculate_metrics` reading the same folders."""
@@ -72,6 +73,7 @@ def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp
     assert ours["fid"] > 1.0  # two different sets of photos are not "the same"
 
 
+@pytest.mark.fast
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_gaussian_noise(embedded_source):
     model, _ = build_extractor(RANDCONV)
     images = _images(embedded_source, "train")
@@ -137,6 +139,7 @@ def test_reference_statistics_are_shared_through_an_s3_bucket(s3_endpoint, embed
     assert features.shape == (24, 512) and stats["sigma"].shape == (512, 512)
 
 
+@pytest.mark.fast
 def test_inception_without_weights_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=r"no such file.*download .*weights-inception-2015-12-05.*eval\.inception_weights"):
         build_extractor(INCEPTION, str(tmp_path / "missing.pth"))

@@ -243,6 +243,7 @@ class KilledWorker(Exception):  # what distributed raises when a task's workers 
     (PermissionError("read-only bucket"), False), (IsADirectoryError("x"), False), (ValueError("bad value"), False),
     (KeyError("missing column"), False),
 ])
+@pytest.mark.fast
 def test_only_io_and_infrastructure_failures_are_retried(exc, transient):
     from nextdetail.errors import UserError
     from nextdetail.tasks.stage import is_transient

@@ -61,6 +61,7 @@ def _no_class_folders(t: Path) -> str:
     (_no_class_folders, ("has no class folders",)),
     (lambda t: "foo://bucket/data", ("unknown storage protocol 'foo'",)),
 ])
+@pytest.mark.fast
 def test_a_bad_source_is_one_line_before_anything_starts(tmp_path, make, words):
     source = make(tmp_path)
     proc = _cli(["shard", "-o", f"storage.root={tmp_path / 'root'}", "-o", f"data.source={source}",
@@ -69,6 +70,7 @@ def test_a_bad_source_is_one_line_before_anything_starts(tmp_path, make, words):
     assert not (tmp_path / "prefect-home").exists()  # Prefect never started
 
 
+@pytest.mark.fast
 def test_a_flat_split_without_its_labels_file_is_one_line(tmp_path, embedded_source):
     source = tmp_path / "source"
     shutil.copytree(embedded_source, source)
@@ -80,6 +82,7 @@ def test_a_flat_split_without_its_labels_file_is_one_line(tmp_path, embedded_sou
     _one_line(proc, "val/", "LOC_val_solution.csv")
 
 
+@pytest.mark.fast
 def test_an_unwritable_storage_root_is_one_line(tmp_path, embedded_source):
     (tmp_path / "a-file").write_text("x")
     proc = _cli(["run", "-o", f"storage.root={tmp_path / 'a-file' / 'root'}", "-o", f"data.source={embedded_source}"],
@@ -88,6 +91,7 @@ def test_an_unwritable_storage_root_is_one_line(tmp_path, embedded_source):
     assert not (tmp_path / "prefect-home").exists()
 
 
+@pytest.mark.fast
 def test_help_writes_nothing_and_stage_names_take_either_spelling(tmp_path):
     proc = _cli(["--help"], tmp_path)
     assert proc.returncode == 0 and not list(tmp_path.iterdir())
@@ -363,6 +367,7 @@ def test_a_sigkilled_cli_leaves_no_prefect_server_behind(tmp_path, embedded_sour
     assert not _gone_within(tmp_path / "prefect-home", 10)
 
 
+@pytest.mark.fast
 def test_a_section_check_names_the_key_not_the_whole_section(tmp_path):
     line = _one_line(_cli(["config", "-o", "shard.shard_count={train: 0}"], tmp_path), "shard.shard_count.train=0")
     assert "samples_per_shard" not in line  # the section's other values are not dumped

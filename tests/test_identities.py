@@ -110,6 +110,7 @@ def _changed(before: dict, after: dict) -> dict[str, list[str]]:
     return {m: [s for s in STAGES if before[m][s] != after[m][s]] for m in before}
 
 
+@pytest.mark.fast
 def test_an_edit_invalidates_exactly_the_stages_that_run_the_edited_file(tmp_path):
     src = _copy_package(tmp_path)
     before = _fingerprints(src)
@@ -218,6 +219,7 @@ def test_a_planted_pickle_is_refused_at_every_load_and_never_runs(tmp_path, pipe
         torch.load(path, weights_only=True)
 
 
+@pytest.mark.fast
 def test_prefect_dask_internals_the_task_runner_relies_on_are_there():
     """`runtime.dask_task_runner` overrides prefect-dask's submit (pure=False) and uses two private attributes;
     this pins them to the pinned prefect-dask, failing with the reason instead of deep in a run."""

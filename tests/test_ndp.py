@@ -40,6 +40,7 @@ def _pyramid(batch: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (batch, s, s), generator=g) for s in SIDES]
 
 
+@pytest.mark.fast
 def test_children_of_a_leaf_are_exactly_its_four_quadrants_at_the_next_scale():
     maps = _pyramid(2)
     targets = child_targets(maps)  # (B, L, 4)
@@ -68,6 +69,7 @@ def test_children_of_a_leaf_are_exactly_its_four_quadrants_at_the_next_scale():
             assert torch.equal(after[~region], before[~region])
 
 
+@pytest.mark.fast
 def test_quadtree_invariants_for_random_states():
     g = torch.Generator().manual_seed(1)
     tree = Quadtree.random(torch.rand(64, generator=g), SIDES, g)
@@ -88,6 +90,7 @@ def test_quadtree_invariants_for_random_states():
         dyadic_sides(12)
 
 
+@pytest.mark.fast
 def test_mixed_scale_decoder_returns_a_full_size_image_for_any_quadtree(tokenizer):
     maps = _pyramid(6, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -104,6 +107,7 @@ def test_mixed_scale_decoder_returns_a_full_size_image_for_any_quadtree(tokenize
     assert not torch.allclose(tokenizer.indices_to_img_mixed(maps, states[0].present()), full, atol=1e-3)
 
 
+@pytest.mark.fast
 def test_the_model_sees_leaves_only_and_the_root_comes_from_the_class_alone(tokenizer):
     model = _model()
     maps = _pyramid(3, seed=4)
@@ -126,6 +130,7 @@ def test_the_model_sees_leaves_only_and_the_root_comes_from_the_class_alone(toke
     assert model.head.weight.grad.abs().sum() > 0 and model.root_head.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_refinements_never_exceed_the_budget_and_full_budget_is_full_refinement(tokenizer, estimator):
     sampler = NDPSampler(_model(), tokenizer, estimator=estimator, refine_per_step=3)
@@ -144,6 +149,7 @@ def test_refinements_never_exceed_the_budget_and_full_budget_is_full_refinement(
     assert torch.allclose(out.images, tokenizer.indices_to_img(out.maps), atol=1e-6)
 
 
+@pytest.mark.fast
 def test_full_budget_reproduces_full_refinement_token_for_token(tokenizer):
     """Budget 100 %: every estimator and every step size end at the full pyramid; with one class and seed,
     breadth-first refinement in steps of a whole level draws VAR's order and the same tokens each time."""
@@ -156,6 +162,7 @@ def test_full_budget_reproduces_full_refinement_token_for_token(tokenizer):
     assert a.tree.is_full().all()
 
 
+@pytest.mark.fast
 def test_uniform_refines_breadth_first_and_learned_picks_the_highest_difficulty(tokenizer):
     sampler = NDPSampler(_model(), tokenizer, estimator="uniform", refine_per_step=1)
     out = sampler.sample(torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0), budget=5 / 21)
@@ -315,6 +322,7 @@ def test_sample_cli_model_ndp_budget_writes_grid_and_heat_map(ndp_pipeline, tmp_
     assert summary["budget"] == 0.3 and summary["estimator"] == "entropy" and "NDP budget 30%" in done.stdout
 
 
+@pytest.mark.fast
 def test_each_models_sampling_identity_ignores_the_other_models_dial():
     from nextdetail.conf.schema import SampleConfig
 
@@ -344,6 +352,7 @@ def _cart(order: int = 2):
     return model, tok
 
 
+@pytest.mark.fast
 def test_detail_dial_keeping_every_position_is_the_standard_sampler():
     from nextdetail.models.quant import NextInput
 
@@ -356,6 +365,7 @@ def test_detail_dial_keeping_every_position_is_the_standard_sampler():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
+@pytest.mark.fast
 def test_detail_dial_predicts_details_only_in_the_hardest_patches():
     from nextdetail.models.sampler import CARTSampler
 

@@ -204,6 +204,7 @@ def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up
     assert all(Store(first["tokenize"].url).sha256(rel) == digest for rel, digest in marker["sha256"].items())
 
 
+@pytest.mark.fast
 def test_stage_selection_is_validated_before_anything_starts():
     from nextdetail.conf.stages import select_stages
     from nextdetail.errors import UserError

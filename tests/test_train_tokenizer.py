@@ -95,6 +95,7 @@ def test_stage_is_cached_and_retrains_only_when_a_tokenizer_setting_changes(upst
     assert model.indices_to_img(model.img_to_indices(x, bases)).shape == x.shape
 
 
+@pytest.mark.fast
 def test_lpips_without_its_weight_files_is_a_clear_error(tmp_path, embedded_source):
     from nextdetail.errors import UserError
 
@@ -106,6 +107,7 @@ def test_lpips_without_its_weight_files_is_a_clear_error(tmp_path, embedded_sour
         LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "vgg.pth")
 
 
+@pytest.mark.fast
 def test_lpips_loads_weight_files_in_their_published_layouts(tmp_path):
     from torchvision.models import vgg16
 

@@ -77,7 +77,8 @@ def _one_line(err: ValidationError, data: dict[str, Any]) -> str:
         # a section's own check: its message names the keys; the whole section's values would bury it
         return f"config: {key + ': ' if loc else ''}{first['msg'].removeprefix('Value error, ')}"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config: {key}={first.get('input')!r} is invalid: {first['msg']}{more}"
+    shown = "'**********'" if any(p.endswith("options") for p in loc) else repr(first.get("input"))  # credentials
+    return f"config: {key}={shown} is invalid: {first['msg']}{more}"
 
 
 def load_config(

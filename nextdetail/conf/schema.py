@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -20,12 +20,26 @@ class _Section(BaseModel):
         return type(self).__name__, self.model_dump_json()
 
 
+def _secret_options(value: Any) -> Any:
+    """fsspec options with their credential-like values held as secrets (conf/secrets.py)."""
+    from nextdetail.conf.secrets import wrap
+
+    return wrap(value) if isinstance(value, dict) else value
+
+
 class StorageConfig(_Section):
     """Where every artifact lives: a local path or an fsspec URL (``s3://bucket/prefix``)."""
 
     root: str = "./nextdetail-data"
-    # Passed to fsspec (e.g. {"client_kwargs": {"endpoint_url": ...}}); credentials come from the usual AWS config.
+    # Passed to fsspec (e.g. {"client_kwargs": {"endpoint_url": ...}}). Credentials: the environment / an AWS
+    # profile, `credentials_file`, `credentials_block`, or inline here (held as secrets: never shown or stored).
     options: dict[str, object] = Field(default_factory=dict)
+    credentials_file: str | None = Field(default=None, description="a JSON/YAML file of fsspec options (key, "
+                                         "secret, …) merged into `options` at run time")
+    credentials_block: str | None = Field(default=None, description="a Prefect Secret block (its value a mapping "
+                                          "of fsspec options) merged into `options` at run time")
+
+    _wrap_options = field_validator("options", mode="after")(_secret_options)
 
 
 class DaskConfig(_Section):
@@ -209,6 +223,8 @@ class TokensConfig(_Section):
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"cache", "cache_options", "local_cache", "verify", "batch_size", "device", "torch_threads"})
 
+    _wrap_options = field_validator("cache_options", mode="after")(_secret_options)
+
     @model_validator(mode="after")
     def _check(self) -> TokensConfig:
         if len(set(self.variants)) != len(self.variants):
@@ -357,6 +373,8 @@ class EvalConfig(_Section):
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"reference_cache", "reference_cache_options", "batch_size", "device", "weights_cache", "inception_weights"})
+
+    _wrap_options = field_validator("reference_cache_options", mode="after")(_secret_options)
 
     def identity_settings(self) -> dict:
         # inception_weights is excluded: the extractor's identity is the sha256 of the weights themselves.

@@ -79,7 +79,9 @@ def _path_fingerprint(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """A file's or folder's (path, size, mtime) listing, hashed; `exists: False` when it is not there."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    from nextdetail.conf.secrets import reveal
+
+    fs, path = fsspec.core.url_to_fs(url, **reveal(options))
     try:
         found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
     except FileNotFoundError:

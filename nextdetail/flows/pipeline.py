@@ -254,7 +254,9 @@ def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = No
     """The pipeline with JSON parameters (a preset or config file + overrides, the models): what a deployment
     runs. Returns what happened to each stage of each model's branch (up to date | ran)."""
     from nextdetail.conf import load_branches, parse_models
+    from nextdetail.conf.secrets import resolve_credentials
 
-    branches = load_branches(None if config_file else preset, config_file, overrides or [], parse_models(models))
+    branches = {m: resolve_credentials(c) for m, c in load_branches(None if config_file else preset, config_file,
+                                                                    overrides or [], parse_models(models)).items()}
     results = pipeline_flow(branches, select_stages(until, only, force or []), list(force or []), only, progress=False)
     return {model: dict(res.work) for model, res in results.branches.items()}

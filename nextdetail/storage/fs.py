@@ -23,7 +23,8 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from nextdetail.errors import UserError
+from nextdetail.conf.secrets import reveal
+from nextdetail.errors import UserError, credentials_problem
 
 TMP_MARK = ".tmp-"
 
@@ -37,7 +38,7 @@ class Store:
 
     def __init__(self, root: str, options: dict[str, Any] | None = None) -> None:
         try:
-            self.fs, path = fsspec.core.url_to_fs(str(root), **(options or {}))
+            self.fs, path = fsspec.core.url_to_fs(str(root), **reveal(options or {}))
         except (ValueError, ImportError) as err:  # "Protocol not known: foo", a protocol whose package is missing
             protocol = str(root).split("://", 1)[0] if "://" in str(root) else ""
             if not protocol or ("Protocol not known" not in str(err) and not isinstance(err, ImportError)):
@@ -48,7 +49,7 @@ class Store:
         self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
         protocol = self.fs.protocol
         self.protocol = "file" if self.is_local else protocol[0] if isinstance(protocol, tuple) else protocol
-        self.options = dict(options or {})
+        self.options = dict(options or {})  # credentials stay SecretStr (conf/secrets.py) but in fsspec's hands
 
     def check_writable(self, what: str) -> None:
         """One line (UserError) unless a file can be written and removed under the root; creates the root."""
@@ -67,6 +68,11 @@ class Store:
         except OSError as err:
             raise UserError(f"{what} {self.url()}: cannot write there ({err.strerror or err}); choose another "
                             f"folder (-o {what}=…)") from None
+        except Exception as err:  # botocore's credential errors are not OSErrors
+            line = credentials_problem(err)
+            if line is None:
+                raise
+            raise UserError(f"{what} {self.url()}: {line}") from None
 
     def __repr__(self) -> str:
         return f"Store({self.url()!r})"
@@ -124,7 +130,7 @@ class Store:
 
         if self.is_local:
             return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(self.url(rel), storage_options=self.options or None,
+        return zarr.storage.FsspecStore.from_url(self.url(rel), storage_options=reveal(self.options) or None,
                                                  read_only=read_only)
 
     def listdir(self, rel: str = "") -> list[str]:
