@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,24 @@ def test_cli_unknown_preset_and_missing_file():
     assert proc.returncode == 2 and "/nonexistent.yaml" in proc.stderr
 
 
+def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and sub-command the parser knows, read from the parser itself."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += [(*prefix, name), *_commands(sub, (*prefix, name))]
+    return out
+
+
 def test_cli_help_on_every_command():
-    for argv in (["--help"], ["run", "--help"], ["shard", "--help"], ["data", "embedded", "--help"],
-                 ["config", "--help"]):
-        proc = subprocess.run([NEXTDETAIL, *argv], capture_output=True, text=True)
-        assert proc.returncode == 0 and "usage: nextdetail" in proc.stdout
+    from nextdetail.cli import build_parser
+    from nextdetail.conf import STAGES
+
+    commands = _commands(build_parser())
+    stage_commands = {s.replace("_", "-") for s in STAGES if s != "evaluate"}  # evaluate's command is `eval`
+    assert stage_commands | {"run", "status", "serve", "lineage", "eval", "show", "data", "config"} <= {
+        c[0] for c in commands}
+    for argv in [(), *commands]:
+        proc = subprocess.run([NEXTDETAIL, *argv, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and f"usage: nextdetail {' '.join(argv)}".rstrip() in proc.stdout, argv

@@ -233,12 +233,21 @@ def test_two_pipelines_started_at_once_on_one_storage_root_both_finish_with_one_
     assert _artifact_files(str(next(tmp_path.glob("shards/*")))) == _artifact_files(reference["shard"].url)
 
 
-class KilledWorker(Exception):  # what distributed raises when a task's workers keep dying (matched by name)
-    pass
+def _killed_worker() -> Exception:
+    from distributed.scheduler import KilledWorker  # what distributed raises when a task's workers keep dying
+
+    return KilledWorker("write_factors-1", None, 3)
+
+
+def _comm_closed() -> Exception:
+    from distributed.comm.core import CommClosedError
+
+    return CommClosedError("in <TCP (closed)>: Stream is closed")
 
 
 @pytest.mark.parametrize(("exc", "transient"), [
-    (ConnectionResetError("peer reset"), True), (TimeoutError("slow"), True), (KilledWorker("w"), True),
+    (ConnectionResetError("peer reset"), True), (TimeoutError("slow"), True), (_killed_worker(), True),
+    (_comm_closed(), True),
     (ChildProcessError("torchrun exited with 1"), True), (FileNotFoundError("listing lag"), True),
     (PermissionError("read-only bucket"), False), (IsADirectoryError("x"), False), (ValueError("bad value"), False),
     (KeyError("missing column"), False),

@@ -22,7 +22,7 @@ def _model(sides=SIDES, dtype=torch.float32) -> NextDetailTransformer:
     torch.manual_seed(0)
     cfg = TransformerConfig(sides=sides, vocab_size=32, cvae=8, num_classes=5, depth=2, width=64, heads=4)
     model = NextDetailTransformer(cfg).to(dtype).eval()
-    for block in model.blocks:  # away from VAR's zero-initialised gates, so every path carries signal
+    for block in model.blocks:  # gates far from VAR's ×1e-5 start, so every path carries signal
         torch.nn.init.normal_(block.ada_lin[-1].weight, std=0.05)
     return model
 
@@ -88,3 +88,62 @@ def test_order_0_is_vars_layout():
 def test_top_k_1_and_tiny_top_p_are_argmax(top_k, top_p):
     logits = torch.randn(2, 5, 50)
     assert torch.equal(sample_top_k_top_p(logits, top_k, top_p, torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_initialisation_is_vars():
+    """VAR's `init_weights` with its training defaults: std √(1/3C) everywhere, heads ×0.02, residual projections
+    ÷√(2·depth), AdaLN modulation ×0.5, gates ×1e-5, biases zero; NDP's trunk and heads alike."""
+    from nextdetail.models.ndp import NDPConfig, NextDetailMaskedTransformer
+
+    torch.manual_seed(0)
+    C, depth = 256, 4
+    for model in (NextDetailTransformer(TransformerConfig(sides=(1, 2, 4, 8, 8), vocab_size=512, cvae=8,
+                                                          num_classes=10, depth=depth, width=C, heads=4)),
+                  NextDetailMaskedTransformer(NDPConfig(latent_side=8, vocab_size=512, cvae=8, num_classes=10,
+                                                        depth=depth, width=C, heads=4))):
+        std = (1 / (3 * C)) ** 0.5
+        p = dict(model.named_parameters())
+
+        def close(name: str, want: float, rows: slice = slice(None), p=p, model=model) -> None:
+            got = p[name].detach()[rows].std().item()
+            assert abs(got / want - 1) < 0.06, (type(model).__name__, name, got, want)
+
+        for name in ("class_emb.weight", "lvl_embed.weight", "pos_1LC", "word_embed.weight",
+                     "blocks.0.attn.mat_qkv.weight", "blocks.3.ffn.fc1.weight"):
+            close(name, std)
+        for name in ("blocks.0.attn.proj.weight", "blocks.3.ffn.fc2.weight"):
+            close(name, std / (2 * depth) ** 0.5)
+        close("head.weight", 0.02 * std)
+        close("head_nm.ada_lin.1.weight", 0.5 * std)
+        close("blocks.1.ada_lin.1.weight", 0.5 * std, slice(2 * C, None))
+        close("blocks.1.ada_lin.1.weight", 1e-5 * std, slice(None, 2 * C))
+        assert all(p[n].abs().max() == 0 for n in p if n.endswith(".bias") or n.endswith(("q_bias", "v_bias")))
+        assert p["pos_1LC"].abs().max() <= 2  # trunc_normal_'s bounds
+
+
+def test_flops_formula_counts_what_torch_counts_in_the_real_blocks():
+    """`flops.transformer_flops` against torch's FlopCounterMode on our AdaLN blocks: without a cache (n_key =
+    n_query) and with one (a map's queries against every earlier key), and the head's AdaLN."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nextdetail.models.flops import transformer_flops
+    from nextdetail.models.transformer import AdaLNBeforeHead, AdaLNSelfAttn
+
+    C, depth, heads, n_prefix, n_new = 64, 3, 4, 21, 16
+    blocks = [AdaLNSelfAttn(C, heads, 4.0, 0.0, attn_l2_norm=True).eval() for _ in range(depth)]
+    head_nm = AdaLNBeforeHead(C).eval()
+    cond = torch.randn(1, C)
+    for n_query, n_key in ((n_prefix, n_prefix), (n_new, n_prefix + n_new)):
+        for b in blocks:
+            b.attn.kv_caching(n_key > n_query)
+            if n_key > n_query:  # the earlier maps' keys and values, as sampling leaves them
+                b.attn.cached_k = torch.randn(1, heads, n_key - n_query, C // heads)
+                b.attn.cached_v = torch.randn(1, heads, n_key - n_query, C // heads)
+        x = torch.randn(1, n_query, C)
+        # the math kernel: its matmuls are what the counter sees (CPU's fused kernel is not registered with it)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            for b in blocks:
+                x = b(x, cond, None)
+            head_nm(x, cond)
+        assert counter.get_total_flops() == transformer_flops(depth, C, 4 * C, n_query, n_key), (n_query, n_key)

@@ -15,10 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    def __dask_tokenize__(self) -> tuple[str, str]:
-        # Dask hashes every task argument on submit; its generic walk over a model is slow.
-        return type(self).__name__, self.model_dump_json()
-
 
 def _secret_options(value: Any) -> Any:
     """fsspec options with their credential-like values held as secrets (conf/secrets.py)."""

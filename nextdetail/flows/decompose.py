@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
 
 
-
 @flow(name="decompose", log_prints=False, persist_result=False, validate_parameters=False)
 def decompose_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, progress: bool = True) -> DecomposeResult:
     t0 = time.time()

@@ -37,7 +37,6 @@ def resolve_source(cfg: PipelineConfig, store: Store) -> str:
     return cfg.data.source
 
 
-
 @flow(name="shard", log_prints=False, persist_result=False, validate_parameters=False)
 def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> ShardResult:
     t0 = time.time()

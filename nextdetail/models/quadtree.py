@@ -44,12 +44,6 @@ def quadrants(map_BSS: Tensor) -> Tensor:
     return map_BSS.reshape(B, s, 2, s, 2).transpose(2, 3).reshape(B, s * s, 4)  # (B, i, di, j, dj) → (B, i·j, di·dj)
 
 
-def unquadrants(children_BN4: Tensor, s: int) -> Tensor:
-    """Inverse of `quadrants`: (B, s·s, 4) → (B, 2s, 2s)."""
-    B = children_BN4.shape[0]
-    return children_BN4.reshape(B, s, s, 2, 2).transpose(2, 3).reshape(B, 2 * s, 2 * s)
-
-
 @dataclass
 class Quadtree:
     """A batch of B states: `refined[k]` (B, s_k, s_k) bool for the K − 1 levels that have children."""

@@ -151,10 +151,6 @@ def to_model_range(x: Tensor) -> Tensor:
     return x.mul(2).sub_(1)
 
 
-def to_unit_range(x: Tensor) -> Tensor:
-    return x.add(1).div_(2)
-
-
 # ---- VAR's released tokenizer -------------------------------------------------------------------
 
 VAR_SPEC = TokenizerSpec()  # vae_ch160v4096z32.pth: ch 160, V 4096, z 32, 16×, VAR's 10 scales, φ shared by 4

@@ -173,8 +173,8 @@ class VARTrunk(nn.Module):
         self.cfg = cfg
         C = cfg.C
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)  # index num_classes = unconditional
-        self.pos_start = nn.Parameter(torch.empty(1, n_start, C).normal_(std=0.02))
-        self.pos_1LC = nn.Parameter(torch.empty(1, L, C).normal_(std=0.02))
+        self.pos_start = nn.Parameter(torch.empty(1, n_start, C))  # drawn by _init_trunk
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
         self.lvl_embed = nn.Embedding(len(cfg.sides), C)
         self.word_embed = nn.Linear(cfg.cvae, C)
         dpr = cfg.drop_path if cfg.drop_path is not None else 0.1 * cfg.depth / 24
@@ -182,11 +182,30 @@ class VARTrunk(nn.Module):
                                                   cfg.attn_l2_norm) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(C)
 
-    def _init_trunk(self) -> None:
-        nn.init.trunc_normal_(self.class_emb.weight, std=0.02)
-        for block in self.blocks:  # residual branches start closed (DiT's adaLN-Zero; VAR scales these gates to ~1e-5)
-            nn.init.zeros_(block.ada_lin[-1].weight)
-            nn.init.zeros_(block.ada_lin[-1].bias)
+    def _init_trunk(self, init_head: float = 0.02, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5) -> None:
+        """VAR's initialisation (`VAR.init_weights` with its train.py defaults `ini=-1 hd=0.02 aln=0.5 alng=1e-5`):
+        every Linear / Embedding / position table trunc-normal with std √(1/3C), biases zero; the heads ×0.02;
+        each block's residual projections (attn.proj, ffn.fc2) ÷√(2·depth); the AdaLN scale/shift rows ×0.5 and
+        the residual gates ×1e-5 (branches start nearly closed, not exactly: gradients reach every gate)."""
+        C, depth = self.cfg.C, len(self.blocks)
+        std = math.sqrt(1 / (3 * C))
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=std)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for name, m in self.named_children():  # head, root_head, difficulty_head, detail_head
+            if (name == "head" or name.endswith("_head")) and isinstance(m, nn.Linear):
+                m.weight.data.mul_(init_head)
+        self.head_nm.ada_lin[-1].weight.data.mul_(init_adaln)
+        for block in self.blocks:
+            block.attn.proj.weight.data.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.data.div_(math.sqrt(2 * depth))
+            gates_and_modulation = block.ada_lin[-1].weight.data  # rows: γ1 γ2 | scale1 scale2 shift1 shift2
+            gates_and_modulation[2 * C:].mul_(init_adaln)
+            gates_and_modulation[:2 * C].mul_(init_adaln_gamma)
 
 
 class NextDetailTransformer(VARTrunk):

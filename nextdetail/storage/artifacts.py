@@ -38,10 +38,6 @@ class Artifact:
     def cache_key(self) -> str:
         return f"{self.stage}-{self.identity}"
 
-    def __dask_tokenize__(self) -> tuple[str, str, str]:
-        # The identity already names the content; Dask's generic walk over the dataclass is slow.
-        return "Artifact", self.cache_key, self.store.url()
-
     def read_marker(self) -> dict[str, Any] | None:
         """The marker if it exists and names this identity; None otherwise (missing, other, torn)."""
         try:

@@ -74,6 +74,17 @@ class ShardTarWriter:
         return self._out.sha.hexdigest()
 
 
+def read_tar_bytes(shards: Store, tar: str, image_format: str) -> dict[str, bytes]:
+    """key → encoded image bytes of one tar (read once; the caller decodes per sample)."""
+    out = {}
+    with shards.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for member in tf:
+            key, _, ext = member.name.partition(".")
+            if ext == image_format:
+                out[key] = tf.extractfile(member).read()
+    return out
+
+
 def read_tar_images(shards: Store, tar: str, keys: tuple[str, ...], image_format: str) -> np.ndarray:
     """The images of `keys` from one tar as uint8 (N, H, W, 3), in the order of `keys`."""
     import numpy as np

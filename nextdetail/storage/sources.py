@@ -48,8 +48,6 @@ class SourceItem:
         return safe
 
 
-
-
 def display_path(relpath: str) -> str:
     """A path as text for manifests and logs: the bytes of a name that is not UTF-8 (old Samba/NFS copies)
     as \\xNN escapes; the file itself is still read by its real name."""

@@ -109,9 +109,6 @@ class Attempt:
     def store(self) -> Store:
         return self.cache.sub(self.rel)
 
-    def __dask_tokenize__(self) -> tuple[str, str, str]:
-        return "Attempt", self.cache.url(), self.writer
-
     def heartbeat(self) -> None:
         self.store.write_bytes(LEASE, canonical_json({"writer": self.writer, "host": socket.gethostname(),
                                                       "pid": os.getpid(), "heartbeat": time.time()}).encode())

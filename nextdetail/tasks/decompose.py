@@ -21,7 +21,6 @@ the stage identity. Changing α therefore re-runs this stage (and what reads it)
 from __future__ import annotations
 
 import collections
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,9 +49,6 @@ class FactorJob:
     @property
     def part(self) -> str:
         return f"_parts/{self.tar.removesuffix('.tar')}"
-
-    def __dask_tokenize__(self) -> tuple[str, str, str, int]:
-        return "FactorJob", self.split, self.tar, len(self.keys)
 
 
 def settings_dir_name(cfg: DecomposeConfig) -> str:
@@ -144,6 +140,3 @@ def summary_line(summary: dict) -> str:
     return (f"decompose: {summary['images']} images in {summary['tars']} tars → base factors B_1…B_n "
             f"(mean {summary['mean_outer_iterations']} alternations per order)")
 
-
-def marker_summary(store: Store) -> dict:
-    return json.loads(store.read_bytes("_COMPLETE.json"))["summary"]

@@ -32,7 +32,6 @@ import torch
 from nextdetail.conf.schema import EvalConfig, SampleConfig
 from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
-from nextdetail.storage.hashing import stable_hash
 from nextdetail.tasks.reference_stats import RefHandle
 from nextdetail.tasks.stage import Artifact, stage_task
 
@@ -62,9 +61,6 @@ class EvalInputs:
     what: dict  # for the report: dataset, train_ar url + identity, …
     class_photos: tuple[tuple[int, bytes], ...] = ()
     tokenizer_metrics: dict | None = None  # the tokenizer_metrics record's summary
-
-    def __dask_tokenize__(self) -> tuple[str, str]:
-        return "EvalInputs", stable_hash([c.url for c in self.checkpoints])
 
 
 def sampling_config(ecfg: EvalConfig, scfg: SampleConfig) -> SampleConfig:

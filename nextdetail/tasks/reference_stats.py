@@ -42,9 +42,6 @@ class ReferenceSpec:
     image_format: str = "jpg"
     max_images: int | None = None
 
-    def __dask_tokenize__(self) -> tuple[str, str, str | None]:
-        return "ReferenceSpec", self.url, self.split
-
     @property
     def label(self) -> str:
         return f"{self.split} split of {self.url}" if self.kind == "split" else self.url
@@ -169,7 +166,6 @@ class RefHandle:
         s = self.record["summary"]
         return {"identity": self.identity, "url": self.url, "source": s["source"], "images": s["images"],
                 "real_isc_mean": s["isc_mean"], "real_isc_std": s["isc_std"]}
-
 
 
 def plan_reference(root: Store, spec: ReferenceSpec, extractor: dict[str, str]) -> Artifact:

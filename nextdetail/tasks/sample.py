@@ -41,15 +41,11 @@ if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
 
 
-
 @dataclass(frozen=True)
 class SampleInputs:
     checkpoint_url: str  # transformer.pt or best.pt of a train_ar run
     options: dict
     references: tuple[tuple[int, bytes], ...] = ()  # (class index, a real image PNG/JPEG of it) for the grids
-
-    def __dask_tokenize__(self) -> tuple[str, str]:
-        return "SampleInputs", self.checkpoint_url
 
 
 def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConfig | None = None) -> tuple[Any, dict]:

@@ -87,10 +87,7 @@ class ShardJob:
     split: str
     index: int
     items: ShardItems
-    digest: str = ""  # stable hash of the items: a cheap token for Dask (which hashes every argument)
-
-    def __dask_tokenize__(self) -> tuple[str, str, int, str]:
-        return "ShardJob", self.split, self.index, self.digest
+    digest: str = ""  # stable hash of the items: what the tar's identity hashes
 
     @property
     def name(self) -> str:

@@ -37,15 +37,11 @@ if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
 
 
-
 @dataclass(frozen=True)
 class TokenJob:
     split: str
     tar: str  # tar name in the shard dataset
     keys: tuple[str, ...]  # row i of the tar's factors = row i of its tokens = keys[i]
-
-    def __dask_tokenize__(self) -> tuple[str, str, str, int]:
-        return "TokenJob", self.split, self.tar, len(self.keys)
 
 
 @dataclass(frozen=True)
@@ -58,9 +54,6 @@ class TokenInputs:
     image_format: str
     tokenizer_url: str  # tokenizer.pt
     tokenizer_sha256: str
-
-    def __dask_tokenize__(self) -> tuple[str, str]:
-        return "TokenInputs", self.tokenizer_sha256
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,6 @@ class TokenizerEvalInputs:
     split: str
     reference: RefHandle  # statistics of the same held-out images
 
-    def __dask_tokenize__(self) -> tuple[str, str, str]:
-        return "TokenizerEvalInputs", self.tokens_url, self.split
-
 
 def run_tokenizer_metrics(store: Store, inputs: TokenizerEvalInputs, ecfg: EvalConfig, log: Callable[[str], None] = print,
                           progress: bool = False) -> tuple[dict[str, Any], list[str]]:

@@ -74,9 +74,6 @@ class ARData:
     options: dict  # storage options (the tokenizer's store)
     classes: tuple[str, ...]
 
-    def __dask_tokenize__(self) -> tuple[str, str]:
-        return "ARData", self.tokens_identity
-
     def open_cache(self) -> Any:
         from nextdetail.storage.tokens import TokenCache
 

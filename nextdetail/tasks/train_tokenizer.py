@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tarfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from nextdetail.storage import factors
 from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256
+from nextdetail.storage.shards import read_tar_bytes
 from nextdetail.tasks.stage import Artifact, stage_task
 from nextdetail.tasks.torchrun import (
     average_gradients,
@@ -67,20 +67,6 @@ class TrainData:
     image_format: str
     split: str
     tars: tuple[tuple[str, int], ...]  # (tar, images) in index order
-
-    def __dask_tokenize__(self) -> tuple[str, str, str]:
-        return "TrainData", self.factors_url, self.split
-
-
-def read_tar_bytes(shards: Store, tar: str, image_format: str) -> dict[str, bytes]:
-    """key → encoded image bytes of one tar (read once, decoded per sample)."""
-    out = {}
-    with shards.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for member in tf:
-            key, _, ext = member.name.partition(".")
-            if ext == image_format:
-                out[key] = tf.extractfile(member).read()
-    return out
 
 
 class FactorBatches:
