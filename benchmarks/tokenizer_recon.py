@@ -43,8 +43,9 @@ def main() -> None:
     from nextdetail.flows.pipeline import run_pipeline
     from nextdetail.flows.train_tokenizer import train_data
     from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
+    from nextdetail.storage.factor_loader import FactorBatches
     from nextdetail.storage.fs import Store
-    from nextdetail.tasks.train_tokenizer import FactorBatches, train
+    from nextdetail.tasks.train_tokenizer import train
 
     base = ["storage.root=" + str(OUT / "data"), f"tokenizer.batch_size={args.batch_size}",
             f"tokenizer.steps={args.steps}", f"tokenizer.checkpoint_every={args.steps}", "tokenizer.log_every=1000"]

@@ -80,78 +80,12 @@ def _load(args: argparse.Namespace):
     return next(iter(branches.values()))
 
 
-def _print_shard(result) -> None:
-    from nextdetail.tasks.shard import summary_line
-
-    s = result.summary
-    print(summary_line(s))
-    print(f"  shards:   {result.url}/" + "  ".join(s["patterns"].values()))
-    print(f"  manifest: {result.manifest_url}")
-    print(f"  classes:  {result.url}/classes.json   ({s['classes']} classes)")
-    print(f"  identity: {result.identity[:16]}   this run wrote {len(result.shards_ran)} tars, "
-          f"reused {len(result.shards_reused)} ({result.seconds:.1f}s)")
-
-
-def _print_decompose(result) -> None:
-    from nextdetail.tasks.decompose import summary_line
-
-    print(summary_line(result.summary))
-    print(f"  factors:  {result.zarr_url}   (Zarr v3, one array per tar: images × order × 3 × H × W)")
-    print(f"  index:    {result.url}/index.parquet")
-    print(f"  identity: {result.identity[:16]}   this run decomposed {len(result.tars_ran)} tars, "
-          f"reused {len(result.tars_reused)} ({result.seconds:.1f}s)")
-
-
-def _print_tokenizer(result) -> None:
-    from nextdetail.tasks.train_tokenizer import summary_line
-
-    print(summary_line(result.summary))
-    print(f"  tokenizer: {result.checkpoint_url}")
-    print(f"  pictures:  {result.url}/reconstructions.png  {result.url}/curves.png")
-    print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
-
-
-def _print_tokens(result) -> None:
-    from nextdetail.tasks.tokenize import summary_line
-
-    print(summary_line(result.summary))
-    print(f"  cache:     {result.url}   (Zarr v3 {result.summary['attempt']}/tokens.zarr, index.parquet, "
-          "_COMPLETE.json with every file's sha256)")
-    print(f"  picture:   {result.url}/{result.summary['attempt']}/preview.png   (images over their decoded cached tokens)")
-    print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
-
-
-def _print_ar(result) -> None:
-    from nextdetail.tasks.train_ar import summary_line
-
-    print(summary_line(result.summary))
-    print(f"  model:     {result.checkpoint_url}   (and best.pt: lowest held-out loss)")
-    print(f"  curves:    {result.url}/loss.png   {result.url}/metrics.csv")
-    print(f"  identity:  {result.identity[:16]}   {result.work} ({result.seconds:.1f}s)")
-
-
-def _print_sample(result) -> None:
-    from nextdetail.tasks.sample import summary_line
-
-    print(summary_line(result.summary))
-    print(f"  look at:   {result.url}/grid.png   (per class: a real photo, then its samples)")
-    if result.summary.get("model") == "ndp":
-        print(f"             {result.url}/heatmap.png   (each sample beside how deep each patch was refined)")
-    elif result.summary.get("upscale", 1) > 1:
-        print(f"             {result.url}/hires/grid.png   (×{result.summary['upscale']}: bilinear vs CART's "
-              "upscaled base + patch-wise detail)")
-    print(f"  samples:   {result.url}/samples.tar   (webdataset: png, cls)   {result.url}/images/")
-
-
-def _print_eval(result) -> None:
-    from nextdetail.tasks.evaluate import summary_line
-
-    print(summary_line(result.summary))
-    print(f"  report:    {result.report_url}   (what was evaluated, the numbers, the pictures)")
-    print(f"  numbers:   {result.url}/metrics.json   pictures: {result.url}/grid.png"
-          + (f"  {result.url}/curves.png" if result.summary.get("checkpoints", 1) > 1 else ""))
-    ref = result.reference or {}
-    print(f"  reference: {ref.get('url')}   ({ref.get('work')}; identity {str(ref.get('identity'))[:16]})")
+def print_result(result) -> None:
+    """A stage's result: its summary line, the files to look at, what this run did (flows/results.py)."""
+    print(result.line())
+    for what, where in result.outputs():
+        print(f"  {what + ':' if what else '':<10} {where}")
+    print(f"  {result.work_line()}")
 
 
 def _sample_overrides(args: argparse.Namespace) -> list[str]:
@@ -174,17 +108,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return cmd_run(args)
     from pathlib import Path
 
+    from nextdetail.flows.results import SampleResult
     from nextdetail.storage.fs import Store
-    from nextdetail.tasks.sample import SampleInputs, run_sampling, summary_line
+    from nextdetail.tasks.sample import SampleInputs, run_sampling
 
     cfg = _load(args)
     ckpt = args.ckpt if "://" in args.ckpt else str(Path(args.ckpt).resolve())
     summary, _ = run_sampling(Store(args.out, cfg.storage.options), SampleInputs(ckpt, cfg.storage.options),
                               cfg.sample, progress=not args.no_progress)
-    print(summary_line(summary))
-    extra = ("heatmap.png" if summary.get("model") == "ndp" else "hires/grid.png" if cfg.sample.upscale > 1 else None)
-    print(f"  look at:   {summary['url']}/grid.png" + (f"   {summary['url']}/{extra}" if extra else ""))
-    print(f"  samples:   {summary['url']}/samples.tar   {summary['url']}/images/")
+    print_result(SampleResult(summary["url"], "", summary, work="ran (outside the pipeline's cache)"))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -211,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from nextdetail.conf.stages import files_key
 
     key = files_key(cfg, "evaluate", ckpts)
-    _print_eval(evaluate_files(cfg, key, ckpts, out, shards, progress=not args.no_progress))
+    print_result(evaluate_files(cfg, key, ckpts, out, shards, progress=not args.no_progress))
 
 
 def preflight(branches: dict) -> None:
@@ -245,8 +177,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     first = run_pipeline(branches, until=args.until, progress=not args.no_progress, only=only, force=force)
     cfg = next(iter(branches.values()))
     print(f"nextdetail run (preset {cfg.preset}) — outputs under {cfg.storage.root}")
-    printers = {"shard": _print_shard, "decompose": _print_decompose, "train_tokenizer": _print_tokenizer,
-                "tokenize": _print_tokens, "train_ar": _print_ar, "sample": _print_sample, "evaluate": _print_eval}
     for model, results in first.branches.items():
         if len(branches) > 1:
             print(f"── model {model} " + "─" * 60)
@@ -256,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             elif results.work.get(stage) == "up to date":
                 print(f"{stage}: up to date   {result.url}   (identity {results.identities[stage][:12]})")
             else:
-                printers[stage](result)
+                print_result(result)
                 if stage == "decompose" and result.summary.get("first_key"):
                     print(f"  look at one: nextdetail show decomposition {result.summary['first_key']}")
     if len(branches) > 1 and all("evaluate" in r for r in first.branches.values()):

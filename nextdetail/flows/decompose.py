@@ -19,7 +19,6 @@ from nextdetail.tasks.decompose import (
     dataset_artifact,
     plan_factors,
     settings_dir_name,
-    summary_line,
     write_factors,
     write_index,
 )
@@ -60,7 +59,7 @@ def decompose_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, prog
     record = fut.result()
     result.identity, result.summary, result.index_work = dataset.identity, record["summary"], record["work"]
     result.seconds = round(time.time() - t0, 3)
-    log.info(summary_line(result.summary))
+    log.info(result.line())
     return result
 
 

@@ -19,7 +19,6 @@ from nextdetail.tasks.evaluate import (
     plan_evaluation,
     run_evaluation,
     sampling_config,
-    summary_line,
 )
 from nextdetail.tasks.reference_stats import (
     ReferenceSpec,
@@ -113,7 +112,7 @@ def evaluate_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
     record = fut.result()
     result = EvalResult(artifact.store.url(), artifact.identity, record["summary"], record["work"],
                         round(time.time() - t0, 3), {"url": ref.url, "identity": ref.identity, "work": ref.record["work"]})
-    log.info(summary_line(result.summary) + f" → {result.report_url}")
+    log.info(result.line() + f" → {result.report_url}")
     return result
 
 

@@ -10,8 +10,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class Described:
+    """How a result is shown: one summary line (`describe`, also what the flow logs), its files (`outputs`), what
+    this run did (`work_line`). The CLI prints every stage with these three (`cli.print_result`); the dataclasses
+    below give it `url`, `identity`, `summary` and `seconds`."""
+
+    @staticmethod
+    def describe(summary: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def line(self) -> str:
+        return self.describe(self.summary)
+
+    def outputs(self) -> list[tuple[str, str]]:
+        """(what, where and how to read it) for each output a user looks at."""
+        return [("output", self.url)]
+
+    def work_line(self) -> str:
+        return f"identity: {self.identity[:16]}   {getattr(self, 'work', 'ran')} ({self.seconds:.1f}s)"
+
+
 @dataclass
-class ShardResult:
+class ShardResult(Described):
     url: str  # the shard directory
     identity: str  # the dataset's identity (what downstream stages key on)
     summary: dict[str, Any]
@@ -25,9 +45,37 @@ class ShardResult:
     def manifest_url(self) -> str:
         return f"{self.url}/manifest.parquet"
 
+    @staticmethod
+    def describe(summary: dict) -> str:
+        """One line: written / converted / skipped by reason."""
+        st = summary["status"]
+        parts = [f"{st.get('written', 0)} written", f"{st.get('converted', 0)} converted"]
+        conv = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("converted:")}
+        if conv:
+            parts[-1] += " (" + ", ".join(f"{k} {v}" for k, v in conv.items()) + ")"
+        skipped = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("skipped:")}
+        parts.append(f"{st.get('skipped', 0)} skipped" + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""))
+        line = f"shard: {summary['images']} images → " + ", ".join(parts)
+        if summary.get("empty_classes"):
+            empty = summary["empty_classes"]
+            line += f"; {len(empty)} class folder(s) without images (still classes): {', '.join(empty[:5])}"
+        if summary.get("retry"):
+            line += f"; {summary['retry']} unreadable file(s) retried by the next run"
+        return line
+
+    def outputs(self) -> list[tuple[str, str]]:
+        return [("shards", f"{self.url}/" + "  ".join(self.summary["patterns"].values())),
+                ("manifest", self.manifest_url),
+                ("classes", f"{self.url}/classes.json   ({self.summary['classes']} classes)")]
+
+    def work_line(self) -> str:
+        return (f"identity: {self.identity[:16]}   this run wrote {len(self.shards_ran)} tars, reused "
+                f"{len(self.shards_reused)} ({self.seconds:.1f}s)")
+
+
 
 @dataclass
-class DecomposeResult:
+class DecomposeResult(Described):
     url: str  # the decomposition directory (factors.zarr, index.parquet)
     identity: str
     summary: dict[str, Any]
@@ -40,9 +88,23 @@ class DecomposeResult:
     def zarr_url(self) -> str:
         return f"{self.url}/factors.zarr"
 
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return (f"decompose: {summary['images']} images in {summary['tars']} tars → base factors B_1…B_n "
+                f"(mean {summary['mean_outer_iterations']} alternations per order)")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        return [("factors", f"{self.zarr_url}   (Zarr v3, one array per tar: images × order × 3 × H × W)"),
+                ("index", f"{self.url}/index.parquet")]
+
+    def work_line(self) -> str:
+        return (f"identity: {self.identity[:16]}   this run decomposed {len(self.tars_ran)} tars, reused "
+                f"{len(self.tars_reused)} ({self.seconds:.1f}s)")
+
+
 
 @dataclass
-class StageResult:
+class StageResult(Described):
     """A stage with one artifact: where it is, its identity, its summary, and what this run did for it."""
 
     url: str
@@ -58,6 +120,17 @@ class TokenizerResult(StageResult):  # url: tokenizer.pt, metrics.json, curves.p
     def checkpoint_url(self) -> str:
         return f"{self.url}/tokenizer.pt"
 
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return (f"train_tokenizer: {summary['steps']} steps, {summary['token_maps']} token maps, final rec "
+                f"{summary['final_rec']:.4f}" + (f" ({summary['rec_psnr_db']} dB)" if summary.get("rec_psnr_db") else "")
+                + f", code usage last map {summary['code_usage_per_map'][-1]:.2f}")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        return [("tokenizer", self.checkpoint_url),
+                ("pictures", f"{self.url}/reconstructions.png  {self.url}/curves.png")]
+
+
 
 @dataclass
 class TokensResult(StageResult):  # url: the cache directory <cache root>/tokens/<identity>
@@ -70,6 +143,20 @@ class TokensResult(StageResult):  # url: the cache directory <cache root>/tokens
 
         return tokens.TokenCache(self.url, self.options, self.local_cache)
 
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return (f"tokenize: {summary['images']} images × {len(summary['variants'])} variants "
+                f"({', '.join(summary['variants'])}) → {summary['token_maps']} token maps, "
+                f"{summary['tokens_per_image']} tokens per image; encoded {summary['encoded_images']}, "
+                f"adopted {summary['copied_parts']} tars from an earlier attempt")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        attempt = self.summary["attempt"]
+        return [("cache", f"{self.url}   (Zarr v3 {attempt}/tokens.zarr, index.parquet, _COMPLETE.json with every "
+                          "file's sha256)"),
+                ("picture", f"{self.url}/{attempt}/preview.png   (images over their decoded cached tokens)")]
+
+
 
 @dataclass
 class ARResult(StageResult):  # url: transformer.pt, best.pt, metrics.csv, loss.png, summary.json, checkpoints/
@@ -77,10 +164,41 @@ class ARResult(StageResult):  # url: transformer.pt, best.pt, metrics.csv, loss.
     def checkpoint_url(self) -> str:
         return f"{self.url}/transformer.pt"
 
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return (f"train_ar: {summary['steps']} steps, {summary['parameters'] / 1e6:.2f} M parameters, {summary['token_maps']} "
+                f"token maps, loss {summary['final_loss']} (uniform {summary['uniform_loss']}), token accuracy "
+                f"{summary['final_acc']}, best held-out loss {summary['best_val_loss']} at step {summary['best_step']}")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        return [("model", f"{self.checkpoint_url}   (and best.pt: lowest held-out loss)"),
+                ("curves", f"{self.url}/loss.png   {self.url}/metrics.csv")]
+
+
 
 @dataclass
 class SampleResult(StageResult):  # url: grid.png, grids/, images/, samples.tar, hires/, summary.json
-    pass
+    @staticmethod
+    def describe(summary: dict) -> str:
+        hires = (f"; ×{summary['upscale']} patch-wise {summary['hires_images_per_s']} images/s"
+                 if summary.get("hires_images_per_s") else "")
+        ndp = (f"; NDP budget {summary['budget']:.0%} ({summary['estimator']}): {summary['gflops_per_image']} GFLOPs, "
+               f"{summary['tokens_per_image']} tokens per image" if summary.get("model") == "ndp" else
+               f"; detail dial {summary['detail_budget']:.0%} of patches: {summary['gflops_per_image']} GFLOPs per image"
+               if summary.get("detail_budget") else "")
+        return (f"sample: {summary['images']} images ({summary['classes']} classes × {summary['per_class']}), cfg "
+                f"{summary['cfg']}, {summary['images_per_s']} images/s, {summary['forward_passes_per_image']} forward "
+                f"passes per image{hires}{ndp}")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        out = [("look at", f"{self.url}/grid.png   (per class: a real photo, then its samples)")]
+        if self.summary.get("model") == "ndp":
+            out.append(("", f"{self.url}/heatmap.png   (each sample beside how deep each patch was refined)"))
+        elif self.summary.get("upscale", 1) > 1:
+            out.append(("", f"{self.url}/hires/grid.png   (×{self.summary['upscale']}: bilinear vs CART's upscaled "
+                            "base + patch-wise detail)"))
+        return [*out, ("samples", f"{self.url}/samples.tar   (webdataset: png, cls)   {self.url}/images/")]
+
 
 
 @dataclass
@@ -90,3 +208,26 @@ class EvalResult(StageResult):  # url: report.md, metrics.json, grid.png, grids/
     @property
     def report_url(self) -> str:
         return f"{self.url}/report.md"
+
+    @staticmethod
+    def describe(summary: dict[str, Any]) -> str:
+        nums = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fid", "isc_mean", "kid_mean", "precision", "recall")
+                         if summary.get(k) is not None)
+        tok = f"; tokenizer rFID {summary['rfid']:.4g}, PSNR {summary['psnr']:.2f} dB" if summary.get("rfid") is not None else ""
+        note = "" if summary["comparable"] else f" ({summary['extractor']}: not comparable with published numbers)"
+        return (f"evaluate: {checkpoint_name(summary)}, {summary['samples']} samples: "
+                f"{nums}{tok}{note}")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        ref = self.reference or {}
+        curves = f"  {self.url}/curves.png" if self.summary.get("checkpoints", 1) > 1 else ""
+        return [("report", f"{self.report_url}   (what was evaluated, the numbers, the pictures)"),
+                ("numbers", f"{self.url}/metrics.json   pictures: {self.url}/grid.png{curves}"),
+                ("reference", f"{ref.get('url')}   ({ref.get('work')}; identity {str(ref.get('identity'))[:16]})")]
+
+
+
+def checkpoint_name(r: dict[str, Any]) -> str:
+    """`step 12`, or `last (step 12)`: a metrics row's or the evaluate summary's checkpoint."""
+    label = r["label"] if "label" in r else r["checkpoint"]
+    return label if label.startswith("step ") else f"{label} (step {r['step']})"

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.flows.results import ARResult, SampleResult, ShardResult, TokensResult
 from nextdetail.storage.fs import Store
-from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage, summary_line
+from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage
 
 if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
@@ -52,7 +52,7 @@ def sample_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokens:
     record = fut.result()
     work = record["work"]
     result = SampleResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
-    log.info(summary_line(result.summary) + f" → {result.url}/grid.png")
+    log.info(result.line() + f" → {result.url}/grid.png")
     return result
 
 

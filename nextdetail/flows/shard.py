@@ -21,7 +21,6 @@ from nextdetail.tasks.shard import (
     dataset_artifact,
     plan_shards,
     shard_dir_name,
-    summary_line,
     write_manifest,
     write_shard,
 )
@@ -81,7 +80,7 @@ def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> Sha
                              for a, job in plan if records[job.name]["summary"]["samples"]}
     result.manifest_work = record["work"]
     result.seconds = round(time.time() - t0, 3)
-    log.info(summary_line(result.summary))
+    log.info(result.line())
     return result
 
 

@@ -26,7 +26,6 @@ from nextdetail.tasks.tokenize import (
     part_artifact,
     plan_tokens,
     publish_tokens,
-    summary_line,
 )
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decom
     def result(record: dict, work: str) -> TokensResult:
         out = TokensResult(plan.cache.url(), plan.identity, record["summary"], work, round(time.time() - t0, 3),
                            options, cfg.tokens.local_cache)
-        log.info(summary_line(out.summary) + f" → {out.url} ({work}, {out.seconds:.1f}s)")
+        log.info(out.line() + f" → {out.url} ({work}, {out.seconds:.1f}s)")
         return out
 
     work = "ran"

@@ -18,7 +18,6 @@ from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_ar import (
     ARData,
     plan_ar,
-    summary_line,
     train_ar,
     transformer_config,
 )
@@ -54,7 +53,7 @@ def train_ar_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
     record = fut.result()
     work = record["work"]
     result = ARResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
-    log.info(summary_line(result.summary))
+    log.info(result.line())
     return result
 
 

@@ -16,14 +16,10 @@ from nextdetail.errors import UserError
 from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.storage.artifacts import Artifact
+from nextdetail.storage.factor_loader import TrainData
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store
-from nextdetail.tasks.train_tokenizer import (
-    TrainData,
-    plan_training,
-    summary_line,
-    train_tokenizer,
-)
+from nextdetail.tasks.train_tokenizer import plan_training, train_tokenizer
 
 if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
@@ -64,7 +60,7 @@ def train_tokenizer_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult
     record = fut.result()
     work = record["work"]
     result = TokenizerResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
-    log.info(summary_line(result.summary))
+    log.info(result.line())
     return result
 
 

@@ -42,6 +42,7 @@ of the eager ops' ~48 plus their set-up passes. Without a compiler the eager pat
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -187,6 +188,8 @@ def cpu_kernels() -> Any:
             _KERNELS = False
         else:
             try:
+                # its import warns "No CUDA runtime is found" on every CPU-only process (each Dask worker)
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
                 from torch.utils.cpp_extension import load
 
                 isa = _x86_isa()

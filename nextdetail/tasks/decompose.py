@@ -135,8 +135,3 @@ def dataset_artifact(store: Store, key: StageKey, parts: list[Artifact]) -> Arti
     """The decomposition (index.parquet + the consolidated Zarr group): the stage's identity."""
     return Artifact("decompose", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "tars": len(parts)})
 
-
-def summary_line(summary: dict) -> str:
-    return (f"decompose: {summary['images']} images in {summary['tars']} tars → base factors B_1…B_n "
-            f"(mean {summary['mean_outer_iterations']} alternations per order)")
-

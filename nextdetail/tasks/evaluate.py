@@ -31,6 +31,7 @@ import torch
 
 from nextdetail.conf.schema import EvalConfig, SampleConfig
 from nextdetail.errors import UserError
+from nextdetail.flows.results import checkpoint_name
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.reference_stats import RefHandle
 from nextdetail.tasks.stage import Artifact, stage_task
@@ -215,7 +216,7 @@ def report_markdown(result: dict[str, Any], has_curves: bool) -> str:
     final = rows[-1]
     n = final["samples"]
     lines = [f"# Evaluation of {w.get('model', 'the model')}", ""]
-    lines += [f"**Evaluated**: the {_checkpoint_name(final)} checkpoint of `{w.get('train_ar_url', final['checkpoint'])}`"
+    lines += [f"**Evaluated**: the {checkpoint_name(final)} checkpoint of `{w.get('train_ar_url', final['checkpoint'])}`"
               + (f" on {w['dataset']}" if w.get("dataset") else "") + f"; {n} generated images "
               f"({smp['samples_per_class']} per class × {smp['classes']} classes) against {ref['images']} real images "
               f"({ref['source']}).", ""]
@@ -241,7 +242,7 @@ def report_markdown(result: dict[str, Any], has_curves: bool) -> str:
     if tok:
         lines += [f"Tokenizer reconstruction on {tok['images']} held-out images ({tok['split']}): rFID "
                   f"{tok['rfid']:.3f}, PSNR {tok['psnr']:.2f} dB (a bound on what samples can look like)."]
-    lines += ["", "## Samples", "", f"Per class: a real photo (framed), then samples of the {_checkpoint_name(final)} checkpoint.",
+    lines += ["", "## Samples", "", f"Per class: a real photo (framed), then samples of the {checkpoint_name(final)} checkpoint.",
               "", "![samples](grid.png)", ""]
     if has_curves:
         lines += ["## Metrics over training", "", "![curves](curves.png)", ""]
@@ -272,18 +273,3 @@ def plan_evaluation(parent: Store, key: StageKey, inputs: EvalInputs, ecfg: Eval
     store = parent.sub(f"{ecfg.checkpoints}-{key.identity[:12]}") if subdir else parent
     used = {"reference": inputs.reference.identity, "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity")}
     return Artifact("evaluate", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "used": used})
-
-
-def _checkpoint_name(r: dict[str, Any]) -> str:
-    label = r["label"] if "label" in r else r["checkpoint"]  # a metrics row, or the stage summary
-    return label if label.startswith("step ") else f"{label} (step {r['step']})"
-
-
-def summary_line(summary: dict[str, Any]) -> str:
-    nums = ", ".join(f"{k} {summary[k]:.4g}" for k in ("fid", "isc_mean", "kid_mean", "precision", "recall")
-                     if summary.get(k) is not None)
-    tok = f"; tokenizer rFID {summary['rfid']:.4g}, PSNR {summary['psnr']:.2f} dB" if summary.get("rfid") is not None else ""
-    note = "" if summary["comparable"] else f" ({summary['extractor']}: not comparable with published numbers)"
-    return (f"evaluate: {_checkpoint_name(summary)}, {summary['samples']} samples: "
-            f"{nums}{tok}{note}")
-

@@ -230,14 +230,3 @@ def plan_samples(root: Store, key: StageKey, cfg: SampleConfig) -> Artifact:
     return Artifact("sample", key.identity, root.sub(f"{cfg.checkpoint}-{key.identity[:12]}"), "_COMPLETE.json",
                     lineage=key.lineage())
 
-
-def summary_line(summary: dict) -> str:
-    hires = (f"; ×{summary['upscale']} patch-wise {summary['hires_images_per_s']} images/s"
-             if summary.get("hires_images_per_s") else "")
-    ndp = (f"; NDP budget {summary['budget']:.0%} ({summary['estimator']}): {summary['gflops_per_image']} GFLOPs, "
-           f"{summary['tokens_per_image']} tokens per image" if summary.get("model") == "ndp" else
-           f"; detail dial {summary['detail_budget']:.0%} of patches: {summary['gflops_per_image']} GFLOPs per image"
-           if summary.get("detail_budget") else "")
-    return (f"sample: {summary['images']} images ({summary['classes']} classes × {summary['per_class']}), cfg "
-            f"{summary['cfg']}, {summary['images_per_s']} images/s, {summary['forward_passes_per_image']} forward "
-            f"passes per image{hires}{ndp}")

@@ -283,21 +283,3 @@ def dataset_artifact(store: Store, key: StageKey, shards: list[Artifact]) -> Art
     """The shard dataset (manifest, classes): the stage's identity."""
     return Artifact("shard", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "tars": len(shards)})
 
-
-def summary_line(summary: dict) -> str:
-    """One line: written / converted / skipped by reason."""
-    st = summary["status"]
-    parts = [f"{st.get('written', 0)} written", f"{st.get('converted', 0)} converted"]
-    conv = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("converted:")}
-    if conv:
-        parts[-1] += " (" + ", ".join(f"{k} {v}" for k, v in conv.items()) + ")"
-    skipped = {k.split(":", 1)[1]: v for k, v in summary["reasons"].items() if k.startswith("skipped:")}
-    parts.append(f"{st.get('skipped', 0)} skipped" + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""))
-    line = f"shard: {summary['images']} images → " + ", ".join(parts)
-    if summary.get("empty_classes"):
-        empty = summary["empty_classes"]
-        line += f"; {len(empty)} class folder(s) without images (still classes): {', '.join(empty[:5])}"
-    if summary.get("retry"):
-        line += f"; {summary['retry']} unreadable file(s) retried by the next run"
-    return line
-

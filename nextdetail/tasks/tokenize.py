@@ -219,9 +219,3 @@ def write_preview(attempt: tokens.Attempt, job: TokenJob, inputs: TokenInputs, l
     originals = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     attempt.store.write_bytes("preview.png", png_bytes(reconstruction_grid(originals, decoded)))
 
-
-def summary_line(summary: dict) -> str:
-    return (f"tokenize: {summary['images']} images × {len(summary['variants'])} variants "
-            f"({', '.join(summary['variants'])}) → {summary['token_maps']} token maps, "
-            f"{summary['tokens_per_image']} tokens per image; encoded {summary['encoded_images']}, "
-            f"adopted {summary['copied_parts']} tars from an earlier attempt")

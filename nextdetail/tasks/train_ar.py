@@ -441,11 +441,5 @@ def plan_ar(root: Store, key: StageKey, cfg: ARConfig, tcfg: ModelConfig) -> Art
                     lineage={**key.lineage(), "architecture": asdict(tcfg)})
 
 
-def summary_line(summary: dict) -> str:
-    return (f"train_ar: {summary['steps']} steps, {summary['parameters'] / 1e6:.2f} M parameters, {summary['token_maps']} "
-            f"token maps, loss {summary['final_loss']} (uniform {summary['uniform_loss']}), token accuracy "
-            f"{summary['final_acc']}, best held-out loss {summary['best_val_loss']} at step {summary['best_step']}")
-
-
 if __name__ == "__main__":
     _torchrun_main(sys.argv[1])

@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,11 +35,10 @@ import torch.nn.functional as F
 
 from nextdetail.conf.schema import TokenizerConfig
 from nextdetail.errors import UserError
-from nextdetail.storage import factors
 from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from nextdetail.storage.factor_loader import FactorBatches, TrainData
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256
-from nextdetail.storage.shards import read_tar_bytes
 from nextdetail.tasks.stage import Artifact, stage_task
 from nextdetail.tasks.torchrun import (
     average_gradients,
@@ -55,120 +53,6 @@ if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
 
 FILES = ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png", "summary.json"]
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """What the stage reads: the shard tars (images) and the decomposition (factors), one split."""
-
-    shards_url: str
-    factors_url: str  # the decomposition directory (factors.zarr, index.parquet)
-    options: dict
-    image_format: str
-    split: str
-    tars: tuple[tuple[str, int], ...]  # (tar, images) in index order
-
-
-class FactorBatches:
-    """Batch s (images (B, 3, H, W), bases (n, B, 3, H, W), both in [-1, 1]) as a pure function of
-    (seed, s): resuming at step s needs no replay. Each epoch visits every image once (the last
-    partial batch is dropped); tars are read whole, the two most recent kept in memory."""
-
-    def __init__(self, data: TrainData, order: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        from PIL import Image  # noqa: F401  (fail here, not in the loop)
-
-        if batch_size % world:
-            raise UserError(f"tokenizer.batch_size={batch_size} does not split over {world} processes; "
-                            "make it a multiple of tokenizer.nproc")
-        self.data, self.order, self.batch_size, self.seed = data, order, batch_size, seed
-        self.rank, self.world = rank, world  # rank r builds its contiguous B/W slice of every global batch
-        self.shards = Store(data.shards_url, data.options)
-        self._group: Any = None  # opened on first use, in each loader worker of its own
-        index = factors.read_index(Store(data.factors_url, data.options))
-        keys: dict[str, list[str]] = {}
-        for row in index.select(["shard", "row", "key", "split"]).to_pylist():
-            if row["split"] == data.split:
-                keys.setdefault(row["shard"], []).append((row["row"], row["key"]))
-        self.keys = {tar: [k for _, k in sorted(v)] for tar, v in keys.items()}
-        self.sizes = np.array([n for _, n in data.tars])
-        self.total = int(self.sizes.sum())
-        if self.total < batch_size:
-            raise UserError(f"{data.split}: {self.total} images, fewer than tokenizer.batch_size={batch_size}; "
-                            "lower the batch size or add data")
-        self.steps_per_epoch = self.total // batch_size
-        self._epoch: tuple[int, np.ndarray, list[np.ndarray], np.ndarray] | None = None
-        self._tars: OrderedDict[str, tuple[dict[str, bytes], Any]] = OrderedDict()
-
-    def __getstate__(self) -> dict[str, Any]:  # to loader workers: no open handles, no cached tars
-        return {**self.__dict__, "_group": None, "_tars": OrderedDict(), "_epoch": None}
-
-    def __len__(self) -> int:  # a map-style dataset of batches: item s is batch s
-        return 2**62
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.batch(step)
-
-    def iterate(self, start: int, stop: int, workers: int) -> Any:
-        """Batches start … stop − 1 in order; with `workers` > 0 built ahead in loader processes
-        (the same batches: each is a function of its step alone)."""
-        if workers == 0:
-            return (self.batch(s) for s in range(start, stop))
-        from torch.utils.data import DataLoader
-
-        # spawn, not fork: the parent runs Prefect's and Zarr's threads, which a forked child would lack
-        return iter(DataLoader(self, batch_size=None, sampler=range(start, stop), num_workers=workers,
-                               prefetch_factor=4, multiprocessing_context="spawn",
-                               generator=torch.Generator().manual_seed(0)))  # never draws from the global RNG
-
-    def position(self, step: int) -> dict[str, int]:
-        return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch}
-
-    def _plan(self, epoch: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        if self._epoch is None or self._epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            tar_order = rng.permutation(len(self.sizes))
-            rows = [rng.permutation(int(self.sizes[t])) for t in tar_order]
-            starts = np.concatenate([[0], np.cumsum(self.sizes[tar_order])])
-            self._epoch = (epoch, tar_order, rows, starts)
-        return self._epoch[1:]
-
-    def _tar(self, t: int) -> tuple[dict[str, bytes], Any]:
-        tar = self.data.tars[t][0]
-        if tar not in self._tars:
-            if self._group is None:
-                self._group = factors.open_group(Store(self.data.factors_url, self.data.options))
-            array = self._group[factors.array_path(self.data.split, tar)]
-            self._tars[tar] = (read_tar_bytes(self.shards, tar, self.data.image_format), array)
-            while len(self._tars) > 2:
-                self._tars.popitem(last=False)
-        return self._tars[tar]
-
-    def sample(self, t: int, row: int) -> tuple[np.ndarray, np.ndarray]:
-        from PIL import Image
-
-        images, array = self._tar(t)
-        key = self.keys[self.data.tars[t][0]][row]
-        with Image.open(io.BytesIO(images[key])) as im:
-            image = np.asarray(im.convert("RGB")).transpose(2, 0, 1)  # (3, H, W) uint8
-        bases = np.asarray(array[row, : self.order], dtype=np.float32) if self.order else None  # (n, 3, H, W)
-        return image, bases
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pos = self.position(step)
-        tar_order, rows, starts = self._plan(pos["epoch"])
-        local = self.batch_size // self.world
-        first = pos["batch_in_epoch"] * self.batch_size + self.rank * local
-        images, bases = [], []
-        for p in range(first, first + local):
-            j = int(np.searchsorted(starts, p, side="right") - 1)  # which tar of this epoch's order
-            image, base = self.sample(int(tar_order[j]), int(rows[j][p - starts[j]]))
-            images.append(image)
-            bases.append(base)
-        x = torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1)  # (B, 3, H, W) in [-1, 1]
-        if not self.order:
-            return x, None
-        b = torch.from_numpy(np.stack(bases, axis=1)).mul_(2).sub_(1)  # (n, B, 3, H, W) in [-1, 1]
-        return x, b
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -441,12 +325,6 @@ def plan_training(root: Store, key: StageKey, spec: Any) -> Artifact:
     name = f"v{spec.vocab_size}-order{spec.order}-maps{len(spec.patch_nums) + spec.order * spec.detail_depth}"
     return Artifact("train_tokenizer", key.identity, root.sub(f"{name}-{key.identity[:12]}"), "_COMPLETE.json",
                     lineage=key.lineage())
-
-
-def summary_line(summary: dict) -> str:
-    return (f"train_tokenizer: {summary['steps']} steps, {summary['token_maps']} token maps, final rec "
-            f"{summary['final_rec']:.4f}" + (f" ({summary['rec_psnr_db']} dB)" if summary.get("rec_psnr_db") else "")
-            + f", code usage last map {summary['code_usage_per_map'][-1]:.2f}")
 
 
 if __name__ == "__main__":
