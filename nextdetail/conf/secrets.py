@@ -31,7 +31,6 @@ SECRET_NAMES = frozenset({
     "client_secret", "connection_string", "credential", "credentials", "access_key", "secret_key",
 })
 _SECRET_NAME = re.compile(r"^aws_|(_key|_secret|_token|_password)$")
-MASK = str(SecretStr("x"))  # "**********", what pydantic shows
 
 
 def is_secret_name(name: str) -> bool:
@@ -59,17 +58,6 @@ def reveal(options: Any) -> Any:
     if isinstance(options, list):
         return [reveal(v) for v in options]
     return options
-
-
-def secret_values(options: Any) -> list[str]:
-    """Every secret's real value in `options` (the tests search for them)."""
-    if isinstance(options, SecretStr):
-        return [options.get_secret_value()]
-    if isinstance(options, dict):
-        return [s for v in options.values() for s in secret_values(v)]
-    if isinstance(options, list):
-        return [s for v in options for s in secret_values(v)]
-    return []
 
 
 def override_has_secret(keys: list[str], value: Any) -> bool:
@@ -140,10 +128,6 @@ def with_credentials(options: dict[str, Any], file: str | None, block: str | Non
         options = _merge(options, wrap(extra, everything=True))
     return options
 
-
-def masked_json(obj: Any) -> str:
-    """JSON of `obj` with secrets masked (for messages that would show a value)."""
-    return json.dumps(obj, default=lambda o: MASK if isinstance(o, SecretStr) else str(o))
 
 
 def resolve_credentials(cfg: PipelineConfig) -> PipelineConfig:
