@@ -38,7 +38,7 @@ class ShardResult(Described):
     shards_ran: list[str] = field(default_factory=list)  # tars written by this run
     shards_reused: list[str] = field(default_factory=list)  # found complete (their marker says so)
     manifest_work: str = "ran"  # ran | reused | up to date (this run skipped the stage)
-    tar_identities: dict[str, str] = field(default_factory=dict)  # tar name → its artifact identity
+    tar_identities: dict[str, str] = field(default_factory=dict)  # tar with samples → "identity:tar sha256"
     seconds: float = 0.0
 
     @property
