@@ -38,8 +38,9 @@ def flops_per_token(model: torch.nn.Module, sides: tuple[int, ...]) -> float:
 def bench_model(order: int, args: argparse.Namespace, cfg) -> dict:
     from nextdetail.models.sampler import CARTSampler
     from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
+    from nextdetail.models.transformer import TeacherInputs
     from nextdetail.storage.tokens import token_layout
-    from nextdetail.tasks.train_ar import ARTrainer, TeacherInputs, transformer_config
+    from nextdetail.tasks.train_ar import ARTrainer, transformer_config
 
     device = torch.device(args.device)
     spec = TokenizerSpec.from_config(cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"order": order})}))

@@ -1,22 +1,21 @@
 """The training stages' learning-rate schedule (VAR's `lin0`: linear warm-up from wp0·lr, then a decay to
-wpe·lr) as a function of the step, with the trainer's own method."""
+wpe·lr) as a function of the step (`tasks/train_ar.lr_at`, what the trainer calls)."""
 
 from __future__ import annotations
 
 import itertools
 import math
-from types import SimpleNamespace
 
 import pytest
 
 from nextdetail.conf.schema import ARConfig
-from nextdetail.tasks.train_ar import ARTrainer
+from nextdetail.tasks.train_ar import lr_at
 
 pytestmark = pytest.mark.fast
 
 
 def _lr(step: int, **settings) -> float:
-    return ARTrainer.lr_at(SimpleNamespace(cfg=ARConfig(**settings)), step)
+    return lr_at(ARConfig(**settings), step)
 
 
 def test_lr_is_vars_base_rate_scaled_by_the_batch_warmed_up_then_decayed_linearly_to_the_floor():

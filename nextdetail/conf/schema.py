@@ -177,10 +177,11 @@ class TokenizerConfig(_Section):
     torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
     loader_workers: int = Field(default=0, ge=0, description="processes decoding batches ahead; 0: in the loop")
     checkpoint_every: int = Field(default=1000, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1, description="step checkpoints kept")
     log_every: int = Field(default=100, ge=1)
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "log_every"})
+        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:

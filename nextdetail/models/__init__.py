@@ -12,8 +12,9 @@ from types import ModuleType
 
 @dataclass(frozen=True)
 class Family:
-    """A model (`ar.model`) as the two modules that implement it. `model` exports `Config` and `Model` (and
-    the model's own loss where the trainer does not compute it); `sampler` exports `from_config`."""
+    """A model (`ar.model`) as the two modules that implement it. `model` exports `Config`, `Model` and `loss`
+    (its training objective, one signature for every family, nanoGPT's rule: the model owns its loss);
+    `sampler` exports `from_config`."""
 
     model: str  # what train_ar trains
     sampler: str  # what sample and evaluate run

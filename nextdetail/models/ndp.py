@@ -177,6 +177,17 @@ def ndp_loss(model: nn.Module, net: nn.Module, quantizer: nn.Module, tokens_BL: 
                   "leaves": valid.sum(1).float().mean()}
 
 
+def loss(model: NextDetailMaskedTransformer, net: nn.Module, teacher: object, tokens_BL: Tensor, label_B: Tensor, *,
+         loss_weighting: str = "map", difficulty_weight: float = 0.5, label_smoothing: float = 0.0,
+         generator: torch.Generator | None = None, drop_labels: bool | None = None,
+         ) -> tuple[Tensor, Tensor, dict[str, Tensor | float]]:
+    """The family interface of the training loop (as `models/transformer.loss`): `ndp_loss` with the
+    quantizer of the teacher (`TeacherInputs`) → (loss, accuracy, extra metrics)."""
+    value, m = ndp_loss(model, net, teacher.quantizer, tokens_BL, label_B, loss_weighting, difficulty_weight,
+                        label_smoothing, generator, drop_labels)
+    return value, m["acc"], {"difficulty_loss": float(m["difficulty_loss"]), "leaves": float(m["leaves"])}
+
+
 # ---- compute ------------------------------------------------------------------------------------
 
 

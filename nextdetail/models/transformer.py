@@ -336,6 +336,72 @@ class NextDetailTransformer(VARTrunk):
         return out
 
 
+# ---- training: VAR's teacher forcing and CART's objective -----------------------------------------
+
+
+def split_maps(tokens_BL: Tensor, sides: tuple[int, ...]) -> list[Tensor]:
+    """(B, L) → the M token maps (B, s_k, s_k), in prediction order."""
+    return [t.view(-1, s, s) for t, s in zip(tokens_BL.split([s * s for s in sides], dim=1), sides, strict=True)]
+
+
+class TeacherInputs:
+    """Tokens (B, L) → the transformer's inputs for maps 2…M (B, L − first_l, Cvae): f̂_{k−1} area-resampled
+    to map k (VAR's teacher forcing), by the quantizer of exactly the tokenizer the tokens came from."""
+
+    def __init__(self, tokenizer: nn.Module, sides: tuple[int, ...]) -> None:
+        self.quantizer = tokenizer.quantize.eval().requires_grad_(False)
+        self.latent_side, self.sides = tokenizer.spec.latent_side, sides
+
+    def __call__(self, tokens_BL: Tensor) -> Tensor:
+        return self.quantizer.next_inputs(split_maps(tokens_BL, self.sides), self.latent_side)
+
+    @torch.no_grad()
+    def detail_target(self, tokens_BL: Tensor, n_base: int) -> Tensor:
+        """CART's detail-dial target (B, l_b): log of the detail maps' summed contribution ‖Σ_{k ≥ n_base}
+        φ_k(z_k)‖² averaged over each cell of the last base map — where detail matters."""
+        maps = split_maps(tokens_BL, self.sides)
+        detail = sum(self.quantizer._to_latent(k, maps[k], self.latent_side) for k in range(n_base, len(maps)))
+        energy = detail.float().square().sum(1, keepdim=True)  # (B, 1, S, S)
+        side = self.sides[n_base - 1]
+        return torch.log(F.adaptive_avg_pool2d(energy, side).flatten(1) + 1e-6)  # (B, l_b)
+
+
+def token_weights(sides: tuple[int, ...], loss_weighting: str) -> Tensor:
+    """Per-token loss weights (L,) summing to 1: every token the same (`token`, VAR), or each map's tokens
+    sharing 1/M (`map`)."""
+    sizes = torch.tensor([s * s for s in sides], dtype=torch.float32)
+    per_map = 1 / (len(sizes) * sizes) if loss_weighting == "map" else torch.full_like(sizes, 1 / sizes.sum())
+    return per_map.repeat_interleave(sizes.long())
+
+
+def loss(model: NextDetailTransformer, net: nn.Module, teacher: TeacherInputs, tokens_BL: Tensor, label_B: Tensor, *,
+         loss_weighting: str = "token", difficulty_weight: float = 0.0, label_smoothing: float = 0.0,
+         generator: torch.Generator | None = None, drop_labels: bool | None = None,
+         ) -> tuple[Tensor, Tensor, dict[str, Tensor | float]]:
+    """CART's objective (Eq. 13): cross-entropy of all L tokens given the maps before them (teacher forcing),
+    weighted by `token_weights`, mean over the batch → (loss, token accuracy, extra). With the dial's head
+    and `difficulty_weight` > 0, extra["aux_loss"] is its weighted MSE to `detail_target` (on detached
+    features: trained beside the loss, not part of it). `net`: the model or its DDP wrapper; `generator` is
+    unused (the family interface: NDP draws its quadtree states from it)."""
+    cfg = model.cfg
+    with torch.autocast(tokens_BL.device.type, enabled=False):
+        x = teacher(tokens_BL)  # (B, L − first_l, Cvae), in full precision
+    dial = model.detail_head is not None and difficulty_weight > 0
+    out = net(label_B, x, drop_labels=drop_labels, return_features=dial)
+    logits = out[0] if dial else out  # (B, L, V)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), tokens_BL, reduction="none",
+                         label_smoothing=label_smoothing)  # (B, L)
+    extra: dict[str, Tensor | float] = {}
+    if dial:  # log detail energy under each last-base-map position
+        bg, ed = model.begin_ends[cfg.n_base - 1]
+        pred = model.detail_difficulty(out[1][:, bg:ed])  # (B, l_b)
+        d_err = F.mse_loss(pred, teacher.detail_target(tokens_BL, cfg.n_base))
+        extra = {"aux_loss": difficulty_weight * d_err, "difficulty_loss": float(d_err.detach())}
+    weights = token_weights(cfg.sides, loss_weighting).to(ce.device)
+    acc = (logits.detach().argmax(-1) == tokens_BL).float().mean()
+    return ce.mul(weights).sum(1).mean(), acc, extra
+
+
 def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
                        generator: torch.Generator | None = None) -> Tensor:
     """One token per position from logits (B, l, V), restricted to the top k and/or nucleus p. → (B, l)."""

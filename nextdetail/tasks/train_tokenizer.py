@@ -1,11 +1,13 @@
 """The `train_tokenizer` stage: shard tars + base factors → a trained base-detail VQ-VAE.
 
-Data flow (all of it in this file; the model in `models/tokenizer.py`, `quant.py`, `vae.py`):
+Data flow (the stage's parts in this file; the loop in `tasks/training.py`; the model in
+`models/tokenizer.py`, `quant.py`, `vae.py`; the batches in `storage/factor_loader.py`):
   index.parquet of the decomposition (key → tar, row) ─▶ `FactorBatches`: batch s of the run is a
     pure function of (seed, s): epoch e = s // steps_per_epoch shuffles the tars and each tar's rows
     with a generator seeded (seed, e); images are decoded from the tar, B_1 … B_n read from Zarr
-  ─▶ `train()`: [with `truncation` > 0 (NDP), that fraction of the batch decodes a random quadtree
-    state of the dyadic token pyramid: region-wise random truncation of the finer tokens] rec (L2 | L1) + VQ (codebook + β·commitment) [+ λ_p LPIPS] [+ λ_G hinge PatchGAN after
+  ─▶ `TokenizerTraining.step`: [with `truncation` > 0 (NDP), that fraction of the batch decodes a random
+    quadtree state of the dyadic token pyramid: region-wise random truncation of the finer tokens]
+    rec (L2 | L1) + VQ (codebook + β·commitment) [+ λ_p LPIPS] [+ λ_G hinge PatchGAN after
     `gan_start`], AdamW, gradient clipping, bf16 autocast on CUDA; every `restart_dead_every` steps
     dead codes restart from recent encoder outputs; per-map usage/perplexity logged
   ─▶ checkpoints/step-XXXXXXXX.pt every `checkpoint_every` steps (atomic; model, optimizers, RNG,
@@ -22,11 +24,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,49 +32,42 @@ import torch
 import torch.nn.functional as F
 
 from nextdetail.conf.schema import TokenizerConfig
-from nextdetail.errors import UserError
-from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from nextdetail.storage.factor_loader import FactorBatches, TrainData
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256
+from nextdetail.tasks import training
 from nextdetail.tasks.stage import Artifact, stage_task
-from nextdetail.tasks.torchrun import (
-    average_gradients,
-    join,
-    launch,
-    leave_group,
-    process_count,
-    read_job,
-)
+from nextdetail.tasks.torchrun import average_gradients
+from nextdetail.tasks.training import Run, Training
 
 if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
 
-FILES = ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png", "summary.json"]
+FILES = ["tokenizer.pt", "metrics.json", "curves.png", "reconstructions.png"]
 
 
-# ---- training ---------------------------------------------------------------------------------
+# ---- training: the stage's parts of the one loop (tasks/training.py) ----------------------------
 
 
-@dataclass
-class Trainer:
+class TokenizerTraining(Training):
     """Model, losses and optimizers of one run; `state()` / `load()` are the checkpoint."""
 
-    cfg: TokenizerConfig
-    spec: Any
-    device: torch.device
-    rank: int = 0
-    world: int = 1  # data-parallel ranks (torchrun): gradients, code statistics and restarts kept in sync
+    stage, section, lr_setting, files = "train_tokenizer", "tokenizer", "tokenizer.lr", FILES
 
-    def __post_init__(self) -> None:
+    def __init__(self, data: TrainData, cfg: TokenizerConfig, spec: Any) -> None:
+        self.data, self.settings, self.spec = data, cfg, spec
+
+    def build(self, rank: int, world: int, device: torch.device, log: Callable[[str], None]) -> None:
         from nextdetail.models.tokenizer import BaseDetailVQVAE, load_var_state_dict
 
-        torch.manual_seed(self.cfg.seed)
+        c = self.cfg = self.settings
+        self.rank, self.world, self.device = rank, world, device  # world: data-parallel ranks (torchrun)
+        self.loader = FactorBatches(self.data, self.spec.order, c.batch_size, c.seed, rank, world)
+        torch.manual_seed(c.seed)
         self.model = BaseDetailVQVAE(self.spec)
-        if self.cfg.init_from:
-            load_var_state_dict(self.model, self.cfg.init_from)
+        if c.init_from:
+            load_var_state_dict(self.model, c.init_from)
         self.model.to(self.device).train()
-        c = self.cfg
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
         self.lpips = None
         if c.lpips_weight > 0:
@@ -93,6 +84,13 @@ class Trainer:
             for module in (self.model, self.disc):
                 for t in [*module.parameters(), *module.buffers()] if module is not None else ():
                     torch.distributed.broadcast(t.data, 0)
+
+    def batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return iter(self.loader.iterate(start, self.cfg.steps, self.cfg.loader_workers))
+
+    def started(self, world: int) -> str | None:
+        return f"train_tokenizer: {world} data-parallel processes, {self.cfg.batch_size // world} images each per step" \
+            if world > 1 else None
 
     def autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -114,8 +112,9 @@ class Trainer:
         mine = slice(self.rank * batch, (self.rank + 1) * batch)
         return [m[mine].to(self.device) for m in Quadtree.random(p, sides, g).present()]
 
-    def step(self, step: int, images: torch.Tensor, bases: torch.Tensor | None) -> dict[str, float]:
+    def step(self, step: int, batch: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, float]:
         c = self.cfg
+        images, bases = batch
         images = images.to(self.device)
         bases = None if bases is None else bases.to(self.device)
         gan_on = self.disc is not None and step >= c.gan_start
@@ -170,9 +169,9 @@ class Trainer:
             out.update({k: float(v) / self.world for k, v in zip(keys, mean, strict=True)})
         return out
 
-    def state(self, step: int, position: dict[str, int], metrics: list[dict]) -> dict[str, Any]:
+    def state(self, step: int) -> dict[str, Any]:
         return {
-            "step": step, "data_position": position, "metrics": metrics,
+            "data_position": self.loader.position(step),
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "disc": self.disc.state_dict() if self.disc else None, "opt_d": self.opt_d.state_dict() if self.opt_d else None,
             "quant_record_hit": self.model.quantize.record_hit,
@@ -181,7 +180,7 @@ class Trainer:
             "scaler": None,  # bf16 autocast needs no loss scaling
         }
 
-    def load(self, state: dict[str, Any]) -> int:
+    def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.disc is not None and state["disc"] is not None:
@@ -191,132 +190,56 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        return int(state["step"])
 
-
-def train(
-    store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, log: Callable[[str], None] = print,
-    progress: bool = False, stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Train (or resume) in `store` in this process — one of `WORLD_SIZE` under torchrun; returns rank 0's
-    summary. `stop_after`: leave after that many steps of this call (tests: an interrupted run)."""
-    rank, world, device = join(cfg.device, "tokenizer")
-    threads = torch.get_num_threads()
-    if cfg.torch_threads or world > 1:
-        torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
-    try:
-        return _train(store, data, cfg, spec, device, rank, world, log, progress, stop_after)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, device: torch.device, rank: int,
-           world: int, log: Callable[[str], None], progress: bool, stop_after: int | None) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    batches = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed, rank, world)
-    trainer = Trainer(cfg, spec, device, rank, world)
-    metrics: list[dict] = []
-    start = 0
-    latest = latest_checkpoint(store)
-    if latest is not None:
-        state = load_checkpoint(store, latest)
-        start, metrics = trainer.load(state), state["metrics"]
-        if rank == 0:
-            log(f"train_tokenizer: resuming at step {start} from {store.url(latest)}")
-    elif rank == 0 and world > 1:
-        log(f"train_tokenizer: {world} data-parallel processes, {cfg.batch_size // world} images each per step")
-    t0, done = time.time(), 0
-    bar = tqdm(total=cfg.steps, initial=start, desc="train_tokenizer", unit="step", disable=not progress or rank > 0,
-               leave=False)
-    stream = batches.iterate(start, cfg.steps, cfg.loader_workers)
-    for step in range(start, cfg.steps):
-        images, bases = next(stream)
-        out = trainer.step(step, images, bases)
-        if not math.isfinite(out["loss"]):
-            raise UserError(f"train_tokenizer: loss became {out['loss']} at step {step}; lower tokenizer.lr")
-        metrics.append({"step": step + 1, **out})
-        bar.update()
-        done += 1
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            health = trainer.model.quantize.usage()
-            (log if rank == 0 else _quiet)(f"train_tokenizer: step {step + 1}/{cfg.steps} loss {out['loss']:.4f} rec {out['rec']:.4f} "
+    def log_line(self, step: int, metrics: list[dict[str, Any]], run: Run) -> str:
+        out, health = metrics[-1], self.model.quantize.usage()
+        out["usage"] = [h["usage"] for h in health]
+        out["perplexity"] = [h["perplexity"] for h in health]
+        return (f"train_tokenizer: step {step}/{self.cfg.steps} loss {out['loss']:.4f} rec {out['rec']:.4f} "
                 f"vq {out['vq']:.4f} | code usage per map " + " ".join(f"{h['usage']:.2f}" for h in health)
                 + " | perplexity " + " ".join(f"{h['perplexity']:.0f}" for h in health))
-            metrics[-1]["usage"] = [h["usage"] for h in health]
-            metrics[-1]["perplexity"] = [h["perplexity"] for h in health]
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            if rank == 0:
-                save_checkpoint(store, step + 1, trainer.state(step + 1, batches.position(step + 1), metrics))
-            if world > 1:
-                torch.distributed.barrier()  # no rank runs ahead of a checkpoint it might resume from
-        if stop_after is not None and done >= stop_after:
-            bar.close()
-            return {"stopped_at": step + 1}
-    bar.close()
-    seconds = time.time() - t0
-    if rank > 0:
-        return {}
-    model = trainer.model.eval()
-    buf = io.BytesIO()
-    torch.save({"spec": spec.to_dict(), "model": model.state_dict()}, buf)
-    store.write_bytes("tokenizer.pt", buf.getvalue())
-    checkpoint_sha256 = bytes_sha256(buf.getvalue())  # the token cache's identity names these exact weights
-    store.write_bytes("metrics.json", json.dumps(metrics).encode())
-    from nextdetail.figures import png_bytes, reconstruction_grid, training_curves
 
-    store.write_bytes("curves.png", png_bytes(training_curves(metrics)))
-    images, bases = FactorBatches(data, spec.order, cfg.batch_size, cfg.seed).batch(0)
-    with torch.no_grad():
-        n = min(8, len(images))
-        idx = model.img_to_indices(images[:n].to(device), None if bases is None else bases[:, :n].to(device))
-        recon = model.indices_to_img(idx).float().cpu()
-    store.write_bytes("reconstructions.png", png_bytes(reconstruction_grid(images[:n], recon)))
-    last = metrics[-1] if metrics else {}
-    health = model.quantize.usage()
-    summary = {
-        "steps": cfg.steps, "resumed_from": start, "processes": world, "seconds_this_run": round(seconds, 2),
-        "steps_per_s": round(done / max(seconds, 1e-9), 3), "token_maps": len(model.schedule),
-        "final_loss": last.get("loss"), "final_rec": last.get("rec"),
-        "rec_psnr_db": round(10 * math.log10(4 / max(last.get("rec", 1.0), 1e-12)), 2) if cfg.rec_loss == "l2" else None,
-        "code_usage_per_map": [round(h["usage"], 3) for h in health],
-        "perplexity_per_map": [round(h["perplexity"], 1) for h in health],
-        "url": store.url(),
-        "tokenizer_sha256": checkpoint_sha256,
-    }
-    store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
-    return summary
+    def finish(self, store: Store, metrics: list[dict[str, Any]], run: Run) -> dict[str, Any]:
+        """tokenizer.pt (spec + weights), metrics.json, the curves and a reconstruction grid."""
+        cfg, spec = self.cfg, self.spec
+        model = self.model.eval()
+        buf = io.BytesIO()
+        torch.save({"spec": spec.to_dict(), "model": model.state_dict()}, buf)
+        store.write_bytes("tokenizer.pt", buf.getvalue())
+        store.write_bytes("metrics.json", json.dumps(metrics).encode())
+        from nextdetail.figures import png_bytes, reconstruction_grid, training_curves
+
+        store.write_bytes("curves.png", png_bytes(training_curves(metrics)))
+        images, bases = FactorBatches(self.data, spec.order, cfg.batch_size, cfg.seed).batch(0)
+        with torch.no_grad():
+            n = min(8, len(images))
+            idx = model.img_to_indices(images[:n].to(self.device),
+                                       None if bases is None else bases[:, :n].to(self.device))
+            recon = model.indices_to_img(idx).float().cpu()
+        store.write_bytes("reconstructions.png", png_bytes(reconstruction_grid(images[:n], recon)))
+        last = metrics[-1] if metrics else {}
+        health = model.quantize.usage()
+        return {
+            "steps_per_s": round(run.steps_done / max(run.seconds, 1e-9), 3), "token_maps": len(model.schedule),
+            "final_loss": last.get("loss"), "final_rec": last.get("rec"),
+            "rec_psnr_db": round(10 * math.log10(4 / max(last.get("rec", 1.0), 1e-12)), 2)
+            if cfg.rec_loss == "l2" else None,
+            "code_usage_per_map": [round(h["usage"], 3) for h in health],
+            "perplexity_per_map": [round(h["perplexity"], 1) for h in health],
+            "tokenizer_sha256": bytes_sha256(buf.getvalue()),  # the token cache's identity names these weights
+        }
 
 
-def _quiet(_: str) -> None:
-    pass
+def train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, log: Callable[[str], None] = print,
+          progress: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume) in `store` in this process (the loop of `tasks/training.py`); rank 0's summary."""
+    return training.train(store, TokenizerTraining(data, cfg, spec), log, progress, stop_after)
 
 
 @stage_task(name="train_tokenizer", retries=1)
 def train_tokenizer(artifact: Artifact, data: TrainData, cfg: TokenizerConfig, spec: Any,
                     progress: bool = False) -> tuple[dict, list[str]]:
-    from prefect import get_run_logger
-
-    logger = get_run_logger()
-    nproc = process_count(cfg.nproc, cfg.device)
-    if nproc > 1:
-        job = {"store": (artifact.store.url(), artifact.store.options), "data": data, "cfg": cfg.model_dump(),
-               "spec": spec}
-        launch("train_tokenizer", "nextdetail.tasks.train_tokenizer", job, nproc, logger.info)
-        summary = json.loads(artifact.store.read_bytes("summary.json"))
-    else:
-        summary = train(artifact.store, data, cfg, spec, log=logger.info, progress=progress)
-    return summary, FILES
-
-
-def _torchrun_main(job_path: str) -> None:
-    """One rank under torchrun (`launch`)."""
-    job = read_job(job_path)
-    try:
-        train(Store(*job["store"]), job["data"], TokenizerConfig(**job["cfg"]), job["spec"],
-              log=lambda s: print(s, flush=True))
-    finally:
-        leave_group()
+    return training.run_training(artifact.store, TokenizerTraining(data, cfg, spec), progress)
 
 
 def plan_training(root: Store, key: StageKey, spec: Any) -> Artifact:
@@ -326,6 +249,3 @@ def plan_training(root: Store, key: StageKey, spec: Any) -> Artifact:
     return Artifact("train_tokenizer", key.identity, root.sub(f"{name}-{key.identity[:12]}"), "_COMPLETE.json",
                     lineage=key.lineage())
 
-
-if __name__ == "__main__":
-    _torchrun_main(sys.argv[1])
