@@ -81,7 +81,7 @@ def _load(args: argparse.Namespace):
 
 
 def print_result(result) -> None:
-    """A stage's result: its summary line, the files to look at, what this run did (flows/results.py)."""
+    """A stage's result: its summary line, the files to look at, what this run did (stages/results.py)."""
     print(result.line())
     for what, where in result.outputs():
         print(f"  {what + ':' if what else '':<10} {where}")
@@ -108,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return cmd_run(args)
     from pathlib import Path
 
-    from nextdetail.flows.results import SampleResult
+    from nextdetail.stages.results import SampleResult
     from nextdetail.storage.fs import Store
     from nextdetail.tasks.sample import SampleInputs, run_sampling
 
@@ -209,7 +209,7 @@ def _print_comparison(branches: dict) -> None:
 def _print_dry_run(branches: dict, until: str | None, only: str | None, force: list[str]) -> None:
     """What `run` would do, from the status (nothing is started)."""
     from nextdetail.conf.stages import select_stages
-    from nextdetail.flows.status import UP_TO_DATE, branch_status
+    from nextdetail.stages.status import UP_TO_DATE, branch_status
 
     stages = select_stages(until, only, force)
     cfg = next(iter(branches.values()))
@@ -238,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     import json
 
     from nextdetail.conf import STAGES
-    from nextdetail.flows.status import branch_status, explain_stage, format_explain, format_status
+    from nextdetail.stages.status import branch_status, explain_stage, format_explain, format_status
 
     branches = _load_branches(args)
     if args.explain:
@@ -255,7 +255,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
-    from nextdetail.flows.status import find_records, format_record
+    from nextdetail.stages.status import find_records, format_record
 
     cfg = _load(args)
     for record in find_records(cfg, args.artifact)[: 1 if not args.all else None]:
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
          "Run the shard stage alone: tars, manifest.parquet and classes.json under <storage.root>/shards/. "
          "Source: -o data.source=PATH|URL|embedded."),
         ("decompose", "shard tars → base/detail factors (Ambrosio–Tortorelli) in Zarr",
-         "Run the stages up to decompose: B_1…B_n per image under <storage.root>/decompose/ "
+         "Run the stages up to decompose: B_1…B_n per image under <storage.root>/factors/ "
          "(settings: -o decompose.alpha=… etc.)."),
         ("train_tokenizer", "shards + factors → a trained base-detail VQ-VAE (CART §3.2)",
          "Run the stages up to train_tokenizer: tokenizer.pt, metrics, curves.png and reconstructions.png under "
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
          "(e.g. a team bucket: -o tokens.cache=s3://bucket/prefix) is verified and reused instead of encoding."),
         ("train_ar", "token cache → the next-detail transformer (CART §3.3)",
          "Run the stages up to train_ar: transformer.pt, best.pt, metrics.csv and loss.png under "
-         "<storage.root>/ar/. Resumes from its last checkpoint; -o ar.nproc=N trains N processes with torchrun."),
+         "<storage.root>/transformer/. Resumes from its last checkpoint; -o ar.nproc=N trains N processes with torchrun."),
     ]
     for stage, help_text, description in stage_commands:
         p = sub.add_parser(stage.replace("_", "-"), help=help_text, description=description)
@@ -428,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("eval", help="FID / IS / KID / precision-recall (torch-fidelity), rFID, a report",
+    p = sub.add_parser("evaluate", aliases=["eval"],
+                       help="FID / IS / KID / precision-recall (torch-fidelity), rFID, a report",
                        description="Without --ckpt: run the pipeline up to its evaluate stage (outputs under "
-                                   "<storage.root>/eval/). With --ckpt: evaluate those transformer.pt/best.pt files into "
+                                   "<storage.root>/metrics/). With --ckpt: evaluate those transformer.pt/best.pt files into "
                                    "--out. Reference statistics are cached by content under <eval.reference_cache or "
                                    "storage.root>/refstats/.")
     p.add_argument("--ckpt", action="append", default=None, metavar="PATH",

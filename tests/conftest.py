@@ -119,6 +119,32 @@ def pipeline(tmp_path_factory, embedded_source):
     return root, cfg, run_pipeline(cfg, until="evaluate", progress=False)
 
 
+@pytest.fixture
+def own_pipeline(pipeline, tmp_path):
+    """A copy of the session's pipeline root for a test that changes what is there (--force, a corrupted cache,
+    another decomposition): its lineage records and markers name the copy, so a run on it finds every stage up
+    to date, and the session's root stays as every other test expects, whatever the order. (root, cfg, results:
+    each stage's result rebuilt from the copy's records, as an up-to-date run hands it on.)"""
+    import shutil
+
+    from nextdetail.stages.stage import TABLE
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.lineage import Lineage
+
+    root, cfg, results = pipeline
+    copy = tmp_path / "pipeline"
+    shutil.copytree(root, copy, symlinks=True)
+    for path in copy.rglob("*.json"):  # absolute artifact URLs: the copy's own
+        text = path.read_text()
+        if str(root) in text:
+            path.write_text(text.replace(str(root), str(copy)))
+    own = make_config(copy, cfg.data.source, *FAST)
+    lineage = Lineage(Store(str(copy)))
+    rebuilt = {stage: TABLE[stage].recorded(own, lineage.read(stage, identity))
+               for stage, identity in results.identities.items()}
+    return copy, own, rebuilt
+
+
 def config_overrides(root: Path | str, source: str, *overrides: str) -> list[str]:
     """The overrides of `make_config` (for the CLI: each after an -o)."""
     return [f"storage.root={root}", f"data.source={source}", "shard.samples_per_shard=32", "dask.n_workers=2",

@@ -86,7 +86,7 @@ def test_cli_help_on_every_command():
 
     commands = _commands(build_parser())
     stage_commands = {s.replace("_", "-") for s in STAGES if s != "evaluate"}  # evaluate's command is `eval`
-    assert stage_commands | {"run", "status", "serve", "lineage", "eval", "show", "data", "config"} <= {
+    assert stage_commands | {"run", "status", "serve", "lineage", "evaluate", "eval", "show", "data", "config"} <= {
         c[0] for c in commands}
     for argv in [(), *commands]:
         proc = subprocess.run([NEXTDETAIL, *argv, "--help"], capture_output=True, text=True)

@@ -153,7 +153,7 @@ def test_show_decomposition_writes_a_strip_per_key(tmp_path, embedded_source):
     args = ["-o", f"storage.root={root}", "-o", f"data.source={embedded_source}", "-o", "shard.samples_per_shard=64",
             "--no-progress"]
     assert main(["decompose", *args]) == 0
-    dec_dir = next((root / "decompose").glob("*/*/"))
+    dec_dir = next((root / "factors").glob("*/*/"))
     keys = [r["key"] for r in read_index(Store(str(dec_dir))).to_pylist()[:2]]
     out = tmp_path / "figs"
     assert main(["show", "decomposition", *keys, "--out", str(out), *args]) == 0
@@ -181,12 +181,12 @@ def test_sigkilled_run_resumes_to_the_same_factors(tmp_path, embedded_source):
                 "-o", f"data.source={embedded_source}", "-o", "shard.samples_per_shard=16", "-o", "dask.n_workers=1"]
 
     assert run_cli(cmd(tmp_path / "clean")).returncode == 0
-    sigkill_when(cmd(tmp_path / "killed"), lambda: list((tmp_path / "killed").glob("decompose/*/*/_parts/*.json")))
-    killed = next((tmp_path / "killed").glob("decompose/*/*"))
+    sigkill_when(cmd(tmp_path / "killed"), lambda: list((tmp_path / "killed").glob("factors/*/*/_parts/*.json")))
+    killed = next((tmp_path / "killed").glob("factors/*/*"))
     assert not (killed / "_COMPLETE.json").exists(), "killed too late: the stage had finished"
     done = run_cli(cmd(tmp_path / "killed"))
     assert done.returncode == 0, done.stderr[-2000:]
-    clean = next((tmp_path / "clean").glob("decompose/*/*"))
+    clean = next((tmp_path / "clean").glob("factors/*/*"))
     assert killed.name == clean.name
     a, b = factors.open_group(Store(str(killed))), factors.open_group(Store(str(clean)))
     index = read_index(Store(str(clean))).to_pylist()

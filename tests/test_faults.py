@@ -53,7 +53,7 @@ def test_a_dask_worker_killed_mid_decompose_and_the_stage_still_completes(pipeli
                *cli_config(tmp_path, cfg.data.source, *FAST, f"dask.address={cluster.scheduler_address}")]
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while not list(tmp_path.glob("decompose/*/*/_parts/*.json")):
+        while not list(tmp_path.glob("factors/*/*/_parts/*.json")):
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.05)
         before = client.run(os.getpid)
@@ -64,7 +64,7 @@ def test_a_dask_worker_killed_mid_decompose_and_the_stage_still_completes(pipeli
         client.wait_for_workers(2, timeout=60)
         assert victim not in client.run(os.getpid).values()  # the killed process is gone, a new one serves
     assert run.decompose == cfg.decompose
-    done = next(tmp_path.glob("decompose/*/*"))
+    done = next(tmp_path.glob("factors/*/*"))
     assert (done / "_COMPLETE.json").exists()
     _assert_same_factors(str(done), reference["decompose"].url)
 
@@ -181,8 +181,8 @@ def test_the_pipeline_killed_inside_every_stage_then_rerun_builds_what_an_uninte
     rng = random.Random(seed)
     cmd = [str(BIN / "nextdetail"), "run", "--no-progress", *cli_config(tmp_path, cfg.data.source, *FAST)]
     lineage = tmp_path / "lineage"
-    outputs = {"shard": "shards/*/*.tar", "decompose": "decompose/*/*/factors.zarr", "train_tokenizer": "tokenizer/*/*",
-               "tokenize": "tokens/*/attempts", "train_ar": "ar/*/*", "sample": "samples/*/*/*", "evaluate": "eval/*/*"}
+    outputs = {"shard": "shards/*/*.tar", "decompose": "factors/*/*/factors.zarr", "train_tokenizer": "tokenizer/*/*",
+               "tokenize": "tokens/*/attempts", "train_ar": "transformer/*/*", "sample": "samples/*/*/*", "evaluate": "metrics/*/*"}
     killed_in = []
     for stage in STAGES:
         if (lineage / stage / "latest.json").exists():
@@ -222,8 +222,8 @@ def test_two_pipelines_started_at_once_on_one_storage_root_both_finish_with_one_
     lineage = Lineage(Store(str(tmp_path)))
     for stage in STAGES[:5]:
         assert lineage.latest(stage)["artifact"]["identity"] == reference[stage].identity
-    layout = {"shard": "shards/*", "decompose": "decompose/*/*", "train_tokenizer": "tokenizer/*/*",
-              "tokenize": "tokens/*", "train_ar": "ar/*/*"}
+    layout = {"shard": "shards/*", "decompose": "factors/*/*", "train_tokenizer": "tokenizer/*/*",
+              "tokenize": "tokens/*", "train_ar": "transformer/*/*"}
     for stage, pattern in layout.items():
         dirs = [p for p in tmp_path.glob(pattern) if p.is_dir()]
         assert len(dirs) == 1, (stage, dirs)

@@ -34,7 +34,7 @@ import dataclasses, importlib, json, sys
 job = json.load(open(sys.argv[1]))
 from nextdetail.conf import load_config
 from nextdetail.conf.stages import SPECS, key_of
-from nextdetail.flows import results as R
+from nextdetail.stages import results as R
 stage = job["stage"]
 cfg = load_config("tiny", overrides=job["overrides"])
 upstream = {u: getattr(R, cls)(**fields) for u, (cls, fields) in job["upstream"].items()}

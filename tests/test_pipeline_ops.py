@@ -129,8 +129,8 @@ def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipe
     assert record["packages"]["torch"] and record["host"] and "nextdetail/models/mumford_shah.py" in record["code"]
 
 
-def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_date(pipeline):
-    _, cfg, first = pipeline
+def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_date(own_pipeline):
+    _, cfg, first = own_pipeline
     before = sorted(p.name for p in Path(first["shard"].url).glob("*.tar"))
     forced = run_pipeline(cfg, until="decompose", force=["shard"], progress=False)
     assert forced.work == {"shard": "ran", "decompose": "up to date"}
@@ -138,7 +138,7 @@ def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_dat
     assert forced["shard"].identity == first["shard"].identity
     assert sorted(p.name for p in Path(forced["shard"].url).glob("*.tar")) == before
 
-    out, _ = _cli(["lineage", "shard", *_args(pipeline)])
+    out, _ = _cli(["lineage", "shard", *_args(own_pipeline)])
     assert f"identity: {forced.identities['shard']}" in out and "packages:" in out and "git:" in out
     assert out.count(" ran ") >= 2  # the first build and the forced one, from the run log
 
@@ -190,8 +190,8 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
     assert [(r["stage"], r["work"]) for r in log] == [("shard", "ran")]
 
 
-def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up_to_date(pipeline):
-    _, cfg, first = pipeline
+def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up_to_date(own_pipeline):
+    _, cfg, first = own_pipeline
     marker = json.loads(Path(first["tokenize"].url, "_COMPLETE.json").read_text())
     chunk = Path(first["tokenize"].url, next(rel for rel in sorted(marker["sha256"]) if "/c/" in rel))
     data = bytearray(chunk.read_bytes())
@@ -220,10 +220,10 @@ def test_stage_selection_is_validated_before_anything_starts():
             select_stages(**kwargs)
 
 
-def test_a_decomposition_knob_retrains_from_scratch_in_new_directories(pipeline):
+def test_a_decomposition_knob_retrains_from_scratch_in_new_directories(own_pipeline):
     """Changing decompose.alpha gives the training stages new identities: they train from step 0 in their
     own directories — never resume the other decomposition's checkpoints — and the old artifacts stay."""
-    root, cfg, first = pipeline
+    root, cfg, first = own_pipeline
     knob = run_pipeline(make_config(root, cfg.data.source, *FAST, "decompose.alpha=20"), until="train_ar",
                         progress=False)
     assert knob.work == {"shard": "up to date", **dict.fromkeys(STAGES[1:5], "ran")}

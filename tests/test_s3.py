@@ -46,7 +46,7 @@ def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint,
         shards = run_stage(cfg, "shard", progress=False, scheduler=scheduler)
         result = run_stage(cfg, "decompose", {"shard": shards}, progress=False, scheduler=scheduler)
         again = run_stage(cfg, "decompose", {"shard": shards}, progress=False, scheduler=scheduler)
-    assert result.zarr_url.startswith("s3://team-bucket/nd/decompose/") and result.tars_ran
+    assert result.zarr_url.startswith("s3://team-bucket/nd/factors/") and result.tars_ran
     assert again.tars_ran == [] and again.identity == result.identity
     store = Store(result.url, cfg.storage.options)
     index = read_index(store)

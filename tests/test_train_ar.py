@@ -168,13 +168,43 @@ def test_sample_cli_with_a_checkpoint(pipeline, tmp_path):
     assert bad.returncode == 2 and "no such checkpoint" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_torchrun_data_parallel_training_on_cpu(pipeline, embedded_source):
-    """ar.nproc=2: the Prefect task launches torchrun (gloo on CPU); two ranks share each step."""
-    root, _, _ = pipeline
-    cfg = make_config(root, embedded_source, *FAST, "ar.nproc=2", "ar.steps=4")
-    result = _pipeline(cfg, until="train_ar")["train_ar"]
-    assert result.work == "ran" and result.summary["processes"] == 2 and result.summary["steps"] == 4
-    from nextdetail.tasks.train_ar import load_transformer
+def test_torchrun_data_parallel_training_matches_one_process_on_the_same_global_batches(pipeline, embedded_source):
+    """ar.nproc=2: the Prefect task launches torchrun (gloo on CPU); each rank trains on its half of every global
+    batch with DDP's averaged gradients. One process stepping on the two halves put together (no class dropout,
+    no drop path: nothing random per rank) ends with the same weights, and the logged losses are the global
+    batch's."""
+    from nextdetail.storage.token_loader import TokenBatches
+    from nextdetail.tasks.train_ar import ARTraining, load_transformer
 
+    root, _, _ = pipeline
+    knobs = (*FAST, "ar.steps=4", "ar.class_dropout=0", "ar.drop_path=0", "ar.warmup_steps=1")
+    two = _pipeline(make_config(root, embedded_source, *knobs, "ar.nproc=2"), until="train_ar")
+    result = two["train_ar"]
+    assert result.work == "ran" and result.summary["processes"] == 2 and result.summary["steps"] == 4
+
+    cfg = make_config(root, embedded_source, *knobs)
+    one = ARTraining(_data(cfg, two), cfg.ar)
+    one.build(0, 1, torch.device("cpu"), log=lambda _: None)
+    cache, half = one.data.open_cache(), cfg.ar.batch_size // 2
+    ranks = [TokenBatches(cache, cfg.ar.split, half, cfg.ar.seed, rank=r, world=2) for r in (0, 1)]
+    losses = []
+    for step in range(4):
+        e, b = divmod(step, ranks[0].batches_per_epoch)
+        halves = [r[(e, b)] for r in ranks]
+        batch = (torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
+        losses.append(one.step(step, batch)["loss"])
+
+    logged = [m["loss"] for m in csv_rows(Path(result.url, "metrics.csv"))]
+    np.testing.assert_allclose(logged, losses, rtol=1e-4)
     model, record = load_transformer(str(Path(result.url, "transformer.pt")))
-    assert record["step"] == 4 and model.cfg.depth == 2
+    assert record["step"] == 4 and losses[-1] != losses[0]
+    mine = one.trainer.model.state_dict()
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(t, mine[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]

@@ -11,6 +11,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from nextdetail.models.configs import VAR_SHAPE as V
+from nextdetail.models.configs import VAR_TOKENIZER as T
+from nextdetail.models.configs import dyadic_sides
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -134,23 +138,25 @@ class DecomposeConfig(_Section):
 class TokenizerConfig(_Section):
     """CART's base-detail VQ-VAE on VAR's tokenizer (models/tokenizer.py) and its `train_tokenizer` stage."""
 
-    # Architecture (VAR's released tokenizer: ch 160, V 4096, z 32, ch_mult 1,1,2,2,4 → 16×).
-    vocab_size: int = Field(default=4096, ge=2)
-    z_channels: int = Field(default=32, ge=1)
-    ch: int = Field(default=160, ge=8)
-    ch_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 2, 4], min_length=1)
-    num_res_blocks: int = Field(default=2, ge=1)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    using_sa: bool = True
-    using_mid_sa: bool = True
-    beta: float = Field(default=0.25, ge=0, description="commitment weight")
-    using_znorm: bool = Field(default=False, description="cosine code lookup instead of L2")
-    quant_resi: float = Field(default=0.5, ge=0, le=1, description="φ's blend of conv and identity")
-    share_quant_resi: int = Field(default=4, ge=2, description="φ's shared by all token maps")
-    patch_nums: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], min_length=1,
+    # Architecture (defaults: models/configs.TokenizerSpec, VAR's released tokenizer: ch 160, V 4096, z 32,
+    # ch_mult 1,1,2,2,4 → 16×).
+    vocab_size: int = Field(default=T.vocab_size, ge=2)
+    z_channels: int = Field(default=T.z_channels, ge=1)
+    ch: int = Field(default=T.ch, ge=8)
+    ch_mult: list[int] = Field(default_factory=lambda: list(T.ch_mult), min_length=1)
+    num_res_blocks: int = Field(default=T.num_res_blocks, ge=1)
+    dropout: float = Field(default=T.dropout, ge=0, lt=1)
+    using_sa: bool = T.using_sa
+    using_mid_sa: bool = T.using_mid_sa
+    beta: float = Field(default=T.beta, ge=0, description="commitment weight")
+    using_znorm: bool = Field(default=T.using_znorm, description="cosine code lookup instead of L2")
+    quant_resi: float = Field(default=T.quant_resi, ge=0, le=1, description="φ's blend of conv and identity")
+    share_quant_resi: int = Field(default=T.share_quant_resi, ge=2, description="φ's shared by all token maps")
+    patch_nums: list[int] = Field(default_factory=lambda: list(T.patch_nums), min_length=1,
                                   description="sides of the base token maps (the multi-scale schedule)")
     order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
-    detail_depth: int = Field(default=1, ge=1, description="(M − B)/n: full-resolution token maps per detail factor")
+    detail_depth: int = Field(default=T.detail_depth, ge=1,
+                              description="(M − B)/n: full-resolution token maps per detail factor")
     init_from: str | None = Field(default=None, description="VAR tokenizer checkpoint (vae_ch160v4096z32.pth) to start from")
     truncation: float = Field(default=0.0, ge=0, le=1, description="NDP: fraction of training images decoded from "
                               "a random quadtree state of the dyadic pyramid (region-wise truncation); needs order 0 "
@@ -238,14 +244,15 @@ class ARConfig(_Section):
     model: Literal["cart", "ndp"] = Field(
         default="cart", description="cart: the block-causal next-detail transformer (CART); ndp: the masked "
         "next-detail model with a difficulty head (NDP; needs tokenizer.order=0 and a dyadic patch_nums)")
-    # The model: width 64·depth and heads = depth unless set (VAR).
-    depth: int = Field(default=16, ge=1)
-    width: int | None = Field(default=None, ge=8, description="None: 64 · depth (VAR)")
-    heads: int | None = Field(default=None, ge=1, description="None: depth (VAR)")
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    drop_path: float | None = Field(default=None, ge=0, lt=1, description="None: 0.1 · depth / 24 (VAR)")
-    attn_l2_norm: bool = True
-    class_dropout: float = Field(default=0.1, ge=0, le=1, description="labels dropped for classifier-free guidance")
+    # The model (defaults: models/configs.VARShape): width 64·depth and heads = depth unless set (VAR).
+    depth: int = Field(default=V.depth, ge=1)
+    width: int | None = Field(default=V.width, ge=8, description="None: 64 · depth (VAR)")
+    heads: int | None = Field(default=V.heads, ge=1, description="None: depth (VAR)")
+    mlp_ratio: float = Field(default=V.mlp_ratio, gt=0)
+    drop_path: float | None = Field(default=V.drop_path, ge=0, lt=1, description="None: 0.1 · depth / 24 (VAR)")
+    attn_l2_norm: bool = V.attn_l2_norm
+    class_dropout: float = Field(default=V.cond_drop, ge=0, le=1,
+                                 description="labels dropped for classifier-free guidance")
     # The optimisation: AdamW, lr = base_lr · batch_size / base_batch (VAR: 1e-4 per 256), linear warm-up
     # from warmup_start · lr, then decay to min_lr_ratio · lr.
     steps: int = Field(default=200_000, ge=1)
@@ -399,6 +406,12 @@ class PipelineConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    def artifact_options(self, stage: str) -> dict[str, Any]:
+        """fsspec options for the storage a stage's artifact lives on (token caches may live elsewhere)."""
+        if stage == "tokenize" and self.tokens.cache_options is not None:
+            return dict(self.tokens.cache_options)
+        return dict(self.storage.options)
+
     @model_validator(mode="after")
     def _check_cross(self) -> PipelineConfig:
         res, down = self.shard.resolution, self.tokenizer.downsample
@@ -413,9 +426,6 @@ class PipelineConfig(_Section):
             raise ValueError(f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
                              f"(now {self.decompose.order})")
         if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
-            def dyadic_sides(side: int) -> tuple[int, ...]:  # models.quadtree's rule; config loads without torch
-                return tuple(2**k for k in range(side.bit_length()))
-
             what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
             latent = None if res is None else res // down
             if self.tokenizer.order != 0 or (latent is not None and (latent & (latent - 1) or

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nextdetail.conf.code import code_fingerprint
@@ -32,16 +32,21 @@ from nextdetail.storage.hashing import canonical_json, stable_hash
 
 @dataclass(frozen=True)
 class StageSpec:
-    name: str
+    name: str  # a verb: what the stage does
+    directory: str  # a noun: what it writes, `<storage.root>/<directory>/…` (token caches: under tokens.cache)
     upstream: tuple[str, ...]
     settings: Callable[[PipelineConfig], dict[str, Any]]
     inputs: Callable[[PipelineConfig], dict[str, Any]] | None = None  # fingerprints of inputs from outside
     family: str | None = None  # "model" | "sampler": the chosen model family's module the stage also runs
 
+    @property
+    def flow(self) -> str:
+        """The module of the stage's flow (`run_<name>` runs it)."""
+        return f"nextdetail.flows.{self.name}"
+
     def entries(self, cfg: PipelineConfig) -> tuple[str, ...]:
         """The modules the stage starts from: its flow, and the model family's part it runs (`ar.model`)."""
-        flow = f"nextdetail.flows.{self.name}"
-        return (flow, getattr(FAMILIES[cfg.ar.model], self.family)) if self.family else (flow,)
+        return (self.flow, getattr(FAMILIES[cfg.ar.model], self.family)) if self.family else (self.flow,)
 
     def code(self, cfg: PipelineConfig) -> dict[str, str]:
         """Every file the stage's code consists of → its sha256 (derived from the imports, conf/code.py)."""
@@ -107,15 +112,15 @@ def _eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("shard", (), _shard_settings, _source_inputs),
-    StageSpec("decompose", ("shard",), lambda c: {"decompose": c.decompose.identity_settings()}),
-    StageSpec("train_tokenizer", ("shard", "decompose"), lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
-    StageSpec("tokenize", ("shard", "decompose", "train_tokenizer"), lambda c: {"tokens": c.tokens.identity_settings()}),
-    StageSpec("train_ar", ("shard", "train_tokenizer", "tokenize"), lambda c: {"ar": c.ar.identity_settings()},
+    StageSpec("shard", "shards", (), _shard_settings, _source_inputs),
+    StageSpec("decompose", "factors", ("shard",), lambda c: {"decompose": c.decompose.identity_settings()}),
+    StageSpec("train_tokenizer", "tokenizer", ("shard", "decompose"), lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
+    StageSpec("tokenize", "tokens", ("shard", "decompose", "train_tokenizer"), lambda c: {"tokens": c.tokens.identity_settings()}),
+    StageSpec("train_ar", "transformer", ("shard", "train_tokenizer", "tokenize"), lambda c: {"ar": c.ar.identity_settings()},
               family="model"),
-    StageSpec("sample", ("shard", "tokenize", "train_ar"),
+    StageSpec("sample", "samples", ("shard", "tokenize", "train_ar"),
               lambda c: {"ar.model": c.ar.model, "sample": c.sample.identity_settings(c.ar.model)}, family="sampler"),
-    StageSpec("evaluate", ("shard", "train_tokenizer", "tokenize", "train_ar"), _eval_settings, _eval_inputs,
+    StageSpec("evaluate", "metrics", ("shard", "train_tokenizer", "tokenize", "train_ar"), _eval_settings, _eval_inputs,
               family="sampler"),
 )}
 assert tuple(SPECS) == STAGES
@@ -170,6 +175,14 @@ class StageKey:
     upstream: dict[str, str]  # upstream stage → its output identity (a training stage's: identity:weights sha256)
     inputs: dict[str, Any]
     code: dict[str, str]  # every file of the stage's code → sha256
+    directory: str = field(default="", compare=False)  # where it writes (StageSpec.directory); not hashed
+
+    def output(self, cfg: PipelineConfig, *parts: str) -> Any:
+        """The `Store` the stage writes its artifacts under: `<storage.root>/<its directory>/<parts…>` (a method of
+        the key the flows are handed, so they need not import this module: it stays out of their code)."""
+        from nextdetail.storage.fs import Store
+
+        return Store(cfg.storage.root, cfg.storage.options).sub(self.directory, *parts)
 
     @functools.cached_property
     def identity(self) -> str:
@@ -209,7 +222,7 @@ def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str],
     if inputs is None:
         inputs = spec.inputs(cfg) if spec.inputs else {}
     return StageKey(stage, _as_json(spec.settings(cfg)), {u: upstream[u] for u in spec.upstream}, _as_json(inputs),
-                    spec.code(cfg))
+                    spec.code(cfg), spec.directory)
 
 
 def key_of(cfg: PipelineConfig, stage: str, results: dict[str, Any]) -> StageKey:
@@ -229,7 +242,7 @@ def files_key(cfg: PipelineConfig, stage: str, paths: list[str]) -> StageKey:
     entries = {e for model in FAMILIES for e in spec.entries(cfg.model_copy(update={"ar": cfg.ar.model_copy(
         update={"model": model})}))}
     return StageKey(stage, _as_json(spec.settings(cfg)), {"files": files},
-                    _as_json(spec.inputs(cfg) if spec.inputs else {}), code_fingerprint(entries))
+                    _as_json(spec.inputs(cfg) if spec.inputs else {}), code_fingerprint(entries), spec.directory)
 
 
 CONTENT_SHA256 = {"shard": "content_sha256", "train_tokenizer": "tokenizer_sha256", "train_ar": "weights_sha256"}
@@ -245,10 +258,3 @@ def output_identity(stage: str, identity: str, summary: dict[str, Any]) -> str:
     what was computed from them must follow."""
     sha = summary.get(CONTENT_SHA256.get(stage, ""))
     return f"{identity}:{sha}" if sha else identity
-
-
-def artifact_options(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    """fsspec options for the storage a stage's artifact lives on (token caches may live elsewhere)."""
-    if stage == "tokenize" and cfg.tokens.cache_options is not None:
-        return dict(cfg.tokens.cache_options)
-    return dict(cfg.storage.options)

@@ -6,12 +6,11 @@ import time
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
-from tqdm import tqdm
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.flows.results import DecomposeResult, ShardResult
+from nextdetail.flows.parts import fan_out
 from nextdetail.flows.runtime import dask_cluster, dask_task_runner
+from nextdetail.stages.results import DecomposeResult, ShardResult
 from nextdetail.storage import factors
 from nextdetail.storage.fs import Store
 from nextdetail.storage.manifest import read_table
@@ -34,31 +33,28 @@ def decompose_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, prog
     shard_store = Store(shards.url, cfg.storage.options)
     manifest = read_table(shard_store, "manifest.parquet")
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    out = Store(cfg.storage.root, cfg.storage.options).sub("decompose", dataset_dir, settings_dir_name(cfg.decompose))
+    out = key.output(cfg, dataset_dir, settings_dir_name(cfg.decompose))
     plan = plan_factors(manifest, shards.tar_identities, out, key)
     n_images = sum(len(job.keys) for _, job in plan)
     log.info("decompose: %d images in %d tars, order %d, α=%g λ=%g → %s", n_images, len(plan),
              cfg.decompose.order, cfg.decompose.alpha, cfg.decompose.lambda_, out.url())
     factors.create_groups(out, sorted({job.split for _, job in plan}))
-    futures = {write_factors.submit(a, job, shards.url, cfg.storage.options, cfg.shard.image_format, cfg.decompose):
-               job.tar for a, job in plan}
-    result = DecomposeResult(url=out.url(), identity="", summary={})
-    records = {}
-    bar = tqdm(total=n_images, desc="decompose", unit="img", disable=not progress, leave=False)
-    for fut in as_completed(list(futures)):
-        record = fut.result()
-        records[futures[fut]] = record
-        getattr(result, f"tars_{record['work']}").append(futures[fut])
-        bar.update(record["summary"]["images"])
+
+    def logged(tar: str, record: dict) -> None:
         if record["work"] == "ran":
             s = record["summary"]
             log.info("decompose: %s %d images at %.1f img/s", s["tar"], s["images"], s["images_per_s"])
-    bar.close()
+
+    records, ran, reused = fan_out(
+        write_factors, [(job.tar, (a, job, shards.url, cfg.storage.options, cfg.shard.image_format, cfg.decompose))
+                        for a, job in plan],
+        desc="decompose", unit="img", progress=progress, size=lambda r: r["summary"]["images"], on_record=logged,
+        total=n_images)
     dataset = dataset_artifact(out, key, [a for a, _ in plan])
-    fut = write_index.submit(dataset, [job for _, job in plan], [records[job.tar]["summary"] for _, job in plan])
-    record = fut.result()
-    result.identity, result.summary, result.index_work = dataset.identity, record["summary"], record["work"]
-    result.seconds = round(time.time() - t0, 3)
+    record = write_index.submit(dataset, [job for _, job in plan], [records[job.tar]["summary"] for _, job in plan]).result()
+    result = DecomposeResult(out.url(), dataset.identity, record["summary"], "ran" if ran or record["work"] == "ran"
+                             else "reused", round(time.time() - t0, 3), tars_ran=ran, tars_reused=reused,
+                             index_work=record["work"])
     log.info(result.line())
     return result
 

@@ -10,7 +10,8 @@ from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.results import ARResult, EvalResult, ShardResult, TokenizerResult, TokensResult
+from nextdetail.flows.parts import build_one
+from nextdetail.stages.results import ARResult, EvalResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.evaluate import (
     CheckpointRef,
@@ -84,14 +85,13 @@ def evaluate_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
     from nextdetail.flows.sample import reference_images
 
     t0 = time.time()
-    log = get_run_logger()
     e = cfg.eval
     extractor = extractor_identity(cfg)
     spec = reference_spec(e.reference, shards.url, shards.identity, cfg.shard.image_format, cfg.storage.options,
                           e.reference_max)
     ref = get_reference(cfg, spec, extractor, progress)
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
-    out_root = Store(cfg.storage.root, cfg.storage.options).sub("eval", dataset_dir)
+    out_root = key.output(cfg, dataset_dir)
     tok_summary = None
     if e.rfid:
         held_out = get_reference(cfg, reference_spec(e.rfid_split, shards.url, shards.identity, cfg.shard.image_format,
@@ -108,12 +108,9 @@ def evaluate_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
             "train_ar_identity": ar.identity}
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary)
     artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
-    fut = evaluate_stage.submit(artifact, inputs, e, sampling_config(e, cfg.sample), progress)
-    record = fut.result()
-    result = EvalResult(artifact.store.url(), artifact.identity, record["summary"], record["work"],
-                        round(time.time() - t0, 3), {"url": ref.url, "identity": ref.identity, "work": ref.record["work"]})
-    log.info(result.line() + f" → {result.report_url}")
-    return result
+    return build_one(EvalResult, evaluate_stage, artifact, inputs, e, sampling_config(e, cfg.sample), progress,
+                     started=t0, fields={"reference": {"url": ref.url, "identity": ref.identity,
+                                                       "work": ref.record["work"]}})
 
 
 def run_evaluate(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokenizer: TokenizerResult,

@@ -24,24 +24,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from nextdetail.conf import PipelineConfig
-from nextdetail.conf.stages import SPECS, StageKey, artifact_options, key_of, select_stages
+from nextdetail.conf.stages import StageKey, key_of, select_stages
 from nextdetail.errors import UserError
-from nextdetail.flows.results import (
-    ARResult,
-    DecomposeResult,
-    EvalResult,
-    SampleResult,
-    ShardResult,
-    TokenizerResult,
-    TokensResult,
-)
 from nextdetail.flows.runtime import dask_cluster, prefect_api
+from nextdetail.stages.results import UP_TO_DATE
+from nextdetail.stages.stage import TABLE
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage, environment, recorded_artifact
-
-RESULTS = {"shard": ShardResult, "decompose": DecomposeResult, "train_tokenizer": TokenizerResult,
-           "tokenize": TokensResult, "train_ar": ARResult, "sample": SampleResult, "evaluate": EvalResult}
-UP_TO_DATE = "up to date"
 
 
 class PipelineResults(dict):
@@ -61,37 +50,13 @@ class PipelineResults(dict):
 def _intact(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> bool:
     """Whether a recorded artifact can be used as is: complete, and the token cache verified by sha256 as its
     own flow verifies it before every use (`tokens.verify`; a same-size corruption is caught here too)."""
-    if not recorded_artifact(record, artifact_options(cfg, stage)):
+    if not recorded_artifact(record, cfg.artifact_options(stage)):
         return False
     if stage == "tokenize" and cfg.tokens.verify == "sha256":
         from nextdetail.storage.tokens import TokenCache
 
-        return not TokenCache(record["artifact"]["url"], artifact_options(cfg, stage), cfg.tokens.local_cache).verify()
+        return not TokenCache(record["artifact"]["url"], cfg.artifact_options(stage), cfg.tokens.local_cache).verify()
     return True
-
-
-def _up_to_date(cfg: PipelineConfig, result: Any) -> Any:
-    """A result rebuilt from its lineage record, saying that this run did nothing for it (how to read a token
-    cache comes from this run's config: records never hold storage options)."""
-    if isinstance(result, TokensResult):
-        result = dataclasses.replace(result, options=artifact_options(cfg, "tokenize"),
-                                     local_cache=cfg.tokens.local_cache)
-    if isinstance(result, ShardResult):
-        return dataclasses.replace(result, shards_ran=[], shards_reused=[], manifest_work=UP_TO_DATE,
-                                   seconds=0.0)
-    if isinstance(result, DecomposeResult):
-        return dataclasses.replace(result, tars_ran=[], tars_reused=[], index_work=UP_TO_DATE,
-                                   seconds=0.0)
-    return dataclasses.replace(result, work=UP_TO_DATE, seconds=0.0)
-
-
-def _reused(result: Any) -> bool:
-    """Whether a stage's flow found its artifact complete instead of computing it."""
-    if isinstance(result, ShardResult):
-        return not result.shards_ran and result.manifest_work != "ran"
-    if isinstance(result, DecomposeResult):
-        return not result.tars_ran and result.index_work != "ran"
-    return result.work not in ("ran", "rebuilt")
 
 
 STAGE_RETRY_DELAYS = (2.0, 10.0)
@@ -114,21 +79,6 @@ def run_with_retries(stage: str, runner: Callable[[], Any], log: Any) -> Any:
                         type(exc).__name__, str(exc)[:300], delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-DASK_STAGES = ("shard", "decompose")  # the stages whose tasks run on the Dask cluster
-
-
-def _run_flow(cfg: PipelineConfig, stage: str, key: StageKey, upstream: dict[str, Any], progress: bool,
-              scheduler: Callable[[], str] | None) -> Any:
-    """Stage `stage`'s flow (`flows/<stage>.py:run_<stage>`, imported only when it runs: torch comes with it) on
-    its upstream results, in the stage table's order; `scheduler()` gives the Dask scheduler for the Dask stages
-    (None: a LocalCluster for this call)."""
-    import importlib
-
-    runner = getattr(importlib.import_module(f"nextdetail.flows.{stage}"), f"run_{stage}")
-    extra = {"scheduler": scheduler() if scheduler else None} if stage in DASK_STAGES else {}
-    return runner(cfg, key, *[upstream[u] for u in SPECS[stage].upstream], progress=progress, **extra)
 
 
 Branches = dict[str, PipelineConfig]  # model name → its config: the pipeline's branches (conf.load_branches)
@@ -180,7 +130,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
                 visited[key.identity] = model
                 started = time.time()
                 res.work[stage] = _visit(stage, bcfg, key, res, lineage, force, only, log, started, env,
-                                         functools.partial(_run_flow, bcfg, stage, key, res, progress, scheduler))
+                                         functools.partial(TABLE[stage].run, bcfg, key, res, progress, scheduler))
                 rows[key.identity] = {
                     "run_id": run_id, "started": started, "stage": stage, "model": model, "identity": key.identity,
                     "artifact_identity": res[stage].identity, "url": res[stage].url, "work": res.work[stage],
@@ -200,7 +150,7 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
     record = lineage.read(stage, key.identity)
     complete = record is not None and _intact(cfg, stage, record)
     if complete and stage not in force:
-        results[stage] = _up_to_date(cfg, RESULTS[stage](**record["result"]))
+        results[stage] = TABLE[stage].recorded(cfg, record)
         log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])
         return UP_TO_DATE
     if only is not None and stage != only:
@@ -209,11 +159,11 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
     if complete and stage in force:
         url = record["artifact"]["url"]
         log.info("%s: --force: deleting %s and rebuilding it", stage, url)
-        Store(url, artifact_options(cfg, stage)).remove_tree("")
+        Store(url, cfg.artifact_options(stage)).remove_tree("")
     results[stage] = run_with_retries(stage, runner, log)
-    if stage in force and not complete and _reused(results[stage]):  # built before lineage knew it
+    if stage in force and not complete and results[stage].reused:  # built before lineage knew it
         log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
-        Store(results[stage].url, artifact_options(cfg, stage)).remove_tree("")
+        Store(results[stage].url, cfg.artifact_options(stage)).remove_tree("")
         results[stage] = run_with_retries(stage, runner, log)
     result = results[stage]
     lineage.write({
@@ -243,8 +193,8 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None =
     its key computed as `run_pipeline` computes it. `scheduler`: a Dask scheduler for shard and decompose
     (default: a LocalCluster for this call)."""
     upstream = upstream or {}
-    return _run_flow(cfg, stage, key_of(cfg, stage, upstream), upstream, progress,
-                     (lambda: scheduler) if scheduler else None)
+    return TABLE[stage].run(cfg, key_of(cfg, stage, upstream), upstream, progress,
+                            (lambda: scheduler) if scheduler else None)
 
 
 @flow(name="nextdetail-scheduled", log_prints=False, persist_result=False)

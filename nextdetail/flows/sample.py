@@ -6,10 +6,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.flows.results import ARResult, SampleResult, ShardResult, TokensResult
+from nextdetail.flows.parts import build_one
+from nextdetail.stages.results import ARResult, SampleResult, ShardResult, TokensResult
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.sample import SampleInputs, plan_samples, sample_stage
 
@@ -41,19 +42,11 @@ def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensRes
 def sample_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokens: TokensResult, ar: ARResult,
                 progress: bool = True) -> SampleResult:
     t0 = time.time()
-    log = get_run_logger()
     name = "transformer.pt" if cfg.sample.checkpoint == "last" else "best.pt"
     inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens))
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
-    artifact = plan_samples(Store(cfg.storage.root, cfg.storage.options).sub("samples", dataset_dir, ar_dir), key,
-                            cfg.sample)
-    out = artifact.store
-    fut = sample_stage.submit(artifact, inputs, cfg.sample, progress)
-    record = fut.result()
-    work = record["work"]
-    result = SampleResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
-    log.info(result.line() + f" → {result.url}/grid.png")
-    return result
+    artifact = plan_samples(key.output(cfg, dataset_dir, ar_dir), key, cfg.sample)
+    return build_one(SampleResult, sample_stage, artifact, inputs, cfg.sample, progress, started=t0)
 
 
 def run_sample(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokens: TokensResult, ar: ARResult,

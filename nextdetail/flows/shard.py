@@ -6,13 +6,12 @@ import time
 from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
-from tqdm import tqdm
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.results import ShardResult
+from nextdetail.flows.parts import fan_out
 from nextdetail.flows.runtime import dask_cluster, dask_task_runner
+from nextdetail.stages.results import ShardResult
 from nextdetail.storage.embedded import build_embedded
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256
@@ -56,29 +55,21 @@ def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> Sha
                 fingerprints[it.relpath] = bytes_sha256(src.read_bytes(it.relpath))
             except OSError:
                 fingerprints[it.relpath] = "unreadable"
-    out = store.sub("shards", shard_dir_name(listing.url, cfg.data, cfg.shard))
+    out = key.output(cfg, shard_dir_name(listing.url, cfg.data, cfg.shard))
     plan = plan_shards(listing, cfg.shard, out, key, fingerprints)
     log.info("shard: %d files, %d classes → %d tars in %s", n_items, len(listing.classes), len(plan), out.url())
 
-    futures = {write_shard.submit(a, job, source_url, source_options, cfg.shard): job.name for a, job in plan}
-    result = ShardResult(url=out.url(), identity="", summary={})
-    records = {}
-    bar = tqdm(total=len(futures), desc="shard", unit="tar", disable=not progress, leave=False)
-    for fut in as_completed(list(futures)):
-        record = fut.result()
-        records[futures[fut]] = record
-        getattr(result, f"shards_{record['work']}").append(futures[fut])
-        bar.update()
-    bar.close()
+    records, ran, reused = fan_out(write_shard, [(job.name, (a, job, source_url, source_options, cfg.shard))
+                                                 for a, job in plan], desc="shard", unit="tar", progress=progress)
     ordered = [records[job.name]["summary"] for _, job in plan]
     dataset = dataset_artifact(out, key, [a for a, _ in plan])
-    fut = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes)
-    record = fut.result()
-    result.identity, result.summary = dataset.identity, record["summary"]
+    record = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes).result()
+    result = ShardResult(out.url(), dataset.identity, record["summary"], shards_ran=ran, shards_reused=reused,
+                         manifest_work=record["work"])
+    result.work = "ran" if ran or record["work"] == "ran" else "reused"
     # A tar as decompose keys its part on: identity and bytes (`content_sha256` in the dataset summary).
     result.tar_identities = {job.name: f"{a.identity}:{records[job.name]['summary']['tar_sha256']}"
                              for a, job in plan if records[job.name]["summary"]["samples"]}
-    result.manifest_work = record["work"]
     result.seconds = round(time.time() - t0, 3)
     log.info(result.line())
     return result

@@ -15,8 +15,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.models.tokenizer import TokenizerSpec
+from nextdetail.stages.results import DecomposeResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage import tokens
 from nextdetail.storage.factors import read_index
 from nextdetail.storage.fs import Store

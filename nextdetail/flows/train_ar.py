@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.flows.results import ARResult, ShardResult, TokenizerResult, TokensResult
+from nextdetail.flows.parts import build_one
+from nextdetail.stages.results import ARResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_ar import (
     ARData,
@@ -45,16 +46,11 @@ def train_ar_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
     layout = cache.layout
     tcfg = transformer_config(cfg.ar, layout, len(data.classes), cfg.tokenizer.z_channels)
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    artifact = plan_ar(Store(cfg.storage.root, cfg.storage.options).sub("ar", dataset_dir), key, cfg.ar, tcfg)
+    artifact = plan_ar(key.output(cfg, dataset_dir), key, cfg.ar, tcfg)
     out = artifact.store
     log.info("train_ar: depth %d, width %d, %d classes, %d steps of %d images → %s", tcfg.depth, tcfg.C,
              tcfg.num_classes, cfg.ar.steps, cfg.ar.batch_size, out.url())
-    fut = train_ar.submit(artifact, data, cfg.ar, progress)
-    record = fut.result()
-    work = record["work"]
-    result = ARResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
-    log.info(result.line())
-    return result
+    return build_one(ARResult, train_ar, artifact, data, cfg.ar, progress, started=t0)
 
 
 def run_train_ar(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokenizer: TokenizerResult,

@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.results import DecomposeResult, ShardResult, TokenizerResult
+from nextdetail.flows.parts import build_one
 from nextdetail.models.tokenizer import TokenizerSpec
+from nextdetail.stages.results import DecomposeResult, ShardResult, TokenizerResult
 from nextdetail.storage.artifacts import Artifact
 from nextdetail.storage.factor_loader import TrainData
 from nextdetail.storage.factors import read_index
@@ -41,7 +42,7 @@ def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: Decompos
 def plan_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult) -> Artifact:
     """The tokenizer artifact this config trains: `<root>/tokenizer/<shards dir>/v…-order…-maps…-<identity>/`."""
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    root = Store(cfg.storage.root, cfg.storage.options).sub("tokenizer", dataset_dir)
+    root = key.output(cfg, dataset_dir)
     return plan_training(root, key, TokenizerSpec.from_config(cfg))
 
 
@@ -56,12 +57,7 @@ def train_tokenizer_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult
     out = artifact.store
     log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
              spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps, out.url())
-    fut = train_tokenizer.submit(artifact, data, cfg.tokenizer, spec, progress)
-    record = fut.result()
-    work = record["work"]
-    result = TokenizerResult(out.url(), artifact.identity, record["summary"], work, round(time.time() - t0, 3))
-    log.info(result.line())
-    return result
+    return build_one(TokenizerResult, train_tokenizer, artifact, data, cfg.tokenizer, spec, progress, started=t0)
 
 
 def run_train_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,

@@ -24,42 +24,14 @@ predictive-entropy estimator already covers "uncertainty".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nextdetail.models.quadtree import Quadtree, dyadic_sides, pack, pyramid_pool, quadrants, slot_levels
-from nextdetail.models.transformer import VARShape, VARTrunk
-
-
-@dataclass(frozen=True)
-class NDPConfig(VARShape):
-    kind: ClassVar[str] = "ndp"  # the model family (nextdetail.models.FAMILIES)
-    latent_side: int  # S: the pyramid is 1, 2, 4, …, S
-    vocab_size: int = 4096
-    cvae: int = 32
-    num_classes: int = 1000
-    depth: int = 16
-    width: int | None = None  # None: 64 · depth (VAR)
-    heads: int | None = None  # None: depth
-    mlp_ratio: float = 4.0
-    drop_path: float | None = None  # None: 0.1 · depth / 24
-    cond_drop: float = 0.1
-    attn_l2_norm: bool = True
-
-    @property
-    def sides(self) -> tuple[int, ...]:
-        return dyadic_sides(self.latent_side)
-
-    @property
-    def L(self) -> int:
-        return sum(s * s for s in self.sides)
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.C * self.mlp_ratio)
+from nextdetail.models.configs import NDPConfig
+from nextdetail.models.quadtree import Quadtree, pack, pyramid_pool, quadrants, slot_levels
+from nextdetail.models.transformer import VARTrunk
 
 
 @dataclass

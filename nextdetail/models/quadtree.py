@@ -19,12 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def dyadic_sides(latent_side: int) -> tuple[int, ...]:
-    """(1, 2, 4, …, latent_side); the latent side must be a power of two."""
-    if latent_side < 1 or latent_side & (latent_side - 1):
-        raise ValueError(f"a dyadic pyramid needs a power-of-two latent side, got {latent_side}")
-    return tuple(2**k for k in range(latent_side.bit_length()))
+from nextdetail.models.configs import dyadic_sides
 
 
 def is_dyadic(sides: tuple[int, ...] | list[int]) -> bool:

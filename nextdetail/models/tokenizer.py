@@ -14,65 +14,15 @@ Order 0 is VAR's VQVAE exactly (one source, f_I); `load_var_state_dict` takes VA
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from nextdetail.models.configs import TokenizerSpec
 from nextdetail.models.quant import MultiScaleQuantizer, QuantOutput, token_schedule
 from nextdetail.models.vae import Decoder, Encoder
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """Architecture of the tokenizer; the defaults are VAR's released one (vae_ch160v4096z32) at 256 px."""
-
-    vocab_size: int = 4096
-    z_channels: int = 32
-    ch: int = 160
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    dropout: float = 0.0
-    using_sa: bool = True
-    using_mid_sa: bool = True
-    beta: float = 0.25  # commitment
-    using_znorm: bool = False  # cosine lookup
-    quant_conv_ks: int = 3
-    quant_resi: float = 0.5  # φ's blend ratio
-    share_quant_resi: int = 4  # φ's shared by all maps
-    resolution: int = 256
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # base scales
-    order: int = 0  # decomposition order n; 0 = VAR
-    detail_depth: int = 1  # token maps per detail factor, (M − B)/n
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> TokenizerSpec:
-        """The architecture a `PipelineConfig` trains: `tokenizer.*` + the decomposition order + the resolution."""
-        t = cfg.tokenizer
-        if cfg.shard.resolution is None:
-            raise ValueError("the tokenizer needs shard.resolution (one image size)")
-        return cls(
-            vocab_size=t.vocab_size, z_channels=t.z_channels, ch=t.ch, ch_mult=tuple(t.ch_mult),
-            num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
-            beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
-            resolution=cfg.shard.resolution, patch_nums=tuple(t.patch_nums),
-            order=cfg.decompose.order if t.order is None else t.order, detail_depth=t.detail_depth)
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @property
-    def latent_side(self) -> int:
-        return self.resolution // self.downsample
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("extra")
-        return d
 
 
 class BaseDetailVQVAE(nn.Module):

@@ -16,56 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class VARShape:
-    """VAR's width and head rules, shared by our transformers' configs (`depth`, `width`, `heads` fields)."""
-
-    depth: int
-    width: int | None
-    heads: int | None
-
-    @property
-    def C(self) -> int:
-        return self.width or 64 * self.depth  # VAR: 64 per layer
-
-    @property
-    def H(self) -> int:
-        return self.heads or self.depth
-
-
-@dataclass(frozen=True)
-class TransformerConfig(VARShape):
-    kind: ClassVar[str] = "cart"  # the model family (nextdetail.models.FAMILIES)
-    sides: tuple[int, ...]  # side of each token map, in prediction order
-    vocab_size: int = 4096
-    cvae: int = 32  # the tokenizer's z channels (the input features)
-    num_classes: int = 1000
-    depth: int = 16
-    width: int | None = None  # None: 64 · depth (VAR)
-    heads: int | None = None  # None: depth (VAR)
-    mlp_ratio: float = 4.0
-    drop_path: float | None = None  # None: 0.1 · depth / 24 (VAR)
-    cond_drop: float = 0.1  # class dropout for classifier-free guidance
-    attn_l2_norm: bool = True
-    n_base: int | None = None  # base maps of the schedule; fewer than the maps: a detail-difficulty head (the dial)
-
-    @property
-    def has_detail_head(self) -> bool:
-        return self.n_base is not None and 0 < self.n_base < len(self.sides)
-
-    @property
-    def L(self) -> int:
-        return sum(s * s for s in self.sides)
-
-    @property
-    def first_l(self) -> int:
-        return self.sides[0] ** 2
+from nextdetail.models.configs import TransformerConfig, VARShape
 
 
 def block_causal_bias(sides: tuple[int, ...]) -> Tensor:
@@ -275,65 +231,123 @@ class NextDetailTransformer(VARTrunk):
                generator: torch.Generator | None = None, use_cache: bool = True,
                given: list[Tensor] | None = None,
                select_details: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
-        """Class-conditional sampling, map by map, with classifier-free guidance ramped over the maps
-        as VAR does (t_k = cfg · k / (M − 1)). `next_input(k, idx_Bhw)` adds map k's tokens to the
-        reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, Cvae) (the tokenizer's
-        `next_inputs` step). `given`: the first maps are these tokens, not sampled (a fixed prefix,
-        e.g. the base maps when only the details are generated). `select_details` (CART's detail dial, KV
-        cache only): called with the detail difficulty at the last base map (B, l), returns which latent
-        cells (B, h·w) bool, the same count per image, get detail tokens; every detail map then runs only
-        those positions and `next_input(k, idx, keep)` gets the mask. Returns the M token maps (B, h_k, w_k)
-        (unselected detail positions hold 0 and are not part of the image)."""
-        B, M = label_B.shape[0], len(self.cfg.sides)
+        """Class-conditional sampling, map by map (`sample_map`), each map's tokens drawn with classifier-free
+        guidance ramped over the maps as VAR does (`GuidedDraw`). `next_input(k, idx_Bhw)` adds map k's tokens
+        to the reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, Cvae) (the tokenizer's
+        `next_inputs` step). `given`: the first maps are these tokens, not sampled (a fixed prefix, e.g. the base
+        maps when only the details are generated). `select_details` (CART's detail dial, `DetailDial`; KV cache
+        only): called with the detail difficulty at the last base map (B, l), returns which latent cells (B, h·w)
+        bool, the same count per image, get detail tokens; every detail map then runs only those positions and
+        `next_input(k, idx, keep)` gets the mask. Returns the M token maps (B, h_k, w_k) (unselected detail
+        positions hold 0 and are not part of the image)."""
+        M = len(self.cfg.sides)
+        draw = GuidedDraw(cfg, top_k, top_p, generator, M)
+        dial = None
+        if select_details is not None and self.cfg.has_detail_head:
+            if not use_cache:
+                raise ValueError("the detail dial runs with the KV cache")
+            dial = DetailDial(select_details, self.cfg.n_base)
         labels = torch.cat((label_B, torch.full_like(label_B, self.cfg.num_classes)))  # (2B,): cond, uncond
         x, cond_BD = self.embed(labels, None)  # map 1's input: (2B, first_l, C)
         for block in self.blocks:
             block.attn.kv_caching(use_cache)
         inputs: list[Tensor] = []  # uncached: every map's input so far, re-run each step
         out: list[Tensor] = []
-        dial = select_details is not None and self.cfg.has_detail_head
-        if dial and not use_cache:
-            raise ValueError("the detail dial runs with the KV cache")
-        keep: Tensor | None = None  # (B, l) positions of the detail maps that are predicted
         try:
-            for k, side in enumerate(self.cfg.sides):
-                if use_cache:
-                    x_k = x
-                else:
+            for k in range(M):
+                if not use_cache:
                     inputs.append(x)
-                    x_k = torch.cat(inputs, dim=1)
-                sel = keep is not None and k >= self.cfg.n_base
-                if sel:  # only the selected positions of this detail map: (2B, n, C)
-                    pos = keep.nonzero()[:, 1].view(B, -1).repeat(2, 1)  # (2B, n)
-                    x_k = x_k.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_k.shape[-1]))
-                if given is not None and k < len(given):
-                    if use_cache:  # the prefix's keys/values still enter the cache
-                        self._map_logits(k, x_k, cond_BD, use_cache)
-                    idx = given[k].view(B, side, side)
-                else:
-                    logits, feats = self._map_logits(k, x_k, cond_BD, use_cache)  # (2B, l_k, V), (2B, l_k, C)
-                    t = cfg * k / max(M - 1, 1)
-                    guided = (1 + t) * logits[:B] - t * logits[B:]  # (B, l_k, V)
-                    drawn = sample_top_k_top_p(guided, top_k, top_p, generator)  # (B, l_k) or (B, n)
-                    if sel:
-                        idx = torch.zeros(B, side * side, dtype=drawn.dtype, device=drawn.device)
-                        idx[keep] = drawn.flatten()
-                        idx = idx.view(B, side, side)
-                    else:
-                        idx = drawn.view(B, side, side)
-                    if dial and k == self.cfg.n_base - 1:
-                        keep = select_details(self.detail_difficulty(feats[:B]))  # (B, side²) bool
-                out.append(idx)
+                    x = torch.cat(inputs, dim=1)
+                fixed = given[k] if given is not None and k < len(given) else None
+                out.append(self.sample_map(k, x, cond_BD, use_cache, draw, dial, fixed))
                 if k + 1 < M:
-                    nb, ned = self.begin_ends[k + 1]
-                    masked = keep is not None and k >= self.cfg.n_base  # a detail map: only its kept tokens count
-                    f = (next_input(k, idx, keep) if masked else next_input(k, idx)).to(self.word_embed.weight.dtype)
-                    x = self.word_embed(f).repeat(2, 1, 1)  # the same input for the cond and uncond halves
-                    x = x + self.lvl_embed(self.lvl_1L[:, nb:ned].expand(2 * B, -1)) + self.pos_1LC[:, nb:ned]
+                    x = self._next_map_input(k, out[-1], next_input, dial)
         finally:
             for block in self.blocks:
                 block.attn.kv_caching(False)
         return out
+
+    def sample_map(self, k: int, x: Tensor, cond_BD: Tensor, use_cache: bool, draw: GuidedDraw,
+                   dial: DetailDial | None = None, fixed: Tensor | None = None) -> Tensor:
+        """One step: map k's tokens (B, s_k, s_k) from its input x (2B, l, C) (with the cache: map k's positions
+        only; without: every map's so far). A `fixed` map (the given prefix) is only run for its keys/values;
+        otherwise the tokens are drawn by `draw`, at the dial's positions only once it has chosen them."""
+        B, side = cond_BD.shape[0] // 2, self.cfg.sides[k]
+        if dial is not None:
+            x = dial.restrict(k, x)
+        if fixed is not None:
+            if use_cache:  # the prefix's keys/values still enter the cache
+                self._map_logits(k, x, cond_BD, use_cache)
+            return fixed.view(B, side, side)
+        logits, feats = self._map_logits(k, x, cond_BD, use_cache)  # (2B, l_k, V), (2B, l_k, C)
+        drawn = draw(k, logits)  # (B, l_k), or (B, n) at the dial's positions
+        if dial is None:
+            return drawn.view(B, side, side)
+        tokens = dial.place(k, drawn, side)
+        if k == dial.n_base - 1:  # the last base map: where do details go?
+            dial.choose(self.detail_difficulty(feats[:B]))
+        return tokens
+
+    def _next_map_input(self, k: int, idx: Tensor, next_input: Callable[..., Tensor], dial: DetailDial | None) -> Tensor:
+        """Map k+1's input (2B, l_{k+1}, C) from map k's tokens: the same for the cond and uncond halves."""
+        B = idx.shape[0]
+        nb, ned = self.begin_ends[k + 1]
+        masked = dial is not None and dial.active(k)  # a detail map: only its kept tokens count
+        f = (next_input(k, idx, dial.keep) if masked else next_input(k, idx)).to(self.word_embed.weight.dtype)
+        x = self.word_embed(f).repeat(2, 1, 1)
+        return x + self.lvl_embed(self.lvl_1L[:, nb:ned].expand(2 * B, -1)) + self.pos_1LC[:, nb:ned]
+
+
+@dataclass
+class GuidedDraw:
+    """How a map's tokens are drawn: classifier-free guidance ramped over the M maps as VAR does
+    (t_k = cfg · k / (M − 1): none at the first map, `cfg` at the last), then top-k / top-p sampling."""
+
+    cfg: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator | None
+    maps: int
+
+    def __call__(self, k: int, logits_2BlV: Tensor) -> Tensor:
+        B = logits_2BlV.shape[0] // 2
+        t = self.cfg * k / max(self.maps - 1, 1)
+        guided = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]  # (B, l, V)
+        return sample_top_k_top_p(guided, self.top_k, self.top_p, self.generator)  # (B, l)
+
+
+@dataclass
+class DetailDial:
+    """CART's detail dial while sampling: after the last base map, `select(difficulty (B, l))` picks the latent
+    cells (B, l) bool — the same count per image — that get detail tokens; each detail map then runs, and is
+    drawn, at those positions only (the rest hold 0 and are not part of the image)."""
+
+    select: Callable[[Tensor], Tensor]
+    n_base: int
+    keep: Tensor | None = None  # (B, l) bool once chosen
+
+    def active(self, k: int) -> bool:
+        return self.keep is not None and k >= self.n_base
+
+    def choose(self, difficulty_Bl: Tensor) -> None:
+        self.keep = self.select(difficulty_Bl)
+
+    def restrict(self, k: int, x_2BlC: Tensor) -> Tensor:
+        """Map k's input at the kept positions only: (2B, n, C)."""
+        if not self.active(k):
+            return x_2BlC
+        B = self.keep.shape[0]
+        pos = self.keep.nonzero()[:, 1].view(B, -1).repeat(2, 1)  # (2B, n)
+        return x_2BlC.gather(1, pos.unsqueeze(-1).expand(-1, -1, x_2BlC.shape[-1]))
+
+    def place(self, k: int, drawn_Bn: Tensor, side: int) -> Tensor:
+        """Drawn tokens (B, n) → the map (B, side, side), zeros where no detail is drawn."""
+        B = drawn_Bn.shape[0]
+        if not self.active(k):
+            return drawn_Bn.view(B, side, side)
+        idx = torch.zeros(B, side * side, dtype=drawn_Bn.dtype, device=drawn_Bn.device)
+        idx[self.keep] = drawn_Bn.flatten()
+        return idx.view(B, side, side)
 
 
 # ---- training: VAR's teacher forcing and CART's objective -----------------------------------------

@@ -8,7 +8,7 @@ Data flow (all of it in this file, the solver in `models/mumford_shah.py`, the Z
          batches → one Zarr array per tar (images, order, 3, H, W), whole chunks, float16|32
     ─▶ write_index (one cached task): index.parquet (key → tar, row), consolidated Zarr metadata
 
-Artifact layout under ``<root>/decompose/<shard dataset dir>/<settings id>/``::
+Artifact layout under ``<root>/factors/<shard dataset dir>/<settings id>/``::
 
     factors.zarr/…   index.parquet   _parts/<tar>.json (per-tar markers)   _COMPLETE.json
 

@@ -31,7 +31,7 @@ import torch
 
 from nextdetail.conf.schema import EvalConfig, SampleConfig
 from nextdetail.errors import UserError
-from nextdetail.flows.results import checkpoint_name
+from nextdetail.stages.results import checkpoint_name
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.reference_stats import RefHandle
 from nextdetail.tasks.stage import Artifact, stage_task

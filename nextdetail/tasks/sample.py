@@ -59,7 +59,7 @@ def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConf
     store = Store(parent, options)
     if not store.exists(name):
         raise UserError(f"{checkpoint_url}: no such checkpoint; pass a transformer.pt or best.pt of "
-                        "`nextdetail train-ar` (under <storage.root>/ar/)")
+                        "`nextdetail train-ar` (under <storage.root>/transformer/)")
     transformer, record = load_transformer(store.read_bytes(name), where=checkpoint_url)
     tokenizer = load_tokenizer(record["tokenizer"]["url"], options, record["tokenizer"]["sha256"], checkpoint_url)
     sampler = family(record.get("kind", "cart"), "sampler").from_config(transformer.to(device), tokenizer.to(device),

@@ -81,7 +81,7 @@ def plan_tokens(cache_root: Store, key: StageKey, index: Any, inputs: TokenInput
         by_tar.setdefault((r["split"], r["shard"]), []).append((r["row"], r["key"]))
     jobs = tuple(TokenJob(split, tar, tuple(k for _, k in sorted(items))) for (split, tar), items in by_tar.items())
     identity = key.identity  # keys on the tokenizer's weights: its upstream identity carries their sha256
-    cache = cache_root.sub("tokens", identity)
+    cache = cache_root.sub(key.directory, identity)
     lineage = {**key.lineage(), "upstream": {**key.upstream, "tokenizer_sha256": inputs.tokenizer_sha256}}
     artifact = Artifact("tokenize", identity, cache, tokens.MARKER, lineage=lineage, checksums=True, exclusive=True)
     return TokenPlan(key, identity, cache, artifact, jobs, rows)

@@ -165,7 +165,13 @@ class ARTrainer:
         (loss if aux is None else loss + aux).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        return {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": float(grad_norm), **extra}
+        out = {"loss": float(loss.detach()), "acc": float(acc), "lr": lr, "grad_norm": float(grad_norm), **extra}
+        if self.world > 1:  # the logged numbers are the global batch's (equal shares: the mean of the ranks')
+            keys = [k for k in out if k not in ("lr", "grad_norm")]  # those two are already global
+            mean = torch.tensor([out[k] for k in keys], dtype=torch.float64)
+            torch.distributed.all_reduce(mean)
+            out.update({k: float(v) / self.world for k, v in zip(keys, mean, strict=True)})
+        return out
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
-from nextdetail.conf.stages import SPECS, StageKey, artifact_options, output_identity, stage_key
+from nextdetail.conf.stages import SPECS, StageKey, output_identity, stage_key
+from nextdetail.stages.results import UP_TO_DATE
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import canonical_json
 from nextdetail.storage.lineage import Lineage, recorded_artifact
 
-UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
+STALE, MISSING = "stale", "missing"  # beside UP_TO_DATE (a run skips the stage)
 
 
 @dataclass
@@ -102,10 +103,10 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
     identity = key.identity
     record = lineage.read(stage, identity)
     if record is not None:
-        if recorded_artifact(record, artifact_options(cfg, stage)):
+        if recorded_artifact(record, cfg.artifact_options(stage)):
             return StageStatus(stage, UP_TO_DATE, [], identity, record, key=key)
         retry = record["result"].get("summary", {}).get("retry")
-        if retry and recorded_artifact(record, artifact_options(cfg, stage), check_sizes=False):
+        if retry and recorded_artifact(record, cfg.artifact_options(stage), check_sizes=False):
             return StageStatus(stage, STALE, [f"{retry} input file(s) could not be read when it was built: run "
                                               "retries them (and rebuilds what follows only if they now read)"],
                                identity, record, key=key)

@@ -6,14 +6,23 @@ record without importing the code that computes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+UP_TO_DATE = "up to date"  # the work of a stage this run skipped: its lineage record named an intact artifact
 
-class Described:
-    """How a result is shown: one summary line (`describe`, also what the flow logs), its files (`outputs`), what
-    this run did (`work_line`). The CLI prints every stage with these three (`cli.print_result`); the dataclasses
-    below give it `url`, `identity`, `summary` and `seconds`."""
+
+@dataclass
+class StageResult:
+    """A stage's artifact: where it is, its identity, its summary, what this run did for it, and how it is shown —
+    one summary line (`describe`, also what the flow logs), its files (`outputs`), what this run did
+    (`work_line`); the CLI prints every stage with these three (`cli.print_result`)."""
+
+    url: str
+    identity: str
+    summary: dict[str, Any]
+    work: str = "ran"  # ran | reused | rebuilt (token cache) | up to date (this run skipped the stage)
+    seconds: float = 0.0
 
     @staticmethod
     def describe(summary: dict[str, Any]) -> str:
@@ -27,19 +36,25 @@ class Described:
         return [("output", self.url)]
 
     def work_line(self) -> str:
-        return f"identity: {self.identity[:16]}   {getattr(self, 'work', 'ran')} ({self.seconds:.1f}s)"
+        return f"identity: {self.identity[:16]}   {self.work} ({self.seconds:.1f}s)"
+
+    @property
+    def reused(self) -> bool:
+        """Whether the stage's flow found its artifact complete instead of computing it."""
+        return self.work not in ("ran", "rebuilt")
+
+    def up_to_date(self, cfg: Any) -> StageResult:
+        """This result as rebuilt from its lineage record by a run that skipped the stage (`cfg`: that run's
+        config, for what records never hold, e.g. storage options)."""
+        return replace(self, work=UP_TO_DATE, seconds=0.0)
 
 
 @dataclass
-class ShardResult(Described):
-    url: str  # the shard directory
-    identity: str  # the dataset's identity (what downstream stages key on)
-    summary: dict[str, Any]
+class ShardResult(StageResult):  # url: the shard directory; identity: the dataset's (what downstream keys on)
     shards_ran: list[str] = field(default_factory=list)  # tars written by this run
     shards_reused: list[str] = field(default_factory=list)  # found complete (their marker says so)
     manifest_work: str = "ran"  # ran | reused | up to date (this run skipped the stage)
     tar_identities: dict[str, str] = field(default_factory=dict)  # tar with samples → "identity:tar sha256"
-    seconds: float = 0.0
 
     @property
     def manifest_url(self) -> str:
@@ -72,17 +87,16 @@ class ShardResult(Described):
         return (f"identity: {self.identity[:16]}   this run wrote {len(self.shards_ran)} tars, reused "
                 f"{len(self.shards_reused)} ({self.seconds:.1f}s)")
 
+    def up_to_date(self, cfg: Any) -> ShardResult:
+        return replace(self, work=UP_TO_DATE, shards_ran=[], shards_reused=[], manifest_work=UP_TO_DATE, seconds=0.0)
+
 
 
 @dataclass
-class DecomposeResult(Described):
-    url: str  # the decomposition directory (factors.zarr, index.parquet)
-    identity: str
-    summary: dict[str, Any]
+class DecomposeResult(StageResult):  # url: the decomposition directory (factors.zarr, index.parquet)
     tars_ran: list[str] = field(default_factory=list)
     tars_reused: list[str] = field(default_factory=list)
     index_work: str = "ran"
-    seconds: float = 0.0
 
     @property
     def zarr_url(self) -> str:
@@ -101,17 +115,9 @@ class DecomposeResult(Described):
         return (f"identity: {self.identity[:16]}   this run decomposed {len(self.tars_ran)} tars, reused "
                 f"{len(self.tars_reused)} ({self.seconds:.1f}s)")
 
+    def up_to_date(self, cfg: Any) -> DecomposeResult:
+        return replace(self, work=UP_TO_DATE, tars_ran=[], tars_reused=[], index_work=UP_TO_DATE, seconds=0.0)
 
-
-@dataclass
-class StageResult(Described):
-    """A stage with one artifact: where it is, its identity, its summary, and what this run did for it."""
-
-    url: str
-    identity: str
-    summary: dict[str, Any]
-    work: str = "ran"  # ran | reused | rebuilt (token cache) | up to date (this run skipped the stage)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -136,6 +142,11 @@ class TokenizerResult(StageResult):  # url: tokenizer.pt, metrics.json, curves.p
 class TokensResult(StageResult):  # url: the cache directory <cache root>/tokens/<identity>
     options: dict | None = None  # fsspec options of the cache root
     local_cache: str | None = None
+
+    def up_to_date(self, cfg: Any) -> TokensResult:
+        """How to read the cache comes from this run's config: records never hold storage options."""
+        return replace(self, work=UP_TO_DATE, seconds=0.0, options=cfg.artifact_options("tokenize"),
+                       local_cache=cfg.tokens.local_cache)
 
     def open(self) -> Any:
         """The published cache (storage.tokens.TokenCache), read in place (local) or through the local mirror."""
