@@ -157,6 +157,12 @@ def preflight(branches: dict) -> None:
         if cfg.tokens.cache:
             options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
             Store(cfg.tokens.cache, options).check_writable("tokens.cache")
+        for setting, url in (("tokenizer.pretrained", cfg.tokenizer.pretrained),):
+            if url:
+                folder, _, name = url.rstrip("/").rpartition("/")
+                if not Store(folder or ".", cfg.storage.options if "://" in url else {}).exists(name):
+                    raise UserError(f"{setting}={url}: no such file; copy the weights there (nothing is downloaded) "
+                                    "or fix the path")
         if cfg.data.source != "embedded":
             source = Store(cfg.data.source, cfg.storage.options)
             check_root(source, cfg.data.source)
@@ -180,8 +186,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     for model, results in first.branches.items():
         if len(branches) > 1:
             print(f"── model {model} " + "─" * 60)
-        for stage, result in results.items():
-            if stage in results.shared:
+        for stage in results.work:
+            result = results.get(stage)
+            if result is None:  # NOT_NEEDED
+                print(f"{stage}: {results.work[stage]} by this config")
+            elif stage in results.shared:
                 print(f"{stage}: the same artifact as model {results.shared[stage]}'s   {result.url}")
             elif results.work.get(stage) == "up to date":
                 print(f"{stage}: up to date   {result.url}   (identity {results.identities[stage][:12]})")
@@ -209,7 +218,7 @@ def _print_comparison(branches: dict) -> None:
 def _print_dry_run(branches: dict, until: str | None, only: str | None, force: list[str]) -> None:
     """What `run` would do, from the status (nothing is started)."""
     from nextdetail.conf.stages import select_stages
-    from nextdetail.stages.status import UP_TO_DATE, branch_status
+    from nextdetail.stages.status import NOT_NEEDED, UP_TO_DATE, branch_status
 
     stages = select_stages(until, only, force)
     cfg = next(iter(branches.values()))
@@ -221,6 +230,8 @@ def _print_dry_run(branches: dict, until: str | None, only: str | None, force: l
             st = statuses[stage]
             if st.shared_with:
                 action = f"the same artifact as model {st.shared_with}'s"
+            elif st.state == NOT_NEEDED:
+                action = "skip (not needed by this config)"
             elif st.state == UP_TO_DATE and stage not in force:
                 action = "skip (up to date)"
             elif only is not None and stage != only:
@@ -230,7 +241,7 @@ def _print_dry_run(branches: dict, until: str | None, only: str | None, force: l
             else:
                 action = f"run ({st.state})"
             print(f"  {stage:<16} {action}")
-            for reason in st.reasons if st.state != UP_TO_DATE and not st.shared_with else ():
+            for reason in st.reasons if st.state not in (UP_TO_DATE, NOT_NEEDED) and not st.shared_with else ():
                 print(f"  {'':<16}   {reason}")
 
 

@@ -20,9 +20,10 @@ def test_presets_validate(preset):
     assert cfg.preset == preset
     spec = TokenizerSpec.from_config(cfg)
     assert spec.latent_side * spec.downsample == cfg.shard.resolution
-    # the token maps: base scales up to the latent side, then full-resolution detail maps
-    assert cfg.tokenizer.patch_nums[-1] <= spec.latent_side
-    assert len(spec.patch_nums) + spec.order * spec.detail_depth == (14 if preset.startswith("imagenet") else 7)
+    # the token maps: base scales ending at the latent side, then full-resolution detail maps (ImageNet: VAR's
+    # 10 scales + 3 details; the paper's 14th map is issue 27's global-residual reading)
+    assert cfg.tokenizer.patch_nums[-1] == spec.latent_side
+    assert len(spec.patch_nums) + spec.order * spec.detail_depth == (13 if preset.startswith("imagenet") else 7)
 
 
 def test_paper_settings_in_imagenet_presets():
@@ -47,6 +48,7 @@ def test_overrides_parse_yaml_values():
     ("shard.resolution=16", "patch_nums must end at most at the latent side 4"),
     ("tokenizer.patch_nums=[1,4,2]", "patch_nums must not decrease"),
     ("tokenizer.order=4", "tokenizer.order=4 needs decompose.order"),
+    ("tokenizer.patch_nums=[1,2,4]", "the base scales must end at the latent side 8 (= shard.resolution / 4), not at 4"),
     ("noequals", "expected KEY=VALUE"),
 ])
 def test_bad_override_is_one_clear_line(override, expected):

@@ -256,10 +256,11 @@ def test_ndp_stage_outputs_budgeted_samples_a_heat_map_and_compute(ndp_pipeline,
     assert again["sample"].summary["gflops_per_image"] > s["gflops_per_image"]
 
 
-def test_cart_and_ndp_in_one_run_share_shard_and_decompose(ndp_pipeline, embedded_source):
-    """`run --model cart,ndp`: two branches in one flow. The dry run says what each will do; the run builds
-    the shared shard and decompose once (one run-log row naming both models), skips NDP's up-to-date
-    branch, builds CART's, and prints the models side by side; status then calls everything up to date."""
+def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_pipeline, embedded_source):
+    """`run --model cart,ndp`: two branches in one flow. The dry run says what each will do; the run reuses the
+    shared shards (one run-log row naming both models), decomposes for CART only (NDP's order-0 tokenizer reads
+    images alone: its decompose is "not needed"), skips NDP's up-to-date branch, builds CART's, and prints the
+    models side by side; status then calls everything up to date (NDP's decompose: not needed)."""
     import sys
 
     from conftest import FAST, cli_config, run_cli
@@ -268,6 +269,7 @@ def test_cart_and_ndp_in_one_run_share_shard_and_decompose(ndp_pipeline, embedde
     from nextdetail.storage.lineage import Lineage
 
     root, _, ndp = ndp_pipeline
+    assert ndp.work["decompose"] == "not needed" and not (root / "factors").exists()  # order 0: no factors at all
     rest = [o for o in NDP if o.split("=")[0] not in ("ar.model", "tokenizer.order", "tokenizer.truncation")]
     cmd = [sys.executable, "-m", "nextdetail.cli", "run", "--model", "cart,ndp", "--until", "evaluate",
            "--no-progress", *cli_config(root, embedded_source, *FAST, *rest)]
@@ -275,21 +277,23 @@ def test_cart_and_ndp_in_one_run_share_shard_and_decompose(ndp_pipeline, embedde
     assert dry.returncode == 0, dry.stderr[-2000:]
     cart_part, ndp_part = dry.stdout.split("model ndp:")
     assert "train_tokenizer  run (stale)" in cart_part and "train_ar         run (stale)" in cart_part
-    assert "shard            skip (up to date)" in cart_part
-    assert "decompose        the same artifact as model cart's" in ndp_part
+    assert "shard            skip (up to date)" in cart_part and "decompose        run (missing)" in cart_part
+    assert "shard            the same artifact as model cart's" in ndp_part
+    assert "decompose        skip (not needed by this config)" in ndp_part
     assert "train_ar         skip (up to date)" in ndp_part and "run (" not in ndp_part
 
     done = run_cli(cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "── model cart" in out and "── model ndp" in out and "models side by side" in out
-    assert "decompose: the same artifact as model cart's" in out
+    assert "decompose: not needed by this config" in out.split("── model ndp")[1]
     runs = Lineage(Store(str(root))).runs().to_pylist()
     this_run = [r for r in runs if r["run_id"] == runs[-1]["run_id"]]
     by_stage = {}
     for r in this_run:
         by_stage.setdefault(r["stage"], []).append(r)
-    assert [(r["model"], r["work"]) for r in by_stage["decompose"]] == [("cart,ndp", "up to date")]
+    assert [(r["model"], r["work"]) for r in by_stage["shard"]] == [("cart,ndp", "up to date")]
+    assert [(r["model"], r["work"]) for r in by_stage["decompose"]] == [("cart", "ran")]
     assert sorted((r["model"], r["work"]) for r in by_stage["train_ar"]) == [("cart", "ran"), ("ndp", "up to date")]
     ndp_eval = next(r for r in by_stage["evaluate"] if r["model"] == "ndp")
     assert ndp_eval["url"] == ndp["evaluate"].url
@@ -301,8 +305,10 @@ def test_cart_and_ndp_in_one_run_share_shard_and_decompose(ndp_pipeline, embedde
                       *cli_config(root, embedded_source, *FAST, *rest)])
     assert status.returncode == 0, status.stderr[-2000:]
     rows = json.loads(status.stdout)
-    assert {(r["model"], r["state"]) for r in rows} == {("cart", "up to date"), ("ndp", "up to date")}
-    assert {r["stage"] for r in rows if r["shared_with"] == "cart"} == {"shard", "decompose"}
+    assert {(r["model"], r["state"]) for r in rows} == {("cart", "up to date"), ("ndp", "up to date"),
+                                                         ("ndp", "not needed")}
+    assert {r["stage"] for r in rows if r["model"] == "ndp" and r["state"] == "not needed"} == {"decompose"}
+    assert {r["stage"] for r in rows if r["shared_with"] == "cart"} == {"shard"}
 
 
 def test_sample_cli_model_ndp_budget_writes_grid_and_heat_map(ndp_pipeline, tmp_path):

@@ -157,7 +157,11 @@ class TokenizerConfig(_Section):
     order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
     detail_depth: int = Field(default=T.detail_depth, ge=1,
                               description="(M − B)/n: full-resolution token maps per detail factor")
-    init_from: str | None = Field(default=None, description="VAR tokenizer checkpoint (vae_ch160v4096z32.pth) to start from")
+    pretrained: str | None = Field(default=None, description="a tokenizer file (path or URL) to adopt instead of "
+                                   "training: VAR's release (vae_ch160v4096z32.pth) or a nextdetail tokenizer.pt; "
+                                   "the architecture settings must describe it")
+    init_from: str | None = Field(default=None, description="VAR tokenizer checkpoint (vae_ch160v4096z32.pth) to start "
+                                  "from (fine-tuning; `pretrained` adopts one without training)")
     truncation: float = Field(default=0.0, ge=0, le=1, description="NDP: fraction of training images decoded from "
                               "a random quadtree state of the dyadic pyramid (region-wise truncation); needs order 0 "
                               "and patch_nums 1, 2, 4, … up to the latent side")
@@ -406,6 +410,11 @@ class PipelineConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @property
+    def tokenizer_order(self) -> int:
+        """The decomposition order the tokenizer uses: `tokenizer.order`, else `decompose.order` (0: VAR's)."""
+        return self.decompose.order if self.tokenizer.order is None else self.tokenizer.order
+
     def artifact_options(self, stage: str) -> dict[str, Any]:
         """fsspec options for the storage a stage's artifact lives on (token caches may live elsewhere)."""
         if stage == "tokenize" and self.tokens.cache_options is not None:
@@ -425,6 +434,17 @@ class PipelineConfig(_Section):
         if self.tokenizer.order is not None and self.tokenizer.order > self.decompose.order:
             raise ValueError(f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
                              f"(now {self.decompose.order})")
+        order = self.tokenizer_order
+        latent = None if res is None else res // down
+        if order >= 1 and latent is not None and self.tokenizer.patch_nums[-1] != latent:
+            # One residual chain per source (Algorithm 1, models/quant.py): nothing quantizes the base above
+            # its last grid, and the detail maps carry only D_1…D_n — so a base ending below the latent side
+            # loses what lies between that grid and the latent one for good.
+            raise ValueError(
+                f"with decomposition order {order} the base scales must end at the latent side {latent} "
+                f"(= shard.resolution / {down}), not at {self.tokenizer.patch_nums[-1]}: the base is never "
+                f"quantized above its last scale; end tokenizer.patch_nums with {latent} "
+                f"(e.g. VAR's [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] at 16)")
         if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
             what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
             latent = None if res is None else res // down

@@ -38,6 +38,18 @@ class StageSpec:
     settings: Callable[[PipelineConfig], dict[str, Any]]
     inputs: Callable[[PipelineConfig], dict[str, Any]] | None = None  # fingerprints of inputs from outside
     family: str | None = None  # "model" | "sampler": the chosen model family's module the stage also runs
+    needed: Callable[[PipelineConfig], bool] | None = None  # False: the config uses nothing it makes (None: always)
+    adopts: Callable[[PipelineConfig], str | None] | None = None  # a released file that stands in for the work
+
+    def is_needed(self, cfg: PipelineConfig) -> bool:
+        return self.needed is None or self.needed(cfg)
+
+    def upstream_of(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The upstream stages this config reads: the declared ones but those it does not need (at order 0 the
+        tokenizer reads images alone: no decomposition); none when it adopts a released file (`adopts`)."""
+        if self.adopts is not None and self.adopts(cfg):
+            return ()
+        return tuple(u for u in self.upstream if SPECS[u].is_needed(cfg))
 
     @property
     def flow(self) -> str:
@@ -96,6 +108,31 @@ def _path_fingerprint(url: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"url": url, "files": stable_hash(rows), "count": len(rows)}
 
 
+def _file_sha256(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A weights file by its content: {url, sha256}, sha256 None when it is not there."""
+    from nextdetail.storage.fs import Store
+
+    folder, _, name = url.rstrip("/").rpartition("/")
+    return {"url": url, "sha256": Store(folder or ".", options).sha256(name)}
+
+
+def _tokenizer_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """Training: every `tokenizer.*` setting that changes the weights. Adopting a released file: the declared
+    architecture alone (the file's sha256 is its input)."""
+    if cfg.tokenizer.pretrained:
+        from nextdetail.models.configs import TokenizerSpec
+
+        return {"tokenizer": {"pretrained": True, "architecture": TokenizerSpec.from_config(cfg).to_dict()}}
+    return {"tokenizer": cfg.tokenizer.identity_settings()}
+
+
+def _tokenizer_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    t = cfg.tokenizer
+    if t.pretrained:
+        return {"pretrained": _file_sha256(t.pretrained, cfg.storage.options if "://" in t.pretrained else {})}
+    return {}
+
+
 def _eval_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     e, out = cfg.eval, {}
     if "/" in e.reference or e.reference.endswith(".npz"):  # a folder or .npz outside the pipeline
@@ -113,8 +150,10 @@ def _eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("shard", "shards", (), _shard_settings, _source_inputs),
-    StageSpec("decompose", "factors", ("shard",), lambda c: {"decompose": c.decompose.identity_settings()}),
-    StageSpec("train_tokenizer", "tokenizer", ("shard", "decompose"), lambda c: {"tokenizer": c.tokenizer.identity_settings()}),
+    StageSpec("decompose", "factors", ("shard",), lambda c: {"decompose": c.decompose.identity_settings()},
+              needed=lambda c: c.tokenizer_order > 0),
+    StageSpec("train_tokenizer", "tokenizer", ("shard", "decompose"), _tokenizer_settings, _tokenizer_inputs,
+              adopts=lambda c: c.tokenizer.pretrained),
     StageSpec("tokenize", "tokens", ("shard", "decompose", "train_tokenizer"), lambda c: {"tokens": c.tokens.identity_settings()}),
     StageSpec("train_ar", "transformer", ("shard", "train_tokenizer", "tokenize"), lambda c: {"ar": c.ar.identity_settings()},
               family="model"),
@@ -216,19 +255,20 @@ def stage_key(cfg: PipelineConfig, stage: str, upstream: dict[str, str],
               inputs: dict[str, Any] | None = None) -> StageKey:
     """The key of `stage` under `cfg` given its upstream output identities (`inputs`: precomputed)."""
     spec = SPECS[stage]
-    missing = [u for u in spec.upstream if u not in upstream]
+    used = spec.upstream_of(cfg)
+    missing = [u for u in used if u not in upstream]
     if missing:
         raise ValueError(f"{stage}: upstream identities missing for {missing}")
     if inputs is None:
         inputs = spec.inputs(cfg) if spec.inputs else {}
-    return StageKey(stage, _as_json(spec.settings(cfg)), {u: upstream[u] for u in spec.upstream}, _as_json(inputs),
+    return StageKey(stage, _as_json(spec.settings(cfg)), {u: upstream[u] for u in used}, _as_json(inputs),
                     spec.code(cfg), spec.directory)
 
 
 def key_of(cfg: PipelineConfig, stage: str, results: dict[str, Any]) -> StageKey:
     """The key of `stage` given its upstream stages' results (anything with `.identity` and `.summary`)."""
     return stage_key(cfg, stage, {u: output_identity(u, results[u].identity, results[u].summary)
-                                  for u in SPECS[stage].upstream})
+                                  for u in SPECS[stage].upstream_of(cfg)})
 
 
 def files_key(cfg: PipelineConfig, stage: str, paths: list[str]) -> StageKey:

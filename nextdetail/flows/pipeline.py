@@ -24,10 +24,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from nextdetail.conf import PipelineConfig
-from nextdetail.conf.stages import StageKey, key_of, select_stages
+from nextdetail.conf.stages import SPECS, StageKey, key_of, select_stages
 from nextdetail.errors import UserError
 from nextdetail.flows.runtime import dask_cluster, prefect_api
-from nextdetail.stages.results import UP_TO_DATE
+from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE
 from nextdetail.stages.stage import TABLE
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage, environment, recorded_artifact
@@ -119,6 +119,10 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
         for stage in stages:
             for model, bcfg in branches.items():
                 res = results[model]
+                if not SPECS[stage].is_needed(bcfg):  # nothing downstream reads it: no artifact, no record
+                    res.work[stage] = NOT_NEEDED
+                    log.info("%s: not needed by this config", stage)
+                    continue
                 key = key_of(bcfg, stage, res)
                 res.identities[stage] = key.identity
                 if key.identity in visited:  # the same artifact as another branch's: one copy, visited once

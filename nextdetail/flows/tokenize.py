@@ -18,7 +18,7 @@ from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.stages.results import DecomposeResult, ShardResult, TokenizerResult, TokensResult
 from nextdetail.storage import tokens
-from nextdetail.storage.factors import read_index
+from nextdetail.storage.factor_loader import read_sample_index
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.tokenize import (
     TokenInputs,
@@ -38,19 +38,20 @@ def cache_root(cfg: PipelineConfig) -> Store:
     return Store(cfg.tokens.cache or cfg.storage.root, options)
 
 
-def token_inputs(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult,
+def token_inputs(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult | None,
                  tokenizer: TokenizerResult) -> TokenInputs:
     sha = tokenizer.summary.get("tokenizer_sha256")
     if not sha:  # a checkpoint from before the marker recorded it
         sha = Store(tokenizer.url, cfg.storage.options).sha256("tokenizer.pt")
         if sha is None:
             raise UserError(f"{tokenizer.checkpoint_url} is missing; re-run `nextdetail train-tokenizer`")
-    return TokenInputs(shards.url, decomposition.url, cfg.storage.options, cfg.shard.image_format,
+    return TokenInputs(shards.url, None if decomposition is None else decomposition.url, cfg.storage.options,
+                       cfg.shard.image_format,
                        tokenizer.checkpoint_url, sha)
 
 
 @flow(name="tokenize", log_prints=False, persist_result=False, validate_parameters=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
+def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult | None,
                   tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
     from tqdm.auto import tqdm
 
@@ -60,7 +61,7 @@ def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decom
     log = get_run_logger()
     spec = TokenizerSpec.from_config(cfg)
     inputs = token_inputs(cfg, shards, decomposition, tokenizer)
-    index = read_index(Store(decomposition.url, cfg.storage.options))
+    index = read_sample_index(inputs.shards_url, inputs.factors_url, cfg.storage.options)
     plan = plan_tokens(cache_root(cfg), key, index, inputs, cfg.tokens)
     options = plan.cache.options
 
@@ -124,6 +125,6 @@ def _check(plan: Any, record: dict, cfg: PipelineConfig, progress: bool) -> list
     return tokens.TokenCache(plan.cache.url(), plan.cache.options, cfg.tokens.local_cache).verify(progress=progress)
 
 
-def run_tokenize(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
+def run_tokenize(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult | None,
                  tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
     return tokenize_flow(cfg, key, shards, decomposition, tokenizer, progress=progress)

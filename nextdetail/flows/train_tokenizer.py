@@ -17,49 +17,60 @@ from nextdetail.flows.parts import build_one
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.stages.results import DecomposeResult, ShardResult, TokenizerResult
 from nextdetail.storage.artifacts import Artifact
-from nextdetail.storage.factor_loader import TrainData
-from nextdetail.storage.factors import read_index
-from nextdetail.storage.fs import Store
-from nextdetail.tasks.train_tokenizer import plan_training, train_tokenizer
+from nextdetail.storage.factor_loader import TrainData, read_sample_index
+from nextdetail.tasks.train_tokenizer import adopt_tokenizer, plan_training, train_tokenizer
 
 if TYPE_CHECKING:
     from nextdetail.conf.stages import StageKey
 
 
-def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult, split: str = "train") -> TrainData:
-    index = read_index(Store(decomposition.url, cfg.storage.options))
+def train_data(cfg: PipelineConfig, shards: ShardResult, decomposition: DecomposeResult | None,
+               split: str = "train") -> TrainData:
+    """The images (and factors) the tokenizer trains on; `decomposition` None: order 0, images alone."""
+    factors_url = None if decomposition is None else decomposition.url
+    index = read_sample_index(shards.url, factors_url, cfg.storage.options)
     counts: dict[str, int] = {}
     for row in index.select(["split", "shard"]).to_pylist():
         if row["split"] == split:
             counts[row["shard"]] = counts.get(row["shard"], 0) + 1
     if not counts:
-        raise UserError(f"train_tokenizer: the decomposition {decomposition.url} has no {split!r} images; "
+        raise UserError(f"train_tokenizer: {factors_url or shards.url} has no {split!r} images; "
                         f"add {split!r} to data.splits")
-    return TrainData(shards.url, decomposition.url, cfg.storage.options, cfg.shard.image_format, split,
+    return TrainData(shards.url, factors_url, cfg.storage.options, cfg.shard.image_format, split,
                      tuple(counts.items()))
 
 
-def plan_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult) -> Artifact:
-    """The tokenizer artifact this config trains: `<root>/tokenizer/<shards dir>/v…-order…-maps…-<identity>/`."""
+def plan_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult | None) -> Artifact:
+    """The tokenizer artifact this config trains: `<root>/tokenizer/<shards dir>/v…-order…-maps…-<identity>/`; an
+    adopted one (`tokenizer.pretrained`, no data): `<root>/tokenizer/pretrained/<file stem>-<identity>/`."""
+    if cfg.tokenizer.pretrained:
+        stem = cfg.tokenizer.pretrained.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        return Artifact("train_tokenizer", key.identity, key.output(cfg, "pretrained", f"{stem}-{key.identity[:12]}"),
+                        "_COMPLETE.json", lineage=key.lineage())
     dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
-    root = key.output(cfg, dataset_dir)
-    return plan_training(root, key, TokenizerSpec.from_config(cfg))
+    return plan_training(key.output(cfg, dataset_dir), key, TokenizerSpec.from_config(cfg))
 
 
 @flow(name="train_tokenizer", log_prints=False, persist_result=False, validate_parameters=False)
-def train_tokenizer_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
-                         progress: bool = True) -> TokenizerResult:
+def train_tokenizer_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult | None,
+                         decomposition: DecomposeResult | None, progress: bool = True) -> TokenizerResult:
     t0 = time.time()
     log = get_run_logger()
     spec = TokenizerSpec.from_config(cfg)
-    data = train_data(cfg, shards, decomposition)
     artifact = plan_tokenizer(cfg, key, shards)
-    out = artifact.store
+    if cfg.tokenizer.pretrained:  # adopt the released weights: no data read, no training
+        source = cfg.tokenizer.pretrained
+        log.info("train_tokenizer: adopting %s (%d token maps) → %s", source,
+                 len(spec.patch_nums) + spec.order * spec.detail_depth, artifact.store.url())
+        return build_one(TokenizerResult, adopt_tokenizer, artifact, source,
+                         cfg.storage.options if "://" in source else {}, spec, started=t0)
+    data = train_data(cfg, shards, decomposition)
     log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
-             spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps, out.url())
+             spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps,
+             artifact.store.url())
     return build_one(TokenizerResult, train_tokenizer, artifact, data, cfg.tokenizer, spec, progress, started=t0)
 
 
-def run_train_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decomposition: DecomposeResult,
-                        progress: bool = True) -> TokenizerResult:
+def run_train_tokenizer(cfg: PipelineConfig, key: StageKey, shards: ShardResult | None,
+                        decomposition: DecomposeResult | None, progress: bool = True) -> TokenizerResult:
     return train_tokenizer_flow(cfg, key, shards, decomposition, progress=progress)

@@ -54,7 +54,7 @@ class TokenizerSpec:
             num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
             beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
             resolution=cfg.shard.resolution, patch_nums=tuple(t.patch_nums),
-            order=cfg.decompose.order if t.order is None else t.order, detail_depth=t.detail_depth)
+            order=cfg.tokenizer_order, detail_depth=t.detail_depth)
 
     @property
     def downsample(self) -> int:

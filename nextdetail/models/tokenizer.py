@@ -132,7 +132,8 @@ def load_var_state_dict(model: BaseDetailVQVAE, state_dict: dict[str, Tensor] | 
         if key == "quantize.ema_vocab_hit_SV" and value.shape != ours[key].shape:
             loaded[key] = ours[key]
             continue
-        assert value.shape == ours[key].shape, f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}"
+        if value.shape != ours[key].shape:
+            raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}")
         loaded[key] = value
     model.load_state_dict(loaded, strict=True)
     return model
@@ -159,3 +160,42 @@ def load_tokenizer(url: str, options: dict | None, sha256: str, needed_by: str) 
         raise UserError(f"{url}: not the tokenizer {needed_by} was made with (its sha256 differs); re-run "
                         "`nextdetail train-tokenizer` and the stages after it")
     return BaseDetailVQVAE.from_checkpoint(data, where=url)
+
+
+def load_pretrained(source: str, options: dict | None, spec: TokenizerSpec) -> tuple[BaseDetailVQVAE, str]:
+    """A released tokenizer adopted as it is (`tokenizer.pretrained`): VAR's layout (a plain state dict, e.g.
+    vae_ch160v4096z32.pth; `load_var_state_dict`) or a nextdetail tokenizer.pt ({"spec", "model"}), into the
+    declared architecture `spec` → (model in eval mode, "var" | "nextdetail"). Anything that does not fit is one
+    line naming the file and the first key or setting that differs."""
+    from nextdetail.errors import UserError
+    from nextdetail.storage.checkpoints import read_torch
+    from nextdetail.storage.fs import Store
+
+    where = f"tokenizer.pretrained={source}"
+    folder, _, name = source.rstrip("/").rpartition("/")
+    store = Store(folder or ".", options or {})
+    if not store.exists(name):
+        raise UserError(f"{where}: no such file; copy the weights there (nothing is downloaded) or fix the path")
+    try:
+        saved = read_torch(store.read_bytes(name), where)
+    except UserError:
+        raise
+    except Exception as err:  # a truncated or foreign file: torch's reader says why
+        raise UserError(f"{where}: not a readable torch file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+                        "; copy it again (truncated?)") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: holds a {type(saved).__name__}, not a state dict or a nextdetail tokenizer.pt")
+    if "spec" in saved and "model" in saved:  # ours: its architecture must be the declared one
+        theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()}
+        for k, v in spec.to_dict().items():
+            if k in theirs and theirs[k] != v:
+                raise UserError(f"{where}: a nextdetail tokenizer with {k}={theirs[k]!r}, but the config declares "
+                                f"{v!r}; set tokenizer.{k} (or shard.resolution / decompose.order) to match it")
+        saved, layout = saved["model"], "nextdetail"
+    else:
+        layout = "var"
+    try:
+        model = load_var_state_dict(BaseDetailVQVAE(spec), saved)
+    except ValueError as err:  # "<key>: checkpoint (…) vs model (…)", or the keys that do not match
+        raise UserError(f"{where}: {err}; the tokenizer.* architecture settings must describe this file") from None
+    return model.eval(), layout

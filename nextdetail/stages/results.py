@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 UP_TO_DATE = "up to date"  # the work of a stage this run skipped: its lineage record named an intact artifact
+NOT_NEEDED = "not needed"  # … a stage whose output this config does not use (`StageSpec.needed`): no artifact
 
 
 @dataclass
@@ -128,11 +129,16 @@ class TokenizerResult(StageResult):  # url: tokenizer.pt, metrics.json, curves.p
 
     @staticmethod
     def describe(summary: dict) -> str:
+        if summary.get("adopted_from"):
+            return (f"train_tokenizer: adopted {summary['adopted_from']} ({summary['layout']} layout), "
+                    f"{summary['token_maps']} token maps, no training")
         return (f"train_tokenizer: {summary['steps']} steps, {summary['token_maps']} token maps, final rec "
                 f"{summary['final_rec']:.4f}" + (f" ({summary['rec_psnr_db']} dB)" if summary.get("rec_psnr_db") else "")
                 + f", code usage last map {summary['code_usage_per_map'][-1]:.2f}")
 
     def outputs(self) -> list[tuple[str, str]]:
+        if self.summary.get("adopted_from"):
+            return [("tokenizer", f"{self.checkpoint_url}   (the adopted weights; reconstructions: tokenize's preview)")]
         return [("tokenizer", self.checkpoint_url),
                 ("pictures", f"{self.url}/reconstructions.png  {self.url}/curves.png")]
 

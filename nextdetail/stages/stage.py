@@ -36,7 +36,9 @@ class Stage:
         with it); `scheduler()` gives the Dask scheduler of a Dask stage (None: a LocalCluster for this call)."""
         runner = getattr(importlib.import_module(self.spec.flow), f"run_{self.name}")
         extra = {"scheduler": scheduler() if scheduler else None} if self.dask else {}
-        return runner(cfg, key, *[upstream[u] for u in self.spec.upstream], progress=progress, **extra)
+        used = self.spec.upstream_of(cfg)  # an upstream stage the config does not need is passed as None
+        return runner(cfg, key, *[upstream[u] if u in used else None for u in self.spec.upstream], progress=progress,
+                      **extra)
 
     def recorded(self, cfg: PipelineConfig, record: dict[str, Any]) -> R.StageResult:
         """The result a lineage record holds, as a run that skipped the stage hands it on."""

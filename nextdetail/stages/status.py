@@ -8,7 +8,8 @@ small JSON files (run additionally checks the token cache's sha256, `tokens.veri
 - up to date: a record for this identity exists and its artifact's marker names it (`run` skips the stage);
 - stale: the stage was built before, but not with this identity — the reasons compare the current settings,
   upstream identities, inputs and code with the closest earlier record of the stage (fewest differences);
-- missing: never built under this storage root, or its recorded artifact is gone.
+- missing: never built under this storage root, or its recorded artifact is gone;
+- not needed: nothing this config runs reads it (`StageSpec.needed`: decompose at tokenizer order 0).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
 from nextdetail.conf.stages import SPECS, StageKey, output_identity, stage_key
-from nextdetail.stages.results import UP_TO_DATE
+from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import canonical_json
 from nextdetail.storage.lineage import Lineage, recorded_artifact
@@ -30,7 +31,7 @@ STALE, MISSING = "stale", "missing"  # beside UP_TO_DATE (a run skips the stage)
 @dataclass
 class StageStatus:
     stage: str
-    state: str  # up to date | stale | missing
+    state: str  # up to date | stale | missing | not needed
     reasons: list[str] = field(default_factory=list)
     identity: str | None = None  # the stage identity under the current config (None: upstream not up to date)
     record: dict[str, Any] | None = None  # the lineage record of that identity, if any
@@ -89,7 +90,10 @@ def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
 
 def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatus], lineage: Lineage) -> StageStatus:
     spec = SPECS[stage]
-    not_ready = [u for u in spec.upstream if upstream[u].state != UP_TO_DATE]
+    if not spec.is_needed(cfg):
+        return StageStatus(stage, NOT_NEEDED, ["nothing this config runs reads it (tokenizer order 0: no factors)"])
+    used = spec.upstream_of(cfg)
+    not_ready = [u for u in used if upstream[u].state != UP_TO_DATE]
     last = lineage.latest(stage)
     if not_ready:
         reasons = [f"upstream {u} is {upstream[u].state}" for u in not_ready]
@@ -99,7 +103,7 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
         return StageStatus(stage, STALE if last else MISSING, reasons)
     key: StageKey = stage_key(cfg, stage, {u: output_identity(u, upstream[u].artifact["identity"],
                                                               upstream[u].record["result"]["summary"])
-                                           for u in spec.upstream})
+                                           for u in used})
     identity = key.identity
     record = lineage.read(stage, identity)
     if record is not None:
@@ -161,7 +165,8 @@ def format_status(branches: dict[str, PipelineConfig], statuses: dict[str, dict[
             if st.shared_with:
                 where = f"(the same artifact as model {st.shared_with}'s)"
             lines.append(f"  {st.stage:<{width}}  {st.state:<10}  {ident}  {where}".rstrip())
-            for reason in st.reasons if (verbose or st.state != UP_TO_DATE) and not st.shared_with else ():
+            for reason in st.reasons if (verbose or st.state not in (UP_TO_DATE, NOT_NEEDED)) and not st.shared_with \
+                    else ():
                 lines.append(f"  {'':<{width}}    {reason}")
     return "\n".join(lines)
 
@@ -174,7 +179,7 @@ def explain_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     st, spec = statuses[stage], SPECS[stage]
     key = st.key
     upstream = {}
-    for u in spec.upstream:
+    for u in spec.upstream_of(cfg):
         if key is not None:
             identity, _, weights = key.upstream[u].partition(":")
             upstream[u] = {"identity": identity, **({"weights_sha256": weights} if weights else {})}

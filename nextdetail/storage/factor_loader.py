@@ -22,11 +22,25 @@ class TrainData:
     """What the stage reads: the shard tars (images) and the decomposition (factors), one split."""
 
     shards_url: str
-    factors_url: str  # the decomposition directory (factors.zarr, index.parquet)
+    factors_url: str | None  # the decomposition directory (factors.zarr, index.parquet); None: order 0, no factors
     options: dict
     image_format: str
     split: str
     tars: tuple[tuple[str, int], ...]  # (tar, images) in index order
+
+    def index(self) -> Any:
+        """key, split, shard, row, class_index of every image: the decomposition's index, or at order 0 the same
+        rows derived from the shard manifest (`manifest.sample_index`)."""
+        return read_sample_index(self.shards_url, self.factors_url, self.options)
+
+
+def read_sample_index(shards_url: str, factors_url: str | None, options: dict) -> Any:
+    """The images a training or encoding stage reads, by tar and row (see `TrainData.index`)."""
+    from nextdetail.storage.manifest import read_table, sample_index
+
+    if factors_url is not None:
+        return factors.read_index(Store(factors_url, options))
+    return sample_index(read_table(Store(shards_url, options), "manifest.parquet"))
 
 
 class FactorBatches:
@@ -44,7 +58,7 @@ class FactorBatches:
         self.rank, self.world = rank, world  # rank r builds its contiguous B/W slice of every global batch
         self.shards = Store(data.shards_url, data.options)
         self._group: Any = None  # opened on first use, in each loader worker of its own
-        index = factors.read_index(Store(data.factors_url, data.options))
+        index = data.index()
         keys: dict[str, list[str]] = {}
         for row in index.select(["shard", "row", "key", "split"]).to_pylist():
             if row["split"] == data.split:
@@ -95,9 +109,11 @@ class FactorBatches:
     def _tar(self, t: int) -> tuple[dict[str, bytes], Any]:
         tar = self.data.tars[t][0]
         if tar not in self._tars:
-            if self._group is None:
-                self._group = factors.open_group(Store(self.data.factors_url, self.data.options))
-            array = self._group[factors.array_path(self.data.split, tar)]
+            array = None
+            if self.order:
+                if self._group is None:
+                    self._group = factors.open_group(Store(self.data.factors_url, self.data.options))
+                array = self._group[factors.array_path(self.data.split, tar)]
             self._tars[tar] = (read_tar_bytes(self.shards, tar, self.data.image_format), array)
             while len(self._tars) > 2:
                 self._tars.popitem(last=False)

@@ -39,3 +39,20 @@ def write_table(store: Store, rel: str, table: pa.Table) -> None:
 
 def read_table(store: Store, rel: str) -> pa.Table:
     return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+
+
+def sample_index(manifest: pa.Table) -> pa.Table:
+    """Every written sample as (key, split, shard, row, class_index) — the layout of a decomposition's
+    index.parquet, derived from the shard manifest: row = the sample's rank by `index_in_shard` within its
+    tar, the order decompose writes its factors in. What order 0 reads instead of a decomposition."""
+    rows = sorted((r["split"], r["shard"], r["index_in_shard"], r["key"], r["class_index"])
+                  for r in manifest.select(["key", "split", "shard", "index_in_shard", "class_index"]).to_pylist()
+                  if r["index_in_shard"] >= 0)
+    out, rank, last = [], 0, None
+    for split, tar, _, key, ci in rows:
+        rank = rank + 1 if (split, tar) == last else 0
+        last = (split, tar)
+        out.append({"key": key, "split": split, "shard": tar, "row": rank, "class_index": ci})
+    from nextdetail.storage.factors import INDEX_SCHEMA
+
+    return pa.Table.from_pylist(out, schema=INDEX_SCHEMA)

@@ -49,7 +49,7 @@ class TokenInputs:
     """What encoding reads: the shard tars, the decomposition, the tokenizer checkpoint."""
 
     shards_url: str
-    factors_url: str  # the decomposition directory (factors.zarr, index.parquet)
+    factors_url: str | None  # the decomposition directory (factors.zarr, index.parquet); None: order 0
     options: dict  # storage.options
     image_format: str
     tokenizer_url: str  # tokenizer.pt
@@ -73,7 +73,7 @@ def plan_tokens(cache_root: Store, key: StageKey, index: Any, inputs: TokenInput
     splits = cfg.splits or sorted(set(index["split"].to_pylist()))
     missing = sorted(set(splits) - set(index["split"].to_pylist()))
     if missing:
-        raise UserError(f"tokens.splits: {missing} not in the decomposition (it has "
+        raise UserError(f"tokens.splits: {missing} not among the sharded images (they have "
                         f"{sorted(set(index['split'].to_pylist()))}); add them to data.splits")
     rows = index.filter(pc.is_in(index["split"], value_set=pa.array(splits)))
     by_tar: dict[tuple[str, str], list[tuple[int, str]]] = {}

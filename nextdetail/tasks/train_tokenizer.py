@@ -242,6 +242,22 @@ def train_tokenizer(artifact: Artifact, data: TrainData, cfg: TokenizerConfig, s
     return training.run_training(artifact.store, TokenizerTraining(data, cfg, spec), progress)
 
 
+@stage_task(name="adopt_tokenizer", retries=1)
+def adopt_tokenizer(artifact: Artifact, source: str, options: dict, spec: Any) -> tuple[dict, list[str]]:
+    """`tokenizer.pretrained`: a released tokenizer as this stage's artifact instead of a training run — written
+    as a nextdetail tokenizer.pt (spec + weights) so that tokenize, sample and evaluate read it as any other."""
+    from nextdetail.models.tokenizer import load_pretrained
+
+    model, layout = load_pretrained(source, options, spec)
+    buf = io.BytesIO()
+    torch.save({"spec": spec.to_dict(), "model": model.state_dict()}, buf)
+    artifact.store.write_bytes("tokenizer.pt", buf.getvalue())
+    summary = {"adopted_from": source, "layout": layout, "steps": 0, "token_maps": len(model.schedule),
+               "url": artifact.store.url(), "tokenizer_sha256": bytes_sha256(buf.getvalue())}
+    artifact.store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    return summary, ["tokenizer.pt", "summary.json"]
+
+
 def plan_training(root: Store, key: StageKey, spec: Any) -> Artifact:
     """The tokenizer artifact in its own directory under `root`, named by the stage identity: checkpoints there
     belong to exactly this training (another decomposition or setting never resumes them)."""

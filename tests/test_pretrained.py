@@ -1,0 +1,114 @@
+"""Released weights as inputs (issue 25): `tokenizer.pretrained` adopts a tokenizer file instead of training —
+VAR's layout (a plain state dict, names as VAR's module definitions: `tests/data/var_vae_ch160v4096z32_keys.txt`
+pins them at VAR's size) or a nextdetail tokenizer.pt — and order 0 needs no decomposition at all.
+
+The files are built here with seeded random values in VAR's layout (its checkpoints are not downloadable here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, cli_config, make_config, run_cli
+
+from nextdetail.errors import UserError
+
+ORDER0 = ("tokenizer.order=0", "ar.steps=6", "ar.checkpoint_every=6", "sample.per_class=2",
+          "eval.samples_per_class=2")
+
+
+def var_layout_file(path: Path, spec, seed: int = 0, bad_key: str | None = None) -> dict[str, torch.Tensor]:
+    """A tokenizer checkpoint as VAR writes one (a plain state dict; half the names with DDP's `module.`), random
+    values for the architecture `spec`; `bad_key`: that tensor one row short."""
+    from nextdetail.models.tokenizer import BaseDetailVQVAE
+
+    g = torch.Generator().manual_seed(seed)
+    plain = {k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
+             for k, v in BaseDetailVQVAE(spec).state_dict().items()}
+    if bad_key:
+        plain[bad_key] = plain[bad_key][:-1]
+    torch.save({f"module.{k}" if i % 2 else k: v for i, (k, v) in enumerate(plain.items())}, path)
+    return plain
+
+
+@pytest.mark.fast
+def test_a_file_that_does_not_fit_is_one_line_naming_the_key_or_setting(tmp_path):
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.models.tokenizer import BaseDetailVQVAE, load_pretrained
+
+    spec = TokenizerSpec.from_config(make_config(tmp_path, "embedded", *FAST, "tokenizer.order=0"))
+    var_layout_file(tmp_path / "wrong.pth", spec, bad_key="decoder.conv_out.weight")
+    truncated = tmp_path / "truncated.pth"
+    var_layout_file(tmp_path / "good.pth", spec)
+    truncated.write_bytes((tmp_path / "good.pth").read_bytes()[:5000])
+    ours = tmp_path / "ours.pt"
+    other = TokenizerSpec(**{**spec.to_dict(), "vocab_size": 32})
+    torch.save({"spec": other.to_dict(), "model": BaseDetailVQVAE(other).state_dict()}, ours)
+    for path, words in [(tmp_path / "wrong.pth", "decoder.conv_out.weight: checkpoint"),
+                        (truncated, "not a readable torch file"),
+                        (ours, "a nextdetail tokenizer with vocab_size=32, but the config declares 64"),
+                        (tmp_path / "absent.pth", "no such file")]:
+        with pytest.raises(UserError) as info:
+            load_pretrained(str(path), {}, spec)
+        assert words in str(info.value) and "\n" not in str(info.value) and str(path) in str(info.value)
+    model, layout = load_pretrained(str(tmp_path / "good.pth"), {}, spec)
+    assert layout == "var" and model.quantize.embedding.weight.shape == (64, spec.z_channels)
+
+
+def test_a_pretrained_tokenizer_runs_through_tokenize_sample_and_evaluate_with_no_factors(tmp_path, embedded_source):
+    """`-o tokenizer.pretrained=FILE` at order 0 (VAR's tokenizer): the stage adopts the file's exact weights
+    without training or reading data; no decomposition is built ("not needed"); tokenize encodes with those
+    weights, and train_ar, sample and evaluate run as usual. The identity is the file's content + the declared
+    architecture: a training setting changes nothing, other bytes re-adopt."""
+    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.stages.status import pipeline_status
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.lineage import Lineage
+
+    root = tmp_path / "root"
+    weights = tmp_path / "vae_tiny.pth"
+    base = make_config(root, embedded_source, *FAST, *ORDER0)
+    plain = var_layout_file(weights, TokenizerSpec.from_config(base))
+    cfg = make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={weights}")
+    results = run_pipeline(cfg, until="evaluate", progress=False)
+
+    assert results.work["decompose"] == "not needed" and not (root / "factors").exists()
+    tok = results["train_tokenizer"]
+    assert tok.work == "ran" and tok.summary["adopted_from"] == str(weights) and tok.summary["layout"] == "var"
+    saved = torch.load(Path(tok.url, "tokenizer.pt"), weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in plain.items())  # the file's weights, untouched
+    assert not Path(tok.url, "checkpoints").exists()  # no training
+    record = Lineage(Store(str(root))).read("train_tokenizer", results.identities["train_tokenizer"])
+    assert record["upstream"] == {} and record["inputs"]["pretrained"]["url"] == str(weights)
+    cache = results["tokenize"].open()
+    assert cache.record["lineage"]["upstream"]["tokenizer_sha256"] == tok.summary["tokenizer_sha256"]
+    assert "decompose" not in cache.record["lineage"]["upstream"]
+    for stage in ("train_ar", "sample", "evaluate"):
+        assert results.work[stage] == "ran", stage
+    assert results["evaluate"].summary["fid"] > 0
+
+    statuses = pipeline_status(make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={weights}",
+                                           "tokenizer.steps=7", "tokenizer.lr=0.5"))
+    assert statuses["decompose"].state == "not needed"
+    assert all(statuses[s].state == "up to date" for s in ("shard", "train_tokenizer", "tokenize", "evaluate"))
+    var_layout_file(weights, TokenizerSpec.from_config(base), seed=1)  # other bytes at the same path
+    assert pipeline_status(cfg)["train_tokenizer"].state == "stale"
+
+
+def test_the_cli_refuses_a_wrong_shaped_or_missing_file_in_one_line(tmp_path, embedded_source):
+    from nextdetail.models.configs import TokenizerSpec
+
+    root = tmp_path / "root"
+    spec = TokenizerSpec.from_config(make_config(root, embedded_source, *FAST, *ORDER0))
+    var_layout_file(tmp_path / "wrong.pth", spec, bad_key="quantize.embedding.weight")
+    nextdetail = str(Path(sys.executable).parent / "nextdetail")
+    for path, words in [(tmp_path / "absent.pth", "no such file"),
+                        (tmp_path / "wrong.pth", "quantize.embedding.weight: checkpoint (63, 8) vs model (64, 8)")]:
+        proc = run_cli([nextdetail, "train-tokenizer", "--no-progress",
+                        *cli_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={path}")])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
