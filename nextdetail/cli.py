@@ -157,7 +157,7 @@ def preflight(branches: dict) -> None:
         if cfg.tokens.cache:
             options = cfg.tokens.cache_options if cfg.tokens.cache_options is not None else cfg.storage.options
             Store(cfg.tokens.cache, options).check_writable("tokens.cache")
-        for setting, url in (("tokenizer.pretrained", cfg.tokenizer.pretrained),):
+        for setting, url in (("tokenizer.pretrained", cfg.tokenizer.pretrained), ("ar.pretrained", cfg.ar.pretrained)):
             if url:
                 folder, _, name = url.rstrip("/").rpartition("/")
                 if not Store(folder or ".", cfg.storage.options if "://" in url else {}).exists(name):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "imagenet256", "imagenet512"])
+@pytest.mark.parametrize("preset", ["tiny", "imagenet256", "imagenet512", "var-d16-imagenet256"])
 def test_presets_validate(preset):
     from nextdetail.models.tokenizer import TokenizerSpec
     cfg = load_config(preset)
@@ -23,7 +23,21 @@ def test_presets_validate(preset):
     # the token maps: base scales ending at the latent side, then full-resolution detail maps (ImageNet: VAR's
     # 10 scales + 3 details; the paper's 14th map is issue 27's global-residual reading)
     assert cfg.tokenizer.patch_nums[-1] == spec.latent_side
-    assert len(spec.patch_nums) + spec.order * spec.detail_depth == (13 if preset.startswith("imagenet") else 7)
+    maps = {"tiny": 7, "imagenet256": 13, "imagenet512": 13, "var-d16-imagenet256": 10}[preset]
+    assert len(spec.patch_nums) + spec.order * spec.detail_depth == maps
+
+
+def test_the_var_preset_is_vars_released_models_under_vars_protocol():
+    from nextdetail.conf.stages import SPECS
+    from nextdetail.models.configs import TokenizerSpec
+
+    cfg = load_config("var-d16-imagenet256")
+    assert TokenizerSpec.from_config(cfg) == TokenizerSpec()  # vae_ch160v4096z32 at 256 px
+    assert cfg.tokenizer.pretrained.endswith("vae_ch160v4096z32.pth") and cfg.ar.pretrained.endswith("var_d16.pth")
+    assert (cfg.ar.model, cfg.ar.depth, cfg.tokenizer_order) == ("cart", 16, 0)
+    assert (cfg.sample.cfg, cfg.sample.top_k, cfg.sample.top_p, cfg.eval.samples_per_class) == (1.5, 900, 0.96, 50)
+    assert cfg.eval.reference.endswith("VIRTUAL_imagenet256_labeled.npz") and cfg.eval.extractor == "inception-v3-compat"
+    assert not SPECS["decompose"].is_needed(cfg) and SPECS["train_tokenizer"].upstream_of(cfg) == ()
 
 
 def test_paper_settings_in_imagenet_presets():
@@ -67,7 +81,7 @@ def test_cli_reports_config_errors_in_one_line_without_traceback():
 
 def test_cli_unknown_preset_and_missing_file():
     proc = subprocess.run([NEXTDETAIL, "config", "--preset", "nope"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "no preset 'nope' (available: imagenet256, imagenet512, tiny)" in proc.stderr
+    assert proc.returncode == 2 and "no preset 'nope' (available: imagenet256, imagenet512, tiny, var-d16-imagenet256)" in proc.stderr
     proc = subprocess.run([NEXTDETAIL, "config", "--config", "/nonexistent.yaml"], capture_output=True, text=True)
     assert proc.returncode == 2 and "/nonexistent.yaml" in proc.stderr
 

@@ -98,6 +98,64 @@ def test_a_pretrained_tokenizer_runs_through_tokenize_sample_and_evaluate_with_n
     assert pipeline_status(cfg)["train_tokenizer"].state == "stale"
 
 
+def var_transformer_file(path: Path, cfg, classes: int, seed: int = 0, extra_classes: int = 0) -> dict:
+    """A transformer checkpoint as VAR writes one for the config's architecture at order 0: a plain state dict
+    with VAR's two constant buffers (lvl_1L, attn_bias_for_masking) and random weights."""
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.models.quant import token_schedule
+    from nextdetail.models.transformer import NextDetailTransformer
+    from nextdetail.storage.tokens import token_layout
+    from nextdetail.tasks.train_ar import transformer_config
+
+    spec = TokenizerSpec.from_config(cfg)
+    layout = token_layout(token_schedule(spec.patch_nums, 0, 1, spec.latent_side), 0, spec.vocab_size, ["none"])
+    model = NextDetailTransformer(transformer_config(cfg.ar, layout, classes + extra_classes, spec.z_channels))
+    g = torch.Generator().manual_seed(seed)
+    plain = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in model.state_dict().items()}
+    saved = {"lvl_1L": model.lvl_1L.clone(), "attn_bias_for_masking": model.attn_bias_for_masking.clone(), **plain}
+    torch.save({f"module.{k}" if i % 3 == 1 else k: v for i, (k, v) in enumerate(saved.items())}, path)
+    return plain
+
+
+def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_evaluates(tmp_path, embedded_source):
+    """VAR-d16's keys and shapes (pinned from VAR's module definitions) are our order-0 transformer's plus VAR's
+    two constant buffers; `-o ar.pretrained=FILE` adopts such a file (its exact weights, step 0) and sample and
+    evaluate run on it; a file for another class count is one line naming `class_emb.weight`."""
+    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.models.transformer import VAR_CONSTANTS, NextDetailTransformer, TransformerConfig
+
+    pinned = [line.split() for line in (Path(__file__).parent / "data" / "var_d16_keys.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    with torch.device("meta"):
+        d16 = NextDetailTransformer(TransformerConfig(sides=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), depth=16))
+    ours = {k: tuple(v.shape) for k, v in d16.state_dict().items()}
+    theirs = {k: tuple(int(n) for n in shape.split(",")) for k, shape in pinned}
+    assert set(theirs) - set(ours) == set(VAR_CONSTANTS) and all(ours[k] == theirs[k] for k in ours)
+    assert len(theirs) == 12 + 13 * 16 and sum(n.numel() for n in d16.parameters()) == 310_283_520  # VAR's README
+
+    root, tok = tmp_path / "root", tmp_path / "vae.pth"
+    base = make_config(root, embedded_source, *FAST, *ORDER0)
+    var_layout_file(tok, TokenizerSpec.from_config(base))
+    classes = 12  # the embedded dataset's
+    weights, wrong = tmp_path / "var_tiny.pth", tmp_path / "var_1000.pth"
+    plain = var_transformer_file(weights, base, classes)
+    var_transformer_file(wrong, base, classes, extra_classes=988)
+    cfg = make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={tok}", f"ar.pretrained={weights}")
+    results = run_pipeline(cfg, until="evaluate", progress=False)
+    ar = results["train_ar"]
+    assert ar.summary["adopted_from"] == str(weights) and ar.summary["steps"] == 0
+    saved = torch.load(Path(ar.url, "transformer.pt"), weights_only=True)
+    assert saved["step"] == 0 and all(torch.equal(saved["model"][k], v) for k, v in plain.items())
+    assert not Path(ar.url, "checkpoints").exists()
+    assert results.work["sample"] == "ran" and results["evaluate"].summary["fid"] > 0
+
+    bad = make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={tok}", f"ar.pretrained={wrong}")
+    with pytest.raises(UserError) as info:
+        run_pipeline(bad, until="train_ar", progress=False)
+    assert "class_emb.weight: checkpoint (1001, " in str(info.value) and "\n" not in str(info.value)
+
+
 def test_the_cli_refuses_a_wrong_shaped_or_missing_file_in_one_line(tmp_path, embedded_source):
     from nextdetail.models.configs import TokenizerSpec
 

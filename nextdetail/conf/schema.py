@@ -257,6 +257,9 @@ class ARConfig(_Section):
     attn_l2_norm: bool = V.attn_l2_norm
     class_dropout: float = Field(default=V.cond_drop, ge=0, le=1,
                                  description="labels dropped for classifier-free guidance")
+    pretrained: str | None = Field(default=None, description="VAR's released transformer (var_d16.pth …, path or "
+                                   "URL) to adopt instead of training: order 0 over VAR's scales, its depth; the "
+                                   "model settings must describe it")
     # The optimisation: AdamW, lr = base_lr · batch_size / base_batch (VAR: 1e-4 per 256), linear warm-up
     # from warmup_start · lr, then decay to min_lr_ratio · lr.
     steps: int = Field(default=200_000, ge=1)
@@ -293,6 +296,8 @@ class ARConfig(_Section):
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
+    ARCHITECTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(  # what adopted weights (`pretrained`) must match
+        {"model", "depth", "width", "heads", "mlp_ratio", "attn_l2_norm"})
 
     @property
     def lr(self) -> float:

@@ -133,6 +133,20 @@ def _tokenizer_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     return {}
 
 
+def _ar_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """Training: every `ar.*` setting that changes the weights. Adopting VAR's weights: the architecture alone."""
+    a = cfg.ar
+    if a.pretrained:
+        return {"ar": {"pretrained": True, **{k: getattr(a, k) for k in sorted(a.ARCHITECTURE_FIELDS)}}}
+    return {"ar": a.identity_settings()}
+
+
+def _ar_inputs(cfg: PipelineConfig) -> dict[str, Any]:
+    a = cfg.ar
+    return {"pretrained": _file_sha256(a.pretrained, cfg.storage.options if "://" in a.pretrained else {})} \
+        if a.pretrained else {}
+
+
 def _eval_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     e, out = cfg.eval, {}
     if "/" in e.reference or e.reference.endswith(".npz"):  # a folder or .npz outside the pipeline
@@ -155,7 +169,7 @@ SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("train_tokenizer", "tokenizer", ("shard", "decompose"), _tokenizer_settings, _tokenizer_inputs,
               adopts=lambda c: c.tokenizer.pretrained),
     StageSpec("tokenize", "tokens", ("shard", "decompose", "train_tokenizer"), lambda c: {"tokens": c.tokens.identity_settings()}),
-    StageSpec("train_ar", "transformer", ("shard", "train_tokenizer", "tokenize"), lambda c: {"ar": c.ar.identity_settings()},
+    StageSpec("train_ar", "transformer", ("shard", "train_tokenizer", "tokenize"), _ar_settings, _ar_inputs,
               family="model"),
     StageSpec("sample", "samples", ("shard", "tokenize", "train_ar"),
               lambda c: {"ar.model": c.ar.model, "sample": c.sample.identity_settings(c.ar.model)}, family="sampler"),

@@ -18,6 +18,7 @@ from nextdetail.stages.results import ARResult, ShardResult, TokenizerResult, To
 from nextdetail.storage.fs import Store
 from nextdetail.tasks.train_ar import (
     ARData,
+    adopt_transformer,
     plan_ar,
     train_ar,
     transformer_config,
@@ -50,6 +51,10 @@ def train_ar_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
     out = artifact.store
     log.info("train_ar: depth %d, width %d, %d classes, %d steps of %d images → %s", tcfg.depth, tcfg.C,
              tcfg.num_classes, cfg.ar.steps, cfg.ar.batch_size, out.url())
+    if cfg.ar.pretrained:  # VAR's released weights: no training
+        source = cfg.ar.pretrained
+        return build_one(ARResult, adopt_transformer, artifact, data, cfg.ar, source,
+                         cfg.storage.options if "://" in source else {}, started=t0)
     return build_one(ARResult, train_ar, artifact, data, cfg.ar, progress, started=t0)
 
 

@@ -168,23 +168,10 @@ def load_pretrained(source: str, options: dict | None, spec: TokenizerSpec) -> t
     declared architecture `spec` → (model in eval mode, "var" | "nextdetail"). Anything that does not fit is one
     line naming the file and the first key or setting that differs."""
     from nextdetail.errors import UserError
-    from nextdetail.storage.checkpoints import read_torch
-    from nextdetail.storage.fs import Store
+    from nextdetail.storage.checkpoints import read_released
 
     where = f"tokenizer.pretrained={source}"
-    folder, _, name = source.rstrip("/").rpartition("/")
-    store = Store(folder or ".", options or {})
-    if not store.exists(name):
-        raise UserError(f"{where}: no such file; copy the weights there (nothing is downloaded) or fix the path")
-    try:
-        saved = read_torch(store.read_bytes(name), where)
-    except UserError:
-        raise
-    except Exception as err:  # a truncated or foreign file: torch's reader says why
-        raise UserError(f"{where}: not a readable torch file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-                        "; copy it again (truncated?)") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{where}: holds a {type(saved).__name__}, not a state dict or a nextdetail tokenizer.pt")
+    saved = read_released("tokenizer.pretrained", source, options)
     if "spec" in saved and "model" in saved:  # ours: its architecture must be the declared one
         theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()}
         for k, v in spec.to_dict().items():

@@ -433,4 +433,34 @@ def sample_top_k_top_p(logits_BlV: Tensor, top_k: int = 0, top_p: float = 0.0,
     return torch.multinomial(probs, 1, generator=generator).view(B, n)
 
 
+# ---- VAR's released weights ----------------------------------------------------------------------
+
+VAR_CONSTANTS = ("lvl_1L", "attn_bias_for_masking")
+"""Buffers VAR saves (registered persistent) that are functions of the scale schedule; ours are derived, not saved."""
+
+
+def load_var_state_dict(model: NextDetailTransformer, state_dict: dict[str, Tensor]) -> NextDetailTransformer:
+    """VAR's released transformer (var_d16.pth … var_d30.pth, plain state dicts; `tests/data/var_d16_keys.txt`
+    pins the layout) into `model` — order 0 over VAR's scales, VAR's depth. Names map one to one (ours follow
+    VAR's), every shape is checked, and VAR's two constant buffers must equal ours (the same scale schedule).
+    Anything that does not fit raises ValueError naming the first key."""
+    theirs = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DDP-saved copies
+    for name in VAR_CONSTANTS:
+        if name in theirs:
+            value, ours_c = theirs.pop(name), getattr(model, name)
+            if value.shape != ours_c.shape or not torch.equal(value.to(ours_c.dtype).cpu(), ours_c.cpu()):
+                raise ValueError(f"{name}: the checkpoint's scale schedule is not this model's (maps "
+                                 f"{model.cfg.sides}); VAR's is 1, 2, 3, 4, 5, 6, 8, 10, 13, 16 at order 0")
+    ours = model.state_dict()
+    unknown, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+    if unknown or missing:
+        raise ValueError(f"not a VAR transformer state dict for this architecture: unknown keys {unknown[:5]}, "
+                         f"missing keys {missing[:5]} ({len(unknown)} / {len(missing)} in all)")
+    for key, value in theirs.items():
+        if value.shape != ours[key].shape:
+            raise ValueError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(ours[key].shape)}")
+    model.load_state_dict(theirs, strict=True)
+    return model
+
+
 Config, Model = TransformerConfig, NextDetailTransformer  # the family's names (nextdetail.models.FAMILIES)

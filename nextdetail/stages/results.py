@@ -183,11 +183,16 @@ class ARResult(StageResult):  # url: transformer.pt, best.pt, metrics.csv, loss.
 
     @staticmethod
     def describe(summary: dict) -> str:
+        if summary.get("adopted_from"):
+            return (f"train_ar: adopted {summary['adopted_from']} ({summary['layout']} layout), "
+                    f"{summary['parameters'] / 1e6:.2f} M parameters, {summary['token_maps']} token maps, no training")
         return (f"train_ar: {summary['steps']} steps, {summary['parameters'] / 1e6:.2f} M parameters, {summary['token_maps']} "
                 f"token maps, loss {summary['final_loss']} (uniform {summary['uniform_loss']}), token accuracy "
                 f"{summary['final_acc']}, best held-out loss {summary['best_val_loss']} at step {summary['best_step']}")
 
     def outputs(self) -> list[tuple[str, str]]:
+        if self.summary.get("adopted_from"):
+            return [("model", f"{self.checkpoint_url}   (the adopted weights, step 0; best.pt the same)")]
         return [("model", f"{self.checkpoint_url}   (and best.pt: lowest held-out loss)"),
                 ("curves", f"{self.url}/loss.png   {self.url}/metrics.csv")]
 

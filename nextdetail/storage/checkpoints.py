@@ -75,3 +75,23 @@ def read_torch(source: bytes | str | Path, where: str, map_location: str = "cpu"
 
 def load_checkpoint(store: Store, rel: str) -> dict[str, Any]:
     return read_torch(store.read_bytes(rel), store.url(rel))
+
+
+def read_released(setting: str, url: str, options: dict | None) -> dict[str, Any]:
+    """A released weights file named by a setting (`tokenizer.pretrained`, `ar.pretrained`; path or URL), read as
+    tensors and plain values only: a dict, or one line naming the setting, the file and what is wrong."""
+    where = f"{setting}={url}"
+    folder, _, name = url.rstrip("/").rpartition("/")
+    store = Store(folder or ".", options or {})
+    if not store.exists(name):
+        raise UserError(f"{where}: no such file; copy the weights there (nothing is downloaded) or fix the path")
+    try:
+        saved = read_torch(store.read_bytes(name), where)
+    except UserError:
+        raise
+    except Exception as err:  # a truncated or foreign file: torch's reader says why
+        raise UserError(f"{where}: not a readable torch file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+                        "; copy it again (truncated?)") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: holds a {type(saved).__name__}, not a state dict")
+    return saved

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -326,6 +327,37 @@ def write_metrics_csv(store: Store, metrics: list[dict]) -> None:
 @stage_task(name="train_ar", retries=2)
 def train_ar(artifact: Artifact, data: ARData, cfg: ARConfig, progress: bool = False) -> tuple[dict, list[str]]:
     return training.run_training(artifact.store, ARTraining(data, cfg), progress)
+
+
+@stage_task(name="adopt_transformer", retries=1)
+def adopt_transformer(artifact: Artifact, data: ARData, cfg: ARConfig, source: str, options: dict
+                      ) -> tuple[dict, list[str]]:
+    """`ar.pretrained`: VAR's released transformer as this stage's artifact instead of a training run — exported
+    as transformer.pt / best.pt (step 0) so that sample and evaluate read it as any other."""
+    from nextdetail.models.transformer import load_var_state_dict
+    from nextdetail.storage.checkpoints import read_released
+
+    where = f"ar.pretrained={source}"
+    tokenizer = data.tokenizer()
+    tcfg = transformer_config(cfg, data.open_cache().layout, len(data.classes), tokenizer.spec.z_channels)
+    if tcfg.kind != "cart" or tcfg.n_base is not None:
+        raise UserError(f"{where}: VAR's transformers predict VAR's scales: use ar.model=cart with tokenizer.order=0")
+    model = family("cart", "model").Model(tcfg)
+    try:
+        load_var_state_dict(model, read_released("ar.pretrained", source, options))
+    except ValueError as err:
+        raise UserError(f"{where}: {err}; ar.depth/width/heads, the token cache's maps and vocabulary and the "
+                        f"dataset's {len(data.classes)} classes must describe this file") from None
+    final = export(model.eval(), data, 0, None)
+    weights = write_torch(artifact.store, "transformer.pt", final)
+    write_torch(artifact.store, "best.pt", final)
+    summary = {"adopted_from": source, "layout": "var", "steps": 0, "best_step": 0, "best_val_loss": None,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "token_maps": len(tcfg.sides), "tokens_per_image": tcfg.L, "vocab_size": tcfg.vocab_size,
+               "url": artifact.store.url(), "transformer_sha256": bytes_sha256(weights),
+               "weights_sha256": tensors_sha256(final["model"])}
+    artifact.store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    return summary, ["transformer.pt", "best.pt", "summary.json"]
 
 
 def plan_ar(root: Store, key: StageKey, cfg: ARConfig, tcfg: ModelConfig) -> Artifact:
