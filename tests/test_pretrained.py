@@ -6,6 +6,7 @@ The files are built here with seeded random values in VAR's layout (its checkpoi
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -170,3 +171,114 @@ def test_the_cli_refuses_a_wrong_shaped_or_missing_file_in_one_line(tmp_path, em
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+# ---- sampling parity with VAR's recipe ------------------------------------------------------------------------
+# `var_forward` / `var_draw` restate VAR's computation from its module definitions (FoundationVision/VAR
+# models/var.py, basic_var.py, helpers.py; read, not copied): on a state dict in VAR's layout, every op in
+# VAR's order — class embedding + pos_start, lvl_embed + pos_1LC, per block SiLU → ada_lin → (γ1 γ2 s1 s2 b1 b2),
+# LayerNorm(eps 1e-6, no affine), q/k L2-normalised with q × exp(min(scale_mul, log 100)), softmax scale 1,
+# the block-causal 0/−inf bias, tanh-GELU MLP; head: (scale, shift) AdaLN then Linear; CFG t = cfg · k/(M − 1)
+# as (1 + t)·cond − t·uncond; top-k by threshold, top-p on ascending sorted probabilities, one multinomial.
+
+def var_forward(sd: dict, label_B: torch.Tensor, x_BLCv: torch.Tensor | None, n_tokens: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    C = sd["pos_start"].shape[-1]
+    cond = sd["class_emb.weight"][label_B]  # (B, C)
+    x = cond[:, None, :] + sd["pos_start"]
+    if x_BLCv is not None:
+        x = torch.cat((x, x_BLCv @ sd["word_embed.weight"].T + sd["word_embed.bias"]), dim=1)
+    x = x + sd["lvl_embed.weight"][sd["lvl_1L"][0, :n_tokens]] + sd["pos_1LC"][:, :n_tokens]
+    bias = sd["attn_bias_for_masking"][..., :n_tokens, :n_tokens]
+    depth = sum(1 for k in sd if k.endswith(".attn.proj.weight"))
+    B, L = x.shape[:2]
+
+    def ln(t: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(t, (C,), eps=1e-6)
+
+    for n in range(depth):
+        p = f"blocks.{n}."
+        g1, g2, s1, s2, b1, b2 = (F.silu(cond) @ sd[p + "ada_lin.1.weight"].T + sd[p + "ada_lin.1.bias"]
+                                  ).view(B, 1, 6, C).unbind(2)
+        H = sd[p + "attn.scale_mul_1H11"].shape[1]
+        qkv_bias = torch.cat((sd[p + "attn.q_bias"], sd[p + "attn.zero_k_bias"], sd[p + "attn.v_bias"]))
+        qkv = (ln(x) * (1 + s1) + b1) @ sd[p + "attn.mat_qkv.weight"].T + qkv_bias
+        q, k, v = qkv.view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        q = F.normalize(q, dim=-1) * sd[p + "attn.scale_mul_1H11"].clamp_max(math.log(100)).exp()
+        k = F.normalize(k, dim=-1)
+        att = ((q @ k.transpose(-2, -1)) + bias).softmax(-1) @ v  # scale 1
+        x = x + (att.transpose(1, 2).reshape(B, L, C) @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]) * g1
+        h = ln(x) * (1 + s2) + b2
+        h = F.gelu(h @ sd[p + "ffn.fc1.weight"].T + sd[p + "ffn.fc1.bias"], approximate="tanh")
+        x = x + (h @ sd[p + "ffn.fc2.weight"].T + sd[p + "ffn.fc2.bias"]) * g2
+    scale, shift = (F.silu(cond) @ sd["head_nm.ada_lin.1.weight"].T + sd["head_nm.ada_lin.1.bias"]).view(B, 1, 2, C).unbind(2)
+    return ((ln(x) * (1 + scale) + shift) @ sd["head.weight"].T + sd["head.bias"]).float()
+
+
+def var_draw(logits_BlV: torch.Tensor, top_k: int, top_p: float, g: torch.Generator) -> torch.Tensor:
+    B, n, V = logits_BlV.shape
+    logits = logits_BlV.clone()
+    if top_k > 0:
+        thr = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(-1, keepdim=True)
+        logits.masked_fill_(logits < thr, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(-1).cumsum_(-1) <= 1 - top_p
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, order, remove), -torch.inf)
+    return torch.multinomial(logits.softmax(-1).view(-1, V), 1, replacement=True, generator=g).view(B, n)
+
+
+@pytest.mark.fast
+def test_with_vars_weights_our_transformer_gives_vars_logits_and_draws():
+    """Random weights in VAR's layout (its constant buffers included) loaded by `load_var_state_dict`: teacher-forced,
+    our logits equal VAR's recipe's at every map; sampling with CFG, top-k and top-p from the same generator state
+    draws the same tokens at every map (float64, so that no rounding can flip a draw)."""
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.models.quant import NextInput
+    from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.models.transformer import (
+        NextDetailTransformer,
+        TeacherInputs,
+        TransformerConfig,
+        load_var_state_dict,
+    )
+
+    sides = (1, 2, 3, 4)
+    cfg = TransformerConfig(sides=sides, vocab_size=64, cvae=8, num_classes=5, depth=2, width=128, heads=2)
+    torch.manual_seed(0)
+    layout = NextDetailTransformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    sd = {k: torch.zeros_like(v, dtype=torch.float64) if k.endswith("zero_k_bias")  # VAR's constant zeros
+          else torch.randn(v.shape, generator=g, dtype=torch.float64) * (0.3 if v.ndim > 1 else 0.1)
+          for k, v in layout.state_dict().items()}
+    sd["lvl_1L"], sd["attn_bias_for_masking"] = layout.lvl_1L.clone(), layout.attn_bias_for_masking.double()
+    model = load_var_state_dict(NextDetailTransformer(cfg).double(), {f"module.{k}": v for k, v in sd.items()}).eval()
+    tokenizer = BaseDetailVQVAE(TokenizerSpec(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), resolution=16,
+                                              patch_nums=sides, order=0, using_sa=False, using_mid_sa=False)).double()
+
+    tokens = torch.randint(64, (3, cfg.L), generator=g)
+    labels = torch.tensor([0, 3, 4])
+    x = TeacherInputs(tokenizer, sides)(tokens)  # (B, L − 1, Cvae)
+    ours = model(labels, x, drop_labels=False)
+    torch.testing.assert_close(ours, var_forward(sd, labels, x, cfg.L), rtol=1e-6, atol=1e-6)
+
+    B, M = 3, len(sides)
+    mine = model.sample(labels, NextInput(tokenizer.quantize, tokenizer.spec.latent_side), cfg=1.5, top_k=20,
+                        top_p=0.9, generator=torch.Generator().manual_seed(7))
+    step = NextInput(tokenizer.quantize, tokenizer.spec.latent_side)  # f̂ accumulates: one per sampling run
+    rng, inputs, theirs = torch.Generator().manual_seed(7), [], []
+    both = torch.cat((labels, torch.full_like(labels, cfg.num_classes)))
+    for k, side in enumerate(sides):
+        end = sum(s * s for s in sides[: k + 1])
+        x_in = torch.cat(inputs, 1).repeat(2, 1, 1) if inputs else None
+        logits = var_forward(sd, both, x_in, end)[:, end - side * side:]
+        t = 1.5 * k / (M - 1)
+        idx = var_draw((1 + t) * logits[:B] - t * logits[B:], 20, 0.9, rng).view(B, side, side)
+        theirs.append(idx)
+        if k + 1 < M:
+            inputs.append(step(k, idx).double())
+    for k in range(M):
+        assert torch.equal(mine[k], theirs[k]), k
+    assert len({tuple(m.flatten().tolist()) for m in mine[-1]}) > 1  # the draws depend on the class
