@@ -178,9 +178,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     if getattr(args, "dry_run", False):
         return _print_dry_run(branches, args.until, only, force)
     preflight(branches)
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.stages.current import current_results
 
-    first = run_pipeline(branches, until=args.until, progress=not args.no_progress, only=only, force=force)
+    first = current_results(branches, select_stages(args.until, only, force), force)  # nothing to do: no Prefect
+    if first is None:
+        from nextdetail.flows.pipeline import run_pipeline
+
+        first = run_pipeline(branches, until=args.until, progress=not args.no_progress, only=only, force=force)
     cfg = next(iter(branches.values()))
     print(f"nextdetail run (preset {cfg.preset}) — outputs under {cfg.storage.root}")
     for model, results in first.branches.items():

@@ -98,6 +98,22 @@ def test_status_reads_markers_only_and_explains_what_changed(pipeline, tmp_path)
     assert "setting sample.seed: 0 → 7" in out
 
 
+def test_an_unchanged_run_does_nothing_without_prefect_and_logs_its_run(pipeline):
+    """`nextdetail run` with every stage up to date: the same summary, one run-log row per stage, and neither Prefect
+    nor torch imported (no server, no cluster: what `dvc repro` does with nothing to do)."""
+    root = pipeline[0]
+    out, info = _cli(["run", "--no-progress", *_args(pipeline)])
+    assert not info["prefect"] and not info["torch"]
+    for stage in STAGES:
+        assert f"{stage}: up to date   {pipeline[2][stage].url}" in out
+    log = Lineage(Store(str(root))).runs().to_pylist()
+    rows = [r for r in log if r["run_id"] == log[-1]["run_id"]]
+    assert [(r["stage"], r["work"]) for r in rows] == [(s, "up to date") for s in STAGES]
+    assert f"run {rows[0]['run_id']}" in out
+    out, info = _cli(["run", "--no-progress", *_args(pipeline, "sample.seed=11"), "--until", "train_ar"])
+    assert not info["prefect"]  # a knob downstream of the selected stages changes nothing either
+
+
 def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipeline):
     root, cfg, first = pipeline
     again = run_pipeline(cfg, progress=False)

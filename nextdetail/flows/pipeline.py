@@ -27,37 +27,11 @@ from nextdetail.conf import PipelineConfig
 from nextdetail.conf.stages import SPECS, StageKey, key_of, select_stages
 from nextdetail.errors import UserError
 from nextdetail.flows.runtime import dask_cluster, prefect_api
-from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE
+from nextdetail.stages.current import intact
+from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE, PipelineResults
 from nextdetail.stages.stage import TABLE
 from nextdetail.storage.fs import Store
-from nextdetail.storage.lineage import Lineage, environment, recorded_artifact
-
-
-class PipelineResults(dict):
-    """Each stage's result by name, plus what happened to it (``work``: up to date | ran) and the run's id;
-    with several models, one per branch (`branches`, by model name)."""
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self.run_id = run_id
-        self.work: dict[str, str] = {}
-        self.identities: dict[str, str] = {}  # stage identity (the lineage record's name)
-        self.run_log: str | None = None
-        self.shared: dict[str, str] = {}  # stage → the branch (model) whose identical artifact this one is
-        self.branches: dict[str, PipelineResults] = {}  # every branch's results by model (this one included)
-
-
-def _intact(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> bool:
-    """Whether a recorded artifact can be used as is: complete, and the token cache verified by sha256 as its
-    own flow verifies it before every use (`tokens.verify`; a same-size corruption is caught here too)."""
-    if not recorded_artifact(record, cfg.artifact_options(stage)):
-        return False
-    if stage == "tokenize" and cfg.tokens.verify == "sha256":
-        from nextdetail.storage.tokens import TokenCache
-
-        return not TokenCache(record["artifact"]["url"], cfg.artifact_options(stage), cfg.tokens.local_cache).verify()
-    return True
-
+from nextdetail.storage.lineage import Lineage, environment, run_row
 
 STAGE_RETRY_DELAYS = (2.0, 10.0)
 
@@ -135,11 +109,8 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
                 started = time.time()
                 res.work[stage] = _visit(stage, bcfg, key, res, lineage, force, only, log, started, env,
                                          functools.partial(TABLE[stage].run, bcfg, key, res, progress, scheduler))
-                rows[key.identity] = {
-                    "run_id": run_id, "started": started, "stage": stage, "model": model, "identity": key.identity,
-                    "artifact_identity": res[stage].identity, "url": res[stage].url, "work": res.work[stage],
-                    "seconds": round(time.time() - started, 3), "host": env["host"], "user": env["user"],
-                    "git_commit": env["git"]["commit"], "preset": bcfg.preset}
+                rows[key.identity] = run_row(run_id, started, stage, model, key.identity, res[stage], res.work[stage],
+                                             bcfg.preset)
     run_log = lineage.append_run(run_id, run_started, list(rows.values()))
     for res in results.values():
         res.run_log = run_log
@@ -152,7 +123,7 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
     """One stage of one branch: skip it when its identity's record names an intact artifact, else run it
     (deleting the recorded artifact first under --force) and write its lineage record. Returns the work."""
     record = lineage.read(stage, key.identity)
-    complete = record is not None and _intact(cfg, stage, record)
+    complete = record is not None and intact(cfg, stage, record)
     if complete and stage not in force:
         results[stage] = TABLE[stage].recorded(cfg, record)
         log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])

@@ -253,3 +253,17 @@ def checkpoint_name(r: dict[str, Any]) -> str:
     """`step 12`, or `last (step 12)`: a metrics row's or the evaluate summary's checkpoint."""
     label = r["label"] if "label" in r else r["checkpoint"]
     return label if label.startswith("step ") else f"{label} (step {r['step']})"
+
+
+class PipelineResults(dict):
+    """Each stage's result by name, plus what happened to it (``work``: up to date | ran) and the run's id;
+    with several models, one per branch (`branches`, by model name)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.work: dict[str, str] = {}
+        self.identities: dict[str, str] = {}  # stage identity (the lineage record's name)
+        self.run_log: str | None = None
+        self.shared: dict[str, str] = {}  # stage → the branch (model) whose identical artifact this one is
+        self.branches: dict[str, PipelineResults] = {}  # every branch's results by model (this one included)

@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,16 @@ PACKAGES = ("nextdetail", "torch", "torchvision", "prefect", "dask", "distribute
             "webdataset", "s3fs", "torch-fidelity")
 RUN_LOG_COLUMNS = ("run_id", "started", "stage", "identity", "artifact_identity", "url", "work", "seconds",
                    "host", "user", "git_commit", "preset", "model")
+
+
+def run_row(run_id: str, started: float, stage: str, model: str, identity: str, result: Any, work: str,
+            preset: str | None) -> dict[str, Any]:
+    """One stage's row of a run's log (`RUN_LOG_COLUMNS`): what this run did for it, and where its artifact is."""
+    env = environment()
+    return {"run_id": run_id, "started": started, "stage": stage, "model": model, "identity": identity,
+            "artifact_identity": result.identity, "url": result.url, "work": work,
+            "seconds": round(time.time() - started, 3), "host": env["host"], "user": env["user"],
+            "git_commit": env["git"]["commit"], "preset": preset}
 
 
 @functools.cache
