@@ -269,6 +269,25 @@ def cmd_status(args: argparse.Namespace) -> None:
         print(format_status(branches, statuses, verbose=args.verbose))
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    import json
+
+    from nextdetail.stages.inventory import format_du, format_ls, inventory
+    from nextdetail.storage.fs import Store
+
+    branches = _load_branches(args)
+    cfg = next(iter(branches.values()))
+    if not Store(cfg.storage.root, cfg.storage.options).exists(""):
+        raise UserError(f"storage.root={cfg.storage.root}: no such directory or bucket prefix; point -o storage.root "
+                        "at a pipeline's root")
+    entries = inventory(branches)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=1))
+        return
+    print(f"nextdetail cache {args.cache_command} — storage root {cfg.storage.root}")
+    print(format_ls(entries) if args.cache_command == "ls" else format_du(entries))
+
+
 def cmd_lineage(args: argparse.Namespace) -> None:
     from nextdetail.stages.status import find_records, format_record
 
@@ -460,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache", help="what the storage root holds: every artifact by stage, sizes, references",
+                       description="ls: every artifact under storage.root (and tokens.cache) by stage — identity, "
+                                   "size, built, last used (run log), which of the given configs reference it "
+                                   "(default: the current one; --model cart,ndp for every branch), complete or "
+                                   "not — and directories no lineage record names. du: totals per stage.")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du")
+    for name, help_text in (("ls", "every artifact, one line each"), ("du", "totals per stage")):
+        c = csub.add_parser(name, help=help_text)
+        _add_config_args(c)
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")
     ssub = p.add_subparsers(dest="show_command", required=True, metavar="WHAT")

@@ -114,6 +114,34 @@ def test_an_unchanged_run_does_nothing_without_prefect_and_logs_its_run(pipeline
     assert not info["prefect"]  # a knob downstream of the selected stages changes nothing either
 
 
+def test_cache_ls_lists_every_artifact_with_its_size_use_and_references_and_du_totals_them(own_pipeline, tmp_path):
+    root, cfg, first = own_pipeline
+    junk = Path(first["train_ar"].url).parent / "d2-killed-run"  # what a killed run leaves: no record names it
+    junk.mkdir(parents=True)
+    (junk / "checkpoint.pt").write_bytes(b"x" * 1000)
+    out, info = _cli(["cache", "ls", "--json", *cli_config(root, cfg.data.source, *FAST)])
+    assert not info["prefect"] and not info["torch"]
+    entries = json.loads(out)
+    ours = {first[stage].url: stage for stage in STAGES}  # the session root may hold other tests' artifacts too
+    mine = {e["url"]: e for e in entries if e["url"] in ours}
+    assert sorted(e["stage"] for e in mine.values()) == sorted(STAGES)
+    for e in mine.values():
+        assert e["state"] == "complete" and e["referenced_by"] == ["cart"] and e["bytes"] > 0, e
+        assert e["identity"] and e["created"] and e["last_used"], e
+    assert ("train_ar", str(junk), 1000) in [(e["stage"], e["url"], e["bytes"]) for e in entries
+                                              if e["state"] == "unrecorded"]
+    shared = [e for e in entries if e["state"] == "shared"]  # the tokenizer's metrics beside the evaluation
+    assert "evaluate" in {e["stage"] for e in shared} and all(e["identity"] for e in shared)
+    out, _ = _cli(["cache", "ls", "--json", *cli_config(root, cfg.data.source, *FAST, "sample.seed=5")])
+    unreferenced = {e["stage"] for e in json.loads(out) if e["url"] in ours and not e["referenced_by"]}
+    assert unreferenced == {"sample"}  # another sampling seed: the config no longer names those samples
+    out, _ = _cli(["cache", "du", *cli_config(root, cfg.data.source, *FAST)])
+    assert "total" in out and all(stage in out for stage in STAGES)
+    bad = subprocess.run([str(Path(sys.executable).parent / "nextdetail"), "cache", "ls",
+                          *cli_config(tmp_path / "nowhere", cfg.data.source, *FAST)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipeline):
     root, cfg, first = pipeline
     again = run_pipeline(cfg, progress=False)

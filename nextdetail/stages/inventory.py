@@ -1,0 +1,143 @@
+"""What a storage root holds (`nextdetail cache ls`, `cache du`): every artifact its lineage records name — by
+stage, with identity, size, when it was built and last used (the run log), which of the given configs
+reference it, and whether it is still complete — plus the directories under a stage's output that no record
+names (abandoned attempts, a killed run's partial output: what `cache gc` will remove). Reads listings, records
+and markers only: no torch, no Prefect.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.conf.stages import SPECS
+from nextdetail.storage.fs import Store
+from nextdetail.storage.lineage import Lineage, recorded_artifact
+
+COMPLETE, INCOMPLETE, UNRECORDED, SHARED = "complete", "incomplete", "unrecorded", "shared"
+
+
+@dataclass
+class Entry:
+    stage: str
+    identity: str  # the stage identity (the lineage record's name); "" for an unrecorded directory
+    url: str
+    bytes: int
+    state: str  # complete | incomplete (its marker or a file is gone) | unrecorded (no lineage record names it) |
+    # shared (a complete artifact with its own marker that stages share — the tokenizer's metrics —, no record)
+    created: float | None = None  # when its record was written
+    last_used: float | None = None  # the newest run-log row naming it
+    referenced_by: tuple[str, ...] = ()  # the given configs' branches (model names) whose stage has this identity
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tree_bytes(url: str, options: dict[str, Any]) -> int:
+    """Bytes under `url` (a file or a directory tree); 0 when it is gone."""
+    store = Store(url, options)
+    try:
+        return int(store.fs.du(store.path(""), total=True))
+    except FileNotFoundError:
+        return 0
+
+
+def inventory(branches: dict[str, PipelineConfig]) -> list[Entry]:
+    """Every artifact under the first branch's storage root (and its token cache root), stage by stage."""
+    from nextdetail.stages.status import branch_status
+
+    cfg = next(iter(branches.values()))
+    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    referenced: dict[str, list[str]] = {}
+    for model, statuses in branch_status(branches).items():
+        for st in statuses.values():
+            if st.identity is not None:
+                referenced.setdefault(st.identity, []).append(model)
+    last_used: dict[str, float] = {}
+    for row in lineage.runs().select(["identity", "started"]).to_pylist():
+        last_used[row["identity"]] = max(last_used.get(row["identity"], 0.0), row["started"] or 0.0)
+    entries: list[Entry] = []
+    for stage in STAGES:
+        options = cfg.artifact_options(stage)
+        recorded_urls = set()
+        for record in lineage.records(stage):
+            url = record["artifact"]["url"]
+            recorded_urls.add(url.rstrip("/"))
+            state = COMPLETE if recorded_artifact(record, options) else INCOMPLETE
+            entries.append(Entry(stage, record["identity"], url, tree_bytes(url, options), state,
+                                 record.get("finished"), last_used.get(record["identity"]),
+                                 tuple(referenced.get(record["identity"], ()))))
+        entries += _unrecorded(cfg, stage, recorded_urls)
+    return entries
+
+
+def _unrecorded(cfg: PipelineConfig, stage: str, recorded: set[str]) -> list[Entry]:
+    """The directories under a stage's output directory that no record names: walking down, a recorded artifact
+    stops the walk, a directory holding one is entered, anything else is reported whole (and not entered)."""
+    root = cfg.tokens.cache if stage == "tokenize" and cfg.tokens.cache else cfg.storage.root
+    out, todo = [], [Store(root, cfg.artifact_options(stage)).sub(SPECS[stage].directory)]
+    while todo:
+        store = todo.pop()
+        for name in store.listdir(""):
+            if not store.fs.isdir(store.path(name)):
+                continue
+            child = store.sub(name)
+            url = child.url().rstrip("/")
+            if url in recorded:
+                continue
+            if any(r.startswith(url + "/") for r in recorded):
+                todo.append(child)
+                continue
+            marker = _marker(child)
+            out.append(Entry(stage, marker.get("identity", "") if marker else "", child.url(),
+                             tree_bytes(child.url(), child.options), SHARED if marker else UNRECORDED,
+                             marker.get("finished") if marker else None))
+    return sorted(out, key=lambda e: e.url)
+
+
+def _marker(store: Store) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(store.read_bytes("_COMPLETE.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def format_ls(entries: list[Entry]) -> str:
+    lines = [f"  {'stage':<16} {'identity':<12}  {'size':>9}  {'built':<16}  {'last used':<16}  {'state':<10}  "
+             f"{'referenced by':<13}  url"]
+    for e in entries:
+        lines.append(f"  {e.stage:<16} {e.identity[:12] or '-':<12}  {human(e.bytes):>9}  {_when(e.created):<16}  "
+                     f"{_when(e.last_used):<16}  {e.state:<10}  {','.join(e.referenced_by) or '-':<13}  {e.url}")
+    return "\n".join(lines)
+
+
+def format_du(entries: list[Entry]) -> str:
+    by_stage: dict[str, list[int]] = {}
+    for e in entries:
+        by_stage.setdefault(e.stage, [0, 0, 0])
+        by_stage[e.stage][0] += e.bytes
+        by_stage[e.stage][1] += 1
+        by_stage[e.stage][2] += e.bytes if not e.referenced_by else 0
+    lines = [f"  {'stage':<16} {'artifacts':>9}  {'size':>9}  {'unreferenced':>12}"]
+    for stage, (size, n, loose) in by_stage.items():
+        lines.append(f"  {stage:<16} {n:>9}  {human(size):>9}  {human(loose):>12}")
+    total = sum(v[0] for v in by_stage.values())
+    lines.append(f"  {'total':<16} {sum(v[1] for v in by_stage.values()):>9}  {human(total):>9}  "
+                 f"{human(sum(v[2] for v in by_stage.values())):>12}")
+    return "\n".join(lines)
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
