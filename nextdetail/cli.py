@@ -332,6 +332,8 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
     from nextdetail.storage.shards import read_tar_images
 
     cfg = _load(args)
+    if cfg.tokenizer_order == 0:  # the decomposition is what this command shows: build it at decompose.order
+        cfg = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"order": None})})
     results = run_pipeline(cfg, until="decompose", progress=not args.no_progress)  # cached when done
     dec, shards = results["decompose"], results["shard"]
     store = Store(dec.url, cfg.storage.options)
