@@ -275,17 +275,50 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from nextdetail.stages.inventory import format_du, format_ls, inventory
     from nextdetail.storage.fs import Store
 
+    if args.cache_command == "gc" and not args.model:
+        args.model = "cart,ndp"  # gc keeps what every model branch references unless --model narrows it
     branches = _load_branches(args)
     cfg = next(iter(branches.values()))
     if not Store(cfg.storage.root, cfg.storage.options).exists(""):
         raise UserError(f"storage.root={cfg.storage.root}: no such directory or bucket prefix; point -o storage.root "
                         "at a pipeline's root")
+    if args.cache_command == "gc":
+        return _cache_gc(args, branches)
     entries = inventory(branches)
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=1))
         return
     print(f"nextdetail cache {args.cache_command} — storage root {cfg.storage.root}")
     print(format_ls(entries) if args.cache_command == "ls" else format_du(entries))
+
+
+def _cache_gc(args: argparse.Namespace, branches: dict) -> None:
+    import json
+
+    from nextdetail.stages.inventory import apply_gc, format_gc, inventory, plan_gc
+
+    if args.keep_last < 0:
+        raise UserError(f"--keep-last {args.keep_last}: give a count ≥ 0")
+    keep_newer = _duration(args.keep_newer) if args.keep_newer else None
+    cfg = next(iter(branches.values()))
+    removals, kept = plan_gc(cfg, inventory(branches), args.keep_last, keep_newer)
+    if args.json:
+        print(json.dumps({"remove": [{**r.entry.to_json(), "reason": r.reason} for r in removals],
+                          "kept": len(kept), "deleted": bool(args.yes)}, indent=1))
+    else:
+        print(f"nextdetail cache gc — storage root {cfg.storage.root}" + ("" if args.yes else " (dry run)"))
+        print(format_gc(removals, kept, dry_run=not args.yes))
+    if args.yes:
+        apply_gc(cfg, removals, log=(lambda _: None) if args.json else print)
+
+
+def _duration(text: str) -> float:
+    """`30m`, `12h`, `7d`, `90s` → seconds; one line otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        return float(text[:-1]) * units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise UserError(f"--keep-newer {text!r}: give a number and a unit, e.g. 30m, 12h, 7d") from None
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
@@ -487,11 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "size, built, last used (run log), which of the given configs reference it "
                                    "(default: the current one; --model cart,ndp for every branch), complete or "
                                    "not — and directories no lineage record names. du: totals per stage.")
-    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du")
-    for name, help_text in (("ls", "every artifact, one line each"), ("du", "totals per stage")):
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du|gc")
+    for name, help_text in (("ls", "every artifact, one line each"), ("du", "totals per stage"),
+                            ("gc", "remove what no given config references (dry run unless --yes)")):
         c = csub.add_parser(name, help=help_text)
         _add_config_args(c)
         c.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "gc":
+            c.add_argument("--keep-last", type=int, default=0, metavar="N",
+                           help="also keep the newest N complete artifacts of every stage")
+            c.add_argument("--keep-newer", default=None, metavar="DURATION",
+                           help="also keep what was built within DURATION (30m, 12h, 7d)")
+            c.add_argument("--yes", action="store_true", help="delete (without it: print what would go)")
         c.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("show", help="write pictures of stage outputs")

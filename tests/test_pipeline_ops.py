@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,36 @@ def test_cache_ls_lists_every_artifact_with_its_size_use_and_references_and_du_t
     bad = subprocess.run([str(Path(sys.executable).parent / "nextdetail"), "cache", "ls",
                           *cli_config(tmp_path / "nowhere", cfg.data.source, *FAST)], capture_output=True, text=True)
     assert bad.returncode == 2 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cache_gc_is_a_dry_run_by_default_and_keeps_what_configs_use_and_runs_in_progress(own_pipeline):
+    """gc after another sampling seed: the dry run lists that sample (unreferenced by the current config) and an old
+    leftover directory (both last written 2 h ago) and deletes nothing; `--keep-last 2` keeps both samples; `--yes`
+    deletes exactly the listed ones — a directory written to a minute ago (a run may be writing it) stays — and the
+    current config's status is unchanged: every stage up to date."""
+    root, cfg, first = own_pipeline
+    other = run_pipeline(make_config(root, cfg.data.source, *FAST, "sample.seed=5"), until="sample", progress=False)
+    old_junk = Path(first["train_ar"].url).parent / "killed-long-ago"
+    fresh_junk = Path(first["train_ar"].url).parent / "being-written"
+    for d in (old_junk, fresh_junk):
+        d.mkdir()
+        (d / "step-00000002.pt").write_bytes(b"x" * 100)
+    for path in [old_junk / "step-00000002.pt", *Path(other["sample"].url).rglob("*")]:  # both written 2 h ago
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    args = ["cache", "gc", "--json", *cli_config(root, cfg.data.source, *FAST)]
+    out, info = _cli(args)
+    assert not info["prefect"] and not info["torch"]
+    plan = json.loads(out)
+    assert sorted(e["url"] for e in plan["remove"]) == sorted([other["sample"].url, str(old_junk)])
+    assert not plan["deleted"] and Path(other["sample"].url).is_dir() and old_junk.is_dir()
+    kept, _ = _cli([*args, "--keep-last", "2"])
+    assert [e["url"] for e in json.loads(kept)["remove"]] == [str(old_junk)]
+    done, _ = _cli([*args, "--yes"])
+    assert json.loads(done)["deleted"]
+    assert not Path(other["sample"].url).exists() and not old_junk.exists() and fresh_junk.is_dir()
+    assert not Lineage(Store(str(root))).read("sample", other.identities["sample"])
+    statuses, _ = _status(cli_config(root, cfg.data.source, *FAST))
+    assert {st["state"] for st in statuses.values()} == {"up to date"}
 
 
 def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipeline):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
-from nextdetail.conf.stages import SPECS
+from nextdetail.conf.stages import SPECS, output_identity
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage, recorded_artifact
 
@@ -30,6 +30,8 @@ class Entry:
     created: float | None = None  # when its record was written
     last_used: float | None = None  # the newest run-log row naming it
     referenced_by: tuple[str, ...] = ()  # the given configs' branches (model names) whose stage has this identity
+    artifact_identity: str = ""  # what downstream records name it by (with its weights' sha256 for a model)
+    upstream: tuple[str, ...] = ()  # the output identities its record was built from
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,7 +70,10 @@ def inventory(branches: dict[str, PipelineConfig]) -> list[Entry]:
             state = COMPLETE if recorded_artifact(record, options) else INCOMPLETE
             entries.append(Entry(stage, record["identity"], url, tree_bytes(url, options), state,
                                  record.get("finished"), last_used.get(record["identity"]),
-                                 tuple(referenced.get(record["identity"], ()))))
+                                 tuple(referenced.get(record["identity"], ())),
+                                 output_identity(stage, record["artifact"]["identity"],
+                                                 record.get("result", {}).get("summary", {})),
+                                 tuple(record.get("upstream", {}).values())))
         entries += _unrecorded(cfg, stage, recorded_urls)
     return entries
 
@@ -141,3 +146,102 @@ def human(n: int) -> str:
 
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
+# ---- gc -----------------------------------------------------------------------------------------------------
+
+IN_PROGRESS_S = 3600.0
+"""Anything written to within this long may be a run in progress (a training's checkpoints, a token-cache attempt —
+its lease is rewritten every part —, a rebuild inside a published cache): gc never removes it. The token cache's
+own rule for abandoned attempts is the same hour."""
+
+
+@dataclass
+class Removal:
+    entry: Entry
+    reason: str
+
+
+def plan_gc(cfg: PipelineConfig, entries: list[Entry], keep_last: int = 0, keep_newer_s: float | None = None,
+            now: float | None = None) -> tuple[list[Removal], list[Entry]]:
+    """(what to remove and why, what is kept) — keeping what the given configs reference, the newest `keep_last`
+    complete artifacts per stage, those built within `keep_newer_s`, everything those were built from, every shared
+    artifact, anything outside `storage.root` (a token cache in a team bucket other roots may point at), and anything
+    written to within `IN_PROGRESS_S`."""
+    now = time.time() if now is None else now
+    keep: set[int] = set()
+    for i, e in enumerate(entries):
+        if e.referenced_by or e.state == SHARED or not _under(e.url, cfg.storage.root):
+            keep.add(i)
+    for stage in STAGES:
+        complete = sorted((i for i, e in enumerate(entries) if e.stage == stage and e.state == COMPLETE),
+                          key=lambda i: -(entries[i].created or 0))
+        keep.update(complete[:keep_last])
+        if keep_newer_s is not None:
+            keep.update(i for i in complete if (entries[i].created or 0) >= now - keep_newer_s)
+    by_output = {e.artifact_identity: i for i, e in enumerate(entries) if e.artifact_identity}
+    todo = list(keep)
+    while todo:  # what a kept artifact was built from stays: its lineage must still resolve
+        for up in entries[todo.pop()].upstream:
+            j = by_output.get(up)
+            if j is not None and j not in keep:
+                keep.add(j)
+                todo.append(j)
+    removals, kept = [], []
+    for i, e in enumerate(entries):
+        if i in keep or now - _newest_write(e.url, cfg.artifact_options(e.stage)) < IN_PROGRESS_S:
+            kept.append(e)  # used, or written to within the hour: a run may be writing it (a new attempt) right now
+        elif e.state == COMPLETE:
+            removals.append(Removal(e, "referenced by no given config"))
+        elif e.state == INCOMPLETE:
+            removals.append(Removal(e, "incomplete: its marker or files are gone"))
+        else:
+            removals.append(Removal(e, "no record names it; untouched for over an hour"))
+    return removals, kept
+
+
+def apply_gc(cfg: PipelineConfig, removals: list[Removal], log: Any = print) -> int:
+    """Delete what `plan_gc` chose: the marker first (no reader takes a half-deleted artifact for complete), then
+    the files, then the lineage record. Returns the bytes freed."""
+    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    freed = 0
+    for r in removals:
+        e = r.entry
+        store = Store(e.url, cfg.artifact_options(e.stage))
+        store.remove("_COMPLETE.json")
+        store.remove_tree("")
+        if e.identity and e.state != SHARED:
+            lineage.store.remove(f"{e.stage}/{e.identity}.json")
+        freed += e.bytes
+        log(f"  removed {e.stage} {e.identity[:12] or '-'} {human(e.bytes)} {e.url}")
+    return freed
+
+
+def format_gc(removals: list[Removal], kept: list[Entry], dry_run: bool) -> str:
+    lines = [f"  {'stage':<16} {'identity':<12}  {'size':>9}  why"]
+    for r in removals:
+        lines.append(f"  {r.entry.stage:<16} {r.entry.identity[:12] or '-':<12}  {human(r.entry.bytes):>9}  "
+                     f"{r.reason}   {r.entry.url}")
+    total = sum(r.entry.bytes for r in removals)
+    verb = "would free" if dry_run else "freed"
+    lines.append(f"  {len(removals)} to remove, {verb} {human(total)}; {len(kept)} kept"
+                 + ("   (dry run: nothing deleted; --yes deletes)" if dry_run else ""))
+    return "\n".join(lines)
+
+
+def _under(url: str, root: str) -> bool:
+    return url.rstrip("/").startswith(root.rstrip("/") + "/") or url.rstrip("/") == root.rstrip("/")
+
+
+def _newest_write(url: str, options: dict[str, Any]) -> float:
+    """The newest modification time of any file under `url` (0 when it is empty or gone)."""
+    store = Store(url, options)
+    try:
+        found = store.fs.find(store.path(""), detail=True)
+    except FileNotFoundError:
+        return 0.0
+    times = []
+    for info in found.values():
+        t = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+        times.append(t.timestamp() if hasattr(t, "timestamp") else float(t or 0))
+    return max(times, default=0.0)
