@@ -188,12 +188,13 @@ NDP = ("ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5", "ar.step
 
 
 @pytest.fixture(scope="module")
-def ndp_pipeline(tmp_path_factory, embedded_source):
+def ndp_pipeline(pipeline, embedded_source):
+    """NDP's branch beside the session's CART pipeline, in its root: the shards are the same artifact."""
     from conftest import FAST, make_config
 
     from nextdetail.flows.pipeline import run_pipeline
 
-    root = tmp_path_factory.mktemp("ndp")
+    root = pipeline[0]
     cfg = make_config(root, embedded_source, *FAST, *NDP)
     return root, cfg, run_pipeline(cfg, until="evaluate", progress=False)
 
@@ -257,10 +258,11 @@ def test_ndp_stage_outputs_budgeted_samples_a_heat_map_and_compute(ndp_pipeline,
 
 
 def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_pipeline, embedded_source):
-    """`run --model cart,ndp`: two branches in one flow. The dry run says what each will do; the run reuses the
-    shared shards (one run-log row naming both models), decomposes for CART only (NDP's order-0 tokenizer reads
-    images alone: its decompose is "not needed"), skips NDP's up-to-date branch, builds CART's, and prints the
-    models side by side; status then calls everything up to date (NDP's decompose: not needed)."""
+    """`run --model cart,ndp` in the root holding the session's CART pipeline and NDP's branch: two branches in one
+    flow. The dry run says what each will do; the run reuses the shared shards (one run-log row naming both
+    models), skips NDP's up-to-date branch (its decompose "not needed": NDP's order-0 tokenizer reads images
+    alone), trains CART with this run's settings on its up-to-date decomposition and tokens, and prints the models
+    side by side; status then calls everything up to date (NDP's decompose: not needed)."""
     import sys
 
     from conftest import FAST, cli_config, run_cli
@@ -269,15 +271,17 @@ def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_p
     from nextdetail.storage.lineage import Lineage
 
     root, _, ndp = ndp_pipeline
-    assert ndp.work["decompose"] == "not needed" and not (root / "factors").exists()  # order 0: no factors at all
+    assert ndp.work["decompose"] == "not needed" and "decompose" not in ndp.identities  # order 0: no factors at all
+    record = Lineage(Store(str(root))).read("train_tokenizer", ndp.identities["train_tokenizer"])
+    assert set(record["upstream"]) == {"shard"}
     rest = [o for o in NDP if o.split("=")[0] not in ("ar.model", "tokenizer.order", "tokenizer.truncation")]
     cmd = [sys.executable, "-m", "nextdetail.cli", "run", "--model", "cart,ndp", "--until", "evaluate",
            "--no-progress", *cli_config(root, embedded_source, *FAST, *rest)]
     dry = run_cli([*cmd, "--dry-run"])
     assert dry.returncode == 0, dry.stderr[-2000:]
     cart_part, ndp_part = dry.stdout.split("model ndp:")
-    assert "train_tokenizer  run (stale)" in cart_part and "train_ar         run (stale)" in cart_part
-    assert "shard            skip (up to date)" in cart_part and "decompose        run (missing)" in cart_part
+    assert "train_tokenizer  skip (up to date)" in cart_part and "train_ar         run (stale)" in cart_part
+    assert "shard            skip (up to date)" in cart_part and "decompose        skip (up to date)" in cart_part
     assert "shard            the same artifact as model cart's" in ndp_part
     assert "decompose        skip (not needed by this config)" in ndp_part
     assert "train_ar         skip (up to date)" in ndp_part and "run (" not in ndp_part
@@ -293,7 +297,7 @@ def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_p
     for r in this_run:
         by_stage.setdefault(r["stage"], []).append(r)
     assert [(r["model"], r["work"]) for r in by_stage["shard"]] == [("cart,ndp", "up to date")]
-    assert [(r["model"], r["work"]) for r in by_stage["decompose"]] == [("cart", "ran")]
+    assert [(r["model"], r["work"]) for r in by_stage["decompose"]] == [("cart", "up to date")]
     assert sorted((r["model"], r["work"]) for r in by_stage["train_ar"]) == [("cart", "ran"), ("ndp", "up to date")]
     ndp_eval = next(r for r in by_stage["evaluate"] if r["model"] == "ndp")
     assert ndp_eval["url"] == ndp["evaluate"].url

@@ -58,47 +58,6 @@ def test_a_file_that_does_not_fit_is_one_line_naming_the_key_or_setting(tmp_path
     assert layout == "var" and model.quantize.embedding.weight.shape == (64, spec.z_channels)
 
 
-def test_a_pretrained_tokenizer_runs_through_tokenize_sample_and_evaluate_with_no_factors(tmp_path, embedded_source):
-    """`-o tokenizer.pretrained=FILE` at order 0 (VAR's tokenizer): the stage adopts the file's exact weights
-    without training or reading data; no decomposition is built ("not needed"); tokenize encodes with those
-    weights, and train_ar, sample and evaluate run as usual. The identity is the file's content + the declared
-    architecture: a training setting changes nothing, other bytes re-adopt."""
-    from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.models.configs import TokenizerSpec
-    from nextdetail.stages.status import pipeline_status
-    from nextdetail.storage.fs import Store
-    from nextdetail.storage.lineage import Lineage
-
-    root = tmp_path / "root"
-    weights = tmp_path / "vae_tiny.pth"
-    base = make_config(root, embedded_source, *FAST, *ORDER0)
-    plain = var_layout_file(weights, TokenizerSpec.from_config(base))
-    cfg = make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={weights}")
-    results = run_pipeline(cfg, until="evaluate", progress=False)
-
-    assert results.work["decompose"] == "not needed" and not (root / "factors").exists()
-    tok = results["train_tokenizer"]
-    assert tok.work == "ran" and tok.summary["adopted_from"] == str(weights) and tok.summary["layout"] == "var"
-    saved = torch.load(Path(tok.url, "tokenizer.pt"), weights_only=True)["model"]
-    assert all(torch.equal(saved[k], v) for k, v in plain.items())  # the file's weights, untouched
-    assert not Path(tok.url, "checkpoints").exists()  # no training
-    record = Lineage(Store(str(root))).read("train_tokenizer", results.identities["train_tokenizer"])
-    assert record["upstream"] == {} and record["inputs"]["pretrained"]["url"] == str(weights)
-    cache = results["tokenize"].open()
-    assert cache.record["lineage"]["upstream"]["tokenizer_sha256"] == tok.summary["tokenizer_sha256"]
-    assert "decompose" not in cache.record["lineage"]["upstream"]
-    for stage in ("train_ar", "sample", "evaluate"):
-        assert results.work[stage] == "ran", stage
-    assert results["evaluate"].summary["fid"] > 0
-
-    statuses = pipeline_status(make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={weights}",
-                                           "tokenizer.steps=7", "tokenizer.lr=0.5"))
-    assert statuses["decompose"].state == "not needed"
-    assert all(statuses[s].state == "up to date" for s in ("shard", "train_tokenizer", "tokenize", "evaluate"))
-    var_layout_file(weights, TokenizerSpec.from_config(base), seed=1)  # other bytes at the same path
-    assert pipeline_status(cfg)["train_tokenizer"].state == "stale"
-
-
 def var_transformer_file(path: Path, cfg, classes: int, seed: int = 0, extra_classes: int = 0) -> dict:
     """A transformer checkpoint as VAR writes one for the config's architecture at order 0: a plain state dict
     with VAR's two constant buffers (lvl_1L, attn_bias_for_masking) and random weights."""
@@ -118,12 +77,62 @@ def var_transformer_file(path: Path, cfg, classes: int, seed: int = 0, extra_cla
     return plain
 
 
-def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_evaluates(tmp_path, embedded_source):
+@pytest.fixture(scope="module")
+def adopted(tmp_path_factory, embedded_source):
+    """One pipeline on the tiny data with both files adopted: a tokenizer and a transformer in VAR's layout (random
+    weights for the tiny architecture at order 0), through tokenize, sample and evaluate."""
+    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.models.configs import TokenizerSpec
+
+    tmp = tmp_path_factory.mktemp("adopted")
+    root, tok, weights = tmp / "root", tmp / "vae_tiny.pth", tmp / "var_tiny.pth"
+    base = make_config(root, embedded_source, *FAST, *ORDER0)
+    plain_tok = var_layout_file(tok, TokenizerSpec.from_config(base))
+    plain_ar = var_transformer_file(weights, base, classes=12)  # the embedded dataset's classes
+    overrides = (*FAST, *ORDER0, f"tokenizer.pretrained={tok}", f"ar.pretrained={weights}")
+    cfg = make_config(root, embedded_source, *overrides)
+    return root, overrides, run_pipeline(cfg, until="evaluate", progress=False), plain_tok, plain_ar, tok, weights
+
+
+def test_a_pretrained_tokenizer_is_adopted_as_it_is_and_order_0_builds_no_factors(adopted, embedded_source):
+    """`-o tokenizer.pretrained=FILE` at order 0 (VAR's tokenizer): the stage adopts the file's exact weights
+    without training or reading data; no decomposition is built ("not needed"); tokenize encodes with those
+    weights. The identity is the file's content + the declared architecture: a training setting changes nothing,
+    other bytes at the same path re-adopt."""
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.stages.status import pipeline_status
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.lineage import Lineage
+
+    root, overrides, results, plain, _, weights, _ = adopted
+    assert results.work["decompose"] == "not needed" and not (root / "factors").exists()
+    tok = results["train_tokenizer"]
+    assert tok.work == "ran" and tok.summary["adopted_from"] == str(weights) and tok.summary["layout"] == "var"
+    saved = torch.load(Path(tok.url, "tokenizer.pt"), weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in plain.items())  # the file's weights, untouched
+    assert not Path(tok.url, "checkpoints").exists()  # no training
+    record = Lineage(Store(str(root))).read("train_tokenizer", results.identities["train_tokenizer"])
+    assert record["upstream"] == {} and record["inputs"]["pretrained"]["url"] == str(weights)
+    cache = results["tokenize"].open()
+    assert cache.record["lineage"]["upstream"]["tokenizer_sha256"] == tok.summary["tokenizer_sha256"]
+    assert "decompose" not in cache.record["lineage"]["upstream"]
+
+    statuses = pipeline_status(make_config(root, embedded_source, *overrides, "tokenizer.steps=7", "tokenizer.lr=0.5",
+                                           "ar.steps=9", "ar.base_lr=0.5"))
+    assert statuses["decompose"].state == "not needed"
+    assert all(statuses[s].state == "up to date" for s in ("shard", "train_tokenizer", "tokenize", "train_ar",
+                                                             "evaluate"))
+    var_layout_file(weights, TokenizerSpec.from_config(make_config(root, embedded_source, *FAST, *ORDER0)), seed=1)
+    assert pipeline_status(make_config(root, embedded_source, *overrides))["train_tokenizer"].state == "stale"
+    var_layout_file(weights, TokenizerSpec.from_config(make_config(root, embedded_source, *FAST, *ORDER0)))  # back
+
+
+def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_evaluates(adopted, embedded_source,
+                                                                                        tmp_path):
     """VAR-d16's keys and shapes (pinned from VAR's module definitions) are our order-0 transformer's plus VAR's
     two constant buffers; `-o ar.pretrained=FILE` adopts such a file (its exact weights, step 0) and sample and
     evaluate run on it; a file for another class count is one line naming `class_emb.weight`."""
     from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.models.configs import TokenizerSpec
     from nextdetail.models.transformer import VAR_CONSTANTS, NextDetailTransformer, TransformerConfig
 
     pinned = [line.split() for line in (Path(__file__).parent / "data" / "var_d16_keys.txt").read_text().splitlines()
@@ -135,15 +144,7 @@ def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_ev
     assert set(theirs) - set(ours) == set(VAR_CONSTANTS) and all(ours[k] == theirs[k] for k in ours)
     assert len(theirs) == 12 + 13 * 16 and sum(n.numel() for n in d16.parameters()) == 310_283_520  # VAR's README
 
-    root, tok = tmp_path / "root", tmp_path / "vae.pth"
-    base = make_config(root, embedded_source, *FAST, *ORDER0)
-    var_layout_file(tok, TokenizerSpec.from_config(base))
-    classes = 12  # the embedded dataset's
-    weights, wrong = tmp_path / "var_tiny.pth", tmp_path / "var_1000.pth"
-    plain = var_transformer_file(weights, base, classes)
-    var_transformer_file(wrong, base, classes, extra_classes=988)
-    cfg = make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={tok}", f"ar.pretrained={weights}")
-    results = run_pipeline(cfg, until="evaluate", progress=False)
+    root, _, results, _, plain, tok, weights = adopted
     ar = results["train_ar"]
     assert ar.summary["adopted_from"] == str(weights) and ar.summary["steps"] == 0
     saved = torch.load(Path(ar.url, "transformer.pt"), weights_only=True)
@@ -151,6 +152,8 @@ def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_ev
     assert not Path(ar.url, "checkpoints").exists()
     assert results.work["sample"] == "ran" and results["evaluate"].summary["fid"] > 0
 
+    wrong = tmp_path / "var_1000.pth"
+    var_transformer_file(wrong, make_config(root, embedded_source, *FAST, *ORDER0), classes=12, extra_classes=988)
     bad = make_config(root, embedded_source, *FAST, *ORDER0, f"tokenizer.pretrained={tok}", f"ar.pretrained={wrong}")
     with pytest.raises(UserError) as info:
         run_pipeline(bad, until="train_ar", progress=False)
