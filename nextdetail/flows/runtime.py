@@ -39,6 +39,12 @@ def configure_environment(work_dir: str | Path = ".nextdetail", verbose: bool = 
     os.environ.setdefault("PREFECT_HOME", str(Path(work_dir, "prefect").resolve()))
 
 
+def ensure_prefect_home() -> None:
+    """Create PREFECT_HOME before prefect is imported: its settings module makes only the last directory of it,
+    and warns on the terminal when the parent (`./.nextdetail`) does not exist yet (a fresh clone's first run)."""
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """Yield the API URL in use: PREFECT_API_URL if set, else a freshly started ephemeral server."""
@@ -199,7 +205,15 @@ def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker:
     try:
         yield cluster.scheduler_address
     finally:
-        cluster.close()
+        # Ending the cluster is ours: a nanny whose worker is slow to exit on a loaded machine ("still alive
+        # after 4.0 seconds, killing") kills it as asked; that warning is not news for the terminal.
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)
+        try:
+            cluster.close()
+        finally:
+            nanny.setLevel(level)
 
 
 def dask_task_runner(address: str) -> Any:
