@@ -564,9 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupted)
     signal.signal(signal.SIGTERM, _interrupted)
     if args.func in (cmd_run, cmd_sample, cmd_eval, cmd_serve, cmd_show_decomposition):  # they start processes
-        from nextdetail.flows.runtime import ensure_prefect_home, watch_parent
+        from nextdetail.flows.runtime import watch_parent
 
-        ensure_prefect_home()
         watch_parent()
     try:
         args.func(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,10 @@ def configure_environment(work_dir: str | Path = ".nextdetail", verbose: bool = 
     for key, value in {**ENV_DEFAULTS, **({} if verbose else QUIET)}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(Path(work_dir, "prefect").resolve()))
-
-
-def ensure_prefect_home() -> None:
-    """Create PREFECT_HOME before prefect is imported: its settings module makes only the last directory of it,
-    and warns on the terminal when the parent (`./.nextdetail`) does not exist yet (a fresh clone's first run)."""
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    # Importing prefect tries to make PREFECT_HOME's last directory and warns when its parent (`./.nextdetail`) is
+    # not there yet — a fresh clone's first run; `prefect_api` makes the whole path before the server needs it,
+    # and nothing is written before the checks of the front door pass.
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory", category=UserWarning)
 
 
 @contextlib.contextmanager
