@@ -159,8 +159,8 @@ def preflight(branches: dict) -> None:
             Store(cfg.tokens.cache, options).check_writable("tokens.cache")
         for setting, url in (("tokenizer.pretrained", cfg.tokenizer.pretrained), ("ar.pretrained", cfg.ar.pretrained)):
             if url:
-                folder, _, name = url.rstrip("/").rpartition("/")
-                if not Store(folder or ".", cfg.storage.options if "://" in url else {}).exists(name):
+                folder, name = Store.of_file(url, cfg.storage.options if "://" in url else {})
+                if not folder.exists(name):
                     raise UserError(f"{setting}={url}: no such file; copy the weights there (nothing is downloaded) "
                                     "or fix the path")
         if cfg.data.source != "embedded":

@@ -112,8 +112,8 @@ def _file_sha256(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """A weights file by its content: {url, sha256}, sha256 None when it is not there."""
     from nextdetail.storage.fs import Store
 
-    folder, _, name = url.rstrip("/").rpartition("/")
-    return {"url": url, "sha256": Store(folder or ".", options).sha256(name)}
+    folder, name = Store.of_file(url, options)
+    return {"url": url, "sha256": folder.sha256(name)}
 
 
 def _tokenizer_settings(cfg: PipelineConfig) -> dict[str, Any]:

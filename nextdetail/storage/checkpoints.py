@@ -81,8 +81,7 @@ def read_released(setting: str, url: str, options: dict | None) -> dict[str, Any
     """A released weights file named by a setting (`tokenizer.pretrained`, `ar.pretrained`; path or URL), read as
     tensors and plain values only: a dict, or one line naming the setting, the file and what is wrong."""
     where = f"{setting}={url}"
-    folder, _, name = url.rstrip("/").rpartition("/")
-    store = Store(folder or ".", options or {})
+    store, name = Store.of_file(url, options)
     if not store.exists(name):
         raise UserError(f"{where}: no such file; copy the weights there (nothing is downloaded) or fix the path")
     try:

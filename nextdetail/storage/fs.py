@@ -92,6 +92,12 @@ class Store:
     def sub(self, *parts: str) -> Store:
         return Store(self.url(*parts), self.options)
 
+    @staticmethod
+    def of_file(url: str, options: dict | None = None) -> tuple[Store, str]:
+        """(the Store of a file's folder, the file's name) for a path or URL to one file."""
+        folder, _, name = url.rstrip("/").rpartition("/")
+        return Store(folder or ".", options or {}), name
+
     # -- reading ----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
