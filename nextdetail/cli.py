@@ -279,11 +279,17 @@ def cmd_cache(args: argparse.Namespace) -> None:
         args.model = "cart,ndp"  # gc keeps what every model branch references unless --model narrows it
     branches = _load_branches(args)
     cfg = next(iter(branches.values()))
+    if args.cache_command == "pull":  # into a root that may not exist yet
+        return _cache_transfer(args, branches)
     if not Store(cfg.storage.root, cfg.storage.options).exists(""):
         raise UserError(f"storage.root={cfg.storage.root}: no such directory or bucket prefix; point -o storage.root "
                         "at a pipeline's root")
     if args.cache_command == "gc":
         return _cache_gc(args, branches)
+    if args.cache_command == "push":
+        return _cache_transfer(args, branches)
+    if args.cache_command == "verify":
+        return _cache_verify(args, cfg)
     entries = inventory(branches)
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=1))
@@ -312,6 +318,70 @@ def _cache_gc(args: argparse.Namespace, branches: dict) -> None:
         apply_gc(cfg, removals, log=(lambda _: None) if args.json else print)
 
 
+def _cache_transfer(args: argparse.Namespace, branches: dict) -> None:
+    """push: this root's complete artifacts (what the configs reference) → --to; pull: --from's → this root."""
+    import yaml
+
+    from nextdetail.conf import STAGES
+    from nextdetail.stages.inventory import human
+    from nextdetail.stages.transfer import at_root, plan_transfer, transfer
+    from nextdetail.storage.fs import Store
+
+    remote = args.to if args.cache_command == "push" else args.source
+    try:
+        options = yaml.safe_load(args.remote_options) if args.remote_options else None
+    except yaml.YAMLError as err:
+        raise UserError(f"--remote-options: not YAML ({str(err).splitlines()[0]}); e.g. "
+                        "'{client_kwargs: {endpoint_url: http://host:9000}}'") from None
+    if options is not None and not isinstance(options, dict):
+        raise UserError("--remote-options: give a mapping, e.g. '{client_kwargs: {endpoint_url: http://host:9000}}'")
+    cfg = next(iter(branches.values()))
+    options = cfg.storage.options if options is None else options
+    unknown = [s for s in args.stage or () if s not in STAGES]
+    if unknown:
+        raise UserError(f"--stage {unknown[0]}: no such stage (stages: {', '.join(STAGES)})")
+    there = {m: at_root(c, remote, options) for m, c in branches.items()}
+    src, dst = (branches, there) if args.cache_command == "push" else (there, branches)
+    src_cfg, dst_cfg = next(iter(src.values())), next(iter(dst.values()))
+    if args.cache_command == "pull" and not Store(remote, options).exists(""):
+        raise UserError(f"--from {remote}: no such directory or bucket prefix (or not readable with these "
+                        "credentials); give the root a teammate pushed to")
+    Store(dst_cfg.storage.root, dst_cfg.storage.options).check_writable(
+        "--to" if args.cache_command == "push" else "storage.root")
+    plan = plan_transfer(src, args.stage, everything=args.all)
+    print(f"nextdetail cache {args.cache_command} — {src_cfg.storage.root} → {dst_cfg.storage.root}: "
+          f"{len(plan.records)} artifact(s)")
+    for line in plan.absent:
+        print(f"  not at the source (left out): {line}")
+    sent = transfer(plan, src_cfg, dst_cfg, progress=not args.no_progress)
+    copied = [s for s in sent if s.state == "copied"]
+    print(f"  {len(copied)} copied ({human(sum(s.bytes for s in sent))} sent), "
+          f"{sum(s.state == 'already there' for s in sent)} already there, "
+          f"{sum(s.state == 'record only' for s in sent)} record only")
+
+
+def _cache_verify(args: argparse.Namespace, cfg) -> None:  # cfg: a PipelineConfig
+    from nextdetail.stages.transfer import verify, withdraw_damaged
+
+    results = verify(cfg, args.stage, progress=not args.no_progress)
+    damaged = [d for d in results if d.bad]
+    if args.withdraw:
+        withdraw_damaged(cfg, damaged)
+    print(f"nextdetail cache verify — storage root {cfg.storage.root}: {len(results)} artifact(s), "
+          f"{sum(d.checked for d in results)} files ({sum(d.unhashed for d in results)} by size only: no sha256 "
+          "recorded)")
+    for d in damaged:
+        print(f"  DAMAGED {d.stage} {d.identity[:12]} {d.url}" + ("  (withdrawn: the next run rebuilds it)"
+                                                                 if d.withdrawn else ""))
+        for why in d.bad[:10]:
+            print(f"    {why}")
+    if damaged:
+        if not args.withdraw:
+            print("  --withdraw moves their markers aside so the next run rebuilds them")
+        raise SystemExit(1)
+    print("  every artifact intact")
+
+
 def _duration(text: str) -> float:
     """`30m`, `12h`, `7d`, `90s` → seconds; one line otherwise."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -319,6 +389,28 @@ def _duration(text: str) -> float:
         return float(text[:-1]) * units[text[-1]]
     except (KeyError, ValueError, IndexError):
         raise UserError(f"--keep-newer {text!r}: give a number and a unit, e.g. 30m, 12h, 7d") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from nextdetail.stages.compare import columns, comparison, render, scatter_png
+    from nextdetail.storage.fs import Store
+
+    cfg = _load(args)
+    root = Store(cfg.storage.root, cfg.storage.options)
+    if not root.exists(""):
+        raise UserError(f"storage.root={cfg.storage.root}: no such directory or bucket prefix; point -o storage.root "
+                        "at a pipeline's root")
+    rows = comparison(cfg)
+    if not rows:
+        raise UserError(f"storage.root={cfg.storage.root}: no complete evaluation recorded here yet; run "
+                        "`nextdetail run` (or `nextdetail evaluate`) first")
+    print(render(rows, columns(rows, args.only_changed), args.format))
+    if args.png != "-":
+        picture = args.png or root.url("reports", "compare.png")
+        folder, name = Store.of_file(picture, cfg.storage.options if not args.png else None)
+        folder.write_bytes(name, scatter_png(rows))
+        if args.format == "md":
+            print(f"\nFID vs GFLOPs per image: {picture}")
 
 
 def cmd_lineage(args: argparse.Namespace) -> None:
@@ -447,6 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_lineage)
 
+    p = sub.add_parser("compare", help="every evaluated model under the root side by side (+ FID vs GFLOPs PNG)",
+                       description="One row per complete evaluation recorded under storage.root: FID, KID, IS, "
+                                   "precision, recall, rFID, GFLOPs per image, training steps and time, tokens per "
+                                   "image, identities, and the settings of every stage it was built from. Also "
+                                   "draws FID against GFLOPs per image.")
+    p.add_argument("--only-changed", action="store_true", help="only the settings that differ between rows")
+    p.add_argument("--format", choices=["md", "csv", "json"], default="md", help="table format (default: md)")
+    p.add_argument("--png", default=None, metavar="PATH",
+                   help="where to draw FID vs GFLOPs (default: <storage.root>/reports/compare.png; - for none)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_compare)
+
     # One command per stage: the pipeline up to and including it (earlier stages are reused when done).
     stage_commands = [
         ("shard", "class folders / ImageNet / embedded → webdataset tars + Parquet manifest",
@@ -520,12 +624,33 @@ def build_parser() -> argparse.ArgumentParser:
                                    "size, built, last used (run log), which of the given configs reference it "
                                    "(default: the current one; --model cart,ndp for every branch), complete or "
                                    "not — and directories no lineage record names. du: totals per stage.")
-    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du|gc")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du|gc|push|pull|verify")
     for name, help_text in (("ls", "every artifact, one line each"), ("du", "totals per stage"),
-                            ("gc", "remove what no given config references (dry run unless --yes)")):
+                            ("gc", "remove what no given config references (dry run unless --yes)"),
+                            ("push", "copy the complete artifacts the configs use (and their records) to a remote "
+                                     "root: sha256-verified, create-only there, resumable"),
+                            ("pull", "copy them from a remote root into this one (`--stage tokenize`: the token "
+                                     "cache alone)"),
+                            ("verify", "re-read every file of every complete artifact against its recorded sha256 "
+                                       "(or size); --withdraw the damaged ones")):
         c = csub.add_parser(name, help=help_text)
         _add_config_args(c)
-        c.add_argument("--json", action="store_true", help="machine-readable output")
+        if name in ("push", "pull", "verify"):
+            c.add_argument("--stage", action="append", default=None, metavar="STAGE",
+                           help="only this stage (repeat for more)")
+        if name in ("push", "pull"):
+            c.add_argument("--to" if name == "push" else "--from", dest="to" if name == "push" else "source",
+                           required=True, metavar="URL", help="the remote root (a path or s3://bucket/prefix)")
+            c.add_argument("--remote-options", default=None, metavar="YAML",
+                           help="fsspec options of the remote root (default: storage.options), e.g. "
+                                "'{client_kwargs: {endpoint_url: http://host:9000}}'")
+            c.add_argument("--all", action="store_true",
+                           help="every complete recorded artifact, not only what the configs use")
+        if name == "verify":
+            c.add_argument("--withdraw", action="store_true",
+                           help="move a damaged artifact's marker aside (the next run rebuilds it)")
+        if name in ("ls", "du", "gc"):
+            c.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "gc":
             c.add_argument("--keep-last", type=int, default=0, metavar="N",
                            help="also keep the newest N complete artifacts of every stage")

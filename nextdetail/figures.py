@@ -233,3 +233,23 @@ def refinement_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], n_levels: in
                                                   zip(images[:per_class], levels[:per_class], strict=True)]))
              for name, images, levels in rows]
     return pair_grid(pairs, ("sample", "refined (dark: coarse)"))
+
+
+def fid_vs_gflops(rows: list[dict[str, Any]]) -> Image.Image:
+    """`nextdetail compare`'s picture: FID against GFLOPs per image, one labelled point per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    shown = [r for r in rows if r.get("fid") is not None and r.get("gflops_per_image") is not None]
+    for r in shown:
+        ax.scatter([r["gflops_per_image"]], [r["fid"]], s=36)
+        ax.annotate(f"{r['model']} {r['evaluate'][:6]}", (r["gflops_per_image"], r["fid"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("GFLOPs per image")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"{len(shown)} evaluations")
+    ax.grid(alpha=0.3)
+    return figure_image(fig)

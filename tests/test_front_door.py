@@ -103,6 +103,32 @@ def test_help_writes_nothing_and_stage_names_take_either_spelling(tmp_path):
     _one_line(_cli(["run", "--until", "bogus"], tmp_path), "--until 'bogus'", "train_tokenizer")
 
 
+@pytest.mark.fast
+def test_team_commands_refuse_bad_arguments_and_unreachable_roots_in_one_line(tmp_path):
+    """cache push / pull / verify and compare: a root that is not there, a destination that is a file, options
+    that are not YAML, a stage that does not exist, a root with nothing evaluated — one line each, exit 2, and
+    nothing is written."""
+    (tmp_path / "a-file").write_text("x")
+    root = tmp_path / "root"
+    (root / "lineage").mkdir(parents=True)
+    here = ["-o", f"storage.root={root}"]
+    cases = [
+        (["cache", "pull", "--from", str(tmp_path / "nowhere"), *here], ("--from", "no such directory")),
+        (["cache", "push", "--to", str(tmp_path / "a-file" / "remote"), *here], ("--to", "is a file")),
+        (["cache", "push", "--to", str(tmp_path / "remote"), "--remote-options", "{not: [yaml", *here],
+         ("--remote-options", "not YAML")),
+        (["cache", "push", "--to", str(tmp_path / "remote"), "--remote-options", "[1, 2]", *here],
+         ("--remote-options", "a mapping")),
+        (["cache", "push", "--to", str(tmp_path / "remote"), "--stage", "bogus", *here], ("--stage bogus",)),
+        (["cache", "verify", "-o", f"storage.root={tmp_path / 'nowhere'}"], ("storage.root", "no such directory")),
+        (["compare", *here], ("no complete evaluation",)),
+        (["compare", "-o", f"storage.root={tmp_path / 'nowhere'}"], ("storage.root", "no such directory")),
+    ]
+    for args, words in cases:
+        _one_line(_cli(args, tmp_path), *words)
+    assert not (tmp_path / "remote").exists() and sorted(p.name for p in root.iterdir()) == ["lineage"]
+
+
 def _bad_input_corpus(tmp_path: Path, embedded_source: str) -> tuple[Path, list[Path]]:
     """The embedded photos plus what real folders hold: a FIFO named like an image, an unreadable sub-folder
     and an unreadable file, a broken link, a text file, a truncated and an empty image, a name that is not

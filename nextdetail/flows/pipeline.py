@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from nextdetail.conf import PipelineConfig
 from nextdetail.conf.stages import SPECS, StageKey, key_of, select_stages
 from nextdetail.errors import UserError
+from nextdetail.flows import ui
 from nextdetail.flows.runtime import dask_cluster, prefect_api
 from nextdetail.stages.current import intact
 from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE, PipelineResults
@@ -81,6 +82,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
     env = environment()
     rows: dict[str, dict[str, Any]] = {}  # stage identity → its run-log row (one per artifact, all its models)
     visited: dict[str, str] = {}  # stage identity → the branch that visited it in this run
+    ui.publish_status(branches, stages)
     with contextlib.ExitStack() as stack:
         cluster: list[str] = []
 
@@ -111,6 +113,11 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
                                          functools.partial(TABLE[stage].run, bcfg, key, res, progress, scheduler))
                 rows[key.identity] = run_row(run_id, started, stage, model, key.identity, res[stage], res.work[stage],
                                              bcfg.preset)
+                ui.publish_stage(model, stage, res[stage], res.work[stage])
+                if stage == "evaluate":
+                    ui.publish_evaluation(bcfg, model, res[stage])
+    if "evaluate" in stages:
+        ui.publish_comparison(branches[first])
     run_log = lineage.append_run(run_id, run_started, list(rows.values()))
     for res in results.values():
         res.run_log = run_log

@@ -31,7 +31,7 @@ class Artifact:
     store: Store
     marker: str = "_COMPLETE.json"
     lineage: dict[str, Any] = field(default_factory=dict, compare=False)  # settings, upstream, code
-    checksums: bool = False  # the marker also records each file's sha256 (`verify()` checks them)
+    checksums: bool = True  # the marker also records each file's sha256 (`verify()`, `nextdetail cache verify`)
     exclusive: bool = False  # publish only if no marker exists yet (concurrent writers: one wins)
 
     @property
@@ -95,3 +95,15 @@ class Artifact:
         else:
             self.store.write_bytes(self.marker, data)
         return record
+
+
+def withdraw(store: Store, marker: str, reason: str) -> None:
+    """Withdraw a published artifact found broken: its marker moves to `_INVALID-<time>.json` (with why), so no
+    reader uses it and the next writer rebuilds it (adopting what still verifies)."""
+    try:
+        record = json.loads(store.read_bytes(marker))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        record = {}
+    store.write_bytes(f"_INVALID-{int(time.time() * 1000)}.json",
+                      canonical_json({"reason": reason, "marker": record}).encode())
+    store.remove(marker)

@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from nextdetail.errors import UserError
+from nextdetail.storage.artifacts import withdraw
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import bytes_sha256, canonical_json
 
@@ -209,12 +210,10 @@ def read_marker(cache: Store) -> dict[str, Any] | None:
 
 
 def invalidate(cache: Store, reason: str) -> None:
-    """Withdraw a published cache found broken: its marker moves to `_INVALID-<time>.json` (with why),
-    so no reader uses it and the next writer rebuilds (adopting the parts that still verify)."""
-    record = read_marker(cache) or {}
-    cache.write_bytes(f"_INVALID-{int(time.time() * 1000)}.json",
-                      canonical_json({"reason": reason, "marker": record}).encode())
-    cache.remove(MARKER)
+    """Withdraw a published cache found broken (`artifacts.withdraw`): the next writer rebuilds it, adopting the
+    parts that still verify."""
+    cache.refresh(MARKER)
+    withdraw(cache, MARKER, reason)
 
 
 class TokenCache:
