@@ -107,3 +107,18 @@ def test_cli_help_on_every_command():
     for argv in [(), *commands]:
         proc = subprocess.run([NEXTDETAIL, *argv, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and f"usage: nextdetail {' '.join(argv)}".rstrip() in proc.stdout, argv
+
+
+def test_alpha_is_scaled_to_the_resolution_only_when_a_reference_size_is_given():
+    """decompose.alpha_reference_px: α as given at any size by default; with R, α·(side/R)² — the paper's α=10 read
+    at 256 px becomes 10/64 at 32 px — and the solver gets that value; the setting is part of the identity."""
+    from nextdetail.conf.stages import stage_key
+    from nextdetail.models.mumford_shah import ATConfig
+
+    plain = load_config("tiny")
+    scaled = load_config("tiny", overrides=["decompose.alpha_reference_px=256"])
+    assert plain.decompose.alpha_at(32) == 10.0 == ATConfig.from_settings(plain.decompose, side=32).alpha
+    assert scaled.decompose.alpha_at(32) == 10.0 / 64 == ATConfig.from_settings(scaled.decompose, side=32).alpha
+    assert scaled.decompose.alpha_at(256) == 10.0
+    up = {"shard": "s" * 64}
+    assert stage_key(plain, "decompose", up).identity != stage_key(scaled, "decompose", up).identity

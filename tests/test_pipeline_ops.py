@@ -132,7 +132,8 @@ def test_cache_ls_lists_every_artifact_with_its_size_use_and_references_and_du_t
     assert ("train_ar", str(junk), 1000) in [(e["stage"], e["url"], e["bytes"]) for e in entries
                                               if e["state"] == "unrecorded"]
     shared = [e for e in entries if e["state"] == "shared"]  # the tokenizer's metrics beside the evaluation
-    assert "evaluate" in {e["stage"] for e in shared} and all(e["identity"] for e in shared)
+    assert "evaluate" in {e["stage"] for e in shared} and all(e["identity"] and e["created"] for e in shared)
+    assert any("/refstats/" in e["url"] for e in shared)  # the reference statistics beside the stages
     out, _ = _cli(["cache", "ls", "--json", *cli_config(root, cfg.data.source, *FAST, "sample.seed=5")])
     unreferenced = {e["stage"] for e in json.loads(out) if e["url"] in ours and not e["referenced_by"]}
     assert unreferenced == {"sample"}  # another sampling seed: the config no longer names those samples

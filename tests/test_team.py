@@ -52,7 +52,8 @@ def _files(store: Store) -> dict[str, str]:
 def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verify(pipeline, s3_endpoint, tmp_path):
     """1. push shards, factors and tokenizer to s3://team-bucket/nd: every file arrives with its sha256, the records
     follow (status on the bucket: up to date), a second push sends nothing. 2. tokenize runs on the bucket while
-    `cache gc --yes` runs there: the attempt being written is left alone and the cache publishes and verifies.
+    `cache gc --yes` runs there: the attempt being written is left alone and the cache publishes and verifies;
+    `cache ls`, `du` and `verify` on the bucket see the four artifacts, every file with a sha256.
     3. a newcomer pulls `--stage tokenize` into an empty root: the token cache and its record only; `run --until
     tokenize` there rebuilds the rest and encodes nothing. 4. a flipped byte in that copy: `cache verify` finds it
     (exit 1), `--withdraw` moves the marker aside and status calls the stage missing."""
@@ -105,6 +106,13 @@ def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verif
         ["up to date"] * 3 + ["ran"]
     assert built.identities["tokenize"] == first.identities["tokenize"]
     assert TokenCache(built["tokenize"].url, options, str(tmp_path / "mirror")).verify() == []
+    listed = json.loads(_nd("cache", "ls", "--json", *on_bucket).stdout)
+    assert sorted(e["stage"] for e in listed if e["state"] == "complete") == \
+        ["decompose", "shard", "tokenize", "train_tokenizer"]
+    assert "total" in _nd("cache", "du", *on_bucket).stdout
+    checked = _nd("cache", "verify", "--no-progress", *on_bucket)
+    assert checked.returncode == 0 and "4 artifact(s)" in checked.stdout and "(0 by size only" in checked.stdout, \
+        checked.stdout + checked.stderr  # every file pushed or built there has its sha256 recorded
 
     # 3. a newcomer takes the token cache alone
     newcomer = tmp_path / "newcomer"
@@ -174,3 +182,19 @@ def test_compare_shows_what_differs_and_a_run_publishes_its_results_to_the_prefe
     report = Path(other["evaluate"].url, "report.md").read_text()
     assert published[key("cart", "report")]["data"] == report
     assert len(_data(published[key("cart", "metrics")])) == 3  # eval.checkpoints=all: steps 4, 8, 12
+
+
+def test_the_global_residual_map_and_the_base_only_guidance_ramp_run_through_every_stage(own_pipeline):
+    """tokenizer.residual=independent+global adds one full-resolution map on f_I − f̂; tokenize, train_ar and sample
+    take it as any other map (its kind in the token layout is `global`), and sample.cfg_schedule=base_maps samples
+    with the guidance ramped over the base maps only. Shards and factors are reused."""
+    root, cfg, _ = own_pipeline
+    other = make_config(root, cfg.data.source, *FAST, "tokenizer.residual=independent+global",
+                        "sample.cfg_schedule=base_maps")
+    run = run_pipeline(other, until="sample", progress=False)
+    assert [run.work[s] for s in ("shard", "decompose")] == ["up to date"] * 2
+    assert all(run.work[s] == "ran" for s in ("train_tokenizer", "tokenize", "train_ar", "sample"))
+    layout = run["tokenize"].summary["layout"]
+    assert [m["kind"] for m in layout["maps"]][-2:] == ["detail", "global"]
+    assert run["train_ar"].summary["token_maps"] == len(layout["maps"]) == len(cfg.tokenizer.patch_nums) + 3 + 1
+    assert Path(run["sample"].url, "grid.png").stat().st_size > 0

@@ -105,9 +105,12 @@ def test_order_0_is_a_plain_var_multi_scale_quantizer():
         BaseDetailVQVAE(TINY).img_to_indices(x[..., :32, :32])
 
 
-def test_gradients_reach_encoder_codebook_and_phi():
+@pytest.mark.parametrize("residual", ["independent", "shared", "independent+global"])
+def test_gradients_reach_encoder_codebook_and_phi(residual):
+    from dataclasses import replace
+
     torch.manual_seed(0)
-    model = BaseDetailVQVAE(TINY).train()
+    model = BaseDetailVQVAE(replace(TINY, residual=residual)).train()
     x, bases = _images()
     recon, q = model(x, bases)
     (F.mse_loss(recon, x) + q.vq_loss).backward()
@@ -189,3 +192,50 @@ def test_phi_sharing_follows_vars_tick_rule():
     quant = MultiScaleQuantizer(16, 4, schedule)
     phis = list(quant.quant_resi.qresi_ls)
     assert [phis.index(quant.phi(k)) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("residual", ["independent", "shared", "independent+global"])
+def test_each_residual_reading_quantizes_what_it_says(residual):
+    """tokenizer.residual: with `shared` the first map of each detail chain quantizes its feature plus what the chains
+    before left, so the last map's codes are the nearest to f_I − f̂_{<M} (the global residual); with `independent`
+    they are the nearest to D_1's own feature (its chain is one map); `independent+global` keeps the independent
+    chains and adds one full-resolution map whose codes are the nearest to the global residual. The training pass
+    and Algorithm 1 agree, Algorithm 2 reconstructs each, the token layout names the extra map, and at order 0
+    `shared` is VAR's quantizer."""
+    from dataclasses import replace
+
+    from nextdetail.storage.tokens import token_layout
+
+    torch.manual_seed(0)
+    spec = replace(TINY, detail_depth=1, residual=residual)
+    model = BaseDetailVQVAE(spec).eval()
+    assert len(model.schedule) == spec.n_maps == 4 + 3 + (residual == "independent+global")
+    x, bases = _images()
+    with torch.no_grad():
+        sources = model.sources(x, bases)
+        q = model.quantize(sources)
+    indices = model.img_to_indices(x, bases)
+    assert all(torch.equal(a, b) for a, b in zip(indices, q.indices, strict=True))
+    quant, c = model.quantize, spec.z_channels
+    partial = quant.indices_to_f(indices, spec.latent_side, cumulative=True)
+    assert torch.allclose(partial[-1], q.f_hat, atol=1e-5)
+
+    def nearest(r: torch.Tensor) -> torch.Tensor:
+        return quant.lookup(r.permute(0, 2, 3, 1).reshape(-1, c)).view(indices[-1].shape)
+
+    global_rest = torch.stack(sources).sum(0) - partial[-2]  # f_I − Σ_{k<M} φ_k(z_k)
+    if residual == "shared":
+        assert torch.equal(indices[-1], nearest(global_rest))
+    elif residual == "independent":
+        assert torch.equal(indices[-1], nearest(sources[-1])) and not torch.equal(indices[-1], nearest(global_rest))
+    else:
+        assert torch.equal(indices[-1], nearest(global_rest)) and torch.equal(indices[-2], nearest(sources[-1]))
+    kinds = [m["kind"] for m in token_layout(model.schedule, spec.order, spec.vocab_size, ["none"])["maps"]]
+    assert kinds == ["base"] * 4 + ["detail"] * 3 + (["global"] if residual == "independent+global" else [])
+    var = replace(TINY, order=0)
+    torch.manual_seed(1)
+    a = BaseDetailVQVAE(replace(var, residual="shared")).eval()
+    torch.manual_seed(1)
+    b = BaseDetailVQVAE(var).eval()
+    assert all(torch.equal(i, j) for i, j in zip(a.img_to_indices(x, bases[:0]), b.img_to_indices(x, bases[:0]),
+                                                  strict=True))

@@ -147,3 +147,22 @@ def test_flops_formula_counts_what_torch_counts_in_the_real_blocks():
                 x = b(x, cond, None)
             head_nm(x, cond)
         assert counter.get_total_flops() == transformer_flops(depth, C, 4 * C, n_query, n_key), (n_query, n_key)
+
+
+def test_guidance_ramps_over_all_maps_or_the_base_maps_only():
+    """sample.cfg_schedule: VAR's ramp t_k = cfg·k/(M−1) over all maps, or over CART's base maps (the last base map
+    and every detail map at the full cfg). Greedy draws: the first map (no guidance in either) is the same, later
+    maps — guided more strongly with the shorter ramp — change."""
+    from nextdetail.models.transformer import GuidedDraw
+
+    every = GuidedDraw(2.0, 0, 0.0, None, 5)
+    base = GuidedDraw(2.0, 0, 0.0, None, 3)
+    assert [every.guidance(k) for k in range(5)] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert [base.guidance(k) for k in range(5)] == [0.0, 1.0, 2.0, 2.0, 2.0]
+    model = _model(dtype=torch.float64)
+    quantizer = MultiScaleQuantizer(32, 8, token_schedule((1, 2, 4), 1, 2, 4)).double().eval()
+    labels = torch.tensor([0, 2, 4])
+    runs = [model.sample(labels, NextInput(quantizer, 4), cfg=4.0, top_k=1, generator=torch.Generator().manual_seed(0),
+                         cfg_ramp_maps=ramp) for ramp in (None, 3)]
+    assert torch.equal(runs[0][0], runs[1][0])  # map 0: no guidance in either
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0][1:], runs[1][1:], strict=True))

@@ -105,6 +105,10 @@ class DecomposeConfig(_Section):
 
     order: int = Field(default=3, ge=1, le=8, description="n in I = B_n + D_n + … + D_1")
     alpha: float = Field(default=10.0, gt=0, description="smoothness weight α of Eq. 8 (images in [0, 1], unit pixels)")
+    alpha_reference_px: int | None = Field(
+        default=None, ge=1, description="None: α applies as given at every resolution (in pixel² units the smoothing "
+        "reaches ≈ √α pixels, a larger share of a small image); R: α is given for R-px images and scaled by "
+        "(side / R)², so the base factors smooth the same fraction of the image at any size (λ and ε stay in pixels)")
     lambda_: float = Field(default=0.01, gt=0, alias="lambda", description="edge-length weight λ of Eq. 8")
     epsilon: float = Field(default=0.01, gt=0, description="ε of Eq. 8: the edge zone's width (final value)")
     epsilon_start: float | None = Field(default=None, gt=0, description="None: constant ε; else ε decays from this")
@@ -128,6 +132,10 @@ class DecomposeConfig(_Section):
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of chunk_images={self.chunk_images} "
                              "(each write covers whole chunks)")
         return self
+
+    def alpha_at(self, side: int) -> float:
+        """α for images `side` px wide (`alpha_reference_px`)."""
+        return self.alpha if self.alpha_reference_px is None else self.alpha * (side / self.alpha_reference_px) ** 2
 
     def identity_settings(self) -> dict:
         """The settings the base factors depend on (the solver freezes each image on its own, so the
@@ -157,6 +165,11 @@ class TokenizerConfig(_Section):
     order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
     detail_depth: int = Field(default=T.detail_depth, ge=1,
                               description="(M − B)/n: full-resolution token maps per detail factor")
+    residual: Literal["independent", "shared", "independent+global"] = Field(
+        default=T.residual, description="independent: one residual chain per source (Algorithm 1 read literally: "
+        "what the base chain leaves is never corrected); shared: each source's chain starts from what the chains "
+        "before it left, so the last map quantizes the global residual f_I − f̂ (Algorithm 1's running f_I); "
+        "independent+global: the independent chains, then one more full-resolution map on f_I − f̂")
     pretrained: str | None = Field(default=None, description="a tokenizer file (path or URL) to adopt instead of "
                                    "training: VAR's release (vae_ch160v4096z32.pth) or a nextdetail tokenizer.pt; "
                                    "the architecture settings must describe it")
@@ -313,6 +326,10 @@ class SampleConfig(_Section):
     classes: list[int] | None = Field(default=None, description="class indices; None: every class")
     per_class: int = Field(default=8, ge=1)
     cfg: float = Field(default=1.5, ge=0, description="guidance at the last map (VAR's ramp from 0)")
+    cfg_schedule: Literal["all_maps", "base_maps"] = Field(
+        default="all_maps", description="cart: guidance ramps from 0 over all M maps (VAR's rule; the last base "
+        "map's guidance then falls as detail maps are added) or over the base maps only (full guidance from the "
+        "last base map on)")
     top_k: int = Field(default=0, ge=0, description="0: no top-k cut")
     top_p: float = Field(default=0.0, ge=0, le=1, description="0: no nucleus cut")
     seed: int = 0
@@ -336,11 +353,11 @@ class SampleConfig(_Section):
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
     NDP_FIELDS: ClassVar[tuple[str, ...]] = ("budget", "estimator", "refine_per_step")
-    CART_FIELDS: ClassVar[tuple[str, ...]] = ("upscale", "detail_budget", "detail_patch")
+    CART_FIELDS: ClassVar[tuple[str, ...]] = ("upscale", "detail_budget", "detail_patch", "cfg_schedule")
 
     def evaluation_fields(self, model: str = "cart") -> tuple[str, ...]:
         """The sample.* settings evaluation samples with (its own count and seed; no upscaling); "any": both dials."""
-        dial = {"ndp": self.NDP_FIELDS, "cart": ("detail_budget", "detail_patch")}
+        dial = {"ndp": self.NDP_FIELDS, "cart": ("detail_budget", "detail_patch", "cfg_schedule")}
         return ("cfg", "top_k", "top_p", *dial.get(model, (*dial["ndp"], *dial["cart"])))
 
     def identity_settings(self, model: str = "cart") -> dict:

@@ -55,7 +55,7 @@ def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decom
                   tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
     from tqdm.auto import tqdm
 
-    from nextdetail.models.quant import token_schedule
+    from nextdetail.models.quant import schedule_of
 
     t0 = time.time()
     log = get_run_logger()
@@ -90,7 +90,7 @@ def tokenize_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, decom
     removed = attempt.remove_stale()
     if removed:
         log.info("tokenize: removed %d attempts abandoned over an hour ago", len(removed))
-    layout = tokens.token_layout(token_schedule(spec.patch_nums, spec.order, spec.detail_depth, spec.latent_side),
+    layout = tokens.token_layout(schedule_of(spec),
                                  spec.order, spec.vocab_size, cfg.tokens.variants)
     splits = sorted({job.split for job in plan.jobs})
     tokens.create_group(attempt, layout, plan.identity, splits)

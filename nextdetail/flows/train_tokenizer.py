@@ -61,12 +61,12 @@ def train_tokenizer_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult
     if cfg.tokenizer.pretrained:  # adopt the released weights: no data read, no training
         source = cfg.tokenizer.pretrained
         log.info("train_tokenizer: adopting %s (%d token maps) → %s", source,
-                 len(spec.patch_nums) + spec.order * spec.detail_depth, artifact.store.url())
+                 spec.n_maps, artifact.store.url())
         return build_one(TokenizerResult, adopt_tokenizer, artifact, source,
                          cfg.storage.options if "://" in source else {}, spec, started=t0)
     data = train_data(cfg, shards, decomposition)
     log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
-             spec.order, len(spec.patch_nums) + spec.order * spec.detail_depth, cfg.tokenizer.steps,
+             spec.order, spec.n_maps, cfg.tokenizer.steps,
              artifact.store.url())
     return build_one(TokenizerResult, train_tokenizer, artifact, data, cfg.tokenizer, spec, progress, started=t0)
 

@@ -41,6 +41,7 @@ class TokenizerSpec:
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # base scales
     order: int = 0  # decomposition order n; 0 = VAR
     detail_depth: int = 1  # token maps per detail factor, (M − B)/n
+    residual: str = "independent"  # independent | shared | independent+global (quant.MultiScaleQuantizer)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -54,7 +55,12 @@ class TokenizerSpec:
             num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
             beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
             resolution=cfg.shard.resolution, patch_nums=tuple(t.patch_nums),
-            order=cfg.tokenizer_order, detail_depth=t.detail_depth)
+            order=cfg.tokenizer_order, detail_depth=t.detail_depth, residual=t.residual)
+
+    @property
+    def n_maps(self) -> int:
+        """M: the base scales, `detail_depth` maps per detail factor, and the global map if there is one."""
+        return len(self.patch_nums) + self.order * self.detail_depth + (self.residual == "independent+global")
 
     @property
     def downsample(self) -> int:

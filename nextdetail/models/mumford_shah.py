@@ -68,9 +68,11 @@ class ATConfig:
     cg_max_iter: int = 40
 
     @classmethod
-    def from_settings(cls, d: Any) -> ATConfig:
-        """The solver of a `DecomposeConfig` (`decompose.*`)."""
-        return cls(alpha=d.alpha, lambda_=d.lambda_, epsilon=d.epsilon, epsilon_start=d.epsilon_start,
+    def from_settings(cls, d: Any, side: int | None = None) -> ATConfig:
+        """The solver of a `DecomposeConfig` (`decompose.*`) for images `side` px wide (α scaled to it when
+        `decompose.alpha_reference_px` is set)."""
+        alpha = d.alpha if side is None else d.alpha_at(side)
+        return cls(alpha=alpha, lambda_=d.lambda_, epsilon=d.epsilon, epsilon_start=d.epsilon_start,
                    outer_iterations=d.outer_iterations, outer_tol=d.outer_tol, cg_tol=d.cg_tol,
                    cg_max_iter=d.cg_max_iter)
 

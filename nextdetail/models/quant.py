@@ -4,10 +4,21 @@ base/detail token schedule (cart.txt §3.2, Algorithms 1–2).
 A *token schedule* lists the M token maps in prediction order. Map k has a side (h_k = w_k) and a
 *source*: source 0 is the base feature f_{B_n}, source t ≥ 1 the detail feature of the t-th detail
 factor in coarse-to-fine order, D_n, D_{n−1}, …, D_1, with f_{D_k} = f_{B_{k−1}} − f_{B_k} (Eq. 12,
-f_{B_0} = f_I). Each source keeps its own residual; map k quantizes its source's residual, area-
-downsampled to h_k × w_k, by the nearest code, looks it up, brings it back to the latent size
-(bicubic), applies φ_k, and subtracts that from the residual (Algorithm 1). The reconstruction is
-f̂ = Σ_k φ_k(z_k) (Algorithm 2); as the sources sum to f_I, f̂ approximates f_I.
+f_{B_0} = f_I). Map k quantizes its source's residual, area-downsampled to h_k × w_k, by the nearest
+code, looks it up, brings it back to the latent size (bicubic), applies φ_k, and subtracts that from
+the residual (Algorithm 1). The reconstruction is f̂ = Σ_k φ_k(z_k) (Algorithm 2); as the sources sum
+to f_I, f̂ approximates f_I.
+
+How the residuals chain (`residual`), two readings of Algorithm 1:
+- ``independent``: each source keeps its own residual (the literal reading: one chain per source); what
+  the base chain leaves after its last map is never corrected, and the detail chains' errors add to it;
+- ``shared``: a source's chain starts from its feature plus what the chains before it left, so the
+  detail maps of D_t quantize f_{D_t} + (the uncorrected remainder so far), and the last map the global
+  residual f_I − f̂ — Algorithm 1's f_I, updated at every step, is this running remainder;
+- ``independent+global``: the independent chains, then one more full-resolution map (source `GLOBAL`) on
+  the global residual f_I − f̂ — reading Algorithm 1's f_I as one final map (CART's "14 steps" = 10 base
+  scales + 3 detail maps + 1).
+With one source (order 0) `independent` and `shared` are VAR's quantizer.
 
 Order 0 (one source, f_I) with VAR's scales is exactly VAR's VectorQuantizer2: same lookups, same φ
 blending and partial sharing, same loss, same parameter and buffer names, so VAR's released weights load.
@@ -22,23 +33,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nextdetail.models.configs import TokenizerSpec
+
+GLOBAL = -1  # the source of a map on the global residual f_I − f̂ (`residual="independent+global"`)
+
 
 @dataclass(frozen=True)
 class TokenMap:
     side: int  # h_k = w_k
-    source: int  # 0: the base f_{B_n}; t ≥ 1: the t-th detail factor, coarse to fine (D_n … D_1)
+    source: int  # 0: the base f_{B_n}; t ≥ 1: the t-th detail factor, coarse to fine (D_n … D_1); GLOBAL
+
+    @property
+    def kind(self) -> str:
+        return "base" if self.source == 0 else "global" if self.source == GLOBAL else "detail"
 
 
-def token_schedule(base_patch_nums: tuple[int, ...], order: int, detail_depth: int, latent_side: int) -> tuple[TokenMap, ...]:
+def token_schedule(base_patch_nums: tuple[int, ...], order: int, detail_depth: int, latent_side: int,
+                   global_map: bool = False) -> tuple[TokenMap, ...]:
     """B = len(base_patch_nums) multi-scale base maps, then `detail_depth` full-resolution maps for
-    each of the `order` detail factors: M = B + order · detail_depth (CART: (M − B)/n per factor)."""
+    each of the `order` detail factors: M = B + order · detail_depth (CART: (M − B)/n per factor); with
+    `global_map`, one more full-resolution map on what all the chains left (f_I − f̂)."""
     if not base_patch_nums or list(base_patch_nums) != sorted(base_patch_nums) or base_patch_nums[-1] > latent_side:
         raise ValueError(f"patch_nums {base_patch_nums} must be increasing and end at most at the latent side {latent_side}")
     if order and detail_depth < 1:
         raise ValueError("detail_depth must be ≥ 1 when the decomposition order is ≥ 1")
     base = [TokenMap(p, 0) for p in base_patch_nums]
     details = [TokenMap(latent_side, t) for t in range(1, order + 1) for _ in range(detail_depth)]
-    return tuple(base + details)
+    return tuple(base + details + ([TokenMap(latent_side, GLOBAL)] if global_map else []))
+
+
+def schedule_of(spec: TokenizerSpec) -> tuple[TokenMap, ...]:
+    """The token schedule a tokenizer architecture quantizes over."""
+    return token_schedule(tuple(spec.patch_nums), spec.order, spec.detail_depth, spec.latent_side,
+                          global_map=spec.residual == "independent+global")
 
 
 class Phi(nn.Conv2d):
@@ -78,10 +105,17 @@ class MultiScaleQuantizer(nn.Module):
     def __init__(
         self, vocab_size: int, embed_dim: int, schedule: tuple[TokenMap, ...], beta: float = 0.25,
         using_znorm: bool = False, quant_resi: float = 0.5, share_quant_resi: int = 4,
+        residual: str = "independent",
     ) -> None:
         super().__init__()
         if share_quant_resi < 2:
             raise ValueError("share_quant_resi must be ≥ 2 (VAR's partially shared φ; its released tokenizer uses 4)")
+        if residual not in ("independent", "shared", "independent+global"):
+            raise ValueError(f"residual must be independent, shared or independent+global, got {residual!r}")
+        if (residual == "independent+global") != any(m.source == GLOBAL for m in schedule):
+            raise ValueError(f"residual={residual}: the schedule must end with one map on the global residual exactly "
+                             "when the residual reading is independent+global (quant.schedule_of)")
+        self.residual = residual
         self.vocab_size, self.Cvae, self.beta, self.using_znorm = vocab_size, embed_dim, beta, using_znorm
         self.schedule = tuple(schedule)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
@@ -93,7 +127,13 @@ class MultiScaleQuantizer(nn.Module):
 
     @property
     def n_sources(self) -> int:
-        return 1 + max(m.source for m in self.schedule)
+        return 1 + max(m.source for m in self.schedule)  # the global map reads the others' residuals, no source
+
+    def _starts_carried_chain(self, k: int) -> bool:
+        """Whether map k is the first of a detail source's chain that, with `residual="shared"`, starts from what
+        the previous source's chain left."""
+        return (self.residual == "shared" and k > 0 and self.schedule[k].source > 0
+                and self.schedule[k].source != self.schedule[k - 1].source)
 
     def phi(self, k: int) -> Phi:
         m = len(self.schedule)
@@ -129,14 +169,22 @@ class MultiScaleQuantizer(nn.Module):
         dtype = sources[0].dtype
         sources = [s.float() for s in sources]
         b, c, _, ww = sources[0].shape
-        rest = [s.detach().clone() for s in sources]  # per-source residuals
-        f_hat_src = [torch.zeros_like(s) for s in sources]  # per-source partial reconstructions
+        rest = [s.detach().clone() for s in sources]  # per-source residuals (+ the global one, last)
+        targets = list(sources)  # what each chain approximates (shared: its feature + the carry)
+        f_hat_src = [torch.zeros_like(s) for s in sources]  # per-chain partial reconstructions
         vq_loss = sources[0].new_zeros(())
         indices: list[Tensor] = []
         recent: list[Tensor] = []
         with torch.autocast(sources[0].device.type, enabled=False):
             for k, tm in enumerate(self.schedule):
                 s = tm.source
+                if self._starts_carried_chain(k):
+                    carry = rest[s - 1]  # what the previous chain left (detached: a target, like the residual)
+                    rest[s], targets[s] = rest[s] + carry, targets[s] + carry
+                if s == GLOBAL and len(rest) == len(sources):  # the global chain starts from what all others left
+                    rest.append(torch.stack(rest).sum(0))
+                    targets.append(rest[-1].clone())
+                    f_hat_src.append(torch.zeros_like(rest[-1]))
                 rest_k = rest[s] if tm.side == ww else F.interpolate(rest[s], size=(tm.side, tm.side), mode="area")
                 rest_NC = rest_k.permute(0, 2, 3, 1).reshape(-1, c)  # (B·h_k·w_k, C)
                 idx_N = self.lookup(rest_NC)
@@ -147,8 +195,8 @@ class MultiScaleQuantizer(nn.Module):
                 h = self._to_latent(k, idx_Bhw, ww)  # (B, C, h, w)
                 f_hat_src[s] = f_hat_src[s] + h
                 rest[s] = rest[s] - h.detach()
-                vq_loss = vq_loss + F.mse_loss(f_hat_src[s].data, sources[s]).mul_(self.beta) + \
-                    F.mse_loss(f_hat_src[s], sources[s].detach())
+                vq_loss = vq_loss + F.mse_loss(f_hat_src[s].data, targets[s]).mul_(self.beta) + \
+                    F.mse_loss(f_hat_src[s], targets[s].detach())
                 indices.append(idx_Bhw)
         if recent:
             self.recent = torch.cat(recent)
@@ -178,6 +226,10 @@ class MultiScaleQuantizer(nn.Module):
         rest = [s.float().clone() for s in sources]
         indices = []
         for k, tm in enumerate(self.schedule):
+            if self._starts_carried_chain(k):
+                rest[tm.source] += rest[tm.source - 1]
+            if tm.source == GLOBAL and len(rest) == len(sources):
+                rest.append(torch.stack(rest).sum(0))
             r = rest[tm.source] if tm.side == ww else F.interpolate(rest[tm.source], size=(tm.side, tm.side), mode="area")
             idx_Bhw = self.lookup(r.permute(0, 2, 3, 1).reshape(-1, c)).view(r.shape[0], tm.side, tm.side)
             rest[tm.source] -= self._to_latent(k, idx_Bhw, ww)

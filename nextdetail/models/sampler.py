@@ -42,7 +42,7 @@ class Samples:
 
 class CARTSampler:
     def __init__(self, transformer: NextDetailTransformer, tokenizer: BaseDetailVQVAE, detail_budget: float = 1.0,
-                 detail_patch: int = 2) -> None:
+                 detail_patch: int = 2, cfg_schedule: str = "all_maps") -> None:
         sides = tuple(m.side for m in tokenizer.schedule)
         if sides != transformer.cfg.sides or tokenizer.spec.vocab_size != transformer.cfg.vocab_size:
             raise ValueError(f"transformer (maps {transformer.cfg.sides}, V {transformer.cfg.vocab_size}) and tokenizer "
@@ -51,6 +51,9 @@ class CARTSampler:
         self.quantizer, self.latent_side = tokenizer.quantize, tokenizer.spec.latent_side
         self.n_base = sum(1 for m in tokenizer.schedule if m.source == 0)
         self.detail_budget, self.detail_patch = detail_budget, detail_patch
+        if cfg_schedule not in ("all_maps", "base_maps"):
+            raise ValueError(f"cfg_schedule must be all_maps or base_maps, got {cfg_schedule!r}")
+        self.cfg_ramp_maps = len(sides) if cfg_schedule == "all_maps" else self.n_base  # GuidedDraw's ramp
         if self.dial_active and (self.latent_side % detail_patch or self.latent_side % sides[self.n_base - 1]):
             raise ValueError(f"detail_patch={detail_patch} and the last base map ({sides[self.n_base - 1]}²) must "
                              f"divide the latent side {self.latent_side}")
@@ -98,7 +101,8 @@ class CARTSampler:
             return kept[-1]
 
         maps = self.transformer.sample(labels, NextInput(self.quantizer, self.latent_side), cfg, top_k, top_p, generator,
-                                       select_details=dial if self.dial_active else None)
+                                       select_details=dial if self.dial_active else None,
+                                       cfg_ramp_maps=self.cfg_ramp_maps)
         if not kept:
             return Samples(self.tokenizer.indices_to_img(maps), maps)
         keep = kept[-1].view(-1, self.latent_side, self.latent_side)  # (B, S, S)
@@ -123,7 +127,7 @@ class CARTSampler:
         base_maps = self.quantizer.f_to_indices(sources)[: self.n_base]  # the base scales of each patch
         patch_labels = labels.repeat_interleave(factor * factor)  # (B·f²,)
         out = self.transformer.sample(patch_labels, NextInput(self.quantizer, self.latent_side), cfg, top_k, top_p,
-                                      generator, given=base_maps)
+                                      generator, given=base_maps, cfg_ramp_maps=self.cfg_ramp_maps)
         detail = self._latent(out, range(self.n_base, M))  # (B·f², C, h, w)
         detail = detail.view(B, factor, factor, C, h, h).permute(0, 3, 1, 4, 2, 5).reshape(B, C, factor * h, factor * h)
         return self.tokenizer.fhat_to_img(big + detail)
@@ -135,5 +139,5 @@ def bilinear_upscale(images: Tensor, factor: int) -> Tensor:
 
 
 def from_config(transformer: NextDetailTransformer, tokenizer: BaseDetailVQVAE, cfg: Any) -> CARTSampler:
-    """The family's sampler (nextdetail.models.FAMILIES) with `sample.*`'s detail dial."""
-    return CARTSampler(transformer, tokenizer, cfg.detail_budget, cfg.detail_patch)
+    """The family's sampler (nextdetail.models.FAMILIES) with `sample.*`'s detail dial and guidance schedule."""
+    return CARTSampler(transformer, tokenizer, cfg.detail_budget, cfg.detail_patch, cfg.cfg_schedule)

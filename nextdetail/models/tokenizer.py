@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from nextdetail.models.configs import TokenizerSpec
-from nextdetail.models.quant import MultiScaleQuantizer, QuantOutput, token_schedule
+from nextdetail.models.quant import MultiScaleQuantizer, QuantOutput, schedule_of
 from nextdetail.models.vae import Decoder, Encoder
 
 
@@ -33,10 +33,10 @@ class BaseDetailVQVAE(nn.Module):
                   in_channels=3, z_channels=spec.z_channels, using_sa=spec.using_sa, using_mid_sa=spec.using_mid_sa)
         self.encoder = Encoder(**dd)
         self.decoder = Decoder(**dd)
-        self.schedule = token_schedule(tuple(spec.patch_nums), spec.order, spec.detail_depth, spec.latent_side)
+        self.schedule = schedule_of(spec)
         self.quantize = MultiScaleQuantizer(spec.vocab_size, spec.z_channels, self.schedule, beta=spec.beta,
                                             using_znorm=spec.using_znorm, quant_resi=spec.quant_resi,
-                                            share_quant_resi=spec.share_quant_resi)
+                                            share_quant_resi=spec.share_quant_resi, residual=spec.residual)
         ks = spec.quant_conv_ks
         self.quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)
         self.post_quant_conv = nn.Conv2d(spec.z_channels, spec.z_channels, ks, stride=1, padding=ks // 2)

@@ -230,7 +230,7 @@ class NextDetailTransformer(VARTrunk):
     def sample(self, label_B: Tensor, next_input: Callable[..., Tensor], cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
                generator: torch.Generator | None = None, use_cache: bool = True,
                given: list[Tensor] | None = None,
-               select_details: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
+               select_details: Callable[[Tensor], Tensor] | None = None, cfg_ramp_maps: int | None = None) -> list[Tensor]:
         """Class-conditional sampling, map by map (`sample_map`), each map's tokens drawn with classifier-free
         guidance ramped over the maps as VAR does (`GuidedDraw`). `next_input(k, idx_Bhw)` adds map k's tokens
         to the reconstruction and returns map k+1's input (B, h_{k+1}·w_{k+1}, Cvae) (the tokenizer's
@@ -239,9 +239,10 @@ class NextDetailTransformer(VARTrunk):
         only): called with the detail difficulty at the last base map (B, l), returns which latent cells (B, h·w)
         bool, the same count per image, get detail tokens; every detail map then runs only those positions and
         `next_input(k, idx, keep)` gets the mask. Returns the M token maps (B, h_k, w_k) (unselected detail
-        positions hold 0 and are not part of the image)."""
+        positions hold 0 and are not part of the image). `cfg_ramp_maps`: the maps the guidance ramps over (default
+        all M, VAR's; `GuidedDraw`)."""
         M = len(self.cfg.sides)
-        draw = GuidedDraw(cfg, top_k, top_p, generator, M)
+        draw = GuidedDraw(cfg, top_k, top_p, generator, cfg_ramp_maps or M)
         dial = None
         if select_details is not None and self.cfg.has_detail_head:
             if not use_cache:
@@ -300,8 +301,10 @@ class NextDetailTransformer(VARTrunk):
 
 @dataclass
 class GuidedDraw:
-    """How a map's tokens are drawn: classifier-free guidance ramped over the M maps as VAR does
-    (t_k = cfg · k / (M − 1): none at the first map, `cfg` at the last), then top-k / top-p sampling."""
+    """How a map's tokens are drawn: classifier-free guidance ramped over the first `maps` maps as VAR does
+    (t_k = cfg · k / (maps − 1): none at the first map, `cfg` at map `maps` − 1 and after), then top-k / top-p
+    sampling. VAR ramps over all M maps; `sample.cfg_schedule=base_maps` ramps over CART's base maps only, so the
+    last base map gets the full guidance whatever the number of detail maps after it."""
 
     cfg: float
     top_k: int
@@ -309,9 +312,13 @@ class GuidedDraw:
     generator: torch.Generator | None
     maps: int
 
+    def guidance(self, k: int) -> float:
+        """t_k, the guidance of map k."""
+        return self.cfg * min(k, self.maps - 1) / max(self.maps - 1, 1)
+
     def __call__(self, k: int, logits_2BlV: Tensor) -> Tensor:
         B = logits_2BlV.shape[0] // 2
-        t = self.cfg * k / max(self.maps - 1, 1)
+        t = self.guidance(k)
         guided = (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]  # (B, l, V)
         return sample_top_k_top_p(guided, self.top_k, self.top_p, self.generator)  # (B, l)
 

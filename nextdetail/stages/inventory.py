@@ -1,8 +1,9 @@
 """What a storage root holds (`nextdetail cache ls`, `cache du`): every artifact its lineage records name — by
 stage, with identity, size, when it was built and last used (the run log), which of the given configs
 reference it, and whether it is still complete — plus the directories under a stage's output that no record
-names (abandoned attempts, a killed run's partial output: what `cache gc` will remove). Reads listings, records
-and markers only: no torch, no Prefect.
+names (abandoned attempts, a killed run's partial output: what `cache gc` will remove) and the shared caches
+beside them (the token cache's root, `tokens.cache`; the reference statistics, `eval.reference_cache`). Reads
+listings, records and markers only: no torch, no Prefect.
 """
 
 from __future__ import annotations
@@ -75,7 +76,21 @@ def inventory(branches: dict[str, PipelineConfig]) -> list[Entry]:
                                                  record.get("result", {}).get("summary", {})),
                                  tuple(record.get("upstream", {}).values())))
         entries += _unrecorded(cfg, stage, recorded_urls)
-    return entries
+    return entries + _reference_statistics(cfg)
+
+
+def _reference_statistics(cfg: PipelineConfig) -> list[Entry]:
+    """The reference-statistics cache (`<eval.reference_cache or storage.root>/refstats/<identity>/`): shared by
+    content, never named by a lineage record — listed under evaluate, kept by gc."""
+    options = cfg.eval.reference_cache_options if cfg.eval.reference_cache_options is not None else cfg.storage.options
+    root = Store(cfg.eval.reference_cache or cfg.storage.root, options).sub("refstats")
+    out = []
+    for name in root.listdir(""):
+        child = root.sub(name)
+        marker = _marker(child)
+        out.append(Entry("evaluate", name, child.url(), tree_bytes(child.url(), options),
+                         SHARED if marker else UNRECORDED, _built(marker)))
+    return out
 
 
 def _unrecorded(cfg: PipelineConfig, stage: str, recorded: set[str]) -> list[Entry]:
@@ -98,8 +113,14 @@ def _unrecorded(cfg: PipelineConfig, stage: str, recorded: set[str]) -> list[Ent
             marker = _marker(child)
             out.append(Entry(stage, marker.get("identity", "") if marker else "", child.url(),
                              tree_bytes(child.url(), child.options), SHARED if marker else UNRECORDED,
-                             marker.get("finished") if marker else None))
+                             _built(marker)))
     return sorted(out, key=lambda e: e.url)
+
+
+def _built(marker: dict[str, Any] | None) -> float | None:
+    """When a marker's artifact was built (markers record their start and duration)."""
+    lineage = (marker or {}).get("lineage", {})
+    return lineage["started"] + lineage.get("seconds", 0.0) if "started" in lineage else None
 
 
 def _marker(store: Store) -> dict[str, Any] | None:

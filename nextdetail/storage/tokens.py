@@ -69,9 +69,8 @@ def token_layout(schedule: Any, order: int, vocab_size: int, variants: list[str]
     """The attrs that let a reader cut a row of L tokens back into the M token maps."""
     maps, offset = [], 0
     for k, tm in enumerate(schedule):
-        detail = tm.source > 0
-        maps.append({"index": k, "kind": "detail" if detail else "base",
-                     "factor": order - tm.source + 1 if detail else order,  # D_k, or B_n for the base maps
+        factor = {"base": order, "detail": order - tm.source + 1, "global": 0}[tm.kind]  # B_n, D_k; 0: f_I − f̂
+        maps.append({"index": k, "kind": tm.kind, "factor": factor,
                      "height": tm.side, "width": tm.side, "offset": offset, "length": tm.side * tm.side})
         offset += tm.side * tm.side
     return {"format": FORMAT_VERSION, "maps": maps, "tokens_per_image": offset, "order": order,

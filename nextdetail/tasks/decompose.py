@@ -92,7 +92,7 @@ def write_factors(
     n, h, w, c = images.shape
     array = factors.create_array(artifact.store, job.split, job.tar, n, (cfg.order, c, h, w), cfg.dtype,
                                  cfg.chunk_images)
-    at: ATConfig = ATConfig.from_settings(cfg)
+    at: ATConfig = ATConfig.from_settings(cfg, side=w)
     outer, cg = [], []
     t0 = time.time()
     for start in range(0, n, cfg.batch_size):

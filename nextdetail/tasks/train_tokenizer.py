@@ -261,7 +261,7 @@ def adopt_tokenizer(artifact: Artifact, source: str, options: dict, spec: Any) -
 def plan_training(root: Store, key: StageKey, spec: Any) -> Artifact:
     """The tokenizer artifact in its own directory under `root`, named by the stage identity: checkpoints there
     belong to exactly this training (another decomposition or setting never resumes them)."""
-    name = f"v{spec.vocab_size}-order{spec.order}-maps{len(spec.patch_nums) + spec.order * spec.detail_depth}"
+    name = f"v{spec.vocab_size}-order{spec.order}-maps{spec.n_maps}"
     return Artifact("train_tokenizer", key.identity, root.sub(f"{name}-{key.identity[:12]}"), "_COMPLETE.json",
                     lineage=key.lineage())
 
