@@ -99,7 +99,7 @@ def test_credentials_given_every_way_appear_nowhere(tmp_path, s3_endpoint, embed
         "-o", f"storage.credentials_file={cred_file}")
     # A JSON string (a SecretStr): Prefect 3.8 obfuscates it in every API listing; a dict value it lists in clear.
     Secret(value=json.dumps({"key": keys["block"][0], "secret": keys["block"][1]})).save("team-bucket", overwrite=True)
-    cli("run", "--no-progress", "--until", "decompose", "--force", "decompose", *base,
+    cli("run", "--no-progress", "--until", "shard", "--force", "shard", *base,  # on Dask workers, as decompose
         "-o", "storage.credentials_block=team-bucket")
     status = cli("status", *base, extra_env={"AWS_ACCESS_KEY_ID": keys["env"][0],
                                              "AWS_SECRET_ACCESS_KEY": keys["env"][1]})

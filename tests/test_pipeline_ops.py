@@ -298,13 +298,21 @@ def test_stage_selection_is_validated_before_anything_starts():
 
 def test_a_decomposition_knob_retrains_from_scratch_in_new_directories(own_pipeline):
     """Changing decompose.alpha gives the training stages new identities: they train from step 0 in their
-    own directories — never resume the other decomposition's checkpoints — and the old artifacts stay."""
+    own directories — never resume the other decomposition's checkpoints — and the old artifacts stay. The same
+    run (one retraining serves both checks) reads Algorithm 1 with one more map on the global residual
+    (`tokenizer.residual=independent+global`) and ramps the guidance over the base maps only
+    (`sample.cfg_schedule=base_maps`): tokenize, train_ar and sample take the extra map as any other."""
     root, cfg, first = own_pipeline
-    knob = run_pipeline(make_config(root, cfg.data.source, *FAST, "decompose.alpha=20"), until="train_ar",
-                        progress=False)
-    assert knob.work == {"shard": "up to date", **dict.fromkeys(STAGES[1:5], "ran")}
+    knob = run_pipeline(make_config(root, cfg.data.source, *FAST, "decompose.alpha=20",
+                                    "tokenizer.residual=independent+global", "sample.cfg_schedule=base_maps"),
+                        until="sample", progress=False)
+    assert knob.work == {"shard": "up to date", **dict.fromkeys(STAGES[1:6], "ran")}
     for stage in ("train_tokenizer", "train_ar"):
         assert knob[stage].identity != first[stage].identity and knob[stage].url != first[stage].url
         assert knob[stage].summary["resumed_from"] == 0, (stage, knob[stage].summary)
         assert Path(first[stage].url, "_COMPLETE.json").is_file()
     assert knob["train_tokenizer"].summary["tokenizer_sha256"] != first["train_tokenizer"].summary["tokenizer_sha256"]
+    layout = knob["tokenize"].summary["layout"]
+    assert [m["kind"] for m in layout["maps"]][-2:] == ["detail", "global"]
+    assert knob["train_ar"].summary["token_maps"] == len(layout["maps"]) == len(cfg.tokenizer.patch_nums) + 3 + 1
+    assert Path(knob["sample"].url, "grid.png").stat().st_size > 0 != first["train_tokenizer"].summary["tokenizer_sha256"]

@@ -178,8 +178,7 @@ def _files_of(stage: str, store: Store, marker: dict[str, Any]) -> list[str]:
     marker, temporaries and leases (part markers and step checkpoints included)."""
     if stage == "tokenize":
         return sorted(marker["files"])
-    return [rel for rel in (r[len(store.root) + 1:] if r.startswith(store.root + "/") else r
-                            for r in (store.path(p) for p in store.find()))
+    return [rel for rel in store.find()
             if rel != MARKER and TMP_MARK not in rel.rsplit("/", 1)[-1] and rel.rsplit("/", 1)[-1] not in _SKIP]
 
 
