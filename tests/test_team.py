@@ -54,7 +54,8 @@ def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verif
     """1. push shards, factors and tokenizer to s3://team-bucket/nd: every file arrives with its sha256, the records
     follow (status on the bucket: up to date), a second push sends nothing. 2. tokenize runs on the bucket while
     `cache gc --yes` runs there: the attempt being written is left alone and the cache publishes and verifies;
-    `cache ls`, `du` and `verify` on the bucket see the four artifacts, every file with a sha256.
+    `cache ls`, `du` and `verify` on the bucket see the four artifacts, every file with a sha256; the rest of the
+    pipeline pushed after them makes every stage up to date there, and `compare` reads and draws on the bucket.
     3. a newcomer pulls `--stage tokenize` into an empty root: the token cache and its record only; `run --until
     tokenize` there rebuilds the rest and encodes nothing. 4. a flipped byte in that copy: `cache verify` finds it
     (exit 1), `--withdraw` moves the marker aside and status calls the stage missing."""
@@ -114,6 +115,17 @@ def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verif
     checked = _nd("cache", "verify", "--no-progress", *on_bucket)
     assert checked.returncode == 0 and "4 artifact(s)" in checked.stdout and "(0 by size only" in checked.stdout, \
         checked.stdout + checked.stderr  # every file pushed or built there has its sha256 recorded
+
+    # the rest of the session's pipeline joins it there: the bucket's root now compares and draws like a local one
+    rest = _nd("cache", "push", "--to", remote, "--remote-options", opts, "--no-progress", "--stage", "train_ar",
+               "--stage", "sample", "--stage", "evaluate", *here)
+    assert rest.returncode == 0 and "3 copied" in rest.stdout, rest.stdout + rest.stderr
+    status = json.loads(_nd("status", "--json", *on_bucket).stdout)
+    assert {s["state"] for s in status} == {"up to date"}, status
+    compared = _nd("compare", "--format", "json", *on_bucket)
+    assert compared.returncode == 0, compared.stderr
+    assert [r["evaluate"] for r in json.loads(compared.stdout)] == [first.identities["evaluate"][:12]]
+    assert Store(remote, options).read_bytes("reports/compare.png")[:4] == b"\x89PNG"
 
     # 3. a newcomer takes the token cache alone
     newcomer = tmp_path / "newcomer"
