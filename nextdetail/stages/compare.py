@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from nextdetail.conf.schema import PipelineConfig
+from nextdetail.stages.status import flatten
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage, recorded_artifact
 
@@ -42,7 +43,7 @@ def comparison(cfg: PipelineConfig) -> list[dict[str, Any]]:
         }
         settings: dict[str, Any] = {}
         for stage_record in closure.values():
-            settings.update(_flatten(stage_record.get("settings", {})))
+            settings.update(flatten(stage_record.get("settings", {})))
         rows.append({**row, **{k: settings[k] for k in sorted(settings)}})
     return rows
 
@@ -60,15 +61,6 @@ def _closure(lineage: Lineage, record: dict[str, Any]) -> dict[str, dict[str, An
             up = lineage.read(stage, str(ident).split(":", 1)[0])
             if up is not None:
                 todo.append(up)
-    return out
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: json.dumps(d) if isinstance(d, list) else d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 

@@ -192,7 +192,7 @@ def plan_gc(cfg: PipelineConfig, entries: list[Entry], keep_last: int = 0, keep_
     now = time.time() if now is None else now
     keep: set[int] = set()
     for i, e in enumerate(entries):
-        if e.referenced_by or e.state == SHARED or not _under(e.url, cfg.storage.root):
+        if e.referenced_by or e.state == SHARED or not under(e.url, cfg.storage.root):
             keep.add(i)
     for stage in STAGES:
         complete = sorted((i for i, e in enumerate(entries) if e.stage == stage and e.state == COMPLETE),
@@ -250,7 +250,8 @@ def format_gc(removals: list[Removal], kept: list[Entry], dry_run: bool) -> str:
     return "\n".join(lines)
 
 
-def _under(url: str, root: str) -> bool:
+def under(url: str, root: str) -> bool:
+    """Whether `url` is `root` or lies below it."""
     return url.rstrip("/").startswith(root.rstrip("/") + "/") or url.rstrip("/") == root.rstrip("/")
 
 

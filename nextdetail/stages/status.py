@@ -48,12 +48,13 @@ class StageStatus:
                 "identity": self.identity, "artifact": self.artifact, "shared_with": self.shared_with}
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as `section.key` → value."""
     if not isinstance(d, dict):
         return {prefix: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
 
 
@@ -65,7 +66,7 @@ def _short(v: Any) -> str:
 def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
     """What differs between the current key parts and the last record: settings, upstream, inputs, code."""
     reasons = []
-    now, then = _flatten(current.get("settings", {})), _flatten(last.get("settings", {}))
+    now, then = flatten(current.get("settings", {})), flatten(last.get("settings", {}))
     for k in sorted(set(now) | set(then)):
         if now.get(k, "<unset>") != then.get(k, "<unset>"):
             reasons.append(f"setting {k}: {_short(then.get(k, '<unset>'))} → {_short(now.get(k, '<unset>'))}")
@@ -77,7 +78,7 @@ def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
                 reasons.append(f"upstream {u} rebuilt with other content: {was[-1][:12]} → {now[1][:12]}")
             else:
                 reasons.append(f"upstream {u} changed: {str(before)[:12]} → {str(ident)[:12]}")
-    now_in, then_in = _flatten(current.get("inputs", {})), _flatten(last.get("inputs", {}))
+    now_in, then_in = flatten(current.get("inputs", {})), flatten(last.get("inputs", {}))
     for k in sorted(set(now_in) | set(then_in)):
         if now_in.get(k) != then_in.get(k):
             reasons.append(f"input {k}: {_short(then_in.get(k))} → {_short(now_in.get(k))}")
@@ -194,7 +195,7 @@ def explain_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def format_explain(info: dict[str, Any]) -> str:
     ident = info["identity"] or "(not computable until its upstream stages are up to date)"
     lines = [f"{info['stage']} ({info['state']}, model {info['model']}): identity {ident}", "settings:"]
-    lines += [f"  {k} = {v!r}" for k, v in _flatten(info["settings"]).items()] or ["  (none)"]
+    lines += [f"  {k} = {v!r}" for k, v in flatten(info["settings"]).items()] or ["  (none)"]
     lines.append("upstream:")
     for u, up in info["upstream"].items():
         weights = f"  weights sha256 {up['weights_sha256']}" if up.get("weights_sha256") else ""
@@ -205,7 +206,7 @@ def format_explain(info: dict[str, Any]) -> str:
     if info["inputs"] is None:
         lines.append("  (computed once the upstream stages are up to date)")
     else:
-        lines += [f"  {k} = {v!r}" for k, v in _flatten(info["inputs"]).items()] or ["  (none)"]
+        lines += [f"  {k} = {v!r}" for k, v in flatten(info["inputs"]).items()] or ["  (none)"]
     lines.append(f"code ({len(info['code'])} files, the imports of {', '.join(info['entries'])}):")
     lines += [f"  {sha}  {path}" for path, sha in info["code"].items()]
     return "\n".join(lines)

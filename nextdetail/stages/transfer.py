@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.stages.inventory import under
 from nextdetail.storage.artifacts import withdraw
 from nextdetail.storage.fs import TMP_MARK, Store
 from nextdetail.storage.hashing import canonical_json
@@ -106,7 +107,7 @@ def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: boo
     for record in plan.records:
         stage = record["stage"]
         url = record["artifact"]["url"]
-        if not _under(url, src_root.url()):
+        if not under(url, src_root.url()):
             out = Sent(stage, record["identity"], url, "record only")
         else:
             out = copy_artifact(stage, Store(url, src.artifact_options(stage)),
@@ -198,7 +199,7 @@ def _renamer(src_root: str, dst_root: str) -> Callable[[Any], Any]:
 
     def rename(value: Any) -> Any:
         if isinstance(value, str):
-            return dst_root + value[len(src_root):] if _under(value, src_root) else value
+            return dst_root + value[len(src_root):] if under(value, src_root) else value
         if isinstance(value, dict):
             return {k: rename(v) for k, v in value.items()}
         if isinstance(value, list):
@@ -206,11 +207,6 @@ def _renamer(src_root: str, dst_root: str) -> Callable[[Any], Any]:
         return value
 
     return rename
-
-
-def _under(url: str, root: str) -> bool:
-    url, root = url.rstrip("/"), root.rstrip("/")
-    return url == root or url.startswith(root + "/")
 
 
 def _read_json(store: Store, rel: str) -> dict[str, Any] | None:
