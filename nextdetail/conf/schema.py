@@ -166,9 +166,9 @@ class TokenizerConfig(_Section):
     detail_depth: int = Field(default=T.detail_depth, ge=1,
                               description="(M − B)/n: full-resolution token maps per detail factor")
     residual: Literal["independent", "shared", "independent+global"] = Field(
-        default=T.residual, description="independent: one residual chain per source (Algorithm 1 read literally: "
-        "what the base chain leaves is never corrected); shared: each source's chain starts from what the chains "
-        "before it left, so the last map quantizes the global residual f_I − f̂ (Algorithm 1's running f_I); "
+        default=T.residual, description="shared (default): each source's chain starts from what the chains before "
+        "it left, so the last map quantizes the global residual f_I − f̂ (Algorithm 1's running f_I); independent: "
+        "one residual chain per source (Algorithm 1 read literally: what the base chain leaves is never corrected); "
         "independent+global: the independent chains, then one more full-resolution map on f_I − f̂")
     pretrained: str | None = Field(default=None, description="a tokenizer file (path or URL) to adopt instead of "
                                    "training: VAR's release (vae_ch160v4096z32.pth) or a nextdetail tokenizer.pt; "
@@ -459,9 +459,9 @@ class PipelineConfig(_Section):
         order = self.tokenizer_order
         latent = None if res is None else res // down
         if order >= 1 and latent is not None and self.tokenizer.patch_nums[-1] != latent:
-            # One residual chain per source (Algorithm 1, models/quant.py): nothing quantizes the base above
-            # its last grid, and the detail maps carry only D_1…D_n — so a base ending below the latent side
-            # loses what lies between that grid and the latent one for good.
+            # The base maps are B_n's multi-scale tokens: with one chain per source (`independent`) nothing
+            # quantizes the base above its last grid, so what lies between that grid and the latent one is lost
+            # for good; with `shared` the detail maps would have to carry it, which is not what they are for.
             raise ValueError(
                 f"with decomposition order {order} the base scales must end at the latent side {latent} "
                 f"(= shard.resolution / {down}), not at {self.tokenizer.patch_nums[-1]}: the base is never "

@@ -41,7 +41,10 @@ class TokenizerSpec:
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # base scales
     order: int = 0  # decomposition order n; 0 = VAR
     detail_depth: int = 1  # token maps per detail factor, (M − B)/n
-    residual: str = "independent"  # independent | shared | independent+global (quant.MultiScaleQuantizer)
+    # shared | independent | independent+global (quant.MultiScaleQuantizer). `shared` by default: at equal tokens
+    # it reconstructs closer to VAR's multi-scale than the literal reading of Algorithm 1 (benchmarks/
+    # tokenizer_recon.py; docs/architecture.md "Fidelity to the papers").
+    residual: str = "shared"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
