@@ -236,6 +236,62 @@ def test_each_residual_reading_quantizes_what_it_says(residual):
     torch.manual_seed(1)
     a = BaseDetailVQVAE(replace(var, residual="shared")).eval()
     torch.manual_seed(1)
-    b = BaseDetailVQVAE(var).eval()
+    b = BaseDetailVQVAE(replace(var, residual="independent")).eval()
     assert all(torch.equal(i, j) for i, j in zip(a.img_to_indices(x, bases[:0]), b.img_to_indices(x, bases[:0]),
                                                   strict=True))
+
+
+@pytest.mark.parametrize("order", [0, 3])
+def test_normalized_codes_are_llamagens_unit_sphere_with_a_fitted_scale_per_map(order):
+    """tokenizer.normalized_codes (NDP §2.1, LlamaGen's normalized embedding space): the sources sum to f_I/‖f_I‖ at
+    every position; map k's codes all have norm s_k, and the cosine lookup picks the L2-nearest of them; the first
+    training pass fits each s_k to its residuals (least squares), which a unit code would overshoot; the scales
+    learn, survive a state-dict round trip, and VAR's layout (which has none) is refused naming the key."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    spec = replace(TINY, order=order, detail_depth=1, normalized_codes=True)
+    model = BaseDetailVQVAE(spec)
+    x, bases = _images(4, order)
+    quant, c = model.quantize, spec.z_channels
+    with torch.no_grad():
+        sources = model.sources(x, bases)
+    f_norm = torch.stack(sources).sum(0).norm(dim=1)
+    assert torch.allclose(f_norm, torch.ones_like(f_norm), atol=1e-5)
+
+    def latent_error(m: BaseDetailVQVAE) -> float:
+        with torch.no_grad():
+            f_hat = m.quantize.indices_to_f(m.quantize.f_to_indices(sources), spec.latent_side)
+        return float((f_hat - torch.stack(sources).sum(0)).square().mean())
+
+    unit_error = latent_error(model.eval())  # s_k = 1 for every map before the first training pass
+    assert not model.quantize.code_scale_fitted
+    rec, q = model.train()(x, bases)
+    (F.mse_loss(rec, x) + q.vq_loss).backward()
+    assert model.quantize.code_scale_fitted and quant.log_code_scale_M.grad.abs().sum() > 0
+    scales = quant.log_code_scale_M.detach().exp()
+    with torch.no_grad():  # map 0's fit by hand: its residual is f_{B_n}'s mean over the 1×1 grid
+        r0 = model.sources(x, bases)[0].mean((2, 3))  # (B, C)
+        e0 = F.normalize(quant.embedding.weight[quant.lookup(r0)], dim=-1)
+    assert torch.allclose(scales[0], (r0 * e0).sum(1).mean(), rtol=1e-4)
+    assert bool((scales < 1).all())  # every residual is shorter than a unit code: s_k = 1 overshoots it
+    assert latent_error(model.eval()) < unit_error
+    before = scales.clone()
+    model.train()(x, bases)  # fitted once: later passes leave the scales to the optimizer
+    assert torch.equal(quant.log_code_scale_M.detach().exp(), before)
+
+    model.eval()
+    rest = torch.randn(64, c)
+    for k in (0, len(model.schedule) - 1):
+        codes = quant.codes(k, torch.arange(spec.vocab_size).view(1, 1, -1)).reshape(c, -1).T  # (V, C)
+        assert torch.allclose(codes.norm(dim=1), scales[k].expand(spec.vocab_size), rtol=1e-5)
+        assert torch.equal(quant.lookup(rest), torch.cdist(rest, codes).argmin(1))
+    indices = quant.f_to_indices(sources)
+    present = [torch.ones_like(i, dtype=torch.bool) for i in indices]
+    assert torch.allclose(quant.indices_to_f_mixed(indices, present, spec.latent_side),
+                          quant.indices_to_f(indices, spec.latent_side), atol=1e-6)
+    again = BaseDetailVQVAE(spec)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.quantize.log_code_scale_M, quant.log_code_scale_M) and again.quantize.code_scale_fitted
+    with pytest.raises(ValueError, match="log_code_scale_M"):
+        load_var_state_dict(BaseDetailVQVAE(spec), BaseDetailVQVAE(replace(spec, normalized_codes=False)).state_dict())

@@ -157,7 +157,12 @@ class TokenizerConfig(_Section):
     using_sa: bool = T.using_sa
     using_mid_sa: bool = T.using_mid_sa
     beta: float = Field(default=T.beta, ge=0, description="commitment weight")
-    using_znorm: bool = Field(default=T.using_znorm, description="cosine code lookup instead of L2")
+    using_znorm: bool = Field(default=T.using_znorm, description="cosine code lookup instead of L2 (VAR's flag: "
+                              "only the lookup; codes and features stay as they are)")
+    normalized_codes: bool = Field(default=T.normalized_codes, description="LlamaGen's normalized embedding space "
+                                   "(NDP §2.1): the encoder's feature is ℓ2-normalized per position and map k's code "
+                                   "is s_k·e/‖e‖ with a learned per-map scale s_k, so the cosine lookup is also the "
+                                   "nearest code in L2")
     quant_resi: float = Field(default=T.quant_resi, ge=0, le=1, description="φ's blend of conv and identity")
     share_quant_resi: int = Field(default=T.share_quant_resi, ge=2, description="φ's shared by all token maps")
     patch_nums: list[int] = Field(default_factory=lambda: list(T.patch_nums), min_length=1,

@@ -33,7 +33,8 @@ class TokenizerSpec:
     using_sa: bool = True
     using_mid_sa: bool = True
     beta: float = 0.25  # commitment
-    using_znorm: bool = False  # cosine lookup
+    using_znorm: bool = False  # cosine lookup (VAR's flag: codes stay as they are)
+    normalized_codes: bool = False  # LlamaGen's normalized embedding space (NDP §2.1): see quant.MultiScaleQuantizer
     quant_conv_ks: int = 3
     quant_resi: float = 0.5  # φ's blend ratio
     share_quant_resi: int = 4  # φ's shared by all maps
@@ -56,7 +57,8 @@ class TokenizerSpec:
         return cls(
             vocab_size=t.vocab_size, z_channels=t.z_channels, ch=t.ch, ch_mult=tuple(t.ch_mult),
             num_res_blocks=t.num_res_blocks, dropout=t.dropout, using_sa=t.using_sa, using_mid_sa=t.using_mid_sa,
-            beta=t.beta, using_znorm=t.using_znorm, quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
+            beta=t.beta, using_znorm=t.using_znorm, normalized_codes=t.normalized_codes,
+            quant_resi=t.quant_resi, share_quant_resi=t.share_quant_resi,
             resolution=cfg.shard.resolution, patch_nums=tuple(t.patch_nums),
             order=cfg.tokenizer_order, detail_depth=t.detail_depth, residual=t.residual)
 

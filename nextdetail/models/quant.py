@@ -105,7 +105,7 @@ class MultiScaleQuantizer(nn.Module):
     def __init__(
         self, vocab_size: int, embed_dim: int, schedule: tuple[TokenMap, ...], beta: float = 0.25,
         using_znorm: bool = False, quant_resi: float = 0.5, share_quant_resi: int = 4,
-        residual: str = "independent",
+        residual: str = "shared", normalized_codes: bool = False,
     ) -> None:
         super().__init__()
         if share_quant_resi < 2:
@@ -119,6 +119,14 @@ class MultiScaleQuantizer(nn.Module):
         self.vocab_size, self.Cvae, self.beta, self.using_znorm = vocab_size, embed_dim, beta, using_znorm
         self.schedule = tuple(schedule)
         self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.normalized_codes = normalized_codes
+        if normalized_codes:
+            # LlamaGen normalizes codes to the unit sphere; in a residual chain a unit code would overshoot every
+            # residual after the first map, so map k's code is s_k·ê with a learned scale per map (log-parametrized:
+            # s_k > 0). Given the scale, the L2-nearest code is the one of largest cosine: lookup and code agree.
+            # The scales start at the least-squares fit to the first training batch (`code_scale_fitted`).
+            self.log_code_scale_M = nn.Parameter(torch.zeros(len(self.schedule)))
+            self.register_buffer("code_scale_fitted", torch.zeros((), dtype=torch.bool))
         self.quant_resi = PhiPartiallyShared(nn.ModuleList([Phi(embed_dim, quant_resi) for _ in range(share_quant_resi)]))
         # Per-map EMA of code hits (VAR's name and layout: (M, V)); the codebook-health statistics.
         self.register_buffer("ema_vocab_hit_SV", torch.full((len(self.schedule), vocab_size), 0.0))
@@ -140,16 +148,29 @@ class MultiScaleQuantizer(nn.Module):
         return self.quant_resi[k / (m - 1) if m > 1 else 0.0]
 
     def lookup(self, rest_NC: Tensor) -> Tensor:
-        """Nearest code of each row: L2, or cosine when `using_znorm` (N, C) → (N,)."""
-        if self.using_znorm:
+        """Nearest code of each row: L2, or cosine when `using_znorm` or `normalized_codes` (N, C) → (N,)."""
+        if self.using_znorm or self.normalized_codes:
             return (F.normalize(rest_NC, dim=-1) @ F.normalize(self.embedding.weight.data, dim=-1).T).argmax(1)
         e = self.embedding.weight.data  # (V, C)
         d = rest_NC.square().sum(1, keepdim=True) + e.square().sum(1) - 2 * rest_NC @ e.T  # (N, V)
         return d.argmin(1)
 
+    def codes(self, k: int, idx_Bhw: Tensor) -> Tensor:
+        """Map k's code vectors: e(z), or s_k·e(z)/‖e(z)‖ with `normalized_codes`. (B, h_k, w_k) → (B, C, h_k, w_k)."""
+        e = self.embedding(idx_Bhw)  # (B, h_k, w_k, C)
+        if self.normalized_codes:
+            e = F.normalize(e, dim=-1) * self.log_code_scale_M[k].exp()
+        return e.permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def _fit_code_scale(self, k: int, rest_NC: Tensor, idx_N: Tensor) -> None:
+        """s_k = mean over rows of r·ê(z): the scale that minimizes ‖r − s·ê‖² for the chosen codes."""
+        fit = (rest_NC * F.normalize(self.embedding.weight[idx_N], dim=-1)).sum(1).mean().clamp_min(1e-4)
+        self.log_code_scale_M[k] = fit.log()
+
     def _to_latent(self, k: int, idx_Bhw: Tensor, side: int) -> Tensor:
         """φ_k(up(lookup(r_k))): (B, h_k, w_k) → (B, C, side, side)."""
-        h = self.embedding(idx_Bhw).permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
+        h = self.codes(k, idx_Bhw)  # (B, C, h_k, w_k)
         if idx_Bhw.shape[-1] != side:
             h = F.interpolate(h, size=(side, side), mode="bicubic")
         return self.phi(k)(h)
@@ -188,6 +209,8 @@ class MultiScaleQuantizer(nn.Module):
                 rest_k = rest[s] if tm.side == ww else F.interpolate(rest[s], size=(tm.side, tm.side), mode="area")
                 rest_NC = rest_k.permute(0, 2, 3, 1).reshape(-1, c)  # (B·h_k·w_k, C)
                 idx_N = self.lookup(rest_NC)
+                if self.training and self.normalized_codes and not self.code_scale_fitted:
+                    self._fit_code_scale(k, rest_NC, idx_N)
                 if self.training:
                     self._record(k, idx_N)
                     recent.append(rest_NC[torch.randint(len(rest_NC), (min(len(rest_NC), 256),), device=rest_NC.device)])
@@ -200,6 +223,8 @@ class MultiScaleQuantizer(nn.Module):
                 indices.append(idx_Bhw)
         if recent:
             self.recent = torch.cat(recent)
+        if self.training and self.normalized_codes:
+            self.code_scale_fitted.fill_(True)
         target = torch.stack(sources).sum(0)  # Σ sources = f_I
         value = torch.stack(f_hat_src).sum(0).data if present is None else \
             self.indices_to_f_mixed(indices, present, ww).float()
@@ -266,7 +291,7 @@ class MultiScaleQuantizer(nn.Module):
     def masked_to_latent(self, k: int, idx_Bhw: Tensor, keep_Bhw: Tensor, side: int) -> Tensor:
         """`_to_latent` of only the tokens in `keep_Bhw` (bool, like idx), zero outside their region:
         φ_k(up(e(z_k) ⊙ keep)) ⊙ up(keep). (B, C, side, side)."""
-        e = self.embedding(idx_Bhw.clamp(0, self.vocab_size - 1)).permute(0, 3, 1, 2)  # (B, C, h_k, w_k)
+        e = self.codes(k, idx_Bhw.clamp(0, self.vocab_size - 1))  # (B, C, h_k, w_k)
         keep_B1hw = keep_Bhw.unsqueeze(1).to(e.dtype)
         e = e * keep_B1hw
         if idx_Bhw.shape[-1] != side:
