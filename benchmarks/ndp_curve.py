@@ -16,7 +16,8 @@ Prints one JSON line: `rows` (estimator, budget, GFLOPs per image, FID, KID), `b
 refinement's FID at 100 %, and the paper's claim tested: for each estimator, the least compute at which
 its FID is within `--tolerance` of that baseline (linear interpolation between budgets) as a fraction of
 uniform's full compute (`ratio` = the learned head's; ≈ 0.5 would be "equal quality at half the
-compute"). Writes ndp_curve.png and ndp_curve.json under <root>/bench-ndp-curve/. Every point is a cached
+compute"). `--codes plain normalized` adds NDP's tokenizer with LlamaGen's normalized codes (NDP §2.1,
+`tokenizer.normalized_codes`) as a second set of curves (`claims` per set). Writes ndp_curve.png and ndp_curve.json under <root>/bench-ndp-curve/. Every point is a cached
 evaluate artifact, and the stages are `make run`'s where they coincide: a re-run computes only new points.
 """
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 NDP = ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]
+CODES = {"plain": [], "normalized": ["tokenizer.normalized_codes=true"]}
 
 
 def evaluate(args: argparse.Namespace, *overrides: str) -> tuple[dict, dict]:
@@ -66,10 +68,13 @@ def plot(rows: list[dict], baselines: list[dict], path: Path, extractor: str) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for i, est in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
-        pts = sorted((r for r in rows if r["estimator"] == est), key=lambda r: r["gflops"])
-        ax.plot([r["gflops"] * 1e3 for r in pts], [r["fid"] for r in pts], "o-" if est != "oracle" else "o--",
-                color=f"C{i}", label=est if est.startswith("CART") else f"NDP {est}", markersize=4)
+    curves = dict.fromkeys((r["estimator"], r.get("codes", "plain")) for r in rows)
+    for i, (est, codes) in enumerate(curves):
+        pts = sorted((r for r in rows if (r["estimator"], r.get("codes", "plain")) == (est, codes)),
+                     key=lambda r: r["gflops"])
+        name = est if est.startswith("CART") else f"NDP {est}" + ("" if codes == "plain" else f", {codes} codes")
+        ax.plot([r["gflops"] * 1e3 for r in pts], [r["fid"] for r in pts], "o-" if codes == "plain" else "s:",
+                color=f"C{i}", label=name, markersize=4)
     for j, b in enumerate(baselines):
         ax.plot([b["gflops"] * 1e3], [b["fid"]], "*", color=f"C{6 + j}", markersize=12, label=f"{b['model']} (full)")
     ax.set_xlabel("forward MFLOPs per image (both CFG halves)")
@@ -90,6 +95,8 @@ def main() -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 1.0])
     p.add_argument("--estimators", nargs="+", default=["learned", "entropy", "oracle", "random", "uniform"])
+    p.add_argument("--codes", nargs="+", default=["plain"], choices=sorted(CODES),
+                   help="NDP tokenizer codes: plain (L2 codebook) and/or normalized (LlamaGen's, NDP §2.1)")
     p.add_argument("--tolerance", type=float, default=0.05, help="'equal quality': FID within this fraction")
     p.add_argument("--no-baselines", action="store_true", help="skip the VAR and CART points")
     p.add_argument("--detail-budgets", type=float, nargs="*", default=[0.25, 0.5], help="CART's detail dial")
@@ -99,11 +106,13 @@ def main() -> None:
     args.root = str(Path(args.root).resolve())
     t0 = time.time()
     rows, extractor = [], None
-    for estimator in args.estimators:
+    for codes, estimator in ((c, e) for c in args.codes for e in args.estimators):
         for budget in sorted(args.budgets):
-            row, got = evaluate(args, *NDP, f"sample.budget={budget}", f"sample.estimator={estimator}")
+            row, got = evaluate(args, *NDP, *CODES[codes], f"sample.budget={budget}", f"sample.estimator={estimator}")
             extractor = got["metrics"]["extractor"]["name"]
-            rows.append(point(row, estimator=estimator, budget=budget))
+            tok = got["metrics"].get("tokenizer") or {}
+            rows.append(point(row, estimator=estimator, budget=budget, codes=codes, rfid=tok.get("rfid"),
+                              psnr=tok.get("psnr")))
             print(json.dumps({"progress": rows[-1]}), flush=True)
     baselines = []
     if not args.no_baselines:
@@ -117,16 +126,21 @@ def main() -> None:
             dial.append(point(row, estimator="CART detail dial", budget=budget))
         out_dial = sorted(dial, key=lambda r: r["budget"])
     dial_rows = out_dial if not args.no_baselines else []
-    uniform = [r for r in rows if r["estimator"] == "uniform"]
-    full = max(uniform, key=lambda r: r["budget"]) if uniform else None
-    claims = {}
-    if full is not None:
+    claims, fulls = {}, {}
+    for codes in args.codes:  # each set of curves against its own uniform refinement at full budget
+        uniform = [r for r in rows if r["estimator"] == "uniform" and r["codes"] == codes]
+        if not uniform:
+            continue
+        full = fulls[codes] = max(uniform, key=lambda r: r["budget"])
         target = full["fid"] * (1 + args.tolerance)
-        for est in dict.fromkeys(r["estimator"] for r in rows):
-            reach = compute_to_reach([r for r in rows if r["estimator"] == est], target)
-            claims[est] = None if reach is None else round(reach / full["gflops"], 4)
+        for est in dict.fromkeys(r["estimator"] for r in rows if r["codes"] == codes):
+            reach = compute_to_reach([r for r in rows if r["estimator"] == est and r["codes"] == codes], target)
+            key = est if codes == "plain" else f"{est} ({codes} codes)"
+            claims[key] = None if reach is None else round(reach / full["gflops"], 4)
+    full = fulls.get(args.codes[0])
     out = {"figure": "ndp_compute_to_uniform_full_quality", "baseline": full and full["fid"],
-           "baseline_gflops": full and full["gflops"], "ratio": claims.get("learned"), "claims": claims,
+           "baseline_gflops": full and full["gflops"], "ratio": claims.get("learned" if args.codes[0] == "plain" else f"learned ({args.codes[0]} codes)"),
+           "claims": claims, "uniform_full": fulls,
            "tolerance": args.tolerance, "extractor": extractor, "rows": rows, "full_compute": baselines,
            "cart_detail_dial": dial_rows,
            "seconds": round(time.time() - t0, 1), "overrides": args.override}

@@ -17,6 +17,10 @@ whose numbers rank models but are not comparable with published FID).
 
     python benchmarks/order_ablation.py [--preset tiny] [--orders 0 1 3] [--train-seeds 0 1 2]
         [--cfg-schedules all_maps] [--loss-weightings map] [--eval-seeds 0] [--root DIR] [-o key=value …]
+    python benchmarks/order_ablation.py --merge A/order_ablation.json B/order_ablation.json --root DIR
+
+`--merge` trains nothing: it summarizes the runs of earlier results together (e.g. two variants run side by side
+in two roots, one process each) and writes the table and figure under --root.
 
 Prints one JSON line per run, then the summary: per (order, variant) FID over training seeds (mean, each seed,
 min–max, std), its ratio to order 0 of the same variant (`baseline`), KID, IS, precision, recall, rFID, token
@@ -139,12 +143,13 @@ def main() -> None:
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[0],
                    help="sampling seeds of the evaluation (FID per run is their mean)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON", help="summarize these results' runs; train nothing")
     args = p.parse_args()
     args.root = str(Path(args.root).resolve())
-    runs = []
+    runs = [r for path in args.merge for r in json.loads(Path(path).read_text())["runs"]]
     # Seeds outermost: a stopped run has every order at the seeds it finished.
-    for seed, order, schedule, weighting in itertools.product(args.train_seeds, sorted(args.orders),
-                                                              args.cfg_schedules, args.loss_weightings):
+    for seed, order, schedule, weighting in [] if args.merge else itertools.product(
+            args.train_seeds, sorted(args.orders), args.cfg_schedules, args.loss_weightings):
         runs.append(run_one(order, seed, schedule, weighting, args))
         print(json.dumps(runs[-1]), flush=True)
     rows = summarize(runs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -168,7 +169,8 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
 def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream, embedded_source):
     """tokenizer.nproc=2: the Prefect task launches torchrun (gloo on CPU); each rank trains on its half of
     every global batch with averaged gradients and synchronized code statistics, so the losses follow a
-    one-process run of the same batches; the dead-code restart picks as many codes; the GAN steps run."""
+    one-process run of the same batches; the dead-code restart picks as many codes; the GAN steps run. With
+    normalized codes the per-map scales are fitted on the global batch, so that holds for them too."""
     from nextdetail.flows.pipeline import run_stage
     from nextdetail.flows.runtime import prefect_api
     from nextdetail.flows.train_tokenizer import train_data
@@ -176,7 +178,7 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream,
     from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
-    knobs = (*FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")  # the PatchGAN's BatchNorm sees each
+    knobs = (*FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2", "tokenizer.normalized_codes=true")  # the PatchGAN's BatchNorm sees each
     # rank's half of the batch, so from step 3 on the two runs differ by design; until then they must not
     one = make_config(root, embedded_source, *knobs)
     train(Store(str(tmp_path / "one")), train_data(one, shards, dec), one.tokenizer, TokenizerSpec.from_config(one),
@@ -188,6 +190,9 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream,
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())
     b = json.loads(Store(two.url).read_bytes("metrics.json"))
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    scales = [torch.load(io.BytesIO(raw), weights_only=True)["model"]["quantize.log_code_scale_M"]
+              for raw in ((tmp_path / "one" / "tokenizer.pt").read_bytes(), Store(two.url).read_bytes("tokenizer.pt"))]
+    assert torch.allclose(*scales, rtol=1e-2) and bool(scales[0].abs().min() > 0), scales  # fitted, and alike
     for m1, m2 in zip(a[:3], b[:3], strict=True):  # until the first restart (after step 3) the same training
         for key in ("rec", "vq"):
                 assert m2[key] == pytest.approx(m1[key], rel=2e-3, abs=1e-6), (m1["step"], key, m1[key], m2[key])

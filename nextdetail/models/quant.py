@@ -164,9 +164,13 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def _fit_code_scale(self, k: int, rest_NC: Tensor, idx_N: Tensor) -> None:
-        """s_k = mean over rows of r·ê(z): the scale that minimizes ‖r − s·ê‖² for the chosen codes."""
-        fit = (rest_NC * F.normalize(self.embedding.weight[idx_N], dim=-1)).sum(1).mean().clamp_min(1e-4)
-        self.log_code_scale_M[k] = fit.log()
+        """s_k = mean over rows of r·ê(z): the scale that minimizes ‖r − s·ê‖² for the chosen codes — over the
+        global batch when data-parallel (every rank holds an equal slice), so all ranks keep one model."""
+        fit = (rest_NC * F.normalize(self.embedding.weight[idx_N], dim=-1)).sum(1).mean()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(fit)
+            fit = fit / torch.distributed.get_world_size()
+        self.log_code_scale_M[k] = fit.clamp_min(1e-4).log()
 
     def _to_latent(self, k: int, idx_Bhw: Tensor, side: int) -> Tensor:
         """φ_k(up(lookup(r_k))): (B, h_k, w_k) → (B, C, side, side)."""
