@@ -469,8 +469,8 @@ class PipelineConfig(_Section):
             # for good; with `shared` the detail maps would have to carry it, which is not what they are for.
             raise ValueError(
                 f"with decomposition order {order} the base scales must end at the latent side {latent} "
-                f"(= shard.resolution / {down}), not at {self.tokenizer.patch_nums[-1]}: the base is never "
-                f"quantized above its last scale; end tokenizer.patch_nums with {latent} "
+                f"(= shard.resolution / {down}), not at {self.tokenizer.patch_nums[-1]}: the base maps "
+                f"would leave the base unquantized above their last scale; end tokenizer.patch_nums with {latent} "
                 f"(e.g. VAR's [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] at 16)")
         if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
             what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
