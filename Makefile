@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ar.py
 	$(BIN)/python benchmarks/rerun.py
 
-ablation: $(STAMP)  # CART Table 4 at small scale: orders 0, 1, 3 × 3 training seeds, nine tiny pipelines (≈ 90 min on 2 CPU cores)
+ablation: $(STAMP)  # CART Table 4 at small scale: orders 0, 1, 3 × 3 training seeds, nine tiny pipelines (session 14: 2 h 21 min with one thread, beside other jobs)
 	$(BIN)/python benchmarks/order_ablation.py
 
 ndp-curve: $(STAMP)  # NDP: FID vs FLOPs per image, 5 estimators × 6 budgets + VAR and CART at full compute
