@@ -61,20 +61,21 @@ class BaseDetailVQVAE(nn.Module):
         """[f_{B_n}, f_{D_n}, …, f_{D_1}] from images (B, 3, H, W) and bases (n, B, 3, H, W), in [-1, 1]."""
         n = self.spec.order
         if n == 0:
-            return [self._normalized(self.quant_conv(self.encoder(images)))]
+            return [self._normalized(self.quant_conv(self.encoder(images)).unsqueeze(0))[0]]
         if bases is None or bases.shape[0] != n or bases.shape[1:] != images.shape:
             raise ValueError(f"order {n} needs bases of shape ({n}, {', '.join(map(str, images.shape))}), got "
                              f"{None if bases is None else tuple(bases.shape)}")
         b = images.shape[0]
         stacked = torch.cat([images.unsqueeze(0), bases]).flatten(0, 1)  # ((n+1)·B, 3, H, W): B_0 = I, B_1 … B_n
-        f = self.quant_conv(self.encoder(stacked)).unflatten(0, (n + 1, b))  # (n+1, B, C, h, w)
-        if self.spec.normalized_codes:  # every f_{B_k} by f_I's norm: the sources still sum to f_I / ‖f_I‖
-            f = f / f[0].norm(dim=1, keepdim=True).clamp_min(1e-6)
+        f = self._normalized(self.quant_conv(self.encoder(stacked)).unflatten(0, (n + 1, b)))  # (n+1, B, C, h, w)
         return [f[n]] + [f[k - 1] - f[k] for k in range(n, 0, -1)]  # f_{B_n}, f_{D_n} … f_{D_1}
 
-    def _normalized(self, f_BChw: Tensor) -> Tensor:
-        """f / ‖f‖ per position with `normalized_codes` (LlamaGen's normalized latent), else f."""
-        return f_BChw / f_BChw.norm(dim=1, keepdim=True).clamp_min(1e-6) if self.spec.normalized_codes else f_BChw
+    def _normalized(self, f_nBChw: Tensor) -> Tensor:
+        """With `normalized_codes` (LlamaGen's normalized latent) every f_{B_k} divided by f_I's norm per position
+        (f_I = f[0]), so the sources still sum to f_I / ‖f_I‖; else f."""
+        if not self.spec.normalized_codes:
+            return f_nBChw
+        return f_nBChw / f_nBChw[0].norm(dim=1, keepdim=True).clamp_min(1e-6)
 
     def forward(self, images: Tensor, bases: Tensor | None = None,
                 present: list[Tensor] | None = None) -> tuple[Tensor, QuantOutput]:
