@@ -32,6 +32,11 @@ NDP = ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]
 CODES = {"plain": [], "normalized": ["tokenizer.normalized_codes=true"]}
 
 
+def curve_name(estimator: str, codes: str) -> str:
+    """A curve's name in the claims and the legend: the estimator, and the codes unless plain."""
+    return estimator if codes == "plain" else f"{estimator} ({codes} codes)"
+
+
 def evaluate(args: argparse.Namespace, *overrides: str) -> tuple[dict, dict]:
     """The pipeline to its evaluate stage (cached stages reused): (last checkpoint's metrics row, results)."""
     from nextdetail.conf import load_config
@@ -72,7 +77,7 @@ def plot(rows: list[dict], baselines: list[dict], path: Path, extractor: str) ->
     for i, (est, codes) in enumerate(curves):
         pts = sorted((r for r in rows if (r["estimator"], r.get("codes", "plain")) == (est, codes)),
                      key=lambda r: r["gflops"])
-        name = est if est.startswith("CART") else f"NDP {est}" + ("" if codes == "plain" else f", {codes} codes")
+        name = est if est.startswith("CART") else f"NDP {curve_name(est, codes)}"
         ax.plot([r["gflops"] * 1e3 for r in pts], [r["fid"] for r in pts], "o-" if codes == "plain" else "s:",
                 color=f"C{i}", label=name, markersize=4)
     for j, b in enumerate(baselines):
@@ -135,11 +140,10 @@ def main() -> None:
         target = full["fid"] * (1 + args.tolerance)
         for est in dict.fromkeys(r["estimator"] for r in rows if r["codes"] == codes):
             reach = compute_to_reach([r for r in rows if r["estimator"] == est and r["codes"] == codes], target)
-            key = est if codes == "plain" else f"{est} ({codes} codes)"
-            claims[key] = None if reach is None else round(reach / full["gflops"], 4)
+            claims[curve_name(est, codes)] = None if reach is None else round(reach / full["gflops"], 4)
     full = fulls.get(args.codes[0])
     out = {"figure": "ndp_compute_to_uniform_full_quality", "baseline": full and full["fid"],
-           "baseline_gflops": full and full["gflops"], "ratio": claims.get("learned" if args.codes[0] == "plain" else f"learned ({args.codes[0]} codes)"),
+           "baseline_gflops": full and full["gflops"], "ratio": claims.get(curve_name("learned", args.codes[0])),
            "claims": claims, "uniform_full": fulls,
            "tolerance": args.tolerance, "extractor": extractor, "rows": rows, "full_compute": baselines,
            "cart_detail_dial": dial_rows,

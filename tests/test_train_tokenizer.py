@@ -178,8 +178,9 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream,
     from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
-    knobs = (*FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2", "tokenizer.normalized_codes=true")  # the PatchGAN's BatchNorm sees each
-    # rank's half of the batch, so from step 3 on the two runs differ by design; until then they must not
+    # the PatchGAN's BatchNorm sees each rank's half of the batch, so from step 3 on the two runs differ by
+    # design; until then they must not
+    knobs = (*FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2", "tokenizer.normalized_codes=true")
     one = make_config(root, embedded_source, *knobs)
     train(Store(str(tmp_path / "one")), train_data(one, shards, dec), one.tokenizer, TokenizerSpec.from_config(one),
           log=lambda _: None)
