@@ -12,7 +12,8 @@ What varies (each a flag), and why (issue 27):
 - the resolution (`--resolutions 32 64`: 64 px crops of the same photographs) and α as given or scaled to the
   resolution (`--alpha-reference none 256`: `decompose.alpha_reference_px`), with the share of image variance the
   details hold (1 − var(B_n)/var(I) measured on val) for each: tiny results transfer only if that regime does;
-- training seeds (`--seeds`): the spread is reported beside every mean.
+- training seeds (`--seeds`): the spread is reported beside every mean, and every base-detail tokenizer over
+  multi-scale's trained with the same seed (seed-matched).
 Multi-scale and base-detail have the same map sizes (base scales (1, 2, 4, …, latent), then `--depth` full-size
 maps per detail factor, and the global map; multi-scale's extra maps quantize f_I again, as many as the longest
 base-detail schedule): at every depth both hold the same tokens, so the two axes differ only in spacing, and
@@ -21,6 +22,7 @@ tiny architecture for `--steps` steps at batch `--batch-size`.
 
     python benchmarks/tokenizer_recon.py [--steps 200] [--seeds 0 1] [--resolutions 32 64]
         [--readings independent shared independent+global] [--alpha-reference none 256] [--torch-threads 1]
+    python benchmarks/tokenizer_recon.py --merge A/results.json B/results.json   # one summary of both
 
 Prints one JSON line per trained tokenizer, then the summary (figure: base-detail / multi-scale val MSE at equal
 tokens per reading, resolution and α; baseline: multi-scale = 1) and writes out/tokenizer_recon/figure7.png.
@@ -54,7 +56,12 @@ def main() -> None:
                     help="decompose.alpha_reference_px values (none: α as given)")
     ap.add_argument("--per-class", type=int, default=200, help="training images per class (val: 20)")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch threads per run (default: all cores)")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                    help="summarize these results.json files' rows together; train nothing")
     args = ap.parse_args()
+    if args.merge:
+        _merge([Path(p) for p in args.merge], args)
+        return
     configure_environment(OUT / "work")
     rows, regimes = [], []
     t_start = time.time()
@@ -71,6 +78,26 @@ def main() -> None:
                 rows.append(_train_and_measure(data, variant, reading, seed, args))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
     summary = _summary(rows, regimes, args, time.time() - t_start)
+    _plot(rows, OUT / "figure7.png")
+    (OUT / "results.json").write_text(json.dumps({"rows": rows, **summary}, indent=1))
+    print(json.dumps(summary))
+
+
+def _merge(paths: list[Path], args: argparse.Namespace) -> None:
+    """One summary and one figure from several runs' results (e.g. seeds trained by separate invocations); a row
+    trained twice (same variant, reading, resolution, α, seed) is kept once."""
+    rows, regimes, seen = [], [], set()
+    for path in paths:
+        result = json.loads(path.read_text())
+        for r in result["rows"]:
+            key = (r["variant"], r["reading"], r["resolution"], r["alpha_reference_px"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+        regimes += [g for g in result["regimes"] if g not in regimes]
+    args.seeds = sorted({r["seed"] for r in rows})
+    args.steps = rows[0]["train_steps"]
+    summary = _summary(rows, regimes, args, sum(r["seconds"] for r in rows))
     _plot(rows, OUT / "figure7.png")
     (OUT / "results.json").write_text(json.dumps({"rows": rows, **summary}, indent=1))
     print(json.dumps(summary))
@@ -132,7 +159,8 @@ def _train_and_measure(data: dict, variant: str, reading: str, seed: int, args: 
         extra = ["tokenizer.order=3", f"tokenizer.detail_depth={args.depth}", f"tokenizer.residual={reading}"]
     cfg = load_config("tiny", overrides=[*data["overrides"], *extra, f"tokenizer.seed={seed}"])
     spec = TokenizerSpec.from_config(cfg)
-    name = f"{variant}-{reading}-r{data['res']}-a{data['alpha_reference_px']}-k{args.depth}-s{seed}-steps{args.steps}"
+    alpha = "any" if variant == "multi_scale" else data["alpha_reference_px"]  # order 0 reads no factors
+    name = f"{variant}-{reading}-r{data['res']}-a{alpha}-k{args.depth}-s{seed}-steps{args.steps}"
     store = Store(str(OUT / "runs" / name.replace("+", "_")))
     t0 = time.time()
     summary = train(store, train_data(cfg, data["shards"], data["decompose"]), cfg.tokenizer, spec, log=lambda _: None)
@@ -163,7 +191,8 @@ def _train_and_measure(data: dict, variant: str, reading: str, seed: int, args: 
 
 
 def _summary(rows: list[dict], regimes: list[dict], args: argparse.Namespace, seconds: float) -> dict:
-    """Means over seeds (with min/max) and base-detail / multi-scale at equal tokens for every reading."""
+    """Means over seeds (with min/max) and base-detail / multi-scale at equal tokens for every reading: the ratio of
+    means, base-detail's seed range over multi-scale's mean, and the ratio seed by seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["reading"], r["resolution"], r["alpha_reference_px"]), []).append(r)
@@ -181,12 +210,20 @@ def _summary(rows: list[dict], regimes: list[dict], args: argparse.Namespace, se
         ms = next((m for m in table if m["variant"] == "multi_scale" and m["resolution"] == t["resolution"]), None)
         if ms is None:
             continue
-        at_equal_tokens = _mse_at_tokens([r for r in rows if r["variant"] == "multi_scale"
-                                          and r["resolution"] == t["resolution"]], t["tokens"])
+        ms_rows = [r for r in rows if r["variant"] == "multi_scale" and r["resolution"] == t["resolution"]]
+        at_equal_tokens = _mse_at_tokens(ms_rows, t["tokens"])
+        # Seed-matched: a base-detail tokenizer over multi-scale's trained with the same seed (same init draws and
+        # batches), so multi-scale's own seed noise is not read as base-detail's.
+        per_seed = {}
+        for r in rows:
+            same = [m for m in ms_rows if m["seed"] == r["seed"]]
+            if (r["variant"], r["reading"], r["resolution"], r["alpha_reference_px"]) == (
+                    "base_detail", t["reading"], t["resolution"], t["alpha_reference_px"]) and same:
+                per_seed[str(r["seed"])] = round(r["val_mse"] / _mse_at_tokens(same, r["tokens"]), 3)
         ratios[f"{t['reading']} r{t['resolution']} alpha_ref {t['alpha_reference_px']}"] = {
             "base_detail_over_multi_scale": round(t["val_mse"] / at_equal_tokens, 3),
             "seed_range": [round(t["val_mse_min"] / at_equal_tokens, 3), round(t["val_mse_max"] / at_equal_tokens, 3)],
-            "tokens": t["tokens"]}
+            "per_seed": per_seed, "tokens": t["tokens"]}
     return {"benchmark": "tokenizer_recon", "figure": "base_detail_over_multi_scale", "baseline": "multi_scale = 1",
             "ratio": ratios, "steps": args.steps, "seeds": args.seeds, "depth": args.depth, "regimes": regimes,
             "table": table, "plot": str(OUT / "figure7.png"), "seconds": round(seconds, 1)}
