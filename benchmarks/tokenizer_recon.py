@@ -77,10 +77,7 @@ def main() -> None:
             for (variant, reading), seed in ((v, s) for v in variants for s in args.seeds):
                 rows.append(_train_and_measure(data, variant, reading, seed, args))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
-    summary = _summary(rows, regimes, args, time.time() - t_start)
-    _plot(rows, OUT / "figure7.png")
-    (OUT / "results.json").write_text(json.dumps({"rows": rows, **summary}, indent=1))
-    print(json.dumps(summary))
+    _report(rows, regimes, args, time.time() - t_start)
 
 
 def _merge(paths: list[Path], args: argparse.Namespace) -> None:
@@ -97,7 +94,12 @@ def _merge(paths: list[Path], args: argparse.Namespace) -> None:
         regimes += [g for g in result["regimes"] if g not in regimes]
     args.seeds = sorted({r["seed"] for r in rows})
     args.steps = rows[0]["train_steps"]
-    summary = _summary(rows, regimes, args, sum(r["seconds"] for r in rows))
+    _report(rows, regimes, args, sum(r["seconds"] for r in rows))
+
+
+def _report(rows: list[dict], regimes: list[dict], args: argparse.Namespace, seconds: float) -> None:
+    """The summary printed as JSON, the figure, and results.json (rows with their curves: `--merge` reads them)."""
+    summary = _summary(rows, regimes, args, seconds)
     _plot(rows, OUT / "figure7.png")
     (OUT / "results.json").write_text(json.dumps({"rows": rows, **summary}, indent=1))
     print(json.dumps(summary))
@@ -215,10 +217,9 @@ def _summary(rows: list[dict], regimes: list[dict], args: argparse.Namespace, se
         # Seed-matched: a base-detail tokenizer over multi-scale's trained with the same seed (same init draws and
         # batches), so multi-scale's own seed noise is not read as base-detail's.
         per_seed = {}
-        for r in rows:
+        for r in groups[("base_detail", t["reading"], t["resolution"], t["alpha_reference_px"])]:
             same = [m for m in ms_rows if m["seed"] == r["seed"]]
-            if (r["variant"], r["reading"], r["resolution"], r["alpha_reference_px"]) == (
-                    "base_detail", t["reading"], t["resolution"], t["alpha_reference_px"]) and same:
+            if same:
                 per_seed[str(r["seed"])] = round(r["val_mse"] / _mse_at_tokens(same, r["tokens"]), 3)
         ratios[f"{t['reading']} r{t['resolution']} alpha_ref {t['alpha_reference_px']}"] = {
             "base_detail_over_multi_scale": round(t["val_mse"] / at_equal_tokens, 3),
