@@ -14,7 +14,14 @@ storage root and a fresh Prefect home (ephemeral server):
 - one_knob_s        `nextdetail run -o decompose.alpha=<other>`: decompose and what depends on it re-run
                     (`one_knob_trained_steps`: the training stages train every step again, resume nothing).
 
+- identity_churn    for each of the last `--churn N` commits (40), computed from each commit's own tree (`git
+                    archive`, no run): the stages whose code identity changes against the commit before, under
+                    today's rule (a module's normalized syntax tree; modules outside computation excluded) and
+                    under the rule before it (every imported file's bytes) — `commits_all_changed` vs its
+                    baseline, and the commits that changed no stage.
+
     python benchmarks/rerun.py [--preset tiny] [--root DIR] [-o key=value …]
+    python benchmarks/rerun.py --churn-only [--churn 40]      # identity_churn alone (seconds, no pipeline)
 
 Prints one JSON line (figure = noop_run_s, baseline = 1.5 × status_s, ratio = figure / baseline) with the
 stages that ran in each run, read from the run log.
@@ -97,12 +104,75 @@ def dvc_noop(where: Path, env: dict[str, str]) -> float | None:
     return round(min(once() for _ in range(3)), 3)
 
 
+def identity_churn(n: int = 40) -> dict[str, object]:
+    """Per commit of the last `n` (oldest first): the stages (of either model branch) whose code identity differs
+    from the commit before, under today's rule and under the bytes rule; computed from each commit's tree."""
+    import tarfile
+    import tempfile
+
+    from nextdetail.conf import load_branches
+    from nextdetail.conf.code import code_fingerprint
+    from nextdetail.conf.stages import SPECS
+    from nextdetail.storage.hashing import stable_hash
+
+    repo = Path(__file__).resolve().parents[1]
+    log = subprocess.run(["git", "-C", str(repo), "log", f"-{n + 1}", "--format=%H%x09%s"], capture_output=True,
+                         text=True, check=True).stdout.splitlines()[::-1]
+    branches = load_branches("tiny", None, [], ["cart", "ndp"])
+    entries = {(m, s): SPECS[s].entries(c) for m, c in branches.items() for s in SPECS}
+
+    def identities(sha: str, where: Path) -> dict[str, dict[str, str | None]]:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", sha, "nextdetail"], capture_output=True,
+                                 check=True).stdout
+        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+            tar.extractall(where, filter="data")
+        out: dict[str, dict[str, str | None]] = {}
+        for rule in ("computation", "bytes"):
+            out[rule] = {}
+            for (model, stage), modules in entries.items():
+                try:
+                    out[rule][f"{model}:{stage}"] = stable_hash(code_fingerprint(modules, where / "nextdetail", rule))
+                except ModuleNotFoundError:  # a stage module that commit did not have
+                    out[rule][f"{model}:{stage}"] = None
+        return out
+
+    def changed(a: dict[str, str | None], b: dict[str, str | None]) -> list[str]:
+        return [s for s in SPECS if any(a[f"{m}:{s}"] != b[f"{m}:{s}"] for m in branches)]
+
+    rows, previous = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, line in enumerate(log):
+            sha, _, subject = line.partition("\t")
+            now = identities(sha, Path(tmp) / str(i))
+            if previous is not None:
+                rows.append({"commit": sha[:7], "subject": subject[:80], "changed": changed(previous["computation"],
+                             now["computation"]), "changed_bytes_rule": changed(previous["bytes"], now["bytes"])})
+            previous = now
+    every = len(SPECS)
+    return {"commits": rows,
+            "commits_all_changed": sum(len(r["changed"]) == every for r in rows),
+            "commits_all_changed_bytes_rule": sum(len(r["changed_bytes_rule"]) == every for r in rows),
+            "commits_none_changed": sum(not r["changed"] for r in rows),
+            "commits_none_changed_bytes_rule": sum(not r["changed_bytes_rule"] for r in rows),
+            "stage_changes": sum(len(r["changed"]) for r in rows),
+            "stage_changes_bytes_rule": sum(len(r["changed_bytes_rule"]) for r in rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--root", default="benchmarks/out/rerun", help="a fresh storage root (emptied first)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--churn", type=int, default=40, metavar="N", help="commits for identity_churn")
+    parser.add_argument("--churn-only", action="store_true", help="print identity_churn alone")
     args = parser.parse_args()
+    if args.churn_only:
+        churn = identity_churn(args.churn)
+        baseline = max(1, churn["stage_changes_bytes_rule"])
+        print(json.dumps({"benchmark": "rerun", "figure": "identity_churn_stage_changes",
+                          "value": churn["stage_changes"], "baseline": churn["stage_changes_bytes_rule"],
+                          "ratio": round(churn["stage_changes"] / baseline, 3), "identity_churn": churn}))
+        return
 
     root = Path(args.root).resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -131,6 +201,7 @@ def main() -> None:
     out["one_knob_s"] = timed([*nd, "run", "--no-progress", *config, *knob], env)
     out["one_knob_ran"] = stages_ran(root / "data")
     out["one_knob_trained_steps"] = trained_steps(root / "data")
+    out["identity_churn"] = identity_churn(args.churn)
     baseline = round(1.5 * out["status_s"], 3)
     out.update(figure="noop_run_s", value=out["noop_run_s"], baseline=baseline,
                ratio=round(out["noop_run_s"] / baseline, 3), noop_goal_s=1.0, status_goal_s=1.0,

@@ -114,8 +114,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     ckpt = args.ckpt if "://" in args.ckpt else str(Path(args.ckpt).resolve())
-    summary, _ = run_sampling(Store(args.out, cfg.storage.options), SampleInputs(ckpt, cfg.storage.options),
-                              cfg.sample, progress=not args.no_progress)
+    inputs = SampleInputs(ckpt, cfg.storage.options, roots=(cfg.storage.root,))  # + the checkpoint's own root
+    summary, _ = run_sampling(Store(args.out, cfg.storage.options), inputs, cfg.sample, progress=not args.no_progress)
     print_result(SampleResult(summary["url"], "", summary, work="ran (outside the pipeline's cache)"))
 
 
@@ -290,6 +290,19 @@ def cmd_cache(args: argparse.Namespace) -> None:
         return _cache_transfer(args, branches)
     if args.cache_command == "verify":
         return _cache_verify(args, cfg)
+    if args.cache_command == "accept":
+        from nextdetail.conf.schema import STAGES
+        from nextdetail.stages.accept import accept
+
+        stage = stage_name(args.stage)
+        if stage not in STAGES:
+            raise UserError(f"cache accept {args.stage}: no such stage; one of {', '.join(STAGES)}")
+        for model, branch in branches.items():
+            record = accept(branch, stage)
+            changed = record["accepted"]["code_changed"]
+            print(f"accepted {stage} ({model}): {record['identity'][:12]} is now an alias of "
+                  f"{record['accepted']['from'][:12]} (code changed: {', '.join(changed) or 'none'})")
+        return
     entries = inventory(branches)
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=1))
@@ -452,7 +465,7 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
 
     from nextdetail.figures import decomposition_strip, safe_name, write_png
     from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.storage.factors import array_path, open_group, read_index
+    from nextdetail.storage.factors import open_array, open_group, read_index
     from nextdetail.storage.fs import Store
     from nextdetail.storage.shards import read_tar_images
 
@@ -472,7 +485,7 @@ def cmd_show_decomposition(args: argparse.Namespace) -> None:
     out_dir = Path(args.out)
     for key in args.keys:
         row = index[key]
-        bases = group[array_path(row["split"], row["shard"])][row["row"]].astype("float32")  # (n, 3, H, W)
+        bases = open_array(store, group, row["split"], row["shard"])[row["row"]].astype("float32")  # (n, 3, H, W)
         image = read_tar_images(Store(shards.url, cfg.storage.options), row["shard"], (key,),
                                 cfg.shard.image_format)[0].transpose(2, 0, 1).astype("float32") / 255
         path = out_dir / f"decomposition-{safe_name(key)}.png"
@@ -624,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "size, built, last used (run log), which of the given configs reference it "
                                    "(default: the current one; --model cart,ndp for every branch), complete or "
                                    "not — and directories no lineage record names. du: totals per stage.")
-    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du|gc|push|pull|verify")
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ls|du|gc|push|pull|verify|accept")
     for name, help_text in (("ls", "every artifact, one line each"), ("du", "totals per stage"),
                             ("gc", "remove what no given config references (dry run unless --yes)"),
                             ("push", "copy the complete artifacts the configs use (and their records) to a remote "
@@ -632,9 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
                             ("pull", "copy them from a remote root into this one (`--stage tokenize`: the token "
                                      "cache alone)"),
                             ("verify", "re-read every file of every complete artifact against its recorded sha256 "
-                                       "(or size); --withdraw the damaged ones")):
+                                       "(or size); --withdraw the damaged ones"),
+                            ("accept", "record a stage whose code changed as up to date without recomputing (you "
+                                       "vouch the change does not alter results; refused if settings or inputs "
+                                       "changed), as `dvc commit`")):
         c = csub.add_parser(name, help=help_text)
         _add_config_args(c)
+        if name == "accept":
+            c.add_argument("stage", metavar="STAGE", help="the stage (either spelling: train-ar, train_ar)")
         if name in ("push", "pull", "verify"):
             c.add_argument("--stage", action="append", default=None, metavar="STAGE",
                            help="only this stage (repeat for more)")

@@ -122,26 +122,20 @@ def pipeline(tmp_path_factory, embedded_source):
 @pytest.fixture
 def own_pipeline(pipeline, tmp_path):
     """A copy of the session's pipeline root for a test that changes what is there (--force, a corrupted cache,
-    another decomposition): its lineage records and markers name the copy, so a run on it finds every stage up
-    to date, and the session's root stays as every other test expects, whatever the order. (root, cfg, results:
-    each stage's result rebuilt from the copy's records, as an up-to-date run hands it on.)"""
+    another decomposition): a plain copy — records name artifacts relative to their root, so a run on the copy
+    finds every stage up to date there and never reaches back — and the session's root stays as every other test
+    expects, whatever the order. (root, cfg, results: each stage's result rebuilt from the copy's records, as an
+    up-to-date run hands it on.)"""
     import shutil
 
     from nextdetail.stages.stage import TABLE
-    from nextdetail.storage.fs import Store
     from nextdetail.storage.lineage import Lineage
 
     root, cfg, results = pipeline
     copy = tmp_path / "pipeline"
     shutil.copytree(root, copy, symlinks=True)
-    for path in copy.rglob("*.json"):  # absolute artifact URLs in lineage records and markers: the copy's own
-        if not (path.is_relative_to(copy / "lineage") or path.name.startswith("_") or path.parent.name == "_parts"):
-            continue  # an output file (summary.json, …): its marker records its size, so it stays as it is
-        text = path.read_text()
-        if str(root) in text:
-            path.write_text(text.replace(str(root), str(copy)))
     own = make_config(copy, cfg.data.source, *FAST)
-    lineage = Lineage(Store(str(copy)))
+    lineage = Lineage.of(own)
     rebuilt = {stage: TABLE[stage].recorded(own, lineage.read(stage, identity))
                for stage, identity in results.identities.items()}
     return copy, own, rebuilt

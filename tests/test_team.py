@@ -217,11 +217,12 @@ def test_a_killed_copy_resumes_and_a_damaged_source_never_publishes(tmp_path):
     """copy_artifact: files a killed copy left with the right sha256 are not sent again, the marker comes last and
     records every file's sha256; a source file that no longer has its recorded sha256 stops the copy before the
     marker (the destination stays unpublished); a published destination is never rewritten."""
-    from nextdetail.stages.transfer import _renamer, copy_artifact
+    from nextdetail.stages.transfer import copy_artifact
+    from nextdetail.storage.roots import rename_under
 
     src, _ = _published(tmp_path)
     dst = Store(str(tmp_path / "dst" / "transformer" / "m-1"))
-    rename = _renamer(str(tmp_path / "src"), str(tmp_path / "dst"))
+    rename = lambda v: rename_under(v, str(tmp_path / "src"), str(tmp_path / "dst"))  # noqa: E731
     dst.write_bytes("checkpoints/step-0.pt", src.read_bytes("checkpoints/step-0.pt"))  # what a killed copy left
     dst.write_bytes("checkpoints/step-1.pt", b"\0" * 1001)  # same size, other bytes: sent again
     sent = copy_artifact("train_ar", src, dst, "ident", rename, progress=False)

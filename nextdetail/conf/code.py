@@ -1,5 +1,16 @@
-"""The code a stage runs, derived from its entry modules: the closure of the `nextdetail` modules they
-import, plus the non-Python files that code loads — each with the sha256 of its bytes.
+"""The code a stage computes with, derived from its entry modules: the closure of the `nextdetail` modules they
+import, plus the non-Python files that code loads — each with the sha256 of what it *computes*, not its bytes.
+
+What counts (issue 34; the anchors: DVC hashes the code files a stage declares, Bazel/Nix/Shake cut off early on
+unchanged outputs, Dagster's `code_version`):
+- a Python module by its normalized syntax tree (`ast.dump` of the parse, docstrings dropped): comments,
+  docstrings and formatting never count, any change to what runs does (a renamed local variable included);
+- a C++ source (the compiled solver) with its comments and whitespace runs removed;
+- modules that cannot change an artifact's bytes are outside every stage's code by the package layout
+  (`OUTSIDE_COMPUTATION`: the CLI, status/results/printing, the Prefect UI and runtime, pictures, the settings
+  classes — settings enter an identity as values, the settings slice — and the error texts); the closure neither
+  hashes them nor follows their imports. `tests/test_identities.py` traces the modules a stage's process really
+  loads and fails on any that is neither in its code nor outside by this rule.
 
 Nothing is listed by hand. The import statements are read from the source text, not executed, so
 `nextdetail status` imports neither torch nor Prefect to compute a fingerprint:
@@ -17,6 +28,7 @@ Third-party packages (torch, zarr, …) are not in the fingerprint; their versio
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import re
@@ -31,25 +43,66 @@ PACKAGE = "nextdetail"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
-def module_file(name: str) -> Path | None:
-    """The source file of `nextdetail` module `name` (a package's `__init__.py`), or None if there is none."""
+def module_file(name: str, package_dir: Path = PACKAGE_DIR) -> Path | None:
+    """The source file of `nextdetail` module `name` (a package's `__init__.py`), or None if there is none.
+    `package_dir`: another copy of the package (a commit's tree, `benchmarks/rerun.py identity_churn`)."""
     if name != PACKAGE and not name.startswith(PACKAGE + "."):
         return None
     parts = name.split(".")[1:]
-    base = PACKAGE_DIR.joinpath(*parts)
+    base = package_dir.joinpath(*parts)
     for candidate in (base.with_suffix(".py") if parts else None, base / "__init__.py"):
         if candidate is not None and candidate.is_file():
             return candidate
     return None
 
 
-def _relpath(path: Path) -> str:
-    return path.relative_to(PACKAGE_DIR.parent).as_posix()
+def _relpath(path: Path, package_dir: Path) -> str:
+    return path.relative_to(package_dir.parent).as_posix()
+
+
+OUTSIDE_COMPUTATION = ("nextdetail.cli", "nextdetail.stages", "nextdetail.flows.ui", "nextdetail.flows.runtime",
+                       "nextdetail.flows.pipeline", "nextdetail.flows.parts", "nextdetail.figures", "nextdetail.conf",
+                       "nextdetail.errors", "nextdetail.storage.lineage")
+"""Modules (and packages: every module under them) that never change the bytes a stage writes: the command line,
+status and result printing, the Prefect UI, where and how tasks run (runtime, parts), pictures, the settings
+classes and identity rules (settings count as values), error texts, lineage records. Also the root package's
+`__init__` (the version, recorded in lineage)."""
+
+
+def outside_computation(name: str) -> bool:
+    """Whether module `name` is outside every stage's code (`OUTSIDE_COMPUTATION`, or the root package)."""
+    return name == PACKAGE or any(name == o or name.startswith(o + ".") for o in OUTSIDE_COMPUTATION)
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+_CPP_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def normalized_source(path: Path) -> bytes:
+    """What of a code file computes: a Python module's syntax tree without docstrings (comments and layout never
+    reach it), a C++ file without comments and with whitespace runs as one space, other files' bytes."""
+    if path.suffix == ".py":
+        tree = _strip_docstrings(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        return ast.dump(tree, include_attributes=False).encode()
+    if path.suffix in (".cpp", ".cc", ".h", ".cu"):
+        return re.sub(r"\s+", " ", _CPP_COMMENT.sub(" ", path.read_text(encoding="utf-8"))).strip().encode()
+    return path.read_bytes()
 
 
 @cache
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _file_sha256(path: Path, rule: str = "computation") -> str:
+    """sha256 of what `path` computes (`rule` "computation"), or of its bytes ("bytes": the rule before issue 34,
+    kept as the churn benchmark's baseline)."""
+    return hashlib.sha256(normalized_source(path) if rule == "computation" else path.read_bytes()).hexdigest()
 
 
 # Import statements at any indentation (lazy imports count), parenthesised multi-line lists included; a match
@@ -67,9 +120,9 @@ def _names(clause: str) -> list[str]:
 
 
 @cache
-def _read_module(name: str) -> tuple[tuple[str, ...], tuple[Path, ...]]:
+def _read_module(name: str, package_dir: Path = PACKAGE_DIR) -> tuple[tuple[str, ...], tuple[Path, ...]]:
     """(the nextdetail modules `name` imports, the data files it names) — from its source, not by importing it."""
-    path = module_file(name)
+    path = module_file(name, package_dir)
     assert path is not None, name
     source = _TYPE_CHECKING.sub("", path.read_text(encoding="utf-8"))
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
@@ -88,7 +141,7 @@ def _read_module(name: str) -> tuple[tuple[str, ...], tuple[Path, ...]]:
         candidate = path.parent / file_name
         if not file_name.endswith(".py") and candidate.is_file():
             data.add(candidate)
-    modules = {m for m in imported if module_file(m) is not None}
+    modules = {m for m in imported if module_file(m, package_dir) is not None}
     return tuple(sorted(modules)), tuple(sorted(data))
 
 
@@ -98,31 +151,33 @@ def _with_parents(name: str) -> list[str]:
 
 
 @cache
-def _closure(entries: tuple[str, ...]) -> dict[str, str]:
+def _closure(entries: tuple[str, ...], package_dir: Path = PACKAGE_DIR, rule: str = "computation") -> dict[str, str]:
     seen: set[str] = set()
     files: dict[str, str] = {}
     todo = [p for e in entries for p in _with_parents(e)]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or (rule == "computation" and outside_computation(name)):
             continue
         seen.add(name)
-        path = module_file(name)
+        path = module_file(name, package_dir)
         if path is None:
             raise ModuleNotFoundError(f"code fingerprint: no nextdetail module {name!r}")
-        files[_relpath(path)] = _file_sha256(path)
-        modules, data = _read_module(name)
+        files[_relpath(path, package_dir)] = _file_sha256(path, rule)
+        modules, data = _read_module(name, package_dir)
         for d in data:
-            files[_relpath(d)] = _file_sha256(d)
+            files[_relpath(d, package_dir)] = _file_sha256(d, rule)
         todo.extend(p for m in modules for p in _with_parents(m) if p not in seen)
     return dict(sorted(files.items()))
 
 
-def code_fingerprint(entries: Iterable[str]) -> dict[str, str]:
-    """Every file the entry modules' code consists of (relative path → sha256): the nextdetail modules they
-    import, directly or not, their parent packages, and the non-Python files they load. Read once per process
-    (a run hashes the code it loaded)."""
-    return dict(_closure(tuple(sorted(set(entries)))))
+def code_fingerprint(entries: Iterable[str], package_dir: Path = PACKAGE_DIR,
+                     rule: str = "computation") -> dict[str, str]:
+    """Every file the entry modules' computation consists of (relative path → sha256 of its normalized source):
+    the nextdetail modules they import, directly or not, their parent packages, and the non-Python files they
+    load — but what lies outside computation (`OUTSIDE_COMPUTATION`). Read once per process. `rule="bytes"`:
+    every imported file by its bytes (the rule before issue 34)."""
+    return dict(_closure(tuple(sorted(set(entries))), package_dir, rule))
 
 
 def modules_of(fingerprint: dict[str, str]) -> set[str]:

@@ -37,7 +37,7 @@ class StorageConfig(_Section):
     credentials_file: str | None = Field(default=None, description="a JSON/YAML file of fsspec options (key, "
                                          "secret, …) merged into `options` at run time")
     credentials_block: str | None = Field(default=None, description="a Prefect Secret block (its value a mapping "
-                                          "of fsspec options) merged into `options` at run time")
+                                          "of fsspec options as a JSON string) merged into `options` at run time")
 
     _wrap_options = field_validator("options", mode="after")(_secret_options)
 

@@ -9,7 +9,8 @@ is a pydantic `SecretStr`: JSON, `repr` and `str` show ``**********``; `reveal` 
 Credentials from outside the config (resolved at run time, never stored in a deployment):
 - the environment / an AWS profile / fsspec's own config files — nothing to do here;
 - ``storage.credentials_file``: a JSON or YAML mapping of fsspec options merged into `storage.options`;
-- ``storage.credentials_block``: the name of a Prefect Secret block whose value is such a mapping.
+- ``storage.credentials_block``: the name of a Prefect Secret block whose value is such a mapping as a JSON
+  string (a dict-valued Secret is refused: Prefect's API lists its values in clear).
 """
 
 from __future__ import annotations
@@ -100,26 +101,42 @@ def read_credentials_file(path: str) -> dict[str, Any]:
     return data
 
 
+def credentials_from_secret(name: str, value: Any) -> dict[str, Any]:
+    """The mapping of fsspec options a Secret block's stored value holds: a JSON object as a string. A value stored
+    as a mapping is refused, not read: Prefect 3.8's API lists a dict-valued Secret's keys and values in clear
+    (a string one obfuscated), so those credentials are exposed already and must be stored again as a string."""
+    example = f"prefect.blocks.system.Secret(value=json.dumps({{'key': …, 'secret': …}})).save({name!r}, overwrite=True)"
+    if isinstance(value, dict):
+        raise UserError(f"storage.credentials_block {name!r}: its value is a mapping, which Prefect's API lists in "
+                        f"clear; store it as a JSON string ({example}) and rotate those credentials")
+    try:
+        mapping = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        mapping = None
+    if not isinstance(mapping, dict):
+        raise UserError(f"storage.credentials_block {name!r}: its value must be a JSON object of fsspec options, as "
+                        f"a string ({example})")
+    return mapping
+
+
 def read_credentials_block(name: str) -> dict[str, Any]:
-    """The mapping a Prefect Secret block holds (its value a dict, or a JSON object as a string). Needs the
+    """The mapping a Prefect Secret block holds (a JSON object as a string: `credentials_from_secret`). Needs the
     Prefect API: PREFECT_API_URL, or the ephemeral server (`flows.runtime.prefect_api`)."""
+    import logging
+
     from prefect.blocks.system import Secret
 
+    # Loading a block queues an event; a command that then ends at once (a refusal) would print Prefect's
+    # "Still processing items" drain warning (its queue services log under their class names) under its one line.
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     try:
-        value = Secret.load(name).get()
+        block = Secret.load(name)
     except ValueError as err:
         raise UserError(f"storage.credentials_block {name!r}: no such Secret block on the Prefect server "
-                        f"({str(err).splitlines()[0][:100]}); create it (prefect.blocks.system.Secret(value={{"
-                        "'key': …, 'secret': …}).save(NAME)) or drop the setting") from None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            value = None
-    if not isinstance(value, dict):
-        raise UserError(f"storage.credentials_block {name!r}: its value must be a mapping of fsspec options "
-                        "(e.g. {'key': …, 'secret': …})")
-    return value
+                        f"({str(err).splitlines()[0][:100]}); create it (prefect.blocks.system.Secret(value="
+                        "json.dumps({'key': …, 'secret': …})).save(NAME)) or drop the setting") from None
+    # the stored value, not Secret.get(): that parses a JSON string into a dict, hiding how it is stored
+    return credentials_from_secret(name, block.value.get_secret_value())
 
 
 def with_credentials(options: dict[str, Any], file: str | None, block: str | None) -> dict[str, Any]:

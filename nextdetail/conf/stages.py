@@ -299,16 +299,18 @@ def files_key(cfg: PipelineConfig, stage: str, paths: list[str]) -> StageKey:
                     _as_json(spec.inputs(cfg) if spec.inputs else {}), code_fingerprint(entries), spec.directory)
 
 
-CONTENT_SHA256 = {"shard": "content_sha256", "train_tokenizer": "tokenizer_sha256", "train_ar": "weights_sha256"}
-"""The summary key holding the sha256 of what a stage wrote where its bytes can differ under one identity: the
-shard tars (a re-shard reads a file it could not read before), tokenizer.pt's bytes (spec + tensors only); for
-the transformer, its tensors (transformer.pt also records where its tokenizer lives, which differs by storage
-root and must not change what downstream keys on)."""
+CONTENT_SHA256 = {"shard": "content_sha256", "decompose": "content_sha256", "train_tokenizer": "tokenizer_sha256",
+                  "tokenize": "content_sha256", "train_ar": "weights_sha256"}
+"""The summary key holding the sha256 of what a stage wrote that downstream reads: the shard tars, every factor
+chunk, tokenizer.pt's bytes (spec + tensors only), every token array; for the transformer its tensors
+(transformer.pt also records where its tokenizer lives, which differs by storage root and must not change what
+downstream keys on)."""
 
 
 def output_identity(stage: str, identity: str, summary: dict[str, Any]) -> str:
-    """What downstream identities see of an artifact: its identity — and, where the bytes can differ under one
-    identity (a retrained model on another device, process count or thread count; a re-shard), their sha256:
-    what was computed from them must follow."""
+    """What downstream identities see of an artifact: the content hash of its bytes where the stage records one
+    (`CONTENT_SHA256`) — early cutoff, as DVC, Bazel and Shake: an upstream rebuilt by changed code that writes the
+    same bytes changes nothing after it, and bytes that differ under one identity (a retraining on another
+    device, a re-shard) change everything after it — else its identity (sample, evaluate: nothing reads them)."""
     sha = summary.get(CONTENT_SHA256.get(stage, ""))
-    return f"{identity}:{sha}" if sha else identity
+    return f"{stage}:{sha}" if sha else identity

@@ -106,7 +106,8 @@ def evaluate_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, token
     refs = list_checkpoints(ar, e.checkpoints, cfg.storage.options)
     what = {"model": f"the CART transformer `{ar_dir}`", "dataset": f"`{dataset_dir}`", "train_ar_url": ar.url,
             "train_ar_identity": ar.identity}
-    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary)
+    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary,
+                        roots=(cfg.storage.root,))
     artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
     return build_one(EvalResult, evaluate_stage, artifact, inputs, e, sampling_config(e, cfg.sample), progress,
                      started=t0, fields={"reference": {"url": ref.url, "identity": ref.identity,
@@ -139,7 +140,8 @@ def evaluate_files(cfg: PipelineConfig, key: StageKey, checkpoints: list[str], o
             raise UserError(f"{path}: no such checkpoint; pass a transformer.pt or best.pt of `nextdetail train-ar`")
         label = name if name not in {r.label for r in refs} else f"{len(refs) + 1}-{name}"  # names samples/<label>.tar
         refs.append(CheckpointRef(label, path))
-    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, {"model": ", ".join(f"`{p}`" for p in checkpoints)})
+    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, {"model": ", ".join(f"`{p}`" for p in checkpoints)},
+                        roots=(cfg.storage.root,))
     t0 = time.time()
     store = Store(out, cfg.storage.options)
     artifact = plan_evaluation(store, key, inputs, e, subdir=False)

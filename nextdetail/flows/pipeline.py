@@ -31,7 +31,6 @@ from nextdetail.flows.runtime import dask_cluster, prefect_api
 from nextdetail.stages.current import intact
 from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE, PipelineResults
 from nextdetail.stages.stage import TABLE
-from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage, environment, run_row
 
 STAGE_RETRY_DELAYS = (2.0, 10.0)
@@ -77,8 +76,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
     results = {m: PipelineResults(run_id) for m in branches}
     for res in results.values():
         res.branches = results
-    root = next(iter(branches.values())).storage
-    lineage = Lineage(Store(root.root, root.options))
+    lineage = Lineage.of(next(iter(branches.values())))
     env = environment()
     rows: dict[str, dict[str, Any]] = {}  # stage identity → its run-log row (one per artifact, all its models)
     visited: dict[str, str] = {}  # stage identity → the branch that visited it in this run
@@ -138,14 +136,14 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
     if only is not None and stage != only:
         raise UserError(f"--only {only}: its upstream stage {stage} is not up to date; run "
                         f"`nextdetail run --until {stage}` first (or drop --only)")
-    if complete and stage in force:
-        url = record["artifact"]["url"]
-        log.info("%s: --force: deleting %s and rebuilding it", stage, url)
-        Store(url, cfg.artifact_options(stage)).remove_tree("")
+    if complete and stage in force:  # the artifact as this root holds it: never where the record was written
+        store = lineage.artifact_store(record)
+        log.info("%s: --force: deleting %s and rebuilding it", stage, store.url())
+        store.remove_tree("")
     results[stage] = run_with_retries(stage, runner, log)
     if stage in force and not complete and results[stage].reused:  # built before lineage knew it
         log.info("%s: --force: deleting %s and rebuilding it", stage, results[stage].url)
-        Store(results[stage].url, cfg.artifact_options(stage)).remove_tree("")
+        lineage.roots.store(results[stage].url).remove_tree("")
         results[stage] = run_with_retries(stage, runner, log)
     result = results[stage]
     lineage.write({

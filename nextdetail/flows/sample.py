@@ -43,7 +43,8 @@ def sample_flow(cfg: PipelineConfig, key: StageKey, shards: ShardResult, tokens:
                 progress: bool = True) -> SampleResult:
     t0 = time.time()
     name = "transformer.pt" if cfg.sample.checkpoint == "last" else "best.pt"
-    inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens))
+    inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens),
+                          roots=(cfg.storage.root,))
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
     artifact = plan_samples(key.output(cfg, dataset_dir, ar_dir), key, cfg.sample)
     return build_one(SampleResult, sample_stage, artifact, inputs, cfg.sample, progress, started=t0)

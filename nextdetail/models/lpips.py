@@ -22,7 +22,9 @@ def _load(path: str | Path, what: str) -> dict[str, Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file ({what}); copy it here or set tokenizer.lpips_weight=0")
-    return torch.load(p, map_location="cpu", weights_only=True)
+    from nextdetail.storage.checkpoints import read_weights_file
+
+    return read_weights_file(p, str(p))
 
 
 class LPIPS(nn.Module):

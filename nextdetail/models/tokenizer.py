@@ -46,13 +46,18 @@ class BaseDetailVQVAE(nn.Module):
     def from_checkpoint(cls, checkpoint: bytes | str | Path, map_location: str = "cpu",
                         where: str | None = None) -> BaseDetailVQVAE:
         """The model of a `tokenizer.pt` written by train_tokenizer ({"spec", "model"}), in eval mode."""
-        from nextdetail.storage.checkpoints import read_torch
+        from nextdetail.errors import UserError
+        from nextdetail.storage.checkpoints import NOT_OURS, REWRITE, read_torch
 
-        saved = read_torch(checkpoint, where or ("tokenizer.pt" if isinstance(checkpoint, bytes) else str(checkpoint)),
-                           map_location)
-        spec = TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()})
-        model = cls(spec)
-        model.load_state_dict(saved["model"])
+        where = where or ("tokenizer.pt" if isinstance(checkpoint, bytes) else str(checkpoint))
+        saved = read_torch(checkpoint, where, map_location, keys=("spec", "model"))
+        try:
+            spec = TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["spec"].items()})
+            model = cls(spec)
+            model.load_state_dict(saved["model"])
+        except (AttributeError, TypeError, ValueError, AssertionError, RuntimeError) as err:  # another layout/shape
+            raise UserError(f"{where}: {NOT_OURS} (its spec or weights do not fit the tokenizer: "
+                            f"{(str(err).splitlines() or [''])[0][:120]}); {REWRITE}") from None
         return model.eval()
 
     # ---- encoding ------------------------------------------------------------------------------
@@ -127,7 +132,9 @@ def load_var_state_dict(model: BaseDetailVQVAE, state_dict: dict[str, Tensor] | 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such tokenizer checkpoint; download VAR's from {VAR_CHECKPOINT_URL} "
                                     "(no network here: copy it in) and point the config at it")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        from nextdetail.storage.checkpoints import read_weights_file
+
+        state_dict = read_weights_file(path, str(path))
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DDP-saved copies
     ours = model.state_dict()
     unknown = sorted(set(state_dict) - set(ours))

@@ -16,7 +16,6 @@ from typing import Any
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.stages.status import flatten
-from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage, recorded_artifact
 
 NUMBERS = ("fid", "kid_mean", "isc_mean", "precision", "recall", "rfid")
@@ -26,10 +25,10 @@ COLUMNS = ("evaluate", "model", "preset", "checkpoint", *NUMBERS, "gflops_per_im
 
 def comparison(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """One row per complete evaluation under `cfg.storage.root`, oldest first: `COLUMNS`, then the settings."""
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    lineage = Lineage.of(cfg)
     rows = []
     for record in reversed(lineage.records("evaluate")):
-        if not recorded_artifact(record, cfg.artifact_options("evaluate")):
+        if not recorded_artifact(record, lineage.roots):
             continue
         closure = _closure(lineage, record)
         summary = record["result"]["summary"]

@@ -22,12 +22,14 @@ from nextdetail.storage.lineage import Lineage, recorded_artifact, run_row
 def intact(cfg: PipelineConfig, stage: str, record: dict[str, Any]) -> bool:
     """Whether a recorded artifact can be used as is: complete, and the token cache verified by sha256 as its
     own flow verifies it before every use (`tokens.verify`; a same-size corruption is caught here too)."""
-    if not recorded_artifact(record, cfg.artifact_options(stage)):
+    lineage = Lineage.of(cfg)
+    if not recorded_artifact(record, lineage.roots):
         return False
     if stage == "tokenize" and cfg.tokens.verify == "sha256":
         from nextdetail.storage.tokens import TokenCache
 
-        return not TokenCache(record["artifact"]["url"], cfg.artifact_options(stage), cfg.tokens.local_cache).verify()
+        store = lineage.artifact_store(record)
+        return not TokenCache(store.url(), store.options, cfg.tokens.local_cache).verify()
     return True
 
 

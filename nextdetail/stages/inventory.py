@@ -8,14 +8,16 @@ listings, records and markers only: no torch, no Prefect.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
 from nextdetail.conf.stages import SPECS, output_identity
-from nextdetail.storage.fs import Store
+from nextdetail.storage.fs import OutsideRoot, Store, under
 from nextdetail.storage.lineage import Lineage, recorded_artifact
+from nextdetail.storage.roots import Roots
 
 COMPLETE, INCOMPLETE, UNRECORDED, SHARED = "complete", "incomplete", "unrecorded", "shared"
 
@@ -38,12 +40,13 @@ class Entry:
         return asdict(self)
 
 
-def tree_bytes(url: str, options: dict[str, Any]) -> int:
-    """Bytes under `url` (a file or a directory tree); 0 when it is gone."""
-    store = Store(url, options)
+def tree_bytes(store: Store) -> int:
+    """Bytes of the regular files under `store` (links not followed); 0 when it is gone or leads outside its root."""
     try:
+        if store.is_local:
+            return sum(os.path.getsize(store.path(rel)) for rel in store.find())
         return int(store.fs.du(store.path(""), total=True))
-    except FileNotFoundError:
+    except (FileNotFoundError, OutsideRoot):
         return 0
 
 
@@ -52,7 +55,7 @@ def inventory(branches: dict[str, PipelineConfig]) -> list[Entry]:
     from nextdetail.stages.status import branch_status
 
     cfg = next(iter(branches.values()))
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    lineage = Lineage.of(cfg)
     referenced: dict[str, list[str]] = {}
     for model, statuses in branch_status(branches).items():
         for st in statuses.values():
@@ -63,45 +66,46 @@ def inventory(branches: dict[str, PipelineConfig]) -> list[Entry]:
         last_used[row["identity"]] = max(last_used.get(row["identity"], 0.0), row["started"] or 0.0)
     entries: list[Entry] = []
     for stage in STAGES:
-        options = cfg.artifact_options(stage)
         recorded_urls = set()
         for record in lineage.records(stage):
             url = record["artifact"]["url"]
             recorded_urls.add(url.rstrip("/"))
-            state = COMPLETE if recorded_artifact(record, options) else INCOMPLETE
-            entries.append(Entry(stage, record["identity"], url, tree_bytes(url, options), state,
+            state = COMPLETE if recorded_artifact(record, lineage.roots) else INCOMPLETE
+            entries.append(Entry(stage, record["identity"], url, tree_bytes(lineage.artifact_store(record)), state,
                                  record.get("finished"), last_used.get(record["identity"]),
                                  tuple(referenced.get(record["identity"], ())),
                                  output_identity(stage, record["artifact"]["identity"],
                                                  record.get("result", {}).get("summary", {})),
                                  tuple(record.get("upstream", {}).values())))
-        entries += _unrecorded(cfg, stage, recorded_urls)
-    return entries + _reference_statistics(cfg)
+        entries += _unrecorded(lineage.roots, cfg, stage, recorded_urls)
+    return entries + _reference_statistics(lineage.roots, cfg)
 
 
-def _reference_statistics(cfg: PipelineConfig) -> list[Entry]:
+def _reference_statistics(roots: Roots, cfg: PipelineConfig) -> list[Entry]:
     """The reference-statistics cache (`<eval.reference_cache or storage.root>/refstats/<identity>/`): shared by
     content, never named by a lineage record — listed under evaluate, kept by gc."""
-    options = cfg.eval.reference_cache_options if cfg.eval.reference_cache_options is not None else cfg.storage.options
-    root = Store(cfg.eval.reference_cache or cfg.storage.root, options).sub("refstats")
+    root = roots.store(cfg.eval.reference_cache or cfg.storage.root).sub("refstats")
     out = []
     for name in root.listdir(""):
+        if root.is_link(name):  # never followed (nextdetail writes no links)
+            continue
         child = root.sub(name)
         marker = _marker(child)
-        out.append(Entry("evaluate", name, child.url(), tree_bytes(child.url(), options),
-                         SHARED if marker else UNRECORDED, _built(marker)))
+        out.append(Entry("evaluate", name, child.url(), tree_bytes(child), SHARED if marker else UNRECORDED,
+                         _built(marker)))
     return out
 
 
-def _unrecorded(cfg: PipelineConfig, stage: str, recorded: set[str]) -> list[Entry]:
+def _unrecorded(roots: Roots, cfg: PipelineConfig, stage: str, recorded: set[str]) -> list[Entry]:
     """The directories under a stage's output directory that no record names: walking down, a recorded artifact
-    stops the walk, a directory holding one is entered, anything else is reported whole (and not entered)."""
+    stops the walk, a directory holding one is entered, anything else is reported whole (and not entered). A
+    symbolic link is neither entered nor reported: gc never reaches through one."""
     root = cfg.tokens.cache if stage == "tokenize" and cfg.tokens.cache else cfg.storage.root
-    out, todo = [], [Store(root, cfg.artifact_options(stage)).sub(SPECS[stage].directory)]
+    out, todo = [], [roots.store(root).sub(SPECS[stage].directory)]
     while todo:
         store = todo.pop()
         for name in store.listdir(""):
-            if not store.fs.isdir(store.path(name)):
+            if store.is_link(name) or not store.fs.isdir(store.path(name)):
                 continue
             child = store.sub(name)
             url = child.url().rstrip("/")
@@ -112,7 +116,7 @@ def _unrecorded(cfg: PipelineConfig, stage: str, recorded: set[str]) -> list[Ent
                 continue
             marker = _marker(child)
             out.append(Entry(stage, marker.get("identity", "") if marker else "", child.url(),
-                             tree_bytes(child.url(), child.options), SHARED if marker else UNRECORDED,
+                             tree_bytes(child), SHARED if marker else UNRECORDED,
                              _built(marker)))
     return sorted(out, key=lambda e: e.url)
 
@@ -128,7 +132,7 @@ def _marker(store: Store) -> dict[str, Any] | None:
 
     try:
         return json.loads(store.read_bytes("_COMPLETE.json"))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, OutsideRoot):
         return None
 
 
@@ -190,9 +194,10 @@ def plan_gc(cfg: PipelineConfig, entries: list[Entry], keep_last: int = 0, keep_
     artifact, anything outside `storage.root` (a token cache in a team bucket other roots may point at), and anything
     written to within `IN_PROGRESS_S`."""
     now = time.time() if now is None else now
+    roots = Roots.of(cfg)
     keep: set[int] = set()
     for i, e in enumerate(entries):
-        if e.referenced_by or e.state == SHARED or not under(e.url, cfg.storage.root):
+        if e.referenced_by or e.state == SHARED or not under(e.url, roots.main.url()):
             keep.add(i)
     for stage in STAGES:
         complete = sorted((i for i, e in enumerate(entries) if e.stage == stage and e.state == COMPLETE),
@@ -210,7 +215,7 @@ def plan_gc(cfg: PipelineConfig, entries: list[Entry], keep_last: int = 0, keep_
                 todo.append(j)
     removals, kept = [], []
     for i, e in enumerate(entries):
-        if i in keep or now - _newest_write(e.url, cfg.artifact_options(e.stage)) < IN_PROGRESS_S:
+        if i in keep or now - _newest_write(roots.store(e.url)) < IN_PROGRESS_S:
             kept.append(e)  # used, or written to within the hour: a run may be writing it (a new attempt) right now
         elif e.state == COMPLETE:
             removals.append(Removal(e, "referenced by no given config"))
@@ -224,11 +229,14 @@ def plan_gc(cfg: PipelineConfig, entries: list[Entry], keep_last: int = 0, keep_
 def apply_gc(cfg: PipelineConfig, removals: list[Removal], log: Any = print) -> int:
     """Delete what `plan_gc` chose: the marker first (no reader takes a half-deleted artifact for complete), then
     the files, then the lineage record. Returns the bytes freed."""
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    lineage = Lineage.of(cfg)
+    root = lineage.roots.main
     freed = 0
     for r in removals:
         e = r.entry
-        store = Store(e.url, cfg.artifact_options(e.stage))
+        if not under(e.url, root.url()):  # plan_gc keeps these; a root's own files are all gc may delete
+            continue
+        store = lineage.roots.store(e.url)
         store.remove("_COMPLETE.json")
         store.remove_tree("")
         if e.identity and e.state != SHARED:
@@ -250,17 +258,13 @@ def format_gc(removals: list[Removal], kept: list[Entry], dry_run: bool) -> str:
     return "\n".join(lines)
 
 
-def under(url: str, root: str) -> bool:
-    """Whether `url` is `root` or lies below it."""
-    return url.rstrip("/").startswith(root.rstrip("/") + "/") or url.rstrip("/") == root.rstrip("/")
-
-
-def _newest_write(url: str, options: dict[str, Any]) -> float:
-    """The newest modification time of any file under `url` (0 when it is empty or gone)."""
-    store = Store(url, options)
+def _newest_write(store: Store) -> float:
+    """The newest modification time of any file under `store` (0 when it is empty or gone; links not followed)."""
     try:
+        if store.is_local:
+            return max((os.lstat(store.path(rel)).st_mtime for rel in store.find()), default=0.0)
         found = store.fs.find(store.path(""), detail=True)
-    except FileNotFoundError:
+    except (FileNotFoundError, OutsideRoot):
         return 0.0
     times = []
     for info in found.values():

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from nextdetail.storage.labels import checkpoint_name
+
 UP_TO_DATE = "up to date"  # the work of a stage this run skipped: its lineage record named an intact artifact
 NOT_NEEDED = "not needed"  # … a stage whose output this config does not use (`StageSpec.needed`): no artifact
 
@@ -247,12 +249,6 @@ class EvalResult(StageResult):  # url: report.md, metrics.json, grid.png, grids/
                 ("numbers", f"{self.url}/metrics.json   pictures: {self.url}/grid.png{curves}"),
                 ("reference", f"{ref.get('url')}   ({ref.get('work')}; identity {str(ref.get('identity'))[:16]})")]
 
-
-
-def checkpoint_name(r: dict[str, Any]) -> str:
-    """`step 12`, or `last (step 12)`: a metrics row's or the evaluate summary's checkpoint."""
-    label = r["label"] if "label" in r else r["checkpoint"]
-    return label if label.startswith("step ") else f"{label} (step {r['step']})"
 
 
 class PipelineResults(dict):

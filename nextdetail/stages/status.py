@@ -21,7 +21,6 @@ from typing import Any
 from nextdetail.conf.schema import STAGES, PipelineConfig
 from nextdetail.conf.stages import SPECS, StageKey, output_identity, stage_key
 from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE
-from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import canonical_json
 from nextdetail.storage.lineage import Lineage, recorded_artifact
 
@@ -74,8 +73,8 @@ def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
         before = last.get("upstream", {}).get(u)
         if before != ident:
             was, now = str(before).split(":", 1), str(ident).split(":", 1)
-            if was[0] == now[0] and len(now) == 2:  # one identity, other bytes (a retrained model, a re-shard)
-                reasons.append(f"upstream {u} rebuilt with other content: {was[-1][:12]} → {now[1][:12]}")
+            if len(now) == 2:  # keyed on the upstream's bytes (early cutoff): they came out different
+                reasons.append(f"upstream {u}'s output changed: {was[-1][:12]} → {now[1][:12]}")
             else:
                 reasons.append(f"upstream {u} changed: {str(before)[:12]} → {str(ident)[:12]}")
     now_in, then_in = flatten(current.get("inputs", {})), flatten(last.get("inputs", {}))
@@ -96,8 +95,9 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
     used = spec.upstream_of(cfg)
     not_ready = [u for u in used if upstream[u].state != UP_TO_DATE]
     last = lineage.latest(stage)
-    if not_ready:
-        reasons = [f"upstream {u} is {upstream[u].state}" for u in not_ready]
+    if not_ready:  # early cutoff: this stage runs only if the upstream's rebuilt output differs
+        reasons = [f"waits on upstream {u}'s output ({upstream[u].state}): runs only if it comes out different"
+                   for u in not_ready]
         if last is not None:  # what else will change, as far as the config and code tell
             current = {"settings": json.loads(canonical_json(spec.settings(cfg))), "code": spec.code(cfg)}
             reasons += [r for r in explain(current, last) if not r.startswith("upstream")]
@@ -108,10 +108,10 @@ def stage_status(cfg: PipelineConfig, stage: str, upstream: dict[str, StageStatu
     identity = key.identity
     record = lineage.read(stage, identity)
     if record is not None:
-        if recorded_artifact(record, cfg.artifact_options(stage)):
+        if recorded_artifact(record, lineage.roots):
             return StageStatus(stage, UP_TO_DATE, [], identity, record, key=key)
         retry = record["result"].get("summary", {}).get("retry")
-        if retry and recorded_artifact(record, cfg.artifact_options(stage), check_sizes=False):
+        if retry and recorded_artifact(record, lineage.roots, check_sizes=False):
             return StageStatus(stage, STALE, [f"{retry} input file(s) could not be read when it was built: run "
                                               "retries them (and rebuilds what follows only if they now read)"],
                                identity, record, key=key)
@@ -138,7 +138,7 @@ def branch_status(branches: dict[str, PipelineConfig],
     out: dict[str, dict[str, StageStatus]] = {}
     seen: dict[str, str] = {}
     for model, cfg in branches.items():
-        lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+        lineage = Lineage.of(cfg)
         statuses: dict[str, StageStatus] = {}
         for stage in STAGES:
             st = statuses[stage] = stage_status(cfg, stage, statuses, lineage)
@@ -163,6 +163,9 @@ def format_status(branches: dict[str, PipelineConfig], statuses: dict[str, dict[
         for st in by_stage.values():
             ident = (st.identity or "")[:12] or "-" * 12
             where = st.artifact["url"] if st.state == UP_TO_DATE and st.artifact else ""
+            if st.state == UP_TO_DATE and (st.record or {}).get("accepted"):  # an alias a person vouched for
+                a = st.record["accepted"]
+                where += f"  (accepted from {a['from'][:8]} by {a.get('by') or '?'})"
             if st.shared_with:
                 where = f"(the same artifact as model {st.shared_with}'s)"
             lines.append(f"  {st.stage:<{width}}  {st.state:<10}  {ident}  {where}".rstrip())
@@ -221,7 +224,7 @@ def find_records(cfg: PipelineConfig, query: str) -> list[dict[str, Any]]:
 
     from nextdetail.errors import UserError
 
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    lineage = Lineage.of(cfg)
     if query in STAGES:
         current = pipeline_status(cfg, STAGES[: STAGES.index(query) + 1])[query].record
         first = current or lineage.latest(query)
@@ -249,7 +252,7 @@ def format_record(cfg: PipelineConfig, record: dict[str, Any]) -> str:
     shown["started"], shown["finished"] = when(record["started"]), when(record["finished"])
     shown["summary"] = record.get("result", {}).get("summary")
     text = f"# {record['stage']} {record['identity'][:12]}\n" + yaml.safe_dump(shown, sort_keys=False, width=110)
-    runs = Lineage(Store(cfg.storage.root, cfg.storage.options)).runs()
+    runs = Lineage.of(cfg).runs()
     rows = [r for r in runs.to_pylist() if r["identity"] == record["identity"]]
     text += "runs:\n" + "".join(f"  - {when(r['started'])}  run {r['run_id']}  {r['work']}  {r['seconds']:.1f}s  "
                                 f"{r['user']}@{r['host']}\n" for r in rows)

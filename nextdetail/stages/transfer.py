@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nextdetail.conf.schema import STAGES, PipelineConfig
-from nextdetail.stages.inventory import under
-from nextdetail.storage.artifacts import withdraw
-from nextdetail.storage.fs import TMP_MARK, Store
+from nextdetail.storage.artifacts import check_listed, listed_files, withdraw
+from nextdetail.storage.fs import TMP_MARK, OutsideRoot, Store, under
 from nextdetail.storage.hashing import canonical_json
 from nextdetail.storage.lineage import LINEAGE, Lineage, recorded_artifact
+from nextdetail.storage.roots import Roots, relativize, rename_under
 
 MARKER = "_COMPLETE.json"
 _SKIP = ("_LEASE.json",)  # a writer's heartbeat: not part of what it published
@@ -76,12 +76,12 @@ def plan_transfer(src: dict[str, PipelineConfig], stages: Iterable[str] | None =
 
     wanted = tuple(stages or STAGES)
     cfg = next(iter(src.values()))
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    lineage = Lineage.of(cfg)
     plan, seen = Plan(), set()
     if everything:
         for stage in wanted:
             for record in lineage.records(stage):
-                if recorded_artifact(record, cfg.artifact_options(stage)):
+                if recorded_artifact(record, lineage.roots):
                     plan.records.append(record)
         return plan
     for model, statuses in branch_status(src).items():
@@ -101,8 +101,12 @@ def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: boo
              log: Callable[[str], None] = print) -> list[Sent]:
     """Send every planned artifact (and its record) from `src`'s root to `dst`'s; then the run log's files the
     destination lacks (each run's own file: create-only by nature), so `cache ls` there knows when each was used."""
-    src_root, dst_root = Store(src.storage.root, src.storage.options), Store(dst.storage.root, dst.storage.options)
-    rename = _renamer(src_root.url(), dst_root.url())
+    src_roots, dst_roots = Roots.of(src), Roots.of(dst)
+    src_root, dst_root = src_roots.main, dst_roots.main
+
+    def rename(value: Any) -> Any:
+        return rename_under(value, src_root.url(), dst_root.url())
+
     sent = []
     for record in plan.records:
         stage = record["stage"]
@@ -110,10 +114,9 @@ def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: boo
         if not under(url, src_root.url()):
             out = Sent(stage, record["identity"], url, "record only")
         else:
-            out = copy_artifact(stage, Store(url, src.artifact_options(stage)),
-                                Store(rename(url), dst.artifact_options(stage)), record["artifact"]["identity"],
-                                rename, progress)
-        _send_record(Lineage(dst_root), rename(record))
+            out = copy_artifact(stage, src_roots.store(url), dst_roots.store(rename(url)),
+                                record["artifact"]["identity"], rename, progress, log)
+        _send_record(Lineage(dst_roots), rename(record))
         log(out.line())
         sent.append(out)
     src_runs, dst_runs = src_root.sub(LINEAGE, "runs"), dst_root.sub(LINEAGE, "runs")
@@ -125,8 +128,10 @@ def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: boo
 
 
 def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Callable[[Any], Any],
-                  progress: bool = True) -> Sent:
-    """One complete artifact from `src` to `dst` (the protocol in this module's docstring)."""
+                  progress: bool = True, log: Callable[[str], None] = print) -> Sent:
+    """One complete artifact from `src` to `dst` (the protocol in this module's docstring). Every path comes from
+    a listing or a marker of `src` and is checked to lie inside it (`listed_files`); a symbolic link is reported
+    and not copied (nextdetail writes none)."""
     from tqdm.auto import tqdm
 
     marker = _read_json(src, MARKER)
@@ -136,7 +141,11 @@ def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Cal
     if there is not None and there.get("identity") == identity:
         return Sent(stage, identity, dst.url(), "already there")
     recorded = marker.get("sha256", {})
-    files = _files_of(stage, src, marker)
+    listed_files(src, MARKER, marker)
+    links: list[str] = []
+    files = _files_of(stage, src, marker, links)
+    for rel in links:
+        log(f"  {stage:<16} {identity[:12]:<12}  skipped {rel}: a symbolic link, not copied (nextdetail writes none)")
     sums, sent_bytes = {}, 0
     total = sum(src.size(rel) or 0 for rel in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"{stage} {identity[:12]}", disable=not progress,
@@ -147,7 +156,7 @@ def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Cal
                 raise OSError(f"{src.url(rel)} vanished while being copied; run `nextdetail cache verify`")
             expected = recorded.get(rel)
             if dst.size(rel) == size:  # a killed copy's file, or one published before: keep it if it is the same
-                have = dst.sha256(rel)
+                have = dst.sha256(rel, limit=size)
                 if have == (expected or src.sha256(rel)):
                     sums[rel] = have
                     bar.update(size)
@@ -163,7 +172,7 @@ def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Cal
                 dst.remove(rel)
                 raise OSError(f"{src.url(rel)}: its content no longer has the sha256 its marker records; nothing "
                               "was published — run `nextdetail cache verify` at the source")
-            if dst.sha256(rel) != sums[rel]:
+            if dst.sha256(rel, limit=size) != sums[rel]:
                 raise OSError(f"{dst.url(rel)}: the copy reads back with another sha256; nothing was published — "
                               "run the command again")
             sent_bytes += size
@@ -173,40 +182,24 @@ def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Cal
     return Sent(stage, identity, dst.url(), "copied", len(files), sent_bytes)
 
 
-def _files_of(stage: str, store: Store, marker: dict[str, Any]) -> list[str]:
+def _files_of(stage: str, store: Store, marker: dict[str, Any], links: list[str]) -> list[str]:
     """What an artifact consists of: for the token cache, what its marker lists (readers trust nothing else:
-    other writers' attempts live beside it); for every other stage, every file under its directory but the
-    marker, temporaries and leases (part markers and step checkpoints included)."""
+    other writers' attempts live beside it); for every other stage, every regular file under its directory but
+    the marker, temporaries and leases (part markers and step checkpoints included); links go to `links`."""
     if stage == "tokenize":
         return sorted(marker["files"])
-    return [rel for rel in store.find()
+    return [rel for rel in store.find(links=links)
             if rel != MARKER and TMP_MARK not in rel.rsplit("/", 1)[-1] and rel.rsplit("/", 1)[-1] not in _SKIP]
 
 
 def _send_record(lineage: Lineage, record: dict[str, Any]) -> None:
     """Create the record at the destination (the same for any writer of an identity: an existing one stays)."""
-    data = canonical_json(record).encode()
+    data = canonical_json(relativize(record, lineage.roots.main.url())).encode()
     try:
         lineage.store.write_bytes_exclusive(f"{record['stage']}/{record['identity']}.json", data)
     except FileExistsError:
         return
     lineage.store.write_bytes(f"{record['stage']}/latest.json", data)
-
-
-def _renamer(src_root: str, dst_root: str) -> Callable[[Any], Any]:
-    """A function renaming, in a JSON value, every string that names the source root (or a path under it)."""
-    src_root, dst_root = src_root.rstrip("/"), dst_root.rstrip("/")
-
-    def rename(value: Any) -> Any:
-        if isinstance(value, str):
-            return dst_root + value[len(src_root):] if under(value, src_root) else value
-        if isinstance(value, dict):
-            return {k: rename(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [rename(v) for v in value]
-        return value
-
-    return rename
 
 
 def _read_json(store: Store, rel: str) -> dict[str, Any] | None:
@@ -236,48 +229,56 @@ def verify(cfg: PipelineConfig, stages: Iterable[str] | None = None, progress: b
     `bad` empty when intact)."""
     from tqdm.auto import tqdm
 
-    lineage = Lineage(Store(cfg.storage.root, cfg.storage.options))
+    lineage = Lineage.of(cfg)
     records = [r for stage in (stages or STAGES) for r in lineage.records(stage)
-               if recorded_artifact(r, cfg.artifact_options(stage), check_sizes=False)]
+               if recorded_artifact(r, lineage.roots, check_sizes=False)]
     out = []
     for record in tqdm(records, desc="verify", unit="artifact", disable=not progress, leave=False):
-        stage, store = record["stage"], Store(record["artifact"]["url"], cfg.artifact_options(record["stage"]))
+        stage, store = record["stage"], lineage.artifact_store(record)
         bad, checked, unhashed = [], 0, 0
-        for marker in _markers(stage, store):  # every marker lists paths relative to the artifact directory
+        for rel, marker in _markers(stage, store):  # every marker lists paths relative to the artifact directory
             sums = marker.get("sha256", {})
-            for path, size in marker.get("files", {}).items():
+            for path, size in (marker.get("files") or {}).items():
                 checked += 1
+                try:  # a path out of the artifact, a link or a device: damage, never read
+                    check_listed(store, rel, path)
+                except OutsideRoot as err:
+                    bad.append(f"{path}: {str(err).split(': ', 2)[-1]}")
+                    continue
                 have = store.size(path)
                 if have is None:
                     bad.append(f"{path}: missing")
                 elif have != size:
                     bad.append(f"{path}: {have} bytes, recorded {size}")
-                elif path in sums:
-                    if store.sha256(path) != sums[path]:
+                elif path in sums:  # read at most to the recorded size + 1: a device or a growing file ends
+                    if store.sha256(path, limit=size) != sums[path]:
                         bad.append(f"{path}: sha256 differs from the recorded one")
                 else:
+                    bad.append(f"{path}: no sha256 recorded (only its size could be checked); rebuild or re-push "
+                               "it with this version")
                     unhashed += 1
         out.append(Damage(stage, record["identity"], store.url(), bad, checked, unhashed))
     return out
 
 
-def _markers(stage: str, store: Store) -> list[dict[str, Any]]:
-    """The artifact's own marker and its parts' markers (`_parts/*.json` of shard and decompose; the token
-    cache's own marker lists every file of its published attempt with sha256)."""
+def _markers(stage: str, store: Store) -> list[tuple[str, dict[str, Any]]]:
+    """(path, content) of the artifact's own marker and its parts' markers (`_parts/*.json` of shard and
+    decompose; the token cache's own marker lists every file of its published attempt with sha256)."""
     own = _read_json(store, MARKER)
-    found = [own] if own else []
+    found = [(MARKER, own)] if own else []
     if stage != "tokenize":
         for name in store.listdir("_parts"):
             part = _read_json(store, f"_parts/{name}") if name.endswith(".json") else None
             if part and "files" in part:
-                found.append(part)
+                found.append((f"_parts/{name}", part))
     return found
 
 
 def withdraw_damaged(cfg: PipelineConfig, damaged: list[Damage]) -> None:
     """Withdraw each damaged artifact: its marker moves aside with the reason, so nothing uses it and the next
     run rebuilds it (the token cache adopts the parts that still verify)."""
+    roots = Roots.of(cfg)
     for d in damaged:
         if d.bad:
-            withdraw(Store(d.url, cfg.artifact_options(d.stage)), MARKER, "cache verify: " + "; ".join(d.bad[:20]))
+            withdraw(roots.store(d.url), MARKER, "cache verify: " + "; ".join(d.bad[:20]))
             d.withdrawn = True

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nextdetail
-from nextdetail.storage.fs import Store
+from nextdetail.storage.fs import OutsideRoot, Store, relative_path
 from nextdetail.storage.hashing import canonical_json
 
 MARKER_VERSION = 1
@@ -34,10 +34,6 @@ class Artifact:
     checksums: bool = True  # the marker also records each file's sha256 (`verify()`, `nextdetail cache verify`)
     exclusive: bool = False  # publish only if no marker exists yet (concurrent writers: one wins)
 
-    @property
-    def cache_key(self) -> str:
-        return f"{self.stage}-{self.identity}"
-
     def read_marker(self) -> dict[str, Any] | None:
         """The marker if it exists and names this identity; None otherwise (missing, other, torn)."""
         try:
@@ -52,14 +48,17 @@ class Artifact:
         record = self.read_marker()
         if record is None or record.get("summary", {}).get("retry"):  # built around inputs that could not be read
             return None
-        for rel, size in record.get("files", {}).items():
+        for rel, size in listed_files(self.store, self.marker, record).items():
             if self.store.size(rel) != size:
                 return None
         return record
 
     def verify(self, record: dict[str, Any]) -> list[str]:
-        """Files of a complete artifact whose content no longer has its recorded sha256 (reads them all)."""
-        return [rel for rel, digest in record.get("sha256", {}).items() if self.store.sha256(rel) != digest]
+        """Files of a complete artifact whose content no longer has its recorded sha256 (reads them all, each at
+        most to its recorded size + 1 byte)."""
+        sizes = listed_files(self.store, self.marker, record)
+        return [rel for rel, digest in record.get("sha256", {}).items()
+                if self.store.sha256(rel, limit=sizes.get(rel)) != digest]
 
     def publish(self, summary: dict[str, Any], files: list[str] | dict[str, str], started: float) -> dict[str, Any]:
         """Write the completion marker last: from here on readers may use the artifact. `files` may map
@@ -95,6 +94,29 @@ class Artifact:
         else:
             self.store.write_bytes(self.marker, data)
         return record
+
+
+def listed_files(store: Store, marker: str, record: dict[str, Any]) -> dict[str, int]:
+    """The files a marker lists (path → size), each checked to lie inside the artifact as written: a path that is
+    absolute, not normalized, climbs out with `..`, or leads out through a link (or to a device) is damage —
+    OutsideRoot naming the marker and the path; nothing is read."""
+    files = record.get("files", {})
+    if not isinstance(files, dict):
+        raise OutsideRoot(f"{store.url(marker)}: its file list is not a mapping; not written by nextdetail")
+    for rel in (*files, *record.get("sha256", {})):
+        check_listed(store, marker, rel)
+    return files
+
+
+def check_listed(store: Store, marker: str, rel: Any) -> None:
+    """OutsideRoot (naming the marker) unless `rel`, a path marker `marker` lists, is a plain relative path that
+    stays inside `store` and names no link out of it, no device, no FIFO."""
+    try:
+        if not isinstance(rel, str) or relative_path(rel) != rel:
+            raise OutsideRoot(f"{rel!r}: not a plain path inside the artifact (absolute, '..' or not normalized)")
+        store.checked(rel, file=True)
+    except OutsideRoot as err:
+        raise OutsideRoot(f"{store.url(marker)} lists {rel!r}: {str(err).split(': ', 1)[-1]}") from None
 
 
 def withdraw(store: Store, marker: str, reason: str) -> None:

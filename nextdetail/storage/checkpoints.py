@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -60,21 +62,79 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_torch(source: bytes | str | Path, where: str, map_location: str = "cpu") -> Any:
-    """A torch file read as tensors and plain values only (`weights_only=True`): a file on a shared bucket can
-    hand out weights, never code. Anything else is refused in one line naming the file and the fix."""
+# What torch.save writes into its zip archive, every record under one top folder. A TorchScript archive adds
+# code/ and constants.pkl (torch.load hands it to torch.jit.load: a traceback under weights_only, code without);
+# any other record is not something torch.save wrote, so not something nextdetail wrote.
+_SAVED_RECORDS = re.compile(r"data\.pkl|data/\d+|byteorder|version|\.format_version|\.storage_alignment"
+                            r"|\.data/(serialization_id|version)")
+NOT_OURS = "not written by nextdetail"
+REWRITE = "delete it and re-run the stage that writes it"
+
+
+def _foreign_records(f: IO[bytes]) -> str | None:
+    """Why the zip archive `f` is not a torch.save file (TorchScript, extra records); None when it is one, or is
+    no zip at all (then torch's own reader, weights-only too, decides)."""
     try:
-        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location=map_location,
-                          weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "not plain data")
-        raise UserError(f"{where}: refused: it holds more than tensors and plain values ({reason[:160]}), and "
-                        "unpickling it could run code; it is an older nextdetail format or not ours — delete it and "
-                        "re-run the stage that writes it") from None
+        with zipfile.ZipFile(f) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        f.seek(0)
+        return "not a readable torch file: a truncated or damaged zip archive" if f.read(4) == b"PK\x03\x04" else None
+    finally:
+        f.seek(0)
+    records = [n.partition("/")[2] for n in names]
+    if any(r.startswith("code/") or r == "constants.pkl" for r in records):
+        return "a TorchScript archive: it holds code"
+    if len({n.partition("/")[0] for n in names}) != 1:
+        return "a zip archive whose records are not under one folder, as torch.save writes them"
+    extra = [n for n, r in zip(names, records, strict=True) if not _SAVED_RECORDS.fullmatch(r)]
+    if extra:
+        return f"a zip archive with records torch.save does not write: {', '.join(extra[:3])}"
+    if "data.pkl" not in records:
+        return "a zip archive without data.pkl"
+    return None
+
+
+def read_torch(source: bytes | str | Path, where: str, map_location: str = "cpu", keys: tuple[str, ...] = (),
+               not_ours: str = NOT_OURS, fix: str = REWRITE) -> Any:
+    """A torch file read as tensors and plain values only (`weights_only=True`): a file on a shared bucket can
+    hand out weights, never code. Anything else — TorchScript, a zip with other records, a truncated file, with
+    `keys` anything but a dict holding them — is refused in one line: `<where>: <not_ours> (<why>); <fix>`."""
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
+        why = _foreign_records(f)
+        if why is not None:
+            raise UserError(f"{where}: {not_ours} ({why}); {fix}")
+        try:
+            saved = torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "not plain data")
+            raise UserError(f"{where}: refused: it holds more than tensors and plain values ({reason[:160]}), and "
+                            "unpickling it could run code; it is an older nextdetail format or not ours — delete it "
+                            "and re-run the stage that writes it") from None
+        except Exception as err:  # truncated or damaged: torch's reader says why, in many lines and types
+            first = (str(err).splitlines() or [""])[0].split(". ")[0][:120]
+            raise UserError(f"{where}: {not_ours} (not a readable torch file: {type(err).__name__}: {first}); "
+                            f"{fix} (or copy it again: truncated?)") from None
+    if keys and not (isinstance(saved, dict) and all(k in saved for k in keys)):
+        what = (f"no {', '.join(repr(k) for k in keys if k not in saved)}" if isinstance(saved, dict)
+                else f"a {type(saved).__name__}")
+        raise UserError(f"{where}: {not_ours} ({what}: not the layout nextdetail writes); {fix}")
+    return saved
 
 
 def load_checkpoint(store: Store, rel: str) -> dict[str, Any]:
-    return read_torch(store.read_bytes(rel), store.url(rel))
+    """A step checkpoint (`save_checkpoint`): what training resumes from and evaluation swaps in."""
+    return read_torch(store.read_bytes(rel), store.url(rel), keys=("step", "metrics", "model"))
+
+
+def read_weights_file(source: bytes | str | Path, where: str) -> dict[str, Any]:
+    """A weights file nextdetail did not write (released weights, LPIPS's), read as `read_torch` reads: its
+    refusals say what the file should be instead of blaming a stage."""
+    saved = read_torch(source, where, not_ours="not a weights file torch.save wrote",
+                       fix="copy the released weights file (a state dict) there")
+    if not isinstance(saved, dict):
+        raise UserError(f"{where}: holds a {type(saved).__name__}, not a state dict")
+    return saved
 
 
 def read_released(setting: str, url: str, options: dict | None) -> dict[str, Any]:
@@ -84,13 +144,4 @@ def read_released(setting: str, url: str, options: dict | None) -> dict[str, Any
     store, name = Store.of_file(url, options)
     if not store.exists(name):
         raise UserError(f"{where}: no such file; copy the weights there (nothing is downloaded) or fix the path")
-    try:
-        saved = read_torch(store.read_bytes(name), where)
-    except UserError:
-        raise
-    except Exception as err:  # a truncated or foreign file: torch's reader says why
-        raise UserError(f"{where}: not a readable torch file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
-                        "; copy it again (truncated?)") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"{where}: holds a {type(saved).__name__}, not a state dict")
-    return saved
+    return read_weights_file(store.read_bytes(name), where)

@@ -111,9 +111,10 @@ class FactorBatches:
         if tar not in self._tars:
             array = None
             if self.order:
+                store = Store(self.data.factors_url, self.data.options)
                 if self._group is None:
-                    self._group = factors.open_group(Store(self.data.factors_url, self.data.options))
-                array = self._group[factors.array_path(self.data.split, tar)]
+                    self._group = factors.open_group(store)
+                array = factors.open_array(store, self._group, self.data.split, tar)
             self._tars[tar] = (read_tar_bytes(self.shards, tar, self.data.image_format), array)
             while len(self._tars) > 2:
                 self._tars.popitem(last=False)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from nextdetail.storage.codecs import check_codecs, refusal
 from nextdetail.storage.fs import Store
 
 INDEX_SCHEMA = pa.schema([
@@ -41,6 +42,7 @@ def create_groups(store: Store, splits: list[str]) -> None:
     tasks creating the same parent group would race."""
     import zarr
 
+    check_codecs(store, "factors.zarr")
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="a", zarr_format=3)
     for split in splits:
         group.require_group(split)
@@ -62,9 +64,10 @@ def create_array(store: Store, split: str, tar: str, n_images: int, image_shape:
     try:
         return group.create_array(array_path(split, tar), **spec, overwrite=False)
     except ContainsArrayError:
-        existing = group[array_path(split, tar)]
-        if (existing.shape, existing.chunks, str(existing.dtype)) == (spec["shape"], spec["chunks"], dtype):
-            return existing
+        if refusal(store, f"factors.zarr/{array_path(split, tar)}") is None:  # one with other codecs: replaced unread
+            existing = group[array_path(split, tar)]
+            if (existing.shape, existing.chunks, str(existing.dtype)) == (spec["shape"], spec["chunks"], dtype):
+                return existing
     return group.create_array(array_path(split, tar), **spec, overwrite=True)
 
 
@@ -77,9 +80,19 @@ def consolidate(store: Store) -> None:
 
 
 def open_group(store: Store) -> Any:
+    """The factors group, read-only; its metadata checked first (`codecs.check_codecs`): consolidated, it holds
+    the metadata Zarr opens every array with."""
     import zarr
 
+    check_codecs(store, "factors.zarr")
     return zarr.open_group(store.zarr_store("factors.zarr", read_only=True), mode="r", zarr_format=3)
+
+
+def open_array(store: Store, group: Any, split: str, tar: str) -> Any:
+    """One tar's array of `group` (`open_group(store)`), its own metadata checked first: Zarr reads that one when
+    the group is not consolidated."""
+    check_codecs(store, f"factors.zarr/{array_path(split, tar)}")
+    return group[array_path(split, tar)]
 
 
 def open_lazy(store: Store, index: pa.Table, split: str) -> Any:
@@ -89,7 +102,7 @@ def open_lazy(store: Store, index: pa.Table, split: str) -> Any:
     group = open_group(store)
     rows = index.filter(pa.compute.equal(index["split"], split))
     tars = list(dict.fromkeys(rows["shard"].to_pylist()))  # index order: tars in plan order
-    return da.concatenate([da.from_zarr(group[array_path(split, tar)]) for tar in tars], axis=0)
+    return da.concatenate([da.from_zarr(open_array(store, group, split, tar)) for tar in tars], axis=0)
 
 
 def read_index(store: Store) -> pa.Table:

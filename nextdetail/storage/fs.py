@@ -1,5 +1,12 @@
 """`Store`: one storage root (a local path or an fsspec URL such as s3://bucket/prefix).
 
+Containment (the one rule, here): a Store never reads, writes, lists or deletes outside its *boundary* — the root a
+command was given (`storage.root`, a cache); a sub-store keeps its parent's boundary. A relative path (from a
+record, a marker, an index) is normalized and a `..` that leaves the root is refused; on a local root a path whose
+real location leaves the boundary (a symbolic link) is refused too, and only regular files are opened. Each refusal
+is `OutsideRoot`, one line naming the path: nothing is touched. Records and markers are written by whoever can
+write a shared bucket, so their paths are never trusted.
+
 Every write is atomic from a reader's point of view: local files are written to a temporary name in
 the same directory, fsynced and renamed; object stores publish an object only when its upload
 completes (S3 PUT and multipart uploads are all-or-nothing), so a killed writer never leaves a
@@ -13,6 +20,8 @@ import contextlib
 import errno
 import hashlib
 import os
+import posixpath
+import stat
 import tempfile
 import time
 import uuid
@@ -29,6 +38,40 @@ from nextdetail.errors import UserError, credentials_problem
 TMP_MARK = ".tmp-"
 
 
+class OutsideRoot(UserError):
+    """A path that leaves the root it was named under (`..`, a symbolic link, a device or FIFO): damage, not read,
+    written or deleted."""
+
+
+def normalize_url(url: str) -> str:
+    """`url` with `.`/`..` resolved and duplicate or trailing slashes removed (``proto://`` kept)."""
+    proto, sep, path = str(url).partition("://") if "://" in str(url) else ("", "", str(url))
+    norm = posixpath.normpath(path) if path else ""
+    return f"{proto}{sep}{'' if norm == '.' else norm}"
+
+
+def under(url: str, root: str) -> bool:
+    """Whether `url` is `root` or lies below it, after both are normalized (`..` cannot climb out)."""
+    url, root = normalize_url(url), normalize_url(root)
+    return url == root or url.startswith(root.rstrip("/") + "/")
+
+
+def relative_path(rel: str) -> str:
+    """`rel` (a path inside a root, as a record or marker names it) normalized; OutsideRoot when it climbs out."""
+    parts: list[str] = []
+    for part in str(rel).replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise OutsideRoot(f"{rel}: climbs out of its root ('..'); not read, written or deleted — a record, "
+                                  "marker or index naming it was not written by nextdetail")
+            parts.pop()
+        else:
+            parts.append(part)
+    return "/".join(parts)
+
+
 def _tmp_name(name: str) -> str:
     return f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -36,7 +79,7 @@ def _tmp_name(name: str) -> str:
 class Store:
     """A storage root with atomic writes. Paths passed to methods are relative to the root."""
 
-    def __init__(self, root: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: str, options: dict[str, Any] | None = None, boundary: str | None = None) -> None:
         try:
             self.fs, path = fsspec.core.url_to_fs(str(root), **reveal(options or {}))
         except (ValueError, ImportError) as err:  # "Protocol not known: foo", a protocol whose package is missing
@@ -46,7 +89,15 @@ class Store:
             raise UserError(f"{root}: unknown storage protocol {protocol!r} ({str(err).splitlines()[0][:120]}); "
                             "give a local path or a URL such as s3://bucket/prefix") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
+        if boundary is None:  # a root a command was given: its own boundary (a root that is a link is followed once)
+            self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
+            self.boundary = self.root
+        else:  # a sub-store: never resolved, so a link inside the boundary cannot move it elsewhere
+            self.root = os.path.normpath(os.path.abspath(path)) if self.is_local else normalize_url(path)
+            self.boundary = boundary.split("://", 1)[1] if "://" in boundary else boundary
+            if not under(self.root, self.boundary):
+                raise OutsideRoot(f"{self.root}: lies outside {boundary}; not read, written or deleted")
+        self._real_boundary = os.path.realpath(self.boundary) if self.is_local else self.boundary
         protocol = self.fs.protocol
         self.protocol = "file" if self.is_local else protocol[0] if isinstance(protocol, tuple) else protocol
         self.options = dict(options or {})  # credentials stay SecretStr (conf/secrets.py) but in fsspec's hands
@@ -77,12 +128,37 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.url()!r})"
 
-    def __reduce__(self):  # picklable for Dask workers: rebuild from the URL
-        return (Store, (self.url(), self.options))
+    def __reduce__(self):  # picklable for Dask workers: rebuild from the URL (and the boundary it keeps)
+        return (Store, (self.url(), self.options, None if self.boundary == self.root else self._boundary_url()))
+
+    def _boundary_url(self) -> str:
+        return self.boundary if self.is_local else f"{self.protocol}://{self.boundary}"
 
     def path(self, *parts: str) -> str:
-        """The fsspec path of `parts` under the root."""
-        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+        """The fsspec path of `parts` under the root (normalized; OutsideRoot if they climb out of it)."""
+        rel = relative_path("/".join(p for p in parts if p))
+        return "/".join([self.root, rel]) if rel else self.root
+
+    def checked(self, rel: str = "", file: bool = False) -> str:
+        """`path(rel)`, refused (OutsideRoot) on a local root when its real location leaves the boundary (a
+        symbolic link on the way) or, with `file`, when it exists and is not a regular file (a device, a FIFO:
+        reading one never ends)."""
+        p = self.path(rel)
+        if not self.is_local:
+            return p
+        real = os.path.realpath(p)
+        if not under(real, self._real_boundary):
+            raise OutsideRoot(f"{p}: leads outside {self.boundary} (a symbolic link to {real}); not read, written "
+                              "or deleted — nextdetail writes no links")
+        if file:
+            try:
+                mode = os.stat(real).st_mode
+            except FileNotFoundError:
+                return p
+            if not stat.S_ISREG(mode):
+                raise OutsideRoot(f"{p}: not a regular file (a device, FIFO or folder); not read — nextdetail "
+                                  "writes only regular files")
+        return p
 
     def url(self, *parts: str) -> str:
         """A URL a user can paste: a plain path for local roots, ``proto://…`` otherwise."""
@@ -90,7 +166,8 @@ class Store:
         return p if self.is_local else f"{self.protocol}://{p}"
 
     def sub(self, *parts: str) -> Store:
-        return Store(self.url(*parts), self.options)
+        """The store of a folder under this root, with the same boundary."""
+        return Store(self.url(*parts), self.options, boundary=self._boundary_url())
 
     @staticmethod
     def of_file(url: str, options: dict | None = None) -> tuple[Store, str]:
@@ -100,7 +177,7 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        return self.fs.exists(self.checked(rel))
 
     def refresh(self, rel: str = "") -> None:
         """Forget cached listings under `rel` (s3fs caches them; another writer may have changed them)."""
@@ -108,24 +185,30 @@ class Store:
             self.fs.invalidate_cache(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        return self.fs.cat_file(self.checked(rel, file=True))
 
     def size(self, rel: str) -> int | None:
         try:
-            return int(self.fs.size(self.path(rel)))
+            return int(self.fs.size(self.checked(rel, file=True)))
         except FileNotFoundError:
             return None
 
     def open(self, rel: str, mode: str = "rb") -> IO[bytes]:
-        return self.fs.open(self.path(rel), mode)
+        return self.fs.open(self.checked(rel, file=True), mode)
 
-    def sha256(self, rel: str) -> str | None:
-        """sha256 (hex) of a file, streamed; None if it is missing."""
+    def sha256(self, rel: str, limit: int | None = None) -> str | None:
+        """sha256 (hex) of a file, streamed; None if it is missing. With `limit` (the size a marker records) at
+        most `limit` + 1 bytes are read: a file that grew, or a device that never ends, hashes as what it is not."""
         digest = hashlib.sha256()
+        left = None if limit is None else limit + 1
         try:
             with self.open(rel) as f:
-                while block := f.read(1 << 22):
+                while block := f.read(1 << 22 if left is None else min(1 << 22, left)):
                     digest.update(block)
+                    if left is not None:
+                        left -= len(block)
+                        if left <= 0:
+                            break
         except FileNotFoundError:
             return None
         return digest.hexdigest()
@@ -135,22 +218,26 @@ class Store:
         import zarr.storage
 
         if self.is_local:
-            return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
+            return zarr.storage.LocalStore(self.checked(rel), read_only=read_only)
         return zarr.storage.FsspecStore.from_url(self.url(rel), storage_options=reveal(self.options) or None,
                                                  read_only=read_only)
+
+    def is_link(self, rel: str) -> bool:
+        """Whether `rel` is a symbolic link (object stores have none)."""
+        return self.is_local and os.path.islink(self.path(rel))
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names (not paths) directly under `rel`; empty if it does not exist."""
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
-        except FileNotFoundError:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.checked(rel), detail=False))
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     # -- writing ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def atomic_writer(self, rel: str) -> Iterator[IO[bytes]]:
         """Yield a local binary file; on success it becomes `rel` in one step, on error it vanishes."""
-        final = self.path(rel)
+        final = self.checked(rel, file=True)
         if self.is_local:
             Path(final).parent.mkdir(parents=True, exist_ok=True)
             tmp = str(Path(final).parent / _tmp_name(Path(final).name))
@@ -184,7 +271,7 @@ class Store:
         concurrent writers exactly one succeeds: a hard link of the complete temporary locally (link
         fails on an existing name), a conditional PUT (If-None-Match: *) on S3."""
         if self.is_local:
-            final = Path(self.path(rel))
+            final = Path(self.checked(rel, file=True))
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.parent / _tmp_name(final.name)
             try:
@@ -209,22 +296,51 @@ class Store:
             raise
 
     def remove(self, rel: str) -> None:
+        p = self.path(rel)
+        if self.is_local and os.path.islink(p):  # the link itself goes, never what it points at
+            self.checked(posixpath.dirname(relative_path(rel)))
+            os.unlink(p)
+            return
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path(rel))
+            self.fs.rm_file(self.checked(rel, file=True))
 
     def remove_tree(self, rel: str) -> None:
-        """Remove everything under `rel` (no error if it is already gone)."""
+        """Remove everything under `rel` (no error if it is already gone). Locally links are removed as links, never
+        followed (`shutil.rmtree`), and a `rel` that leads outside the boundary is refused."""
+        if self.is_local:
+            import shutil
+
+            p = self.path(rel)
+            if os.path.islink(p):
+                os.unlink(p)
+                return
+            self.checked(rel)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+            return
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(rel), recursive=True)
 
-    def find(self, rel: str = "") -> list[str]:
-        """Every file under `rel`, as paths relative to the root, sorted."""
-        base = self.path(rel).rstrip("/")
+    def find(self, rel: str = "", links: list[str] | None = None) -> list[str]:
+        """Every regular file under `rel`, as paths relative to the root, sorted. Locally symbolic links are never
+        followed nor listed; with `links`, theirs are appended to it (for a caller that reports them)."""
+        base = self.checked(rel).rstrip("/")
+        prefix = self.root.rstrip("/") + "/"
+        if self.is_local:
+            found = []
+            for folder, dirs, files in os.walk(base, followlinks=False):
+                for name in [*dirs, *files]:
+                    full = os.path.join(folder, name)
+                    if os.path.islink(full):
+                        if links is not None:
+                            links.append(full[len(prefix):])
+                    elif name in files and stat.S_ISREG(os.lstat(full).st_mode):
+                        found.append(full[len(prefix):])
+            return sorted(found)
         try:
             found = self.fs.find(base)
         except FileNotFoundError:
             return []
-        prefix = self.root.rstrip("/") + "/"
         return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
 
     def clean_temporaries_of(self, rels: list[str], before: float) -> int:

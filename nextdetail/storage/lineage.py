@@ -7,7 +7,10 @@
     lineage/runs/<start>-<run id>.parquet  one row per stage per run: the append-only run log
 
 Records are written atomically and are the same for any writer of the same identity (but for who and
-when), so two runs racing on one bucket leave one valid record. Nothing here imports torch or Prefect.
+when), so two runs racing on one bucket leave one valid record. They name what lies under their root as
+`@root/…` and are read back onto the root they are read from (storage/roots.py): a copied or pulled root is
+self-contained, and a record naming anything outside the roots a command was given is ignored with a warning.
+Nothing here imports torch or Prefect.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from nextdetail.storage.artifacts import Artifact
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import canonical_json
+from nextdetail.storage.roots import Roots, place, relativize
 
 LINEAGE = "lineage"
 PACKAGES = ("nextdetail", "torch", "torchvision", "prefect", "dask", "distributed", "zarr", "numpy", "pyarrow",
@@ -72,11 +76,27 @@ def environment() -> dict[str, Any]:
             "user": user, "pid": os.getpid()}
 
 
-class Lineage:
-    """The lineage records and run log under one storage root."""
+def _stage_directory(stage: str) -> str | None:
+    from nextdetail.conf.stages import SPECS
 
-    def __init__(self, root: Store) -> None:
-        self.store = root.sub(LINEAGE)
+    return SPECS[stage].directory if stage in SPECS else None
+
+
+class Lineage:
+    """The lineage records and run log under one storage root (`roots.main`; the others: caches it may name)."""
+
+    def __init__(self, root: Store | Roots) -> None:
+        self.roots = root if isinstance(root, Roots) else Roots([root])
+        self.store = self.roots.main.sub(LINEAGE)
+
+    @classmethod
+    def of(cls, cfg: Any) -> Lineage:
+        """The lineage of `cfg`'s storage root, its records read against the roots `cfg` names."""
+        return cls(Roots.of(cfg))
+
+    def artifact_store(self, record: dict[str, Any]) -> Store:
+        """The store of the artifact a (placed) record names, bounded by its root."""
+        return self.roots.store(record["artifact"]["url"])
 
     def read(self, stage: str, identity: str) -> dict[str, Any] | None:
         return self._read(f"{stage}/{identity}.json")
@@ -86,12 +106,15 @@ class Lineage:
 
     def _read(self, rel: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.read_bytes(rel))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            record = json.loads(self.store.read_bytes(rel))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
             return None
+        if not isinstance(record, dict):
+            return None
+        return place(record, self.store.url(rel), self.roots, _stage_directory)
 
     def write(self, record: dict[str, Any]) -> None:
-        data = canonical_json(record).encode()
+        data = canonical_json(relativize(record, self.roots.main.url())).encode()
         self.store.write_bytes(f"{record['stage']}/{record['identity']}.json", data)
         self.store.write_bytes(f"{record['stage']}/latest.json", data)
 
@@ -144,9 +167,17 @@ def run_log_schema() -> Any:  # built lazily: pyarrow stays off status's import 
                       ("model", pa.string())])  # the models whose branch holds the artifact: "cart", "cart,ndp"
 
 
-def recorded_artifact(record: dict[str, Any], options: dict[str, Any] | None, check_sizes: bool = True) -> bool:
-    """Whether the artifact a record names is still complete: its marker names the recorded identity (and,
-    with `check_sizes`, every file the marker lists has its size)."""
+def recorded_artifact(record: dict[str, Any], roots: Roots, check_sizes: bool = True) -> bool:
+    """Whether the artifact a (placed) record names is still complete: its marker names the recorded identity
+    (and, with `check_sizes`, every file the marker lists has its size). A marker listing a path outside the
+    artifact is damage: not complete (a warning says which)."""
+    from nextdetail.storage.fs import OutsideRoot
+    from nextdetail.storage.roots import warn_once
+
     a = record["artifact"]
-    artifact = Artifact(record["stage"], a["identity"], Store(a["url"], options), a.get("marker", "_COMPLETE.json"))
-    return (artifact.completed() if check_sizes else artifact.read_marker()) is not None
+    try:
+        artifact = Artifact(record["stage"], a["identity"], roots.store(a["url"]), a.get("marker", "_COMPLETE.json"))
+        return (artifact.completed() if check_sizes else artifact.read_marker()) is not None
+    except OutsideRoot as err:
+        warn_once(f"{a['url']}: damaged: {err}")
+        return False

@@ -42,8 +42,9 @@ import numpy as np
 import pyarrow as pa
 
 from nextdetail.errors import UserError
-from nextdetail.storage.artifacts import withdraw
-from nextdetail.storage.fs import Store
+from nextdetail.storage.artifacts import listed_files, withdraw
+from nextdetail.storage.codecs import check_codecs
+from nextdetail.storage.fs import OutsideRoot, Store, relative_path
 from nextdetail.storage.hashing import bytes_sha256, canonical_json
 
 MARKER = "_COMPLETE.json"
@@ -226,8 +227,9 @@ class TokenCache:
         if record is None or record.get("identity") != identity:
             raise UserError(f"{url}: no complete token cache here ({MARKER} missing or for another identity); "
                             "run `nextdetail tokenize` with the same settings")
+        listed_files(self.cache, MARKER, record)  # a planted path is damage before anything is read or mirrored
         self.record, self.identity = record, identity
-        self.attempt: str = record["summary"]["attempt"]
+        self.attempt: str = relative_path(record["summary"]["attempt"])
         self.layout: dict[str, Any] = record["summary"]["layout"]
         self.sha256: dict[str, str] = record["sha256"]
         if self.cache.is_local:
@@ -268,12 +270,15 @@ class TokenCache:
         bad = []
         for rel, digest in tqdm(sorted(self.sha256.items()), desc="verify tokens", unit="file", disable=not progress):
             if self.local is self.cache:
-                if self.cache.sha256(rel) != digest:
+                try:  # read at most to the recorded size + 1: a device or a growing file is damage, not a hang
+                    if self.cache.sha256(rel, limit=self.record["files"].get(rel)) != digest:
+                        bad.append(rel)
+                except OutsideRoot:
                     bad.append(rel)
             else:
                 try:
                     self._fetch(rel)
-                except (UserError, FileNotFoundError):
+                except (UserError, FileNotFoundError):  # OutsideRoot is a UserError
                     bad.append(rel)
         return bad
 
@@ -299,12 +304,13 @@ class TokenCache:
                 raise KeyError(f"{self.cache.url()}: no tokens for {split}/{tar}")
             for rel in files:  # every file first: Zarr reads a missing chunk as fill values
                 self._fetch(rel)
+            check_codecs(self.local, prefix)  # its zarr.json may name codecs we never write (numcodecs.pickle)
             meta = json.loads(self.local.read_bytes(prefix + "zarr.json"))
             self._arrays[name] = meta
         shape = tuple(meta["shape"])
         codecs = [c["name"] for c in meta["codecs"]]
         if codecs != ["bytes", "blosc"] or tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) != shape:
-            import zarr  # not written by this version: let Zarr read it
+            import zarr  # written with another chunking: let Zarr read it (its codecs were checked above)
 
             return zarr.open_array(self.local.zarr_store(f"{self.attempt}/{ZARR}", read_only=True), path=name, mode="r",
                                    zarr_format=3)[...]

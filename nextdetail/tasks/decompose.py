@@ -108,7 +108,12 @@ def write_factors(
                "images_per_s": round(n / max(seconds, 1e-9), 2),
                "mean_outer_iterations": round(float(np.mean(outer)), 2) if outer else 0.0,
                "mean_cg_iterations_per_alternation": round(float(np.mean(cg)), 2) if cg else 0.0}
-    return summary, [f"factors.zarr/{factors.array_path(job.split, job.tar)}/zarr.json"]
+    # Every file of the array, chunks included, goes in the part's marker with its sha256: `cache verify` then
+    # vouches for every byte it re-reads, and the content hash (relative to the array) is what downstream keys on.
+    array_rel = f"factors.zarr/{factors.array_path(job.split, job.tar)}"
+    files = {rel: artifact.store.sha256(rel) for rel in artifact.store.find(array_rel)}
+    summary["content_sha256"] = stable_hash({rel[len(array_rel):]: sha for rel, sha in files.items()})
+    return summary, files
 
 
 @stage_task(name="write_factor_index")
@@ -124,6 +129,10 @@ def write_index(artifact: Artifact, jobs: list[FactorJob], summaries: list[dict]
     factors.consolidate(artifact.store)
     images = sum(s["images"] for s in summaries)
     summary = {"images": images, "tars": len(jobs), "url": artifact.store.url(),
+               # what downstream keys on (early cutoff): every tar's factor bytes and the index
+               "content_sha256": stable_hash({"tars": {j.part: s.get("content_sha256") for j, s in zip(jobs, summaries,
+                                                                                                     strict=True)},
+                                              "index": artifact.store.sha256("index.parquet")}),
                "first_key": rows[0]["key"] if rows else None,
                "splits": dict(collections.Counter(j.split for j in jobs for _ in j.keys)),
                "mean_outer_iterations": round(float(np.mean([s["mean_outer_iterations"] for s in summaries])), 2)

@@ -31,8 +31,8 @@ import torch
 
 from nextdetail.conf.schema import EvalConfig, SampleConfig
 from nextdetail.errors import UserError
-from nextdetail.stages.results import checkpoint_name
 from nextdetail.storage.fs import Store
+from nextdetail.storage.labels import checkpoint_name
 from nextdetail.tasks.reference_stats import RefHandle
 from nextdetail.tasks.stage import Artifact, stage_task
 
@@ -62,6 +62,7 @@ class EvalInputs:
     what: dict  # for the report: dataset, train_ar url + identity, …
     class_photos: tuple[tuple[int, bytes], ...] = ()
     tokenizer_metrics: dict | None = None  # the tokenizer_metrics record's summary
+    roots: tuple[str, ...] = ()  # where the checkpoints' tokenizer may be read (storage.root; `sample.load_models`)
 
 
 def sampling_config(ecfg: EvalConfig, scfg: SampleConfig) -> SampleConfig:
@@ -70,12 +71,13 @@ def sampling_config(ecfg: EvalConfig, scfg: SampleConfig) -> SampleConfig:
                                    "classes": None, "device": ecfg.device})
 
 
-def load_sampler(ref: CheckpointRef, options: dict, device: str, scfg: SampleConfig | None = None) -> tuple[Any, dict]:
+def load_sampler(ref: CheckpointRef, options: dict, device: str, scfg: SampleConfig | None = None,
+                 roots: tuple[str, ...] = ()) -> tuple[Any, dict]:
     """(CARTSampler or NDPSampler, the exported record) for a checkpoint; a step checkpoint's weights swapped in."""
     from nextdetail.storage.checkpoints import load_checkpoint
     from nextdetail.tasks.sample import load_models
 
-    sampler, record = load_models(ref.url, options, device, scfg)
+    sampler, record = load_models(ref.url, options, device, scfg, roots)
     if ref.weights_url is not None:
         parent, name = ref.weights_url.rsplit("/", 1)
         state = load_checkpoint(Store(parent, options), name)
@@ -101,7 +103,7 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
     from nextdetail.storage.shards import ShardTarWriter
     from nextdetail.tasks.sample import generate
 
-    sampler, record = load_sampler(ref, inputs.options, scfg.device, scfg)
+    sampler, record = load_sampler(ref, inputs.options, scfg.device, scfg, inputs.roots)
     names = record["classes"]
     feats: dict[str, list[np.ndarray]] = {"fid": [], "isc": []}
     firsts: dict[int, np.ndarray] = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch
 from nextdetail.conf.schema import SampleConfig
 from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import images_to_uint8 as to_uint8
-from nextdetail.storage.fs import Store
+from nextdetail.storage.fs import Store, under
 from nextdetail.tasks.stage import Artifact, stage_task
 
 if TYPE_CHECKING:
@@ -46,11 +47,60 @@ class SampleInputs:
     checkpoint_url: str  # transformer.pt or best.pt of a train_ar run
     options: dict
     references: tuple[tuple[int, bytes], ...] = ()  # (class index, a real image PNG/JPEG of it) for the grids
+    roots: tuple[str, ...] = ()  # where the checkpoint's tokenizer may be read (storage.root); see load_models
 
 
-def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConfig | None = None) -> tuple[Any, dict]:
+# Where a root can have been before it was copied, moved or pulled (`nextdetail cache push|pull`): a recorded
+# tokenizer URL of one of these may be rebased onto this run's roots. Any other (http, ftp, …) is never used.
+STORAGE_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def _protocol_and_url(url: str) -> tuple[str | None, str]:
+    """(protocol, `url` normalized by `posixpath.normpath`: `..` resolved, so it cannot climb out of a root);
+    "file" for an absolute local path, None for a relative one or a chained URL (`a::b`), which name no place."""
+    url = url.removeprefix("file://")
+    if "::" in url or not ("://" in url or url.startswith("/")):
+        return None, url
+    if "://" not in url:
+        return "file", posixpath.normpath(url)
+    protocol, rest = url.split("://", 1)
+    return protocol.lower(), f"{protocol.lower()}://{posixpath.normpath(rest)}"
+
+
+def checkpoint_root(checkpoint_url: str) -> str | None:
+    """The storage root a checkpoint lies in by the stage layout (`<root>/transformer/<dataset>/<run>/<file>`)."""
+    parts = checkpoint_url.rstrip("/").rsplit("/", 4)
+    return parts[0] if len(parts) == 5 and parts[1] == "transformer" and parts[0] else None
+
+
+def tokenizer_url(checkpoint_url: str, recorded: str, roots: tuple[str, ...], options: dict) -> str:
+    """The tokenizer a transformer checkpoint names (`recorded`, from its record) as a path or URL under one of
+    `roots`: a record is only as trusted as whoever can write the bucket, so nothing outside the roots is read.
+    One under no root but in a root's layout (`…/tokenizer/…`: its root copied, moved or pulled) is rebased onto
+    each root in turn and the first that holds the file used; the caller's sha256 check guards the content.
+    Anything else (http, ftp, a path elsewhere) is one line naming the checkpoint."""
+    allowed = [url for _, url in (_protocol_and_url(Store(r, options).url()) for r in roots)]
+    protocol, url = _protocol_and_url(recorded)
+    if protocol is not None and any(under(url, root) for root in allowed):
+        return url
+    if protocol in STORAGE_PROTOCOLS:
+        at = url.find("/tokenizer/")
+        while at >= 0:  # every place the suffix may start (a root's own path may hold "/tokenizer/" too)
+            for root in allowed:
+                candidate = f"{root.rstrip('/')}/{url[at + 1:]}"
+                parent, name = candidate.rsplit("/", 1)
+                if Store(parent, options).exists(name):
+                    return candidate
+            at = url.find("/tokenizer/", at + 1)
+    raise UserError(f"{checkpoint_url}: names its tokenizer at {recorded}, outside the roots this run was given "
+                    f"({', '.join(allowed) or 'none'}); nothing is fetched — copy the tokenizer under the root")
+
+
+def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConfig | None = None,
+                roots: tuple[str, ...] = ()) -> tuple[Any, dict]:
     """(CARTSampler or NDPSampler — the checkpoint's kind — on `device`, the checkpoint's record). The
-    tokenizer comes from the record's url and must still have the recorded sha256. `cfg`: NDP's dial."""
+    tokenizer comes from the record's url, read only under `roots` (storage.root) or the checkpoint's own root
+    (`tokenizer_url`), and must still have the recorded sha256. `cfg`: NDP's dial."""
     from nextdetail.models import family
     from nextdetail.models.tokenizer import load_tokenizer
     from nextdetail.tasks.train_ar import load_transformer
@@ -61,7 +111,9 @@ def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConf
         raise UserError(f"{checkpoint_url}: no such checkpoint; pass a transformer.pt or best.pt of "
                         "`nextdetail train-ar` (under <storage.root>/transformer/)")
     transformer, record = load_transformer(store.read_bytes(name), where=checkpoint_url)
-    tokenizer = load_tokenizer(record["tokenizer"]["url"], options, record["tokenizer"]["sha256"], checkpoint_url)
+    own = checkpoint_root(checkpoint_url)
+    url = tokenizer_url(checkpoint_url, record["tokenizer"]["url"], (*roots, *([own] if own else [])), options)
+    tokenizer = load_tokenizer(url, options, record["tokenizer"]["sha256"], checkpoint_url)
     sampler = family(record.get("kind", "cart"), "sampler").from_config(transformer.to(device), tokenizer.to(device),
                                                                          cfg or SampleConfig())
     return sampler, record
@@ -180,7 +232,7 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
     device = cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("sample.device=cuda but no CUDA device is visible; use -o sample.device=cpu")
-    sampler, record = load_models(inputs.checkpoint_url, inputs.options, device, cfg)
+    sampler, record = load_models(inputs.checkpoint_url, inputs.options, device, cfg, inputs.roots)
     class_names = record["classes"]
     classes = cfg.classes if cfg.classes is not None else list(range(len(class_names)))
     bad = [c for c in classes if not 0 <= c < len(class_names)]

@@ -30,7 +30,9 @@ import pyarrow as pa
 from nextdetail.conf.schema import TokensConfig
 from nextdetail.errors import UserError
 from nextdetail.storage import factors, tokens
+from nextdetail.storage.codecs import check_codecs, refusal
 from nextdetail.storage.fs import Store
+from nextdetail.storage.hashing import stable_hash
 from nextdetail.tasks.stage import Artifact, stage_task
 
 if TYPE_CHECKING:
@@ -139,7 +141,8 @@ def encode_tokens(artifact: Artifact, job: TokenJob, inputs: TokenInputs, cfg: T
 
     t0 = time.time()
     adopted = attempt.adopt(artifact.marker, artifact.identity)
-    if adopted is not None:
+    array_rel = f"{tokens.ZARR}/{tokens.array_name(job.split, job.tar)}"
+    if adopted is not None and refusal(attempt.store, array_rel) is None:  # other codecs: encoded here, overwritten
         summary = {**adopted["summary"], "work": "copied", "copied_from": adopted["copied_from"]}
         return summary, adopted["sha256"]
     from nextdetail.storage.shards import read_tar_images
@@ -153,7 +156,8 @@ def encode_tokens(artifact: Artifact, job: TokenJob, inputs: TokenInputs, cfg: T
     order = model.spec.order
     bases = None
     if order:
-        array = factors.open_group(Store(inputs.factors_url, inputs.options))[factors.array_path(job.split, job.tar)]
+        store = Store(inputs.factors_url, inputs.options)
+        array = factors.open_array(store, factors.open_group(store), job.split, job.tar)
         bases = np.asarray(array[:, :order])  # (N, n, 3, H, W): B_1 … B_n
     out = encode_images(model, images, bases, cfg.variants, cfg.batch_size, cfg.device)
     files = tokens.write_array(attempt, job.split, job.tar, out)
@@ -175,6 +179,10 @@ def publish_tokens(artifact: Artifact, plan: TokenPlan, attempt: tokens.Attempt,
                                  schema=tokens.INDEX_SCHEMA)
     write_table(attempt.store, "index.parquet", index)
     write_preview(attempt, plan.jobs[0], inputs, layout)
+    for rel in attempt.store.find(tokens.ZARR):  # consolidating opens every array, adopted ones included
+        if rel.endswith("/zarr.json"):
+            check_codecs(attempt.store, rel.removesuffix("/zarr.json"))
+    attempt.store.refresh(tokens.ZARR)  # that listing holds the group zarr.json's ETag, which consolidating changes
     tokens.consolidate(attempt)
     files: dict[str, str] = {}
     for marker, record in parts:
@@ -195,6 +203,10 @@ def publish_tokens(artifact: Artifact, plan: TokenPlan, attempt: tokens.Attempt,
         "encoded_images": sum(s["images"] for s in encoded if s.get("work") == "encoded"),
         "copied_parts": sum(1 for s in encoded if s.get("work") == "copied"),
         "url": artifact.store.url(),
+        # what downstream keys on (early cutoff): the token arrays' bytes (relative to the attempt), index, layout
+        "content_sha256": stable_hash({"arrays": {rel: digest for _, record in parts
+                                                  for rel, digest in record["sha256"].items()},
+                                       "index": attempt.store.sha256("index.parquet"), "layout": layout}),
     }
     return summary, files
 
@@ -210,7 +222,9 @@ def write_preview(attempt: tokens.Attempt, job: TokenJob, inputs: TokenInputs, l
     from nextdetail.storage.shards import read_tar_images
 
     model = load_tokenizer(inputs, "cpu")
-    array = zarr.open_array(attempt.store.zarr_store(tokens.ZARR), path=tokens.array_name(job.split, job.tar), mode="r")
+    check_codecs(attempt.store, f"{tokens.ZARR}/{tokens.array_name(job.split, job.tar)}")
+    array = zarr.open_array(attempt.store.zarr_store(tokens.ZARR), path=tokens.array_name(job.split, job.tar), mode="r",
+                            zarr_format=3)
     rows = torch.from_numpy(array[:n, 0].astype(np.int64))  # (n, L), variant "none"
     maps = [rows[:, m["offset"] : m["offset"] + m["length"]].view(-1, m["height"], m["width"]) for m in layout["maps"]]
     with torch.no_grad():

@@ -37,7 +37,7 @@ import torch
 
 from nextdetail.conf.schema import ARConfig
 from nextdetail.errors import UserError
-from nextdetail.models import family
+from nextdetail.models import FAMILIES, family
 from nextdetail.models.transformer import TeacherInputs
 from nextdetail.storage.checkpoints import read_torch, tensors_sha256, write_torch
 from nextdetail.storage.fs import Store
@@ -196,19 +196,43 @@ def export(model: torch.nn.Module, data: ARData, step: int, val_loss: float | No
             "tokenizer": {"url": data.tokenizer_url, "sha256": data.tokenizer_sha256}}
 
 
+def _not_an_export(saved: dict) -> str | None:
+    """Why `saved` (a dict of the export format) is not what `export` writes; None when it is. Sampling reads
+    each of these (the tokenizer's url and sha256 find and check its tokenizer)."""
+    tokenizer = saved.get("tokenizer")
+    if not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("url"), str)
+            and isinstance(tokenizer.get("sha256"), str)):
+        return "no tokenizer url and sha256"
+    if not (isinstance(saved.get("config"), dict) and isinstance(saved.get("model"), dict)):
+        return "no config and weights"
+    if not (isinstance(saved.get("classes"), list) and isinstance(saved.get("step"), int)):
+        return "no class names and step"
+    if saved.get("kind", "cart") not in FAMILIES:
+        return f"model kind {saved['kind']!r}"
+    return None
+
+
 def load_transformer(checkpoint: bytes | str, map_location: str = "cpu",
                      where: str | None = None) -> tuple[torch.nn.Module, dict]:
     """An exported model (eval mode) — `NextDetailTransformer` (kind cart) or `NextDetailMaskedTransformer`
     (kind ndp) — and its record (classes, tokenizer url + sha256, step, …)."""
     where = where or ("transformer checkpoint" if isinstance(checkpoint, bytes) else checkpoint)
-    saved = read_torch(checkpoint, where, map_location)
-    if saved.get("format") != EXPORT_FORMAT:
+    fix = "delete it and re-run `nextdetail train-ar`, or pass a transformer.pt / best.pt that it wrote"
+    saved = read_torch(checkpoint, where, map_location, fix=fix)
+    if not isinstance(saved, dict) or saved.get("format") != EXPORT_FORMAT:
         raise UserError(f"{where}: not a transformer.pt/best.pt "
                         "of `nextdetail train-ar` (a step checkpoint? use the run's transformer.pt)")
-    c, kind = saved["config"], saved.get("kind", "cart")
-    models = family(kind, "model")
-    model = models.Model(models.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}))
-    model.load_state_dict(saved["model"])
+    why = _not_an_export(saved)
+    if why is None:
+        try:
+            models = family(saved.get("kind", "cart"), "model")
+            c = saved["config"]
+            model = models.Model(models.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}))
+            model.load_state_dict(saved["model"])
+        except (TypeError, ValueError, AssertionError, RuntimeError) as err:  # a config or weights of another shape
+            why = f"its config or weights do not fit the model: {(str(err).splitlines() or [''])[0][:120]}"
+    if why is not None:
+        raise UserError(f"{where}: not written by nextdetail ({why}); {fix}")
     return model.eval(), saved
 
 
