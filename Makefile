@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench ablation ndp-curve clean
+.PHONY: run test test-fast lint bench gpu-check ablation ndp-curve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/token_loader.py
 	$(BIN)/python benchmarks/ar.py
 	$(BIN)/python benchmarks/rerun.py
+
+# Every GPU path in one process, ≤ 8 min on one H200 (issue 36): JSON lines on stdout, benchmarks/out/gpu.json, a table.
+# On the lent GPU machine, which has no venv: `PYTHONPATH=. python benchmarks/gpu.py` from the repository root.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py
 
 ablation: $(STAMP)  # CART Table 4 at small scale: orders 0, 1, 3 × 3 training seeds, nine tiny pipelines (session 14: 2 h 21 min with one thread, beside other jobs)
 	$(BIN)/python benchmarks/order_ablation.py

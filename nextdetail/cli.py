@@ -164,7 +164,7 @@ def preflight(branches: dict) -> None:
                     raise UserError(f"{setting}={url}: no such file; copy the weights there (nothing is downloaded) "
                                     "or fix the path")
         if cfg.data.source != "embedded":
-            source = Store(cfg.data.source, cfg.storage.options)
+            source = Store(cfg.data.source, cfg.storage.options, follow_links=True)
             check_root(source, cfg.data.source)
             split_prefixes(source, cfg.data.source, cfg.data.splits, cfg.data.layout)
 
@@ -300,8 +300,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
         for model, branch in branches.items():
             record = accept(branch, stage)
             changed = record["accepted"]["code_changed"]
+            listed = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
             print(f"accepted {stage} ({model}): {record['identity'][:12]} is now an alias of "
-                  f"{record['accepted']['from'][:12]} (code changed: {', '.join(changed) or 'none'})")
+                  f"{record['accepted']['from'][:12]} (code changed: {listed or 'none'})")
         return
     entries = inventory(branches)
     if args.json:

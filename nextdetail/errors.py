@@ -25,3 +25,27 @@ def credentials_problem(exc: BaseException) -> str | None:
             return f"the storage refused the credentials given ({name}); {CREDENTIALS_HELP}"
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
+
+
+def storage_problem(exc: BaseException) -> str | None:
+    """One line for why a storage URL cannot be reached — cannot resolve host, endpoint unreachable, bucket
+    missing, access denied, or credentials (`credentials_problem`) — else None. Walks the cause chain."""
+    import socket
+
+    line = credentials_problem(exc)
+    if line is not None:
+        return line
+    seen = 0
+    while exc is not None and seen < 10:
+        name, text = type(exc).__name__, str(exc)
+        if isinstance(exc, socket.gaierror) or "Name or service not known" in text or "nodename nor servname" in text:
+            return "cannot resolve host (check the URL's host name)"
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionRefusedError") \
+                or "Could not connect to the endpoint URL" in text or "Connection refused" in text:
+            return "endpoint unreachable (check the endpoint_url in the storage options, and that it is running)"
+        if name == "NoSuchBucket" or "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+            return "bucket missing (create it, or fix the bucket name)"
+        if name in ("AccessDenied", "PermissionError") or "AccessDenied" in text or "Forbidden" in text:
+            return "access denied (these credentials may not read it)"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None

@@ -422,3 +422,21 @@ def test_exif_orientation_is_a_setting_and_what_was_applied_is_in_the_manifest(t
         assert written.size == (40, 60) and (row["status"], row["reason"]) == ("converted", "exif_orientation_6")
     else:
         assert written.size == (60, 40) and (row["status"], row["reason"]) == ("written", "")
+
+
+def test_a_source_that_cannot_be_reached_is_one_line_naming_why(tmp_path, s3_endpoint):
+    """Before Prefect starts: an unknown protocol, a host that does not resolve, an endpoint nobody answers on, a
+    bucket that does not exist — each one line naming the URL and the cause, exit 2."""
+    dead = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                       "config_kwargs": {"retries": {"max_attempts": 1}}})
+    moto = json.dumps({"client_kwargs": {"endpoint_url": s3_endpoint}})
+    cases = [
+        (["-o", "data.source=nosuchproto://x/y"], "unknown storage protocol"),
+        (["-o", "data.source=ftp://nextdetail-test.invalid/y"], "cannot resolve host"),
+        (["-o", "data.source=s3://team-bucket/x", "-o", f"storage.options={dead}"], "endpoint unreachable"),
+        (["-o", "data.source=s3://no-such-bucket/x", "-o", f"storage.options={moto}"], "bucket missing"),
+    ]
+    for overrides, why in cases:
+        proc = _cli(["shard", "--preset", "tiny", "-o", f"storage.root={tmp_path / 'root'}", *overrides], tmp_path)
+        line = _one_line(proc, why)
+        assert overrides[1].split("=", 1)[1] in line, line

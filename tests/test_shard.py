@@ -61,6 +61,18 @@ def _jpeg(arr: np.ndarray, **kw) -> bytes:
     return buf.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares `width` × `height` (8-bit RGB) and that holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 @pytest.fixture()
 def messy_source(tmp_path) -> Path:
     """A class-folder dataset with every bad-input kind real ImageNet and real folders have."""
@@ -88,6 +100,14 @@ def messy_source(tmp_path) -> Path:
     (d / "small.JPEG").write_bytes(_jpeg(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)))
     (d / "dup.JPEG").write_bytes(_jpeg(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)))
     (d / "dup.png").write_bytes(buf.getvalue())  # same key as dup.JPEG
+    (d / "b.jpeg").write_bytes(_jpeg(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)))
+    (d / "b.JPEG").write_bytes(_jpeg(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)))  # the extension's case only
+    (d / "loop").symlink_to(".")  # a link back into its own folder
+    (d / "up").symlink_to("..")  # … into the split folder
+    (root / "train" / "n003").symlink_to(".")  # a "class" that is the split folder itself
+    with open(d / "huge.JPEG", "wb") as f:  # 2 GB, sparse: must never be read
+        f.truncate(2 << 30)
+    (d / "bomb.png").write_bytes(_png_header(20000, 20000))  # 400 megapixels declared
     (root / "train" / "README").write_text("a stray file beside the class folders")
     (root / "val" / "n999").mkdir()
     (root / "val" / "n999" / "x.JPEG").write_bytes(_jpeg(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)))
@@ -107,19 +127,29 @@ def test_every_bad_input_ends_as_the_manifest_says(tmp_path, messy_source):
         "train/n001/unreadable.JPEG": ("skipped", "unreadable"),
         "train/n001/small.JPEG": ("converted", "upscaled"),
         "train/n001/dup.JPEG": ("written", ""),
-        "train/n001/dup.png": ("skipped", "duplicate_key"),
+        "train/n001/dup.png": ("written", ""),  # its key carries its whole name's hash: nothing real is skipped
+        "train/n001/b.jpeg": ("written", ""),
+        "train/n001/b.JPEG": ("written", ""),
+        "train/n001/loop": ("skipped", "symlink_loop"),
+        "train/n001/up": ("skipped", "symlink_loop"),
+        "train/n003": ("skipped", "symlink_loop"),
+        "train/n001/huge.JPEG": ("skipped", "too_large"),
+        "train/n001/bomb.png": ("skipped", "too_large"),
         "train/README": ("skipped", "no_class"),
         "val/n999/x.JPEG": ("skipped", "unknown_class"),
     }
     for path, (status, reason) in expect.items():
         assert (by_path[path]["status"], by_path[path]["reason"]) == (status, reason), path
-    assert len(by_path) == 12 + 12  # nothing dropped: 12 good files + 12 odd ones
-    assert result.summary["status"] == {"written": 13, "converted": 4, "skipped": 7}
+    assert len(by_path) == 12 + 19  # nothing dropped or repeated: 12 good files + 19 odd ones
+    assert len({r["key"] for r in by_path.values()}) == len(by_path)  # keys never collide
+    assert result.summary["status"] == {"written": 16, "converted": 4, "skipped": 11}
     # written samples are in the tars, skipped ones are not
     keys = set()
     for tar in Path(result.url).glob("*.tar"):
         keys |= {s["__key__"] for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)}
     assert keys == {r["key"] for r in by_path.values() if r["status"] != "skipped"}
+    # the summary counts what is on disk: tars written (a bucket of only skipped files writes none)
+    assert sorted(result.shards_ran) == sorted(p.name for p in Path(result.url).glob("*.tar"))
 
     skipping = run_shard_stage(make_config(tmp_path / "out2", str(messy_source), "shard.small_images=skip"))
     small = next(r for r in _manifest(skipping) if r["source_path"] == "train/n001/small.JPEG")
@@ -216,3 +246,36 @@ def test_missing_split_is_a_one_line_error(tmp_path):
 
     with pytest.raises(UserError, match=r"has no val/ folder; add it or drop it: -o data.splits=\[train\]"):
         run_shard_stage(make_config(tmp_path / "out", str(tmp_path / "ds")))
+
+
+@pytest.mark.fast
+def test_the_walk_enters_each_folder_once_per_class_and_keys_never_collide(tmp_path):
+    """Loops become one row each, a class that links to another is a class of its own (ImageFolder's rule), and
+    every odd name — case-only extensions, dots, spaces, combined — gets its own key."""
+    import itertools
+
+    from nextdetail.storage.images import SkipImage, decode_image
+    from nextdetail.storage.sources import SYMLINK_LOOP, list_source
+
+    root = tmp_path / "src"
+    a = root / "train" / "a"
+    a.mkdir(parents=True)
+    stems, exts = ["x", "X", "x.b", "x_b", "x b", "x-b"], ["jpeg", "JPEG", "jpg", "JPG", "png", "PNG"]
+    names = [f"{s}.{e}" for s, e in itertools.product(stems, exts)]
+    for name in names:
+        (a / name).write_bytes(b"not decoded here")
+    (a / "loop").symlink_to(".")
+    (a / "deeper").mkdir()
+    (a / "deeper" / "up").symlink_to("../..")  # the split folder
+    (root / "train" / "b").symlink_to("a")  # a class of its own
+    listing = list_source(str(root), ["train"])
+    assert listing.classes == ["a", "b"]
+    rows = {it.relpath: it for it in listing.items["train"]}
+    assert {p for p, it in rows.items() if it.size == SYMLINK_LOOP} == {
+        "train/a/loop", "train/a/deeper/up", "train/b/loop", "train/b/deeper/up"}
+    assert {p for p in rows if p.startswith("train/b/") and rows[p].size >= 0} == {f"train/b/{n}" for n in names}
+    keys = [it.key for it in rows.values()]
+    assert len(keys) == len(set(keys)) == 2 * len(names) + 4
+    # a header declaring too many pixels is refused before any pixel is decoded
+    with pytest.raises(SkipImage, match="too_large"):
+        decode_image(_png_header(20000, 20000), "bomb.png", max_pixels=89_478_485)

@@ -60,6 +60,10 @@ def _relpath(path: Path, package_dir: Path) -> str:
     return path.relative_to(package_dir.parent).as_posix()
 
 
+CODE_RULE = "syntax-tree/1"
+"""How a record's `code` was hashed (lineage records carry it): records of an older rule cannot be compared file by
+file, so `status` says so instead of listing every file."""
+
 OUTSIDE_COMPUTATION = ("nextdetail.cli", "nextdetail.stages", "nextdetail.flows.ui", "nextdetail.flows.runtime",
                        "nextdetail.flows.pipeline", "nextdetail.flows.parts", "nextdetail.figures", "nextdetail.conf",
                        "nextdetail.errors", "nextdetail.storage.lineage")

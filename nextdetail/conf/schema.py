@@ -89,6 +89,10 @@ class ShardConfig(_Section):
     fingerprint: Literal["stat", "content"] = Field(
         default="stat", description="input identity: (path, size, mtime) or the bytes' sha256 (portable, reads all)"
     )
+    max_file_bytes: int = Field(default=64 << 20, ge=1, description="a file larger than this is a manifest row "
+                                "(too_large), never read (a 2 GB file named .JPEG)")
+    max_pixels: int = Field(default=89_478_485, ge=1, description="an image of more pixels (read from its header) is "
+                            "a manifest row (too_large), never decoded; Pillow's own bomb threshold")
 
     @model_validator(mode="after")
     def _check(self) -> ShardConfig:

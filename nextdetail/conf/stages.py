@@ -86,7 +86,7 @@ def _source_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     listing = list_source(cfg.data.source, cfg.data.splits, cfg.data.layout, cfg.storage.options)
     files = [(it.relpath, it.wnid, it.size, it.stamp) for items in listing.items.values() for it in items]
     if cfg.shard.fingerprint == "content":
-        store = Store(listing.url, cfg.storage.options)
+        store = Store(listing.url, cfg.storage.options, follow_links=True)
         files = [(rel, wnid, store.sha256(rel)) for rel, wnid, _, _ in files]
     return {"source": {"url": listing.url, "classes": listing.classes, "files": stable_hash(files),
                        "count": len(files)}}

@@ -24,6 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from nextdetail.conf import PipelineConfig
+from nextdetail.conf.code import CODE_RULE
 from nextdetail.conf.stages import SPECS, StageKey, key_of, select_stages
 from nextdetail.errors import UserError
 from nextdetail.flows import ui
@@ -150,6 +151,7 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
         "stage": stage, "identity": key.identity,
         "artifact": {"identity": result.identity, "url": result.url, "marker": "_COMPLETE.json"},
         "settings": key.settings, "upstream": key.upstream, "inputs": key.inputs, "code": key.code,
+        "code_rule": CODE_RULE,
         **env, "run_id": results.run_id, "preset": cfg.preset, "model": cfg.ar.model, "started": started,
         "finished": time.time(), "seconds": round(time.time() - started, 3),
         "result": {k: v for k, v in dataclasses.asdict(result).items() if k != "options"},

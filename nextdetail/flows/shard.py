@@ -48,7 +48,7 @@ def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> Sha
         raise UserError(f"data.source {source_url!r} holds no files; point data.source at a dataset")
     fingerprints = None
     if cfg.shard.fingerprint == "content":
-        src = Store(source_url, source_options)
+        src = Store(source_url, source_options, follow_links=True)
         fingerprints = {}
         for it in (it for items in listing.items.values() for it in items):
             try:
@@ -64,8 +64,10 @@ def shard_flow(cfg: PipelineConfig, key: StageKey, progress: bool = True) -> Sha
     ordered = [records[job.name]["summary"] for _, job in plan]
     dataset = dataset_artifact(out, key, [a for a, _ in plan])
     record = write_manifest.submit(dataset, [job for _, job in plan], ordered, listing.classes).result()
-    result = ShardResult(out.url(), dataset.identity, record["summary"], shards_ran=ran, shards_reused=reused,
-                         manifest_work=record["work"])
+    # What is on disk: a part whose files all went to the manifest (no image in its bucket) writes no tar.
+    on_disk = {job.name for _, job in plan if records[job.name]["summary"]["samples"]}
+    result = ShardResult(out.url(), dataset.identity, record["summary"], shards_ran=[n for n in ran if n in on_disk],
+                         shards_reused=[n for n in reused if n in on_disk], manifest_work=record["work"])
     result.work = "ran" if ran or record["work"] == "ran" else "reused"
     # A tar as decompose keys its part on: identity and bytes (`content_sha256` in the dataset summary).
     result.tar_identities = {job.name: f"{a.identity}:{records[job.name]['summary']['tar_sha256']}"

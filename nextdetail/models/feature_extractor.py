@@ -16,6 +16,7 @@ Both take uint8 images (B, 3, H, W) of any size and return the features torch-fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -25,9 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from nextdetail.errors import UserError
+
+try:
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+except ImportError:  # the GPU check (benchmarks/gpu.py) imports models without the pipeline's dependencies
+
+    class FeatureExtractorBase(torch.nn.Module):  # type: ignore[no-redef]
+        """What `RandomConvFeatures` uses of torch-fidelity's base class, where torch-fidelity is not installed."""
+
+        def __init__(self, name: str, features_list: list[str]) -> None:
+            super().__init__()
+            self.name, self.features_list = name, list(features_list)
 
 INCEPTION = "inception-v3-compat"
 RANDCONV = "nextdetail-randconv-v1"
@@ -103,7 +114,8 @@ def register() -> None:
         register_feature_extractor(RANDCONV, RandomConvFeatures)
 
 
-register()
+with contextlib.suppress(ImportError):  # no torch-fidelity (the GPU check): nothing to register with
+    register()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import socket
 import time
 from typing import Any
 
+from nextdetail.conf.code import CODE_RULE
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.stages.results import UP_TO_DATE
@@ -26,6 +27,16 @@ from nextdetail.storage.lineage import Lineage, recorded_artifact
 
 def _same(a: Any, b: Any) -> bool:
     return canonical_json(a) == canonical_json(b)
+
+
+def _same_outputs(recorded: dict[str, str] | None, current: dict[str, str]) -> bool:
+    """Whether a record's upstream outputs are the current ones: the same content where both carry a content hash
+    (`stage:sha` now, `identity:sha` in records written before early cutoff), else the same identity."""
+    recorded = recorded or {}
+    if set(recorded) != set(current):
+        return False
+    return all(a == b or (":" in a and ":" in b and a.rsplit(":", 1)[1] == b.rsplit(":", 1)[1])
+               for a, b in ((str(recorded[u]), str(current[u])) for u in current))
 
 
 def accept(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -41,8 +52,8 @@ def accept(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     lineage = Lineage.of(cfg)
     key = st.key
     candidates = [r for r in lineage.records(stage) if recorded_artifact(r, lineage.roots)]
-    same = [r for r in candidates if _same(r.get("settings"), key.settings) and _same(r.get("upstream"), key.upstream)
-            and _same(r.get("inputs"), key.inputs)]
+    same = [r for r in candidates if _same(r.get("settings"), key.settings)
+            and _same_outputs(r.get("upstream"), key.upstream) and _same(r.get("inputs"), key.inputs)]
     if not same:
         why = "no complete earlier artifact of this stage" if not candidates else \
             "its settings, upstream outputs or inputs differ from every earlier build"
@@ -54,7 +65,8 @@ def accept(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = None
-    record = {**base, "identity": key.identity, "code": key.code, "finished": time.time(),
+    record = {**base, "identity": key.identity, "code": key.code, "settings": key.settings, "upstream": key.upstream,
+              "inputs": key.inputs, "code_rule": CODE_RULE, "finished": time.time(),
               "accepted": {"from": base["identity"], "by": user, "host": socket.gethostname(), "at": time.time(),
                            "code_changed": changed}}
     lineage.write(record)

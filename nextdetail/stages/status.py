@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from nextdetail.conf.code import CODE_RULE
 from nextdetail.conf.schema import STAGES, PipelineConfig
 from nextdetail.conf.stages import SPECS, StageKey, output_identity, stage_key
 from nextdetail.stages.results import NOT_NEEDED, UP_TO_DATE
@@ -73,7 +74,10 @@ def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
         before = last.get("upstream", {}).get(u)
         if before != ident:
             was, now = str(before).split(":", 1), str(ident).split(":", 1)
-            if len(now) == 2:  # keyed on the upstream's bytes (early cutoff): they came out different
+            if len(now) == 2 and was[-1] == now[1]:  # the same bytes, recorded before early cutoff
+                reasons.append(f"upstream {u}: the same output, recorded by an older version (`nextdetail cache "
+                               "accept` adopts this stage's artifact)")
+            elif len(now) == 2:  # keyed on the upstream's bytes (early cutoff): they came out different
                 reasons.append(f"upstream {u}'s output changed: {was[-1][:12]} → {now[1][:12]}")
             else:
                 reasons.append(f"upstream {u} changed: {str(before)[:12]} → {str(ident)[:12]}")
@@ -83,7 +87,11 @@ def explain(current: dict[str, Any], last: dict[str, Any]) -> list[str]:
             reasons.append(f"input {k}: {_short(then_in.get(k))} → {_short(now_in.get(k))}")
     code_now, code_then = current.get("code", {}), last.get("code", {})
     changed = sorted(m for m in set(code_now) | set(code_then) if code_now.get(m) != code_then.get(m))
-    if changed:
+    if changed and last.get("code_rule") != CODE_RULE:  # hashed another way: file-by-file differences mean nothing
+        reasons.append("code: recorded by an older nextdetail, whose code identity hashed every imported file's "
+                       "bytes (if nothing that computes changed: `nextdetail cache accept " + str(last.get("stage"))
+                       + "`)")
+    elif changed:
         reasons.append("code changed: " + ", ".join(changed))
     return reasons
 

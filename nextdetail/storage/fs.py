@@ -33,7 +33,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from nextdetail.conf.secrets import reveal
-from nextdetail.errors import UserError, credentials_problem
+from nextdetail.errors import UserError, storage_problem
 
 TMP_MARK = ".tmp-"
 
@@ -79,9 +79,12 @@ def _tmp_name(name: str) -> str:
 class Store:
     """A storage root with atomic writes. Paths passed to methods are relative to the root."""
 
-    def __init__(self, root: str, options: dict[str, Any] | None = None, boundary: str | None = None) -> None:
+    def __init__(self, root: str, options: dict[str, Any] | None = None, boundary: str | None = None,
+                 follow_links: bool = False) -> None:
         try:
             self.fs, path = fsspec.core.url_to_fs(str(root), **reveal(options or {}))
+        except OSError as err:  # a protocol that connects when it is built (ftp, sftp): its host, its endpoint
+            raise UserError(f"{root}: {storage_problem(err) or f'cannot be reached ({err})'}") from None
         except (ValueError, ImportError) as err:  # "Protocol not known: foo", a protocol whose package is missing
             protocol = str(root).split("://", 1)[0] if "://" in str(root) else ""
             if not protocol or ("Protocol not known" not in str(err) and not isinstance(err, ImportError)):
@@ -98,6 +101,9 @@ class Store:
             if not under(self.root, self.boundary):
                 raise OutsideRoot(f"{self.root}: lies outside {boundary}; not read, written or deleted")
         self._real_boundary = os.path.realpath(self.boundary) if self.is_local else self.boundary
+        # An input the user pointed at (a source dataset, a reference folder) is read as they laid it out, links
+        # included (`train/<class>` may link to another disk); the roots nextdetail writes and shares are contained.
+        self.follow_links = follow_links
         protocol = self.fs.protocol
         self.protocol = "file" if self.is_local else protocol[0] if isinstance(protocol, tuple) else protocol
         self.options = dict(options or {})  # credentials stay SecretStr (conf/secrets.py) but in fsspec's hands
@@ -119,8 +125,8 @@ class Store:
         except OSError as err:
             raise UserError(f"{what} {self.url()}: cannot write there ({err.strerror or err}); choose another "
                             f"folder (-o {what}=…)") from None
-        except Exception as err:  # botocore's credential errors are not OSErrors
-            line = credentials_problem(err)
+        except Exception as err:  # botocore's errors are not OSErrors
+            line = storage_problem(err)
             if line is None:
                 raise
             raise UserError(f"{what} {self.url()}: {line}") from None
@@ -129,7 +135,8 @@ class Store:
         return f"Store({self.url()!r})"
 
     def __reduce__(self):  # picklable for Dask workers: rebuild from the URL (and the boundary it keeps)
-        return (Store, (self.url(), self.options, None if self.boundary == self.root else self._boundary_url()))
+        return (Store, (self.url(), self.options, None if self.boundary == self.root else self._boundary_url(),
+                        self.follow_links))
 
     def _boundary_url(self) -> str:
         return self.boundary if self.is_local else f"{self.protocol}://{self.boundary}"
@@ -147,7 +154,7 @@ class Store:
         if not self.is_local:
             return p
         real = os.path.realpath(p)
-        if not under(real, self._real_boundary):
+        if not self.follow_links and not under(real, self._real_boundary):
             raise OutsideRoot(f"{p}: leads outside {self.boundary} (a symbolic link to {real}); not read, written "
                               "or deleted — nextdetail writes no links")
         if file:
@@ -167,7 +174,7 @@ class Store:
 
     def sub(self, *parts: str) -> Store:
         """The store of a folder under this root, with the same boundary."""
-        return Store(self.url(*parts), self.options, boundary=self._boundary_url())
+        return Store(self.url(*parts), self.options, boundary=self._boundary_url(), follow_links=self.follow_links)
 
     @staticmethod
     def of_file(url: str, options: dict | None = None) -> tuple[Store, str]:
@@ -326,7 +333,7 @@ class Store:
         followed nor listed; with `links`, theirs are appended to it (for a caller that reports them)."""
         base = self.checked(rel).rstrip("/")
         prefix = self.root.rstrip("/") + "/"
-        if self.is_local:
+        if self.is_local and not self.follow_links:
             found = []
             for folder, dirs, files in os.walk(base, followlinks=False):
                 for name in [*dirs, *files]:

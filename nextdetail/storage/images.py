@@ -7,6 +7,7 @@ Bad inputs raise `SkipImage(reason)`; inputs that decode after a fix report it i
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,20 +38,28 @@ class Decoded:
     conversions: list[str] = field(default_factory=list)
 
 
-def decode_image(data: bytes, name: str = "", exif: str = "apply") -> Decoded:
+def decode_image(data: bytes, name: str = "", exif: str = "apply", max_pixels: int | None = None) -> Decoded:
     """Decode `data` by its content; convert CMYK, greyscale, palette and alpha images to RGB. `exif="apply"`
     turns a photo upright by its EXIF orientation (recorded as conversion `exif_orientation_<tag>`); "ignore"
-    keeps the stored pixels, as ADM/VAR prepare ImageNet."""
+    keeps the stored pixels, as ADM/VAR prepare ImageNet. An image of more than `max_pixels` pixels (its header
+    read, nothing decoded) is `too_large`; Pillow's warnings are errors here, reasons in the manifest, never lines
+    on the terminal."""
     if len(data) == 0:
         raise SkipImage("empty_file")
     try:
-        im = Image.open(io.BytesIO(data))
-        fmt = im.format or "?"
-        im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # DecompressionBombWarning, truncated-EXIF warnings: skip with a reason
+            im = Image.open(io.BytesIO(data))
+            fmt = im.format or "?"
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise SkipImage("too_large", f"{im.width}×{im.height} pixels > shard.max_pixels={max_pixels}")
+            im.load()
     except UnidentifiedImageError:
         raise SkipImage("not_an_image") from None
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise SkipImage("too_large", str(err).split(".")[0]) from None
+    except Warning as err:  # any other Pillow warning while decoding: not a clean image
+        raise SkipImage("decode_error", f"{type(err).__name__}: {err}") from None
     except OSError as err:  # PIL reports truncation as OSError("image file is truncated ...")
         if "truncated" in str(err) or "broken data stream" in str(err):
             raise SkipImage("truncated", str(err)) from None

@@ -9,6 +9,7 @@ Listing never reads file contents: each file's fingerprint is its (size, mtime) 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from nextdetail.errors import UserError
+from nextdetail.errors import UserError, storage_problem
 from nextdetail.storage.fs import Store
 
 LABELS_CSV = "LOC_val_solution.csv"
-UNREADABLE, NOT_A_FILE = -1, -2  # SourceItem.size of what cannot be read (the shard stage skips it, with a reason)
+UNREADABLE, NOT_A_FILE, SYMLINK_LOOP = -1, -2, -3  # SourceItem.size of what is not read (skipped, with a reason)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
 
 
@@ -33,18 +34,23 @@ class SourceItem:
     split: str
     relpath: str  # posix path relative to the source root: what the manifest and the shard's json record
     wnid: str | None  # class folder name / wnid; None when the file lies outside any class
-    size: int  # UNREADABLE: could not stat or list (broken link, permission); NOT_A_FILE: a FIFO, socket, device
+    size: int  # UNREADABLE: could not stat or list (broken link, permission); NOT_A_FILE: a FIFO, socket, device;
+    # SYMLINK_LOOP: a link into a directory this class's walk already entered (never entered twice)
     stamp: str  # modification stamp: mtime in ns locally, ETag / LastModified on object stores
+    collides: bool = False  # another listed file maps to the same key: the whole name's hash tells them apart
 
     @property
     def key(self) -> str:
         """webdataset sample key: the path without extension; dots and odd characters become '_' because
         webdataset splits a member name at the first dot of its basename. Where that changed the name, 8 hex
-        digits of the original's sha256 follow, so two files never share a key (`a.b.c.JPEG`, `a_b_c.JPEG`)."""
+        digits of the original's sha256 follow, so two files never share a key (`a.b.c.JPEG`, `a_b_c.JPEG`);
+        where two names still meet (`b.jpeg`, `b.JPEG`: the extension's case) 8 hex digits of the whole name's."""
         stem = self.relpath.rsplit(".", 1)[0] if "." in self.relpath.rsplit("/", 1)[-1] else self.relpath
         safe = _UNSAFE.sub("_", stem)
         if safe != stem:
             safe += "_" + hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        if self.collides:
+            safe += "_" + hashlib.sha256(self.relpath.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         return safe
 
 
@@ -61,12 +67,22 @@ class SourceListing:
     classes: list[str]  # sorted class names: index = class index
 
 
+def _dir_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _walk_local(root: str, sub: str) -> list[tuple[str, int, str]]:
-    """(relpath, size, mtime) of every non-directory under root/sub; size -1 when stat fails."""
+    """(relpath, size, mtime) of every non-directory under root/sub; size -1 when stat fails. Symbolic links are
+    followed at most once per real directory within each class folder's walk (the (st_dev, st_ino) of every
+    directory entered; the root and the split folder count as entered): a link back into one is one row,
+    SYMLINK_LOOP, so the walk is bounded by the real files, never repeats one, and a class folder that is a link to
+    another class is a class of its own (as torchvision's ImageFolder treats it)."""
     out: list[tuple[str, int, str]] = []
-    stack = [sub]
+    top = {_dir_id(root), _dir_id(os.path.join(root, sub))}
+    stack: list[tuple[str, set[tuple[int, int]] | None]] = [(sub, None)]  # (folder, its class walk's entered ids)
     while stack:
-        rel = stack.pop()
+        rel, entered = stack.pop()
         try:
             entries = list(os.scandir(os.path.join(root, rel)))
         except OSError:  # an unreadable directory: listed as one unreadable entry, never silently lost
@@ -78,7 +94,13 @@ def _walk_local(root: str, sub: str) -> list[tuple[str, int, str]]:
             erel = f"{rel}/{entry.name}" if rel else entry.name
             try:
                 if entry.is_dir(follow_symlinks=True):
-                    stack.append(erel)
+                    ident = _dir_id(entry.path)
+                    walk = set(top) if entered is None else entered  # a folder of the split: a class, its own walk
+                    if ident in walk:
+                        out.append((erel, SYMLINK_LOOP, ""))
+                        continue
+                    walk.add(ident)
+                    stack.append((erel, walk))
                     continue
                 st = entry.stat(follow_symlinks=True)
                 if not stat.S_ISREG(st.st_mode):  # reading a FIFO would block forever
@@ -124,18 +146,32 @@ def class_folders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     """The classes of a class-folder split: every sub-folder, whatever it holds (as torchvision's ImageFolder
     finds them), sorted — so an empty folder, or one holding only a README, is a class with no samples, and
     filling it later shifts no class index. Hidden folders (.git, .ipynb_checkpoints) are not classes (their
-    files are skipped, reason hidden_folder). On an object store a folder exists only while it holds a file."""
-    return sorted(name for e in fs.ls(path, detail=True) if e.get("type") == "directory"
-                  and not (name := str(e["name"]).rstrip("/").rsplit("/", 1)[-1]).startswith("."))
+    files are skipped, reason hidden_folder). On an object store a folder exists only while it holds a file. A local
+    link to a folder is a class of its own (ImageFolder follows it too)."""
+    if isinstance(fs, LocalFileSystem):
+        names = []
+        for entry in os.scandir(path):
+            with contextlib.suppress(OSError):  # a broken link is no class
+                if entry.is_dir(follow_symlinks=True):
+                    names.append(entry.name)
+    else:
+        names = [str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True)
+                 if e.get("type") == "directory"]
+    return sorted(name for name in names if not name.startswith("."))
 
 
 def check_root(store: Store, url: str) -> None:
     """One line when the source root is not a readable directory: missing and not-a-directory differ."""
     try:
         exists = store.fs.exists(store.root)
-    except OSError as err:
-        raise UserError(f"data.source {url!r}: cannot be read ({err.strerror or err}); check the path and its "
-                        "permissions") from None
+        if not exists and not store.is_local:  # an object store answers "no" for a missing bucket too: ask it why
+            store.fs.ls(store.root.split("/", 1)[0])
+    except Exception as err:  # botocore's errors are not OSErrors
+        line = storage_problem(err)
+        if line is None and not isinstance(err, OSError):
+            raise
+        raise UserError(f"data.source {url!r}: {line or f'cannot be read ({err.strerror or err})'}; check the URL, "
+                        "the storage options and permissions") from None
     if not exists:
         raise UserError(f"data.source {url!r} does not exist; point it at a class-folder or ImageNet dataset "
                         "(or -o data.source=embedded)")
@@ -147,7 +183,7 @@ def check_root(store: Store, url: str) -> None:
 
 def list_source(url: str, splits: list[str], layout: str = "auto", storage_options: dict | None = None) -> SourceListing:
     """List every file of the requested splits with its class; the class map comes from the first split."""
-    store = Store(url, storage_options)
+    store = Store(url, storage_options, follow_links=True)
     fs, root = store.fs, store.root
     check_root(store, url)
     prefix = split_prefixes(store, url, splits, layout)
@@ -174,8 +210,18 @@ def list_source(url: str, splits: list[str], layout: str = "auto", storage_optio
             else:
                 wnid = None  # a stray file beside the class folders: skipped and counted
             split_items.append(SourceItem(split, relpath, wnid, size, stamp))
-        items[split] = sorted(split_items, key=lambda it: it.relpath)
+        items[split] = _without_key_collisions(sorted(split_items, key=lambda it: it.relpath))
     return SourceListing(store.url(), items, classes or [])
+
+
+def _without_key_collisions(items: list[SourceItem]) -> list[SourceItem]:
+    """`items` with every file whose key another listed file shares marked `collides` (its key then carries its
+    whole name's hash): no real file is ever skipped as a duplicate key."""
+    import collections
+    import dataclasses
+
+    counts = collections.Counter(it.key for it in items)
+    return [dataclasses.replace(it, collides=True) if counts[it.key] > 1 else it for it in items]
 
 
 def split_prefixes(store: Store, url: str, splits: list[str], layout: str = "auto") -> dict[str, str]:

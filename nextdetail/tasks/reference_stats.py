@@ -51,7 +51,7 @@ class ReferenceSpec:
         return Store(parent, self.options), name
 
     def folder_files(self) -> list[str]:
-        store = Store(self.url, self.options)
+        store = Store(self.url, self.options, follow_links=True)  # the user's folder, links and all
         files = sorted(f for f in store.find() if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             raise UserError(f"eval.reference={self.url}: no images ({', '.join(IMAGE_SUFFIXES)}) in that folder")
@@ -80,7 +80,7 @@ class ReferenceSpec:
             if digest is None:
                 raise UserError(f"eval.reference={self.url}: no such file")
             return {"kind": "npz", "sha256": digest, "max": self.max_images}
-        store = Store(self.url, self.options)
+        store = Store(self.url, self.options, follow_links=True)
         return {"kind": "folder", "max": self.max_images,
                 "files": stable_hash([(f, store.sha256(f)) for f in self.folder_files()])}
 
@@ -108,7 +108,7 @@ class ReferenceSpec:
             for i in range(0, len(images), batch_size):
                 yield images[i : i + batch_size]
         else:
-            yield from _folder_batches(Store(self.url, self.options), self.folder_files(), batch_size)
+            yield from _folder_batches(Store(self.url, self.options, follow_links=True), self.folder_files(), batch_size)
 
 
 def _folder_batches(store: Store, files: list[str], batch_size: int) -> Iterator[np.ndarray]:

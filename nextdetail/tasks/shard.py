@@ -33,7 +33,7 @@ from nextdetail.storage.hashing import bytes_sha256, canonical_json, stable_hash
 from nextdetail.storage.images import SkipImage, decode_image, encode_image, preprocess
 from nextdetail.storage.manifest import read_table, rows_to_table, write_table
 from nextdetail.storage.shards import ShardTarWriter, shard_count_for, shard_index_of, shard_name
-from nextdetail.storage.sources import NOT_A_FILE, UNREADABLE, SourceListing, display_path
+from nextdetail.storage.sources import NOT_A_FILE, SYMLINK_LOOP, UNREADABLE, SourceListing, display_path
 from nextdetail.tasks.stage import Artifact, stage_task
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def plan_shards(
 
 
 def _encode_sample(item: ShardItem, data: bytes, cfg: ShardConfig, row: dict[str, Any]) -> dict[str, bytes]:
-    decoded = decode_image(data, item.relpath, cfg.exif)
+    decoded = decode_image(data, item.relpath, cfg.exif, cfg.max_pixels)
     row.update(width=decoded.width, height=decoded.height)
     image = preprocess(decoded, cfg.resolution, cfg.preprocess, cfg.small_images)
     payload = encode_image(image, cfg.image_format, cfg.jpeg_quality)
@@ -146,7 +146,7 @@ def write_shard(
     artifact: Artifact, job: ShardJob, source_url: str, source_options: dict, cfg: ShardConfig
 ) -> tuple[dict, list[str]]:
     """Write one tar and its manifest part. Never raises on a bad input file: it becomes a row."""
-    source = Store(source_url, source_options)
+    source = Store(source_url, source_options, follow_links=True)  # the user's dataset, links and all
     rows: list[dict[str, Any]] = []
     written = 0
     try:
@@ -190,6 +190,10 @@ def _write_samples(job: ShardJob, source: Store, cfg: ShardConfig, writer: Shard
                 raise SkipImage("duplicate_key", f"another file maps to key {item.key}")
             if item.size == NOT_A_FILE:
                 raise SkipImage("not_a_file", "a FIFO, socket or device file: never opened")
+            if item.size == SYMLINK_LOOP:
+                raise SkipImage("symlink_loop", "a link back into a folder already walked: never entered twice")
+            if item.size > cfg.max_file_bytes:  # sniffed from the listing: never read whole
+                raise SkipImage("too_large", f"{item.size} bytes > shard.max_file_bytes={cfg.max_file_bytes}")
             if item.wnid is None:
                 if item.size == UNREADABLE:
                     raise SkipImage("unreadable", "could not be listed or stat'ed")
