@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from nextdetail.conf.schema import PipelineConfig
+from nextdetail.conf.stages import output_identity
 from nextdetail.stages.status import flatten
 from nextdetail.storage.lineage import Lineage, recorded_artifact
 
@@ -48,8 +49,9 @@ def comparison(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
 
 def _closure(lineage: Lineage, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The records an artifact was built from, by stage (itself included), following the upstream identities
-    (`stage identity[:content sha256]`)."""
+    """The records an artifact was built from, by stage (itself included), following the upstream outputs: a
+    content hash (`stage:sha256`, early cutoff) names the newest record whose output it is; an older record's
+    `identity[:sha256]` names that identity's record."""
     out, todo = {}, [record]
     while todo:
         r = todo.pop()
@@ -57,7 +59,9 @@ def _closure(lineage: Lineage, record: dict[str, Any]) -> dict[str, dict[str, An
             continue
         out[r["stage"]] = r
         for stage, ident in r.get("upstream", {}).items():
-            up = lineage.read(stage, str(ident).split(":", 1)[0])
+            up = lineage.read(stage, str(ident).split(":", 1)[0]) or next(
+                (c for c in lineage.records(stage) if output_identity(
+                    stage, c["artifact"]["identity"], c.get("result", {}).get("summary", {})) == ident), None)
             if up is not None:
                 todo.append(up)
     return out

@@ -162,9 +162,13 @@ class Store:
                 mode = os.stat(real).st_mode
             except FileNotFoundError:
                 return p
+            if stat.S_ISDIR(mode):  # what reading a folder always raised
+                raise IsADirectoryError(errno.EISDIR, "a folder, not a file", p)
             if not stat.S_ISREG(mode):
-                raise OutsideRoot(f"{p}: not a regular file (a device, FIFO or folder); not read — nextdetail "
-                                  "writes only regular files")
+                if self.follow_links:  # an input's odd entry: unreadable, as the listing already says
+                    raise OSError(errno.EINVAL, "not a regular file (a device or FIFO): never opened", p)
+                raise OutsideRoot(f"{p}: not a regular file (a device or FIFO); not read — nextdetail writes only "
+                                  "regular files")
         return p
 
     def url(self, *parts: str) -> str:
@@ -178,9 +182,10 @@ class Store:
 
     @staticmethod
     def of_file(url: str, options: dict | None = None) -> tuple[Store, str]:
-        """(the Store of a file's folder, the file's name) for a path or URL to one file."""
+        """(the Store of a file's folder, the file's name) for a path or URL to one file a setting names (released
+        weights, a picture): the user's file, read where its links lead."""
         folder, _, name = url.rstrip("/").rpartition("/")
-        return Store(folder or ".", options or {}), name
+        return Store(folder or ".", options or {}, follow_links=True), name
 
     # -- reading ----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
