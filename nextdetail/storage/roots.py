@@ -60,20 +60,21 @@ class Roots:
         return ", ".join(s.url() for s in self.stores)
 
 
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` (a JSON value) with `fn` applied to every string in it."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [map_strings(v, fn) for v in value]
+    return value
+
+
 def rename_under(value: Any, src: str, dst: str) -> Any:
     """`value` (a JSON value) with every string that is `src` or a path under it renamed to lie under `dst`."""
     src, dst = src.rstrip("/"), dst.rstrip("/")
-
-    def rename(v: Any) -> Any:
-        if isinstance(v, str):
-            return dst + v[len(src):] if v.startswith(src) and under(v, src) else v
-        if isinstance(v, dict):
-            return {k: rename(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [rename(x) for x in v]
-        return v
-
-    return rename(value)
+    return map_strings(value, lambda v: dst + v[len(src):] if v.startswith(src) and under(v, src) else v)
 
 
 def relativize(record: dict[str, Any], root_url: str) -> dict[str, Any]:
@@ -81,28 +82,25 @@ def relativize(record: dict[str, Any], root_url: str) -> dict[str, Any]:
     return rename_under(record, root_url, ROOT)
 
 
+def _names_root(v: str) -> bool:
+    return v == ROOT or v.startswith(ROOT + "/")
+
+
 def _uses_root(value: Any) -> bool:
-    if isinstance(value, str):
-        return value == ROOT or value.startswith(ROOT + "/")
-    if isinstance(value, dict):
-        return any(_uses_root(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_uses_root(v) for v in value)
-    return False
+    found: list[bool] = []
+    map_strings(value, lambda v: found.append(_names_root(v)) or v)
+    return any(found)
 
 
 def _on_root(value: Any, root_url: str) -> Any:
     """`@root/…` strings as paths under `root_url` (OutsideRoot when one climbs out)."""
-    if isinstance(value, str):
-        if value == ROOT or value.startswith(ROOT + "/"):
-            rel = relative_path(value[len(ROOT):])
-            return f"{root_url.rstrip('/')}/{rel}" if rel else root_url.rstrip("/")
-        return value
-    if isinstance(value, dict):
-        return {k: _on_root(v, root_url) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_on_root(v, root_url) for v in value]
-    return value
+    def place_one(v: str) -> str:
+        if not _names_root(v):
+            return v
+        rel = relative_path(v[len(ROOT):])
+        return f"{root_url.rstrip('/')}/{rel}" if rel else root_url.rstrip("/")
+
+    return map_strings(value, place_one)
 
 
 _warned: set[str] = set()
