@@ -53,8 +53,12 @@ def _load_branches(args: argparse.Namespace) -> dict:
     from nextdetail.conf import load_branches, parse_models
 
     preset = args.preset if args.preset or args.config else "tiny"
+    # A stage command checks the stages it runs and their upstream; a later stage's problem is a warning line.
+    until = getattr(args, "only", None) or getattr(args, "until", None)
     branches = load_branches(preset if not args.config else None, args.config, args.override,
-                             parse_models(getattr(args, "model", None)))
+                             parse_models(getattr(args, "model", None)), until=until)
+    for line in dict.fromkeys(w for cfg in branches.values() for w in cfg.warnings()):
+        print(f"nextdetail: warning: {line}", file=sys.stderr)
     return _with_credentials(branches)
 
 

@@ -99,6 +99,33 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture()
+def s3_endpoint_with_auth(tmp_path):
+    """A second moto S3 server, in its own process, that checks every request's credentials
+    (INITIAL_NO_AUTH_ACTION_COUNT=0): keys it never issued are refused with 403, as a real bucket refuses them."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 # A whole pipeline in about a minute: tiny models, few steps (the shared `pipeline` fixture and its variants).
 FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=64", "tokenizer.z_channels=8",
         "tokenizer.batch_size=8", "tokenizer.steps=30", "tokenizer.checkpoint_every=30", "tokenizer.log_every=10",

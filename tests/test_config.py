@@ -59,7 +59,7 @@ def test_overrides_parse_yaml_values():
     ("shard.resolution=big", "shard.resolution='big' is invalid"),
     ("shard.image_format=gif", "shard.image_format='gif' is invalid: Input should be 'jpg' or 'png'"),
     ("nosection.x=1", "unknown key 'nosection'"),
-    ("shard.resolution=16", "patch_nums must end at most at the latent side 4"),
+    ("tokenizer.patch_nums=[1,2,4,8,16]", "patch_nums must end at most at the latent side 8"),
     ("tokenizer.patch_nums=[1,4,2]", "patch_nums must not decrease"),
     ("tokenizer.order=4", "tokenizer.order=4 needs decompose.order"),
     ("tokenizer.patch_nums=[1,2,4]", "the base scales must end at the latent side 8 (= shard.resolution / 4), not at 4"),
@@ -70,6 +70,60 @@ def test_bad_override_is_one_clear_line(override, expected):
         load_config("tiny", overrides=[override])
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("latent, dyadic, expected", [
+    (16, False, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),  # VAR-256
+    (32, False, (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),  # VAR-512
+    (16, True, (1, 2, 4, 8, 16)), (8, False, (1, 2, 4, 8)), (64, False, (1, 2, 4, 8, 16, 32, 64)),
+    (24, False, (1, 2, 4, 8, 16, 24)), (1, False, (1,)), (3, True, (1, 2, 3)),
+])
+def test_derived_schedules_increase_and_end_at_the_latent_side(latent, dyadic, expected):
+    from nextdetail.conf.schema import derived_patch_nums
+
+    assert derived_patch_nums(latent, dyadic) == expected
+
+
+def test_patch_nums_auto_follows_the_resolution_and_the_model():
+    assert load_config("tiny").tokenizer.patch_nums == [1, 2, 4, 8]
+    assert load_config("tiny", overrides=["shard.resolution=64"]).tokenizer.patch_nums == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    assert load_config("imagenet512").tokenizer.patch_nums == [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]
+    # NDP's quadtree needs the dyadic pyramid: `--model ndp` on a VAR-scheduled preset derives it
+    from nextdetail.conf import load_branches
+    assert load_branches("imagenet256", models=["ndp"])["ndp"].tokenizer.patch_nums == [1, 2, 4, 8, 16]
+    # an explicit schedule is kept as given
+    assert load_config("tiny", overrides=["tokenizer.patch_nums=[1,2,3,8]"]).tokenizer.patch_nums == [1, 2, 3, 8]
+
+
+def test_a_later_stages_problem_refuses_only_the_commands_that_run_it():
+    """`shard` with a schedule that no longer fits the resolution: shard and decompose run (one warning line
+    naming the stage that will refuse); train_tokenizer and `run` refuse in one line."""
+    bad = ["shard.resolution=64", "tokenizer.patch_nums=[1,2,4,8]"]
+    for until in ("shard", "decompose"):
+        cfg = load_config("tiny", overrides=bad, until=until)
+        assert cfg.shard.resolution == 64 and len(cfg.warnings()) == 1
+        assert "train_tokenizer will refuse" in cfg.warnings()[0] and "latent side 16" in cfg.warnings()[0]
+    for until in ("train_tokenizer", "evaluate", None):
+        with pytest.raises(UserError, match="latent side 16"):
+            load_config("tiny", overrides=bad, until=until)
+    assert load_config("tiny", overrides=["shard.resolution=64"], until="shard").warnings() == []
+    # an NDP transformer on a tokenizer with detail layers: the tokenizer's stages may still run
+    ndp_on_cart = ["ar.model=ndp"]
+    assert "train_ar will refuse" in load_config("tiny", overrides=ndp_on_cart, until="tokenize").warnings()[0]
+    with pytest.raises(UserError, match="dyadic pyramid"):
+        load_config("tiny", overrides=ndp_on_cart, until="train_ar")
+
+
+def test_cli_stage_commands_warn_about_later_stages_and_run_refuses(tmp_path):
+    bad = ["-o", f"storage.root={tmp_path / 'root'}", "-o", "shard.resolution=64", "-o", "tokenizer.patch_nums=[1,2,4,8]"]
+    proc = subprocess.run([NEXTDETAIL, "run", "--until", "shard", "--dry-run", *bad], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nextdetail: warning: ") and "train_tokenizer" in lines[0], lines
+    proc = subprocess.run([NEXTDETAIL, "run", "--dry-run", *bad], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "latent side 16" in proc.stderr, proc.stderr
+    proc = subprocess.run([NEXTDETAIL, "config", "-o", "shard.resolution=64"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "patch_nums:\n  - 1\n  - 2\n  - 3\n" in proc.stdout
 
 
 def test_cli_reports_config_errors_in_one_line_without_traceback():

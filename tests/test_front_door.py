@@ -203,7 +203,8 @@ def test_a_bad_input_corpus_through_shard_and_status(tmp_path, embedded_source):
     source, locked = _bad_input_corpus(tmp_path, embedded_source)
     # root reads everything: without the two capabilities that let it, the locks hold as for any user
     unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
-    args = cli_config(tmp_path / "out", str(source), "shard.samples_per_shard=1")  # many buckets: some empty
+    # many buckets (some empty); 64 px on the tiny preset: the tokenizer's schedule follows (patch_nums auto)
+    args = cli_config(tmp_path / "out", str(source), "shard.samples_per_shard=1", "shard.resolution=64")
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
 
     def cli(*cmd: str) -> subprocess.CompletedProcess:
@@ -249,14 +250,14 @@ def test_a_bad_input_corpus_through_shard_and_status(tmp_path, embedded_source):
         "train/coffee/empty.JPEG": ("skipped", "empty_file"),
         "train/.ipynb_checkpoints/copy.png": ("skipped", "hidden_folder"),
         "train/readme_only/README": ("skipped", "not_an_image"), "train/LICENSE": ("skipped", "no_class"),
-        "val/coffee/broken.png": ("skipped", "not_an_image"), "train/coffee/old_\\xe9t\\xe9.png": ("written", "")}
+        "val/coffee/broken.png": ("skipped", "not_an_image"), "train/coffee/old_\\xe9t\\xe9.png": ("converted", "upscaled")}  # 40 px source, 64 px shards
     classes = json.loads((shard_dir / "classes.json").read_text())["classes"]
     assert classes[0] == "aaa_empty" and "readme_only" in classes and ".ipynb_checkpoints" not in classes
     assert marker["summary"]["empty_classes"] == ["aaa_empty", "readme_only"]
     assert "2 class folder(s) without images" in first.stderr + first.stdout
     assert marker["summary"]["retry"] == 1 and "could not be read" in retry_status  # secret.png
     after = {r["source_path"]: r for r in pq.read_table(shard_dir / "manifest.parquet").to_pylist()}
-    assert after["train/coffee/secret.png"]["status"] == "written"
+    assert after["train/coffee/secret.png"]["status"] == "converted"  # read now, and upscaled to 64 px
     assert after["train/rocket/locked"]["reason"] == "unreadable"  # still locked: no retry, its fix lists new files
     new_parts = {p.stem: json.loads(p.read_text())["summary"] for p in (shard_dir / "_parts").glob("*.json")}
     changed = {n for n in new_parts if new_parts[n]["tar_sha256"] != parts.get(n, {}).get("tar_sha256")}
@@ -424,19 +425,23 @@ def test_exif_orientation_is_a_setting_and_what_was_applied_is_in_the_manifest(t
         assert written.size == (60, 40) and (row["status"], row["reason"]) == ("written", "")
 
 
-def test_a_source_that_cannot_be_reached_is_one_line_naming_why(tmp_path, s3_endpoint):
+def test_a_source_that_cannot_be_reached_is_one_line_naming_why(tmp_path, s3_endpoint, s3_endpoint_with_auth):
     """Before Prefect starts: an unknown protocol, a host that does not resolve, an endpoint nobody answers on, a
-    bucket that does not exist — each one line naming the URL and the cause, exit 2."""
+    bucket that does not exist, credentials the store refuses — each one line naming the URL and the cause,
+    exit 2."""
     dead = json.dumps({"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
                        "config_kwargs": {"retries": {"max_attempts": 1}}})
     moto = json.dumps({"client_kwargs": {"endpoint_url": s3_endpoint}})
+    refusing = json.dumps({"client_kwargs": {"endpoint_url": s3_endpoint_with_auth}, "key": "not-issued",
+                           "secret": "by-this-store"})
     cases = [
         (["-o", "data.source=nosuchproto://x/y"], "unknown storage protocol"),
         (["-o", "data.source=ftp://nextdetail-test.invalid/y"], "cannot resolve host"),
         (["-o", "data.source=s3://team-bucket/x", "-o", f"storage.options={dead}"], "endpoint unreachable"),
         (["-o", "data.source=s3://no-such-bucket/x", "-o", f"storage.options={moto}"], "bucket missing"),
+        (["-o", "data.source=s3://team-bucket/x", "-o", f"storage.options={refusing}"], "access denied"),
     ]
     for overrides, why in cases:
         proc = _cli(["shard", "--preset", "tiny", "-o", f"storage.root={tmp_path / 'root'}", *overrides], tmp_path)
         line = _one_line(proc, why)
-        assert overrides[1].split("=", 1)[1] in line, line
+        assert overrides[1].split("=", 1)[1] in line and "by-this-store" not in line, line

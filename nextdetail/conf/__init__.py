@@ -18,10 +18,11 @@ __all__ = ["MODELS", "MODEL_OVERRIDES", "STAGES", "PipelineConfig", "available_p
 
 MODEL_OVERRIDES: dict[str, list[str]] = {
     "cart": ["ar.model=cart"],
-    "ndp": ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"],
+    "ndp": ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5", "tokenizer.patch_nums=auto"],
 }
-"""What choosing a model sets (`--model`): NDP needs the dyadic-pyramid tokenizer (no detail layers) trained
-to decode truncated quadtrees; -o overrides given with it still win."""
+"""What choosing a model sets (`--model`): NDP needs the dyadic-pyramid tokenizer (no detail layers, the scales
+1, 2, 4, … that `auto` derives for it) trained to decode truncated quadtrees; -o overrides given with it still
+win."""
 MODELS = tuple(MODEL_OVERRIDES)
 
 
@@ -82,9 +83,12 @@ def _one_line(err: ValidationError, data: dict[str, Any]) -> str:
 
 
 def load_config(
-    preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = ()
+    preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = (),
+    until: str | None = None,
 ) -> PipelineConfig:
-    """Preset or YAML file, then ``-o key=value`` overrides, validated into one `PipelineConfig`."""
+    """Preset or YAML file, then ``-o key=value`` overrides, validated into one `PipelineConfig`. With `until`
+    (the last stage a command runs) only the checks of that stage and its upstream refuse; a later stage's
+    problem becomes one of `cfg.warnings()`."""
     if config_file is not None:
         data = _read_yaml(Path(config_file))
     elif preset is not None:
@@ -105,7 +109,7 @@ def load_config(
             node = child
         node[keys[-1]] = value
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context={"until": until})
     except ValidationError as err:
         raise UserError(_one_line(err, data)) from None
 
@@ -123,12 +127,12 @@ def parse_models(text: str | list[str] | None) -> list[str]:
 
 def load_branches(
     preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = (),
-    models: list[str] = (),
+    models: list[str] = (), until: str | None = None,
 ) -> dict[str, PipelineConfig]:
     """One config per model, each the preset/file + the model's settings (`MODEL_OVERRIDES`) + `overrides`:
     the branches of one pipeline run. Stages whose identity comes out the same in several branches (shard,
     decompose) are built once. No models: the config's own `ar.model`, one branch."""
     if not models:
-        cfg = load_config(preset, config_file, list(overrides))
+        cfg = load_config(preset, config_file, list(overrides), until)
         return {cfg.ar.model: cfg}
-    return {m: load_config(preset, config_file, [*MODEL_OVERRIDES[m], *overrides]) for m in models}
+    return {m: load_config(preset, config_file, [*MODEL_OVERRIDES[m], *overrides], until) for m in models}

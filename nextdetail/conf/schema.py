@@ -7,13 +7,42 @@ re-runs only the stages that read it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from nextdetail.models.configs import VAR_SHAPE as V
 from nextdetail.models.configs import VAR_TOKENIZER as T
 from nextdetail.models.configs import dyadic_sides
+
+VAR_PATCH_NUMS: dict[int, tuple[int, ...]] = {
+    16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # VAR-256: its released tokenizer and d16…d30
+    32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # VAR-512: VAR's 512 px schedule (CART-512, Table 2)
+}
+"""VAR's own base-scale schedules, by latent side."""
+
+
+def derived_patch_nums(latent_side: int, dyadic: bool = False) -> tuple[int, ...]:
+    """What `tokenizer.patch_nums: auto` stands for at this latent side: the dyadic pyramid (1, 2, 4, …) when
+    asked for (NDP's quadtree) and at power-of-two sides VAR published no schedule for, VAR's own schedule at
+    16 and 32, and at any other side the powers of two below it, then the side. Every schedule increases and
+    ends at the latent side, as the decomposed base needs (`PipelineConfig._cross_problems`)."""
+    if latent_side < 1:
+        raise ValueError(f"the latent side must be positive, got {latent_side}")
+    if not dyadic and latent_side in VAR_PATCH_NUMS:
+        return VAR_PATCH_NUMS[latent_side]
+    if not latent_side & (latent_side - 1):
+        return dyadic_sides(latent_side)
+    return (*(2**k for k in range(latent_side.bit_length()) if 2**k < latent_side), latent_side)
 
 
 class _Section(BaseModel):
@@ -169,8 +198,10 @@ class TokenizerConfig(_Section):
                                    "nearest code in L2")
     quant_resi: float = Field(default=T.quant_resi, ge=0, le=1, description="φ's blend of conv and identity")
     share_quant_resi: int = Field(default=T.share_quant_resi, ge=2, description="φ's shared by all token maps")
-    patch_nums: list[int] = Field(default_factory=lambda: list(T.patch_nums), min_length=1,
-                                  description="sides of the base token maps (the multi-scale schedule)")
+    patch_nums: Annotated[list[int], Field(min_length=1)] | Literal["auto"] = Field(
+        default="auto", description="sides of the base token maps (the multi-scale schedule); auto: derived from "
+        "the latent side shard.resolution / downsampling (models/configs.derived_patch_nums: VAR's schedule at "
+        "16 and 32, the dyadic pyramid 1, 2, 4, … for NDP and other powers of two)")
     order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
     detail_depth: int = Field(default=T.detail_depth, ge=1,
                               description="(M − B)/n: full-resolution token maps per detail factor")
@@ -217,7 +248,7 @@ class TokenizerConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:
-        if self.patch_nums != sorted(self.patch_nums):
+        if self.patch_nums != "auto" and self.patch_nums != sorted(self.patch_nums):
             raise ValueError(f"patch_nums must not decrease (repeats = residual maps at one scale), got {self.patch_nums}")
         if self.lpips_weight > 0 and not (self.lpips_vgg16 and self.lpips_lin):
             raise ValueError("lpips_weight > 0 needs lpips_vgg16 and lpips_lin (weights files; nothing is downloaded)")
@@ -452,36 +483,64 @@ class PipelineConfig(_Section):
             return dict(self.tokens.cache_options)
         return dict(self.storage.options)
 
+    _later_problems: list[str] = PrivateAttr(default_factory=list)
+
     @model_validator(mode="after")
-    def _check_cross(self) -> PipelineConfig:
+    def _check_cross(self, info: ValidationInfo) -> PipelineConfig:
+        """Derive what `auto` stands for, then check the sections against each other. A command that runs the
+        stages up to `until` (validation context {"until": stage}) refuses only the problems of those stages
+        and their upstream; a later stage's problem is kept as a warning line (`warnings()`)."""
+        if self.tokenizer.patch_nums == "auto":
+            self.tokenizer.patch_nums = list(self._derived_patch_nums())
+        until = (info.context or {}).get("until") if info is not None else None
+        last = STAGES.index(until) if until in STAGES else len(STAGES) - 1
+        problems = list(self._cross_problems())
+        for stage, message in problems:
+            if STAGES.index(stage) <= last:
+                raise ValueError(message)
+        self._later_problems = [f"{message} ({stage} will refuse this config; this command stops before it)"
+                                for stage, message in problems]
+        return self
+
+    def warnings(self) -> list[str]:
+        """Problems of stages the command that loaded this config does not run (see `_check_cross`)."""
+        return list(self._later_problems)
+
+    def _derived_patch_nums(self) -> tuple[int, ...]:
+        res, down = self.shard.resolution, self.tokenizer.downsample
+        if res is None or res < down:
+            return tuple(T.patch_nums)
+        dyadic = self.ar.model == "ndp" or self.tokenizer.truncation > 0
+        return derived_patch_nums(res // down, dyadic=dyadic)
+
+    def _cross_problems(self) -> Iterator[tuple[str, str]]:
+        """(the first stage that cannot run, why) for each inconsistency between sections."""
         res, down = self.shard.resolution, self.tokenizer.downsample
         if res is not None and res % down:
-            raise ValueError(f"shard.resolution={res} is not a multiple of the tokenizer's downsampling {down}")
+            yield "train_tokenizer", f"shard.resolution={res} is not a multiple of the tokenizer's downsampling {down}"
         if res is not None and self.tokenizer.patch_nums[-1] > res // down:
-            raise ValueError(
+            yield "train_tokenizer", (
                 f"tokenizer.patch_nums must end at most at the latent side {res // down} (= shard.resolution / {down}),"
-                f" not {self.tokenizer.patch_nums[-1]}"
-            )
+                f" not {self.tokenizer.patch_nums[-1]} (or set tokenizer.patch_nums=auto)")
         if self.tokenizer.order is not None and self.tokenizer.order > self.decompose.order:
-            raise ValueError(f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
-                             f"(now {self.decompose.order})")
+            yield "train_tokenizer", (f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
+                                      f"(now {self.decompose.order})")
         order = self.tokenizer_order
         latent = None if res is None else res // down
         if order >= 1 and latent is not None and self.tokenizer.patch_nums[-1] != latent:
             # The base maps are B_n's multi-scale tokens: with one chain per source (`independent`) nothing
             # quantizes the base above its last grid, so what lies between that grid and the latent one is lost
             # for good; with `shared` the detail maps would have to carry it, which is not what they are for.
-            raise ValueError(
+            yield "train_tokenizer", (
                 f"with decomposition order {order} the base scales must end at the latent side {latent} "
                 f"(= shard.resolution / {down}), not at {self.tokenizer.patch_nums[-1]}: the base maps "
                 f"would leave the base unquantized above their last scale; end tokenizer.patch_nums with {latent} "
-                f"(e.g. VAR's [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] at 16)")
+                f"(e.g. VAR's [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] at 16), or set tokenizer.patch_nums=auto")
         if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
             what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
-            latent = None if res is None else res // down
             if self.tokenizer.order != 0 or (latent is not None and (latent & (latent - 1) or
                                                                       self.tokenizer.patch_nums != list(dyadic_sides(latent)))):
-                raise ValueError(f"{what} needs a dyadic pyramid tokenizer: tokenizer.order=0 and tokenizer.patch_nums="
-                                 f"{list(dyadic_sides(latent)) if latent and not latent & (latent - 1) else '1, 2, 4, …'}"
-                                 " (`--model ndp` sets both)")
-        return self
+                yield "train_tokenizer" if self.tokenizer.truncation > 0 else "train_ar", (
+                    f"{what} needs a dyadic pyramid tokenizer: tokenizer.order=0 and tokenizer.patch_nums="
+                    f"{list(dyadic_sides(latent)) if latent and not latent & (latent - 1) else '1, 2, 4, …'}"
+                    " (`--model ndp` sets both)")

@@ -189,6 +189,7 @@ def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = No
     from nextdetail.conf.secrets import resolve_credentials
 
     branches = {m: resolve_credentials(c) for m, c in load_branches(None if config_file else preset, config_file,
-                                                                    overrides or [], parse_models(models)).items()}
+                                                                    overrides or [], parse_models(models),
+                                                                    until=only or until).items()}
     results = pipeline_flow(branches, select_stages(until, only, force or []), list(force or []), only, progress=False)
     return {model: dict(res.work) for model, res in results.branches.items()}
