@@ -457,7 +457,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     parameters = {"preset": None if args.config else preset, "config_file": args.config, "overrides": args.override,
                   "until": args.until, "only": args.only, "force": args.force, "models": parse_models(args.model)}
     name = args.name or f"nextdetail-{preset if not args.config else 'custom'}"
+    global INTERRUPTED
+    own_server = not os.environ.get("PREFECT_API_URL")
     with prefect_api() as url:
+        INTERRUPTED = (f"serve stopped — the Prefect server it started ({url}) stopped with it" if own_server else
+                       f"serve stopped — deployment nextdetail-scheduled/{name} stays registered on {url}; its "
+                       "scheduled and triggered runs wait until it is served again") + \
+            "; a run it was executing resumes from its finished stages when run again"
         print(f"nextdetail serve: deployment nextdetail-scheduled/{name} on {url}"
               + (f" (cron {args.cron!r})" if args.cron else f" (every {args.interval:g} s)" if args.interval else "")
               + "; trigger a run with `prefect deployment run nextdetail-scheduled/" + name + "`; Ctrl-C stops")
@@ -734,12 +740,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+INTERRUPTED = "interrupted — re-run the same command to resume"
+"""What Ctrl-C prints; `serve` replaces it with what stopping a server means (`cmd_serve`)."""
+
+
 def _interrupted(signum: int, frame: object) -> None:
     """Ctrl-C (or SIGTERM): stop now — end every child (Prefect's server, the Dask cluster, torchrun ranks),
     say so in one line and exit 130 without unwinding through Prefect and Dask (minutes, and tracebacks).
     Every write is atomic, so the re-run resumes from what was finished."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("nextdetail: interrupted — re-run the same command to resume", file=sys.stderr, flush=True)
+    print(f"nextdetail: {INTERRUPTED}", file=sys.stderr, flush=True)
     # From here on this process's threads (Prefect's, Dask's nannies and scheduler) see their peers go: what
     # they would log about it, and anything a nanny restarts, writes nowhere.
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -45,10 +45,12 @@ def _prefect_unless_fast(request: pytest.FixtureRequest) -> None:
 def prefect_server():
     """One real Prefect API server for the whole session; flows and Dask workers find it by env."""
     port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": url}  # the browser test opens its pages
     with open(_WORK / "prefect-server.log", "wb") as log:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                 "--no-services"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
+                                 "--no-services"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
     deadline = time.time() + 120
     while True:
         try:

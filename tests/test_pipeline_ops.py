@@ -249,12 +249,14 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
             time.sleep(1)
         run = run_deployment("nextdetail-scheduled/ops-test", timeout=300, poll_interval=2, as_subflow=False)
         assert run.state.is_completed(), run.state
-        with get_client(sync_client=True) as client:  # the pipeline flow ran as a subflow of the deployment's run
+        with get_client(sync_client=True) as client:  # each stage a subflow of the deployment's run itself
             children = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])),
                 sort=FlowRunSort.START_TIME_ASC, limit=10)
             flows = {client.read_flow(r.flow_id).name for r in children}
-        assert flows == {"nextdetail-pipeline"} and all(r.state.is_completed() for r in children)
+        assert flows == {"shard"} and all(r.state.is_completed() for r in children)
+        assert [r.name[:7] for r in children] == ["shard ("] and run.name == "tiny · scheduled"
+        assert {"preset:tiny", "model:cart"} <= set(children[0].tags)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

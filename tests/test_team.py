@@ -4,6 +4,7 @@ runs there, pull only the token cache into a newcomer's empty root, and `cache v
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, cli_config, make_config
 
+from nextdetail.conf import STAGES
 from nextdetail.flows.pipeline import run_pipeline
 from nextdetail.stages.inventory import apply_gc, inventory, plan_gc
 from nextdetail.stages.transfer import at_root
@@ -192,12 +194,18 @@ def test_compare_shows_what_differs_and_a_run_publishes_its_results_to_the_prefe
     stages = ("shard", "decompose", "train-tokenizer", "tokenize", "train-ar", "sample", "evaluate")
     assert {key("status"), key("compare"), key("cart", "report"), key("cart", "metrics"),
             *(key("cart", s) for s in stages)} <= set(published)
-    status = _data(published[key("status")])
-    assert {(r["stage"], r["state"]) for r in status} >= {("sample", "up to date"), ("evaluate", "stale")}
-    assert "grid.png](file://" in published[key("cart", "sample")]["data"]
-    report = Path(other["evaluate"].url, "report.md").read_text()
-    assert published[key("cart", "report")]["data"] == report
-    assert len(_data(published[key("cart", "metrics")])) == 3  # eval.checkpoints=all: steps 4, 8, 12
+    status = {r["stage"]: r for r in _data(published[key("status")])}  # what this run did, and why
+    assert [status[s]["did"] for s in STAGES] == ["reused"] * 6 + ["ran"] and "eval.seed" in status["evaluate"]["why"]
+    sample_md = published[key("cart", "sample")]["data"]  # its pictures inside it, not links to this machine
+    assert "](data:image/png;base64," in sample_md and "file://" not in sample_md and str(root) not in sample_md
+    report_file = Path(other["evaluate"].url, "report.md").read_text()
+    report = published[key("cart", "report")]["data"]
+    assert "![samples](grid.png)" in report_file and "![samples](data:image/png;base64," in report
+    assert str(root) not in report and all(h in report for h in report_file.splitlines() if h.startswith("#"))
+    metrics = _data(published[key("cart", "metrics")])
+    assert len(metrics) == 3 and list(metrics[0])[:3] == ["checkpoint", "step", "FID"]  # steps 4, 8, 12; FID first
+    assert list(_data(compare)[0])[:4] == ["model", "evaluate", "checkpoint", "FID"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r["finished"]) for r in _data(compare))
 
 
 def _published(tmp_path: Path) -> tuple[Store, dict]:

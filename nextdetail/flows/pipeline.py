@@ -2,8 +2,9 @@
 
 shard → decompose → train_tokenizer → tokenize → train_ar → sample → evaluate. For each stage the flow
 computes its identity (conf/stages.py); when a lineage record of that identity names a complete artifact the
-stage is skipped and its result read from the record (no subflow, no cluster), otherwise its flow runs and a
-record is written. Every run appends its rows to the Parquet run log (storage/lineage.py).
+stage is skipped and its result read from the record (no cluster; in the UI a subflow that did no work, so the
+run's graph has one node per stage), otherwise its flow runs and a record is written. How runs look in the UI
+(names, tags, parameters, artifacts) is `flows/ui.py`. Every run appends its rows to the Parquet run log (storage/lineage.py).
 
 - ``until``: stop after this stage;  ``only``: run this stage alone (its upstream must be up to date);
 - ``force``: rebuild these stages from scratch (their recorded artifact is deleted first); a rebuilt stage whose
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from nextdetail.conf import PipelineConfig
 from nextdetail.conf.code import CODE_RULE
@@ -81,7 +82,7 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
     env = environment()
     rows: dict[str, dict[str, Any]] = {}  # stage identity → its run-log row (one per artifact, all its models)
     visited: dict[str, str] = {}  # stage identity → the branch that visited it in this run
-    ui.publish_status(branches, stages)
+    why = ui.status_before(branches, stages)
     with contextlib.ExitStack() as stack:
         cluster: list[str] = []
 
@@ -112,11 +113,12 @@ def pipeline_flow(cfg: PipelineConfig | Branches, stages: list[str], force: list
                                          functools.partial(TABLE[stage].run, bcfg, key, res, progress, scheduler))
                 rows[key.identity] = run_row(run_id, started, stage, model, key.identity, res[stage], res.work[stage],
                                              bcfg.preset)
-                ui.publish_stage(model, stage, res[stage], res.work[stage])
+                ui.publish_stage(bcfg, model, stage, res[stage], res.work[stage])
                 if stage == "evaluate":
                     ui.publish_evaluation(bcfg, model, res[stage])
     if "evaluate" in stages:
         ui.publish_comparison(branches[first])
+    ui.publish_run(branches, results, force, why)
     run_log = lineage.append_run(run_id, run_started, list(rows.values()))
     for res in results.values():
         res.run_log = run_log
@@ -132,7 +134,8 @@ def _visit(stage: str, cfg: PipelineConfig, key: StageKey, results: PipelineResu
     complete = record is not None and intact(cfg, stage, record)
     if complete and stage not in force:
         results[stage] = TABLE[stage].recorded(cfg, record)
-        log.info("%s: up to date (%s) → %s", stage, key.identity[:12], record["artifact"]["url"])
+        log.info("%s: up to date (%s) → %s", stage, key.identity[:12], results[stage].url)
+        ui.show_reused(stage, key.identity, results[stage].url)
         return UP_TO_DATE
     if only is not None and stage != only:
         raise UserError(f"--only {only}: its upstream stage {stage} is not up to date; run "
@@ -165,8 +168,10 @@ def run_pipeline(cfg: PipelineConfig | Branches, until: str | None = None, progr
     stage's result by name (the first branch's; all of them in `.branches`)."""
     force = list(force)
     stages = select_stages(until, only, force)
-    with prefect_api():
-        return pipeline_flow(cfg, stages, force, only, progress=progress)
+    branches = as_branches(cfg)
+    with prefect_api(), tags(*ui.run_tags(branches)):
+        return ui.named_pipeline(pipeline_flow, branches, stages, force, only)(branches, stages, force, only,
+                                                                               progress=progress)
 
 
 def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None = None, progress: bool = True,
@@ -179,7 +184,7 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None =
                             (lambda: scheduler) if scheduler else None)
 
 
-@flow(name="nextdetail-scheduled", log_prints=False, persist_result=False)
+@flow(name="nextdetail-scheduled", log_prints=False, persist_result=False, flow_run_name="{preset} · scheduled")
 def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = None, overrides: list[str] | None = None,
                        until: str | None = None, only: str | None = None, force: list[str] | None = None,
                        models: list[str] | None = None) -> dict[str, dict[str, str]]:
@@ -191,5 +196,7 @@ def scheduled_pipeline(preset: str | None = "tiny", config_file: str | None = No
     branches = {m: resolve_credentials(c) for m, c in load_branches(None if config_file else preset, config_file,
                                                                     overrides or [], parse_models(models),
                                                                     until=only or until).items()}
-    results = pipeline_flow(branches, select_stages(until, only, force or []), list(force or []), only, progress=False)
+    stages, force = select_stages(until, only, force or []), list(force or [])
+    with tags(*ui.run_tags(branches)):  # the stages are this run's own subflows: one node each in its graph
+        results = pipeline_flow.fn(branches, stages, force, only, progress=False)
     return {model: dict(res.work) for model, res in results.branches.items()}

@@ -34,7 +34,11 @@ class Stage:
             scheduler: Callable[[], str] | None = None) -> R.StageResult:
         """The stage's flow on its upstream results, in the declaration's order (imported only now: torch comes
         with it); `scheduler()` gives the Dask scheduler of a Dask stage (None: a LocalCluster for this call)."""
-        runner = getattr(importlib.import_module(self.spec.flow), f"run_{self.name}")
+        module = importlib.import_module(self.spec.flow)
+        from nextdetail.flows.ui import present_stage_flow
+
+        present_stage_flow(getattr(module, f"{self.name}_flow"), self.name)  # its runs' names and parameters
+        runner = getattr(module, f"run_{self.name}")
         extra = {"scheduler": scheduler() if scheduler else None} if self.dask else {}
         used = self.spec.upstream_of(cfg)  # an upstream stage the config does not need is passed as None
         return runner(cfg, key, *[upstream[u] if u in used else None for u in self.spec.upstream], progress=progress,
