@@ -91,14 +91,7 @@ def peak_rss(cmd: list[str], env: dict[str, str]) -> tuple[int, int, str, subpro
     return top, top_sum, top_name, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--classes", type=int, default=8)
-    ap.add_argument("--images-per-class", type=int, default=40)
-    args = ap.parse_args()
-    shutil.rmtree(OUT, ignore_errors=True)
-    env = {**os.environ, "PREFECT_HOME": str(OUT / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
+def measure(args: argparse.Namespace, env: dict[str, str]) -> dict[str, dict]:
     runs = {}
     for kind in ("clean", "hostile"):
         source = build_corpus(OUT / kind / "source", args.classes, args.images_per_class, hostile=kind == "hostile")
@@ -110,6 +103,21 @@ def main() -> None:
             raise SystemExit(f"shard failed on the {kind} corpus: {done.stderr.strip()[-2000:]}")
         runs[kind] = {"peak_process_bytes": top, "peak_process": name, "peak_tree_bytes": top_sum,
                       "wall_s": round(time.perf_counter() - t0, 1), "stderr_lines": len(done.stderr.splitlines())}
+    return runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, default=8)
+    ap.add_argument("--images-per-class", type=int, default=40)
+    args = ap.parse_args()
+    shutil.rmtree(OUT, ignore_errors=True)
+    env = {**os.environ, "PREFECT_HOME": str(OUT / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    try:
+        runs = measure(args, env)
+    finally:  # the hostile corpus holds symlink loops: nothing that walks the checkout (pip, an IDE) may meet them
+        shutil.rmtree(OUT, ignore_errors=True)
     figure, baseline = runs["hostile"]["peak_process_bytes"], runs["clean"]["peak_process_bytes"]
     print(json.dumps({
         "benchmark": "shard_memory",

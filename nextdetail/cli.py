@@ -42,6 +42,17 @@ def _add_stage_selection(p: argparse.ArgumentParser) -> None:
                    help="rebuild STAGE from scratch even if it is up to date (repeatable)")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
+    return value
+
+
 def stage_name(name: str) -> str:
     """A stage as the commands spell it (train-tokenizer) or as the stage table does (train_tokenizer); an
     unknown name passes through to `select_stages`, which names the stages in one line."""
@@ -371,7 +382,7 @@ def _cache_transfer(args: argparse.Namespace, branches: dict) -> None:
           f"{len(plan.records)} artifact(s)")
     for line in plan.absent:
         print(f"  not at the source (left out): {line}")
-    sent = transfer(plan, src_cfg, dst_cfg, progress=not args.no_progress)
+    sent = transfer(plan, src_cfg, dst_cfg, progress=not args.no_progress, jobs=args.jobs)
     copied = [s for s in sent if s.state == "copied"]
     print(f"  {len(copied)} copied ({human(sum(s.bytes for s in sent))} sent), "
           f"{sum(s.state == 'already there' for s in sent)} already there, "
@@ -381,7 +392,7 @@ def _cache_transfer(args: argparse.Namespace, branches: dict) -> None:
 def _cache_verify(args: argparse.Namespace, cfg) -> None:  # cfg: a PipelineConfig
     from nextdetail.stages.transfer import verify, withdraw_damaged
 
-    results = verify(cfg, args.stage, progress=not args.no_progress)
+    results = verify(cfg, args.stage, progress=not args.no_progress, jobs=args.jobs)
     damaged = [d for d in results if d.bad]
     if args.withdraw:
         withdraw_damaged(cfg, damaged)
@@ -667,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("push", "pull", "verify"):
             c.add_argument("--stage", action="append", default=None, metavar="STAGE",
                            help="only this stage (repeat for more)")
+            c.add_argument("--jobs", type=_positive, default=16, metavar="N",
+                           help="files in flight at once (default: %(default)s)")
         if name in ("push", "pull"):
             c.add_argument("--to" if name == "push" else "--from", dest="to" if name == "push" else "source",
                            required=True, metavar="URL", help="the remote root (a path or s3://bucket/prefix)")

@@ -14,7 +14,7 @@ keyed artifacts with the pictures inside them (`prefect.artifacts`).
   end — what this run did to each stage (ran / reused / forced / not needed) and why.
 - **Pictures** are inlined as `data:` images, downscaled to `PICTURE_SIDE` (both the V1 and the V2 UI render
   them; relative and `file://` links render in neither, and a teammate's browser could not open them anyway).
-  Under an `s3://` root each also links to the full-size file through a presigned URL (`LINK_SECONDS`).
+  No presigned links: one would carry the access key id into the Prefect database and be a bearer token there.
 Publishing is best effort: a failure is logged as a warning and never fails the run.
 """
 
@@ -36,7 +36,6 @@ PICTURE = re.compile(r"(\S+\.png)\b")
 MARKDOWN_PICTURE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
 PICTURE_SIDE = 1024  # longest side of an inlined picture, pixels
 PICTURE_READ_LIMIT = 64 << 20  # a picture file larger than this is linked, not read
-LINK_SECONDS = 7 * 24 * 3600  # presigned links to full-size pictures on S3
 DESCRIPTION_CHARS = 200
 NUMBER_COLUMNS = ("fid", "isc_mean", "kid_mean", "precision", "recall", "rfid")
 NUMBER_LABELS = {"fid": "FID", "isc_mean": "IS", "isc_std": "IS ±", "kid_mean": "KID", "kid_std": "KID ±",
@@ -165,8 +164,7 @@ def _split(url: str) -> tuple[str, str]:
 
 
 def inline_picture(store: Store, name: str, alt: str) -> str:
-    """Markdown for the picture `name` under `store`: the image itself (downscaled PNG as a `data:` URL), and on
-    an object store a presigned link to the full-size file."""
+    """Markdown for the picture `name` under `store`: the image itself, a downscaled PNG as a `data:` URL."""
     from PIL import Image
 
     size = store.size(name)
@@ -181,14 +179,9 @@ def inline_picture(store: Store, name: str, alt: str) -> str:
                              Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
-    out = f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
-    if not store.is_local:
-        try:
-            link = store.fs.sign(store.path(name), expiration=LINK_SECONDS)
-            out += f"\n\n[{alt}: full size]({link}) (link valid {LINK_SECONDS // 86400} days)"
-        except (NotImplementedError, AttributeError, ValueError):
-            pass
-    return out
+    # No presigned link to the full-size file: it would carry the access key id and be a bearer token for days,
+    # stored in the Prefect database — credentials stay in the process. The file's URL is in the table below.
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
 def _store_of(roots: Any, url: str) -> tuple[Store, str]:

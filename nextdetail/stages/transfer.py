@@ -3,8 +3,12 @@
 
 Copying one artifact follows the token cache's publish protocol, so any root can be a team's shared one:
 - only complete artifacts are sent (the source's marker names the identity and every file has its size);
-- every file is streamed through sha256 and read back at the destination; a file whose recorded sha256 (the
-  source marker's) differs, or whose copy reads back otherwise, stops the artifact before its marker;
+- every file is streamed through sha256 once and checked at the destination — by the store's own checksum where
+  it returns one (S3's ETag of a single-part upload is the MD5 of its bytes, computed in the same pass), else by
+  reading it back; a file whose recorded sha256 (the source marker's) differs, or whose copy checks otherwise,
+  stops the artifact before its marker;
+- files move concurrently (`jobs` at a time, threads: s3fs runs them on its event loop), so a bucket is filled at
+  its own speed, not one round trip per file;
 - the destination marker is written last and create-only (a hard link locally, a conditional PUT on S3): an
   artifact already published there is never rewritten, and of two pushes racing on one bucket one publishes;
 - it records the sha256 of every file it copied, so `verify` there checks every byte;
@@ -24,6 +28,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +40,8 @@ from nextdetail.storage.lineage import LINEAGE, Lineage, recorded_artifact
 from nextdetail.storage.roots import Roots, relativize, rename_under
 
 MARKER = "_COMPLETE.json"
+JOBS = 16
+"""Files in flight at once (`cache push/pull/verify --jobs`): enough to hide an object store's round trips."""
 _SKIP = ("_LEASE.json",)  # a writer's heartbeat: not part of what it published
 
 
@@ -98,7 +105,7 @@ def plan_transfer(src: dict[str, PipelineConfig], stages: Iterable[str] | None =
 
 
 def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: bool = True,
-             log: Callable[[str], None] = print) -> list[Sent]:
+             log: Callable[[str], None] = print, jobs: int = JOBS) -> list[Sent]:
     """Send every planned artifact (and its record) from `src`'s root to `dst`'s; then the run log's files the
     destination lacks (each run's own file: create-only by nature), so `cache ls` there knows when each was used."""
     src_roots, dst_roots = Roots.of(src), Roots.of(dst)
@@ -115,7 +122,7 @@ def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: boo
             out = Sent(stage, record["identity"], url, "record only")
         else:
             out = copy_artifact(stage, src_roots.store(url), dst_roots.store(rename(url)),
-                                record["artifact"]["identity"], rename, progress, log)
+                                record["artifact"]["identity"], rename, progress, log, jobs)
         _send_record(Lineage(dst_roots), rename(record))
         log(out.line())
         sent.append(out)
@@ -128,10 +135,10 @@ def transfer(plan: Plan, src: PipelineConfig, dst: PipelineConfig, progress: boo
 
 
 def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Callable[[Any], Any],
-                  progress: bool = True, log: Callable[[str], None] = print) -> Sent:
-    """One complete artifact from `src` to `dst` (the protocol in this module's docstring). Every path comes from
-    a listing or a marker of `src` and is checked to lie inside it (`listed_files`); a symbolic link is reported
-    and not copied (nextdetail writes none)."""
+                  progress: bool = True, log: Callable[[str], None] = print, jobs: int = JOBS) -> Sent:
+    """One complete artifact from `src` to `dst` (the protocol in this module's docstring), `jobs` files at a time.
+    Every path comes from a listing or a marker of `src` and is checked to lie inside it (`listed_files`); a
+    symbolic link is reported and not copied (nextdetail writes none)."""
     from tqdm.auto import tqdm
 
     marker = _read_json(src, MARKER)
@@ -147,39 +154,65 @@ def copy_artifact(stage: str, src: Store, dst: Store, identity: str, rename: Cal
     for rel in links:
         log(f"  {stage:<16} {identity[:12]:<12}  skipped {rel}: a symbolic link, not copied (nextdetail writes none)")
     sums, sent_bytes = {}, 0
-    total = sum(src.size(rel) or 0 for rel in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{stage} {identity[:12]}", disable=not progress,
-              leave=False) as bar:
-        for rel in files:
-            size = src.size(rel)
-            if size is None:
-                raise OSError(f"{src.url(rel)} vanished while being copied; run `nextdetail cache verify`")
-            expected = recorded.get(rel)
-            if dst.size(rel) == size:  # a killed copy's file, or one published before: keep it if it is the same
-                have = dst.sha256(rel, limit=size)
-                if have == (expected or src.sha256(rel)):
-                    sums[rel] = have
-                    bar.update(size)
-                    continue
-            digest = hashlib.sha256()
-            with src.open(rel) as f, dst.atomic_writer(rel) as out:
-                while block := f.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-                    bar.update(len(block))
-            sums[rel] = digest.hexdigest()
-            if expected is not None and sums[rel] != expected:
-                dst.remove(rel)
-                raise OSError(f"{src.url(rel)}: its content no longer has the sha256 its marker records; nothing "
-                              "was published — run `nextdetail cache verify` at the source")
-            if dst.sha256(rel, limit=size) != sums[rel]:
-                raise OSError(f"{dst.url(rel)}: the copy reads back with another sha256; nothing was published — "
-                              "run the command again")
-            sent_bytes += size
+    with tqdm(total=len(files), unit="file", desc=f"{stage} {identity[:12]}", disable=not progress,
+              leave=False) as bar, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        pending = {pool.submit(copy_file, src, dst, rel, recorded.get(rel)) for rel in files}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    rel, digest, sent = future.result()  # the first failure stops the artifact before its marker
+                    sums[rel] = digest
+                    sent_bytes += sent
+                    bar.update(1)
+        finally:
+            for future in pending:
+                future.cancel()
     published = {**rename(marker), "sha256": {**recorded, **sums}}
     with contextlib.suppress(FileExistsError):  # another push of this identity published first: the same artifact
         dst.write_bytes_exclusive(MARKER, canonical_json(published).encode())
     return Sent(stage, identity, dst.url(), "copied", len(files), sent_bytes)
+
+
+def copy_file(src: Store, dst: Store, rel: str, expected: str | None) -> tuple[str, str, int]:
+    """`rel` from `src` to `dst`: (rel, its sha256, bytes sent — 0 when an identical copy was there already, e.g.
+    from a killed push). Streamed once through sha256 (and MD5, for an object store's ETag); OSError when the
+    source no longer has its recorded sha256 or the destination does not hold what was sent."""
+    size = src.size(rel)
+    if size is None:
+        raise OSError(f"{src.url(rel)} vanished while being copied; run `nextdetail cache verify`")
+    if dst.size(rel) == size:  # a killed copy's file, or one published before: keep it if it is the same
+        have = dst.sha256(rel, limit=size)
+        if have == (expected or src.sha256(rel)):
+            return rel, have, 0
+    digest, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with src.open(rel) as f, dst.atomic_writer(rel) as out:
+        while block := f.read(1 << 22):
+            digest.update(block)
+            md5.update(block)
+            out.write(block)
+    sha = digest.hexdigest()
+    if expected is not None and sha != expected:
+        dst.remove(rel)
+        raise OSError(f"{src.url(rel)}: its content no longer has the sha256 its marker records; nothing was "
+                      "published — run `nextdetail cache verify` at the source")
+    if not _landed(dst, rel, size, sha, md5.hexdigest()):
+        raise OSError(f"{dst.url(rel)}: the copy does not hold what was sent; nothing was published — run the "
+                      "command again")
+    return rel, sha, size
+
+
+def _landed(dst: Store, rel: str, size: int, sha: str, md5: str) -> bool:
+    """Whether `dst` holds the bytes just sent: by its own checksum where it keeps one (an S3 ETag without a part
+    count is the MD5 of the object), else by reading the copy back through sha256."""
+    if not dst.is_local:
+        with contextlib.suppress(Exception):
+            dst.fs.invalidate_cache(dst.path(rel))
+            info = dst.fs.info(dst.path(rel))
+            etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+            if etag and "-" not in etag:
+                return etag == md5 and info.get("size") == size
+    return dst.sha256(rel, limit=size) == sha
 
 
 def _files_of(stage: str, store: Store, marker: dict[str, Any], links: list[str]) -> list[str]:
@@ -223,42 +256,48 @@ class Damage:
     withdrawn: bool = False
 
 
-def verify(cfg: PipelineConfig, stages: Iterable[str] | None = None, progress: bool = True) -> list[Damage]:
+def verify(cfg: PipelineConfig, stages: Iterable[str] | None = None, progress: bool = True,
+           jobs: int = JOBS) -> list[Damage]:
     """Every complete recorded artifact under the root, each file every marker in it lists (the stage's marker
-    and its parts' markers) re-read: sha256 where one is recorded, else size. One `Damage` per artifact (its
-    `bad` empty when intact)."""
+    and its parts' markers) re-read, `jobs` at a time: sha256 where one is recorded, else size. One `Damage` per
+    artifact (its `bad` empty when intact)."""
     from tqdm.auto import tqdm
 
     lineage = Lineage.of(cfg)
     records = [r for stage in (stages or STAGES) for r in lineage.records(stage)
                if recorded_artifact(r, lineage.roots, check_sizes=False)]
     out = []
-    for record in tqdm(records, desc="verify", unit="artifact", disable=not progress, leave=False):
-        stage, store = record["stage"], lineage.artifact_store(record)
-        bad, checked, unhashed = [], 0, 0
-        for rel, marker in _markers(stage, store):  # every marker lists paths relative to the artifact directory
-            sums = marker.get("sha256", {})
-            for path, size in (marker.get("files") or {}).items():
-                checked += 1
-                try:  # a path out of the artifact, a link or a device: damage, never read
-                    check_listed(store, rel, path)
-                except OutsideRoot as err:
-                    bad.append(f"{path}: {str(err).split(': ', 2)[-1]}")
-                    continue
-                have = store.size(path)
-                if have is None:
-                    bad.append(f"{path}: missing")
-                elif have != size:
-                    bad.append(f"{path}: {have} bytes, recorded {size}")
-                elif path in sums:  # read at most to the recorded size + 1: a device or a growing file ends
-                    if store.sha256(path, limit=size) != sums[path]:
-                        bad.append(f"{path}: sha256 differs from the recorded one")
-                else:
-                    bad.append(f"{path}: no sha256 recorded (only its size could be checked); rebuild or re-push "
-                               "it with this version")
-                    unhashed += 1
-        out.append(Damage(stage, record["identity"], store.url(), bad, checked, unhashed))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for record in tqdm(records, desc="verify", unit="artifact", disable=not progress, leave=False):
+            stage, store = record["stage"], lineage.artifact_store(record)
+            listed = [(rel, path, size, marker.get("sha256", {}).get(path))  # paths relative to the artifact
+                      for rel, marker in _markers(stage, store) for path, size in (marker.get("files") or {}).items()]
+            found = list(pool.map(_check_file, [store] * len(listed), *zip(*listed, strict=True))) if listed else []
+            bad = [why for why in found if why]
+            unhashed = sum(why.endswith(NOT_VOUCHED) for why in bad)
+            out.append(Damage(stage, record["identity"], store.url(), bad, len(listed), unhashed))
     return out
+
+
+NOT_VOUCHED = "no sha256 recorded (only its size could be checked); rebuild or re-push it with this version"
+
+
+def _check_file(store: Store, marker: str, path: str, size: int, sha: str | None) -> str:
+    """Why `path` (listed by `marker`) is damaged, or "" when it holds what the marker records."""
+    try:  # a path out of the artifact, a link or a device: damage, never read
+        check_listed(store, marker, path)
+    except OutsideRoot as err:
+        return f"{path}: {str(err).split(': ', 2)[-1]}"
+    have = store.size(path)
+    if have is None:
+        return f"{path}: missing"
+    if have != size:
+        return f"{path}: {have} bytes, recorded {size}"
+    if sha is None:
+        return f"{path}: {NOT_VOUCHED}"
+    if store.sha256(path, limit=size) != sha:  # read at most to the recorded size + 1: a device or growing file ends
+        return f"{path}: sha256 differs from the recorded one"
+    return ""
 
 
 def _markers(stage: str, store: Store) -> list[tuple[str, dict[str, Any]]]:
