@@ -71,9 +71,9 @@ def main() -> None:
         fs.mkdir("bench")
         cfg = load_config("tiny", overrides=[f"storage.root={root}"], until="decompose")
         plan = plan_transfer({"cart": cfg}, ["shard", "decompose"])
-        files = [p for p in root.rglob("*") if p.is_file() and "lineage" not in p.parts]
-        n_bytes = sum(p.stat().st_size for p in files)
         local_dirs = sorted({Path(r["artifact"]["url"]) for r in plan.records})
+        files = [p for d in local_dirs for p in d.rglob("*") if p.is_file()]
+        n_bytes = sum(p.stat().st_size for p in files)
         fs.invalidate_cache()
 
         t0 = time.perf_counter()
