@@ -3,7 +3,9 @@ a temporary PREFECT_HOME, and small datasets built from the embedded photographs
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,34 +43,53 @@ def _prefect_unless_fast(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("prefect_server")
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    """One real Prefect API server for the whole session; flows and Dask workers find it by env."""
+def start_prefect_server(log_path: Path, services: bool = False,
+                         env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free port, in its own process group, its UI on and pointed at its API; returns
+    once /health answers: (process, API URL)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": url}  # the browser test opens its pages
-    with open(_WORK / "prefect-server.log", "wb") as log:
+    env = {**(env or os.environ), "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": url}  # the browser test's pages
+    env.pop("PREFECT_API_URL", None)
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                 "--no-services"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=env)
+                                 *([] if services else ["--no-services"])], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=env)
     deadline = time.time() + 120
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, url
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"prefect server did not start; see {_WORK / 'prefect-server.log'}")
+            stop_group(proc)
+            raise RuntimeError(f"prefect server did not start; see {log_path}")
         time.sleep(0.5)
+
+
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+    """Send `sig` to `proc`'s process group and wait; SIGKILL the group if it outlives `timeout`. Its exit code,
+    None when it had to be killed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+        return None
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real Prefect API server for the whole session (no services); flows and Dask workers find it by env."""
+    proc, url = start_prefect_server(_WORK / "prefect-server.log")
     os.environ["PREFECT_API_URL"] = url
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_group(proc, timeout=20)
 
 
 @pytest.fixture(scope="session")
@@ -105,14 +126,7 @@ def s3_endpoint():
 def s3_endpoint_with_auth(tmp_path):
     """A second moto S3 server, in its own process, that checks every request's credentials
     (INITIAL_NO_AUTH_ACTION_COUNT=0): keys it never issued are refused with 403, as a real bucket refuses them."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

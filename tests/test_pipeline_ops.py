@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, cli_config, make_config
+from conftest import FAST, cli_config, make_config, stop_group
 
 import nextdetail
 from nextdetail.conf import STAGES
@@ -258,11 +258,7 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
         assert [r.name[:7] for r in children] == ["shard ("] and run.name == "tiny · scheduled"
         assert {"preset:tiny", "model:cart"} <= set(children[0].tags)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc, signal.SIGINT)
         log.close()
     log = Lineage(Store(str(root))).runs().to_pylist()
     assert [(r["stage"], r["work"]) for r in log] == [("shard", "ran")]

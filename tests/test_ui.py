@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,11 @@ from typing import Any
 
 import pytest
 from browser import Browser, chromium_path
-from conftest import cli_config
+from conftest import cli_config, start_prefect_server, stop_group
 
 from nextdetail.conf import STAGES
 
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
-PREFECT = str(Path(sys.executable).parent / "prefect")
 OURS = "[...document.images].filter(i => i.src.startsWith('data:image/png;base64,'))"  # the UI's own icons aside
 IMAGES = f"JSON.stringify({OURS}.map(i => [i.complete, i.naturalWidth]))"
 
@@ -108,33 +106,11 @@ def test_browser_shows_every_picture_and_one_node_per_stage(own_pipeline, prefec
 def prefect_server_with_scheduler(tmp_path):
     """A `prefect server start` of its own with its services on (the session's runs without them), its
     scheduler looking every 5 s."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_API_URL": url,
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
-    env.pop("PREFECT_API_URL", None)
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-                time.sleep(0.5)
-        yield url, log_path
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    proc, url = start_prefect_server(tmp_path / "server.log", services=True, env=env)
+    yield url, tmp_path / "server.log"
+    stop_group(proc)
 
 
 def test_a_served_deployment_fires_its_interval_schedule(prefect_server_with_scheduler, embedded_source, tmp_path):
@@ -161,12 +137,7 @@ def test_a_served_deployment_fires_its_interval_schedule(prefect_server_with_sch
         assert [c["name"].split(" ")[0] for c in _children(api, done["id"])] == ["shard"]
         assert (root / "lineage" / "shard").is_dir()
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            rc = serve.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            rc = None
+        rc = stop_group(serve, signal.SIGINT, timeout=60)
         out.close()
     text = (tmp_path / "serve.log").read_text()
     assert rc == 130 and "nextdetail: serve stopped" in text and "re-run the same command" not in text, text[-2000:]

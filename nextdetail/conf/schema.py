@@ -25,23 +25,21 @@ from nextdetail.models.configs import VAR_TOKENIZER as T
 from nextdetail.models.configs import dyadic_sides
 
 VAR_PATCH_NUMS: dict[int, tuple[int, ...]] = {
-    16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),  # VAR-256: its released tokenizer and d16…d30
+    16: T.patch_nums,  # VAR-256: its released tokenizer and d16…d30
     32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # VAR-512: VAR's 512 px schedule (CART-512, Table 2)
 }
 """VAR's own base-scale schedules, by latent side."""
 
 
 def derived_patch_nums(latent_side: int, dyadic: bool = False) -> tuple[int, ...]:
-    """What `tokenizer.patch_nums: auto` stands for at this latent side: the dyadic pyramid (1, 2, 4, …) when
-    asked for (NDP's quadtree) and at power-of-two sides VAR published no schedule for, VAR's own schedule at
-    16 and 32, and at any other side the powers of two below it, then the side. Every schedule increases and
-    ends at the latent side, as the decomposed base needs (`PipelineConfig._cross_problems`)."""
+    """What `tokenizer.patch_nums: auto` stands for at this latent side: VAR's own schedule at 16 and 32 (unless
+    the dyadic pyramid is asked for: NDP's quadtree), else the powers of two below the side, then the side — the
+    pyramid 1, 2, 4, … at a power of two. Every schedule increases and ends at the latent side, as the decomposed
+    base needs (`PipelineConfig._cross_problems`)."""
     if latent_side < 1:
         raise ValueError(f"the latent side must be positive, got {latent_side}")
     if not dyadic and latent_side in VAR_PATCH_NUMS:
         return VAR_PATCH_NUMS[latent_side]
-    if not latent_side & (latent_side - 1):
-        return dyadic_sides(latent_side)
     return (*(2**k for k in range(latent_side.bit_length()) if 2**k < latent_side), latent_side)
 
 
@@ -200,7 +198,7 @@ class TokenizerConfig(_Section):
     share_quant_resi: int = Field(default=T.share_quant_resi, ge=2, description="φ's shared by all token maps")
     patch_nums: Annotated[list[int], Field(min_length=1)] | Literal["auto"] = Field(
         default="auto", description="sides of the base token maps (the multi-scale schedule); auto: derived from "
-        "the latent side shard.resolution / downsampling (models/configs.derived_patch_nums: VAR's schedule at "
+        "the latent side shard.resolution / downsampling (derived_patch_nums: VAR's schedule at "
         "16 and 32, the dyadic pyramid 1, 2, 4, … for NDP and other powers of two)")
     order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
     detail_depth: int = Field(default=T.detail_depth, ge=1,
@@ -492,7 +490,7 @@ class PipelineConfig(_Section):
         and their upstream; a later stage's problem is kept as a warning line (`warnings()`)."""
         if self.tokenizer.patch_nums == "auto":
             self.tokenizer.patch_nums = list(self._derived_patch_nums())
-        until = (info.context or {}).get("until") if info is not None else None
+        until = (info.context or {}).get("until")
         last = STAGES.index(until) if until in STAGES else len(STAGES) - 1
         problems = list(self._cross_problems())
         for stage, message in problems:

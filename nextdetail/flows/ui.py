@@ -189,12 +189,17 @@ def _store_of(roots: Any, url: str) -> tuple[Store, str]:
     return roots.store(parent), name
 
 
+def _local_roots(roots: Any) -> list[tuple[str, str]]:
+    """(path, label) of each local root: this machine's paths, which mean nothing on a teammate's."""
+    return [(s.url().rstrip("/"), "<storage.root>" if i == 0 else "<cache>")
+            for i, s in enumerate(roots.stores) if s.is_local]
+
+
 def shown_path(roots: Any, url: str) -> str:
     """`url` as a teammate can read it: under a local root, relative to it (`<storage.root>/…`)."""
-    for store in roots.stores:
-        root = store.url().rstrip("/")
-        if store.is_local and (url == root or url.startswith(root + "/")):
-            return "<storage.root>" + url[len(root):] if store is roots.stores[0] else "<cache>" + url[len(root):]
+    for root, label in _local_roots(roots):
+        if url == root or url.startswith(root + "/"):
+            return label + url[len(root):]
     return url
 
 
@@ -250,9 +255,8 @@ def report_markdown(store: Store, roots: Any) -> str:
             return f"({alt}: not shown: {type(err).__name__})"
 
     text = MARKDOWN_PICTURE.sub(picture, text)
-    for s in roots.stores:
-        if s.is_local:
-            text = text.replace(s.url().rstrip("/"), "<storage.root>" if s is roots.stores[0] else "<cache>")
+    for root, label in _local_roots(roots):
+        text = text.replace(root, label)
     return text
 
 
