@@ -17,8 +17,8 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)  # no pipeline, no Prefect server, no Dask: the units and one-line errors (< 3 min)
-	$(BIN)/python -m pytest -q -m fast
+test-fast: $(STAMP)  # the unit tier (unmarked tests): no pipeline, no Prefect server, no Dask, no S3 (< 3 min)
+	$(BIN)/python -m pytest -q -m "not integration and not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

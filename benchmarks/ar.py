@@ -39,8 +39,8 @@ def bench_model(order: int, args: argparse.Namespace, cfg) -> dict:
     from nextdetail.models.sampler import CARTSampler
     from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
     from nextdetail.models.transformer import TeacherInputs
+    from nextdetail.stages.train_ar.tasks import ARTrainer, transformer_config
     from nextdetail.storage.tokens import token_layout
-    from nextdetail.tasks.train_ar import ARTrainer, transformer_config
 
     device = torch.device(args.device)
     spec = TokenizerSpec.from_config(cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"order": order})}))

@@ -546,7 +546,7 @@ def part_evaluation(run: Run, budget: Budget, out: dict[str, Any]) -> None:
 
 
 def part_distributed(run: Run, budget: Budget, out: dict[str, Any]) -> None:
-    """torchrun with one process, as train_ar launches its ranks (`tasks/torchrun.py`)."""
+    """torchrun with one process, as train_ar launches its ranks (`pipeline/torchrun.py`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
            str(Path(__file__).resolve()), "--distributed-worker", "--device", run.device.type,
            *(["--quick"] if run.quick else [])]

@@ -40,7 +40,7 @@ def curve_name(estimator: str, codes: str) -> str:
 def evaluate(args: argparse.Namespace, *overrides: str) -> tuple[dict, dict]:
     """The pipeline to its evaluate stage (cached stages reused): (last checkpoint's metrics row, results)."""
     from nextdetail.conf import load_config
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
 
     cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", "eval.checkpoints=last", *overrides,
                                               *args.override])
@@ -93,7 +93,7 @@ def plot(rows: list[dict], baselines: list[dict], path: Path, extractor: str) ->
 
 
 def main() -> None:
-    from nextdetail.flows.runtime import configure_environment
+    from nextdetail.pipeline.runtime import configure_environment
 
     configure_environment()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -44,7 +44,7 @@ def run_one(order: int, seed: int, cfg_schedule: str, weighting: str, args: argp
     import numpy as np
 
     from nextdetail.conf import load_config
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
 
     t0 = time.time()
     evals = []
@@ -130,7 +130,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    from nextdetail.flows.runtime import configure_environment
+    from nextdetail.pipeline.runtime import configure_environment
 
     configure_environment()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,7 +5,7 @@ storage root and a fresh Prefect home (ephemeral server):
 
 - full_s            `nextdetail run` of the whole pipeline from nothing;
 - noop_run_s        the same command again, every stage up to date (best of 3): it answers from the lineage
-                    records without starting Prefect or Dask (`stages/current.py`);
+                    records without starting Prefect or Dask (`cache/current.py`);
 - status_s          `nextdetail status` (best of 3; `dvc status` on a 7-stage pipeline: 1.2 s here);
 - noop_ratio        noop_run_s / status_s (goal ≤ 1.5, and noop_run_s ≤ 1 s; `dvc repro` with nothing to do:
                     0.95 s here, or measured when `dvc` is installed in this environment: dvc_repro_noop_s);
@@ -40,10 +40,10 @@ from pathlib import Path
 
 EMPTY_FLOW = """
 import nextdetail.cli
-from nextdetail.flows.runtime import configure_environment, prefect_api
+from nextdetail.pipeline.runtime import configure_environment, prefect_api
 configure_environment()
 from prefect import flow
-import nextdetail.flows.pipeline
+import nextdetail.pipeline.run
 
 @flow(name="empty")
 def empty():
@@ -111,15 +111,15 @@ def identity_churn(n: int = 40) -> dict[str, object]:
     import tempfile
 
     from nextdetail.conf import load_branches
-    from nextdetail.conf.code import code_fingerprint
-    from nextdetail.conf.stages import SPECS
+    from nextdetail.pipeline.code import code_fingerprint
+    from nextdetail.stages import REGISTRY
     from nextdetail.storage.hashing import stable_hash
 
     repo = Path(__file__).resolve().parents[1]
     log = subprocess.run(["git", "-C", str(repo), "log", f"-{n + 1}", "--format=%H%x09%s"], capture_output=True,
                          text=True, check=True).stdout.splitlines()[::-1]
     branches = load_branches("tiny", None, [], ["cart", "ndp"])
-    entries = {(m, s): SPECS[s].entries(c) for m, c in branches.items() for s in SPECS}
+    entries = {(m, s): REGISTRY[s].entries(c) for m, c in branches.items() for s in REGISTRY}
 
     def identities(sha: str, where: Path) -> dict[str, dict[str, str | None]]:
         archive = subprocess.run(["git", "-C", str(repo), "archive", sha, "nextdetail"], capture_output=True,
@@ -137,7 +137,7 @@ def identity_churn(n: int = 40) -> dict[str, object]:
         return out
 
     def changed(a: dict[str, str | None], b: dict[str, str | None]) -> list[str]:
-        return [s for s in SPECS if any(a[f"{m}:{s}"] != b[f"{m}:{s}"] for m in branches)]
+        return [s for s in REGISTRY if any(a[f"{m}:{s}"] != b[f"{m}:{s}"] for m in branches)]
 
     rows, previous = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +148,7 @@ def identity_churn(n: int = 40) -> dict[str, object]:
                 rows.append({"commit": sha[:7], "subject": subject[:80], "changed": changed(previous["computation"],
                              now["computation"]), "changed_bytes_rule": changed(previous["bytes"], now["bytes"])})
             previous = now
-    every = len(SPECS)
+    every = len(REGISTRY)
     return {"commits": rows,
             "commits_all_changed": sum(len(r["changed"]) == every for r in rows),
             "commits_all_changed_bytes_rule": sum(len(r["changed_bytes_rule"]) == every for r in rows),

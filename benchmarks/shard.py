@@ -21,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from nextdetail.flows.runtime import configure_environment
+from nextdetail.pipeline.runtime import configure_environment
 
 OUT = Path(__file__).resolve().parent / "out" / "shard"
 
@@ -68,8 +68,8 @@ def main() -> None:
     configure_environment(OUT / "work")
 
     from nextdetail.conf import load_config
-    from nextdetail.flows.pipeline import run_stage as run_flow
-    from nextdetail.flows.runtime import dask_cluster, prefect_api
+    from nextdetail.pipeline.run import run_stage as run_flow
+    from nextdetail.pipeline.runtime import dask_cluster, prefect_api
     from nextdetail.storage.embedded import build_embedded
     from nextdetail.storage.fs import Store
 

@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from nextdetail.flows.runtime import configure_environment
+from nextdetail.pipeline.runtime import configure_environment
 
 OUT = Path(__file__).resolve().parent / "out" / "token_loader"
 
@@ -41,9 +41,9 @@ def main() -> None:
     import torch
 
     from nextdetail.conf import load_config
-    from nextdetail.flows.pipeline import run_pipeline
     from nextdetail.models.mumford_shah import decompose
     from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.pipeline.run import run_pipeline
     from nextdetail.storage.fs import Store
     from nextdetail.storage.shards import read_tar_images
     from nextdetail.storage.token_loader import TokenBatches

@@ -38,7 +38,7 @@ import statistics
 import time
 from pathlib import Path
 
-from nextdetail.flows.runtime import configure_environment
+from nextdetail.pipeline.runtime import configure_environment
 
 OUT = Path(__file__).resolve().parent / "out" / "tokenizer_recon"
 DOWNSAMPLE = 4  # the tiny preset's ch_mult (1, 2, 2)
@@ -123,8 +123,8 @@ def _decomposed(res: int, ref: int | None, args: argparse.Namespace) -> dict:
     """Shards and factors at this resolution and α (cached under out/tokenizer_recon/data), and the share of
     image variance in I − B_n on val."""
     from nextdetail.conf import load_config
-    from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.flows.train_tokenizer import train_data
+    from nextdetail.pipeline.run import run_pipeline
+    from nextdetail.stages.train_tokenizer.flow import train_data
     from nextdetail.storage.factor_loader import FactorBatches
 
     base = _overrides(res, ref, args)
@@ -146,11 +146,11 @@ def _train_and_measure(data: dict, variant: str, reading: str, seed: int, args: 
     import torch
 
     from nextdetail.conf import load_config
-    from nextdetail.flows.train_tokenizer import train_data
     from nextdetail.models.tokenizer import BaseDetailVQVAE, TokenizerSpec
+    from nextdetail.stages.train_tokenizer.flow import train_data
+    from nextdetail.stages.train_tokenizer.tasks import train
     from nextdetail.storage.factor_loader import FactorBatches
     from nextdetail.storage.fs import Store
-    from nextdetail.tasks.train_tokenizer import train
 
     latent = data["res"] // DOWNSAMPLE
     scales = [2**i for i in range(int(math.log2(latent)) + 1)]

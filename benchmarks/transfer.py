@@ -61,8 +61,8 @@ def main() -> None:
 
     import s3fs
 
+    from nextdetail.cache.transfer import at_root, plan_transfer, transfer
     from nextdetail.conf import load_config
-    from nextdetail.stages.transfer import at_root, plan_transfer, transfer
 
     server, endpoint = _moto()
     try:

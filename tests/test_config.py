@@ -8,8 +8,6 @@ import pytest
 from nextdetail.conf import available_presets, load_config
 from nextdetail.errors import UserError
 
-pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast`
-
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 
 
@@ -28,8 +26,8 @@ def test_presets_validate(preset):
 
 
 def test_the_var_preset_is_vars_released_models_under_vars_protocol():
-    from nextdetail.conf.stages import SPECS
     from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.stages import REGISTRY
 
     cfg = load_config("var-d16-imagenet256")
     assert TokenizerSpec.from_config(cfg) == TokenizerSpec()  # vae_ch160v4096z32 at 256 px
@@ -37,7 +35,7 @@ def test_the_var_preset_is_vars_released_models_under_vars_protocol():
     assert (cfg.ar.model, cfg.ar.depth, cfg.tokenizer_order) == ("cart", 16, 0)
     assert (cfg.sample.cfg, cfg.sample.top_k, cfg.sample.top_p, cfg.eval.samples_per_class) == (1.5, 900, 0.96, 50)
     assert cfg.eval.reference.endswith("VIRTUAL_imagenet256_labeled.npz") and cfg.eval.extractor == "inception-v3-compat"
-    assert not SPECS["decompose"].is_needed(cfg) and SPECS["train_tokenizer"].upstream_of(cfg) == ()
+    assert not REGISTRY["decompose"].is_needed(cfg) and REGISTRY["train_tokenizer"].upstream_of(cfg) == ()
 
 
 def test_paper_settings_in_imagenet_presets():
@@ -79,7 +77,7 @@ def test_bad_override_is_one_clear_line(override, expected):
     (24, False, (1, 2, 4, 8, 16, 24)), (1, False, (1,)), (3, True, (1, 2, 3)),
 ])
 def test_derived_schedules_increase_and_end_at_the_latent_side(latent, dyadic, expected):
-    from nextdetail.conf.schema import derived_patch_nums
+    from nextdetail.conf.cross import derived_patch_nums
 
     assert derived_patch_nums(latent, dyadic) == expected
 
@@ -152,7 +150,7 @@ def _commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> 
 
 def test_cli_help_on_every_command():
     from nextdetail.cli import build_parser
-    from nextdetail.conf import STAGES
+    from nextdetail.stages import STAGES
 
     commands = _commands(build_parser())
     stage_commands = {s.replace("_", "-") for s in STAGES if s != "evaluate"}  # evaluate's command is `eval`
@@ -166,8 +164,8 @@ def test_cli_help_on_every_command():
 def test_alpha_is_scaled_to_the_resolution_only_when_a_reference_size_is_given():
     """decompose.alpha_reference_px: α as given at any size by default; with R, α·(side/R)² — the paper's α=10 read
     at 256 px becomes 10/64 at 32 px — and the solver gets that value; the setting is part of the identity."""
-    from nextdetail.conf.stages import stage_key
     from nextdetail.models.mumford_shah import ATConfig
+    from nextdetail.pipeline.declaration import stage_key
 
     plain = load_config("tiny")
     scaled = load_config("tiny", overrides=["decompose.alpha_reference_px=256"])

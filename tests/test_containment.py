@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, cli_config
+from helpers import FAST, cli_config
 
 from nextdetail.storage.fs import OutsideRoot, Store, normalize_url, relative_path, under
 from nextdetail.storage.roots import ROOT, Roots, place, relativize
@@ -57,7 +57,6 @@ def _sentinel(tmp_path: Path) -> Path:
 
 # ---- the rule, unit by unit -----------------------------------------------------------------------------------
 
-@pytest.mark.fast
 def test_relative_paths_that_climb_out_are_refused_and_urls_compare_normalized():
     assert relative_path("a/./b//c") == "a/b/c" and relative_path("a/../b") == "b"
     for bad in ("..", "../x", "a/../../x", "x/../../../outside/secret.txt"):
@@ -73,7 +72,6 @@ def test_relative_paths_that_climb_out_are_refused_and_urls_compare_normalized()
         store.sub("..")
 
 
-@pytest.mark.fast
 def test_links_devices_and_growing_files_are_never_followed_or_read_past_their_size(tmp_path):
     outside = _sentinel(tmp_path)
     root = tmp_path / "root"
@@ -103,11 +101,10 @@ def test_links_devices_and_growing_files_are_never_followed_or_read_past_their_s
     assert _snapshot(outside) == before
 
 
-@pytest.mark.fast
 def test_records_are_relative_to_their_root_and_planted_ones_are_ignored(tmp_path, capsys):
-    from nextdetail.conf.stages import SPECS
+    from nextdetail.stages import REGISTRY
 
-    directory = lambda stage: SPECS[stage].directory if stage in SPECS else None  # noqa: E731
+    directory = lambda stage: REGISTRY[stage].directory if stage in REGISTRY else None  # noqa: E731
     root, copy = str(tmp_path / "root"), str(tmp_path / "copy")
     record = {"stage": "shard", "identity": "i", "artifact": {"identity": "a", "url": f"{root}/shards/ds"},
               "result": {"url": f"{root}/shards/ds", "summary": {"source": "/data/imagenet"}}}
@@ -140,6 +137,7 @@ def test_records_are_relative_to_their_root_and_planted_ones_are_ignored(tmp_pat
 
 # ---- the pipeline: a copied root, planted markers, records and links ------------------------------------------
 
+@pytest.mark.e2e
 def test_a_copied_root_works_where_it_is_and_never_touches_the_original(pipeline, tmp_path):
     """`cp -a root copy`: status on the copy finds every stage up to date *in the copy*, and `run --force sample`
     there rebuilds the copy's samples and leaves the original byte for byte as it was — also when the copy's
@@ -162,6 +160,7 @@ def test_a_copied_root_works_where_it_is_and_never_touches_the_original(pipeline
     assert f'"{ROOT}/samples/' in written and str(root) not in written and str(copy) not in written
 
 
+@pytest.mark.e2e
 def test_planted_markers_records_and_links_never_reach_outside_the_roots(pipeline, s3_endpoint, tmp_path):
     """On a copy of the session's root and on moto's S3 server: a marker listing `../…/outside/…`, a record whose
     URL climbs out, a symbolic link inside an artifact and one inside `shards/`, a same-size chunk change, a device
@@ -275,6 +274,7 @@ def test_planted_markers_records_and_links_never_reach_outside_the_roots(pipelin
     assert _snapshot(outside) == before
 
 
+@pytest.mark.e2e
 def test_foreign_checkpoint_and_mapping_secret_are_one_line(pipeline, tmp_path):
     """A TorchScript archive as `--ckpt` and a Prefect Secret block holding a mapping: one line each, exit 2."""
     import torch

@@ -15,14 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import s3fs
-from conftest import FAST
+from helpers import FAST
 
 from nextdetail.conf.secrets import is_secret_name, override_has_secret, reveal, wrap
 
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 
 
-@pytest.mark.fast
 def test_credential_names_are_recognised_and_revealed_only_on_request():
     options = wrap({"key": "k", "secret": "s", "anon": False, "client_kwargs": {
         "endpoint_url": "http://x", "aws_session_token": "t", "region_name": "eu"}})
@@ -64,6 +63,7 @@ def _files_text(root: Path, skip: set[Path]) -> bytes:
     return b"\n".join(p.read_bytes() for p in root.rglob("*") if p.is_file() and p not in skip)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(1500)
 def test_credentials_given_every_way_appear_nowhere(tmp_path, s3_endpoint, embedded_source, prefect_server):
     from prefect.blocks.system import Secret

@@ -7,14 +7,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_config, run_cli, sigkill_when
+from helpers import make_config, run_cli, sigkill_when
 from PIL import Image
 
 from nextdetail.models.mumford_shah import decompose
@@ -27,15 +26,12 @@ BIN = Path(sys.executable).parent
 
 
 def _run(cfg, scheduler: str | None = None):
-    from nextdetail.conf.stages import key_of
-    from nextdetail.flows.decompose import run_decompose
-    from nextdetail.flows.runtime import dask_cluster, prefect_api
-    from nextdetail.flows.shard import run_shard
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import dask_cluster, prefect_api
 
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as address:
-        shards = run_shard(cfg, key_of(cfg, "shard", {}), progress=False, scheduler=scheduler or address)
-        key = key_of(cfg, "decompose", {"shard": shards})
-        return shards, run_decompose(cfg, key, shards, progress=False, scheduler=scheduler or address)
+        shards = run_stage(cfg, "shard", progress=False, scheduler=scheduler or address)
+        return shards, run_stage(cfg, "decompose", {"shard": shards}, progress=False, scheduler=scheduler or address)
 
 
 def _in_memory(cfg, shards, index_rows, split):
@@ -54,6 +50,7 @@ def _in_memory(cfg, shards, index_rows, split):
     return torch.cat(out).numpy()
 
 
+@pytest.mark.integration
 def test_factors_in_zarr_match_in_memory_and_reruns_touch_only_what_changed(tmp_path, embedded_source):
     cfg = make_config(tmp_path, embedded_source, "decompose.batch_size=8", "decompose.dtype=float32")
     shards, first = _run(cfg)
@@ -91,6 +88,7 @@ def test_factors_in_zarr_match_in_memory_and_reruns_touch_only_what_changed(tmp_
     assert rebatched.identity == first.identity and rebatched.tars_ran == []
 
 
+@pytest.mark.integration
 def test_a_task_killed_mid_write_is_redone_and_never_counted(tmp_path, embedded_source):
     cfg = make_config(tmp_path, embedded_source)
     _, first = _run(cfg)
@@ -108,16 +106,17 @@ def test_a_task_killed_mid_write_is_redone_and_never_counted(tmp_path, embedded_
     np.testing.assert_array_equal(after, before)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_uses_an_external_dask_scheduler_when_configured(tmp_path, embedded_source):
     from distributed import Client
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
@@ -130,12 +129,10 @@ def test_uses_an_external_dask_scheduler_when_configured(tmp_path, embedded_sour
             client.wait_for_workers(1, timeout=90)
             worker_pids = set(client.run(os.getpid).values())
         cfg = make_config(tmp_path, embedded_source, f"dask.address={address}")
-        t0 = time.time()
         _, result = _run(cfg)
         assert result.tars_ran
         pids = {json.loads(p.read_text())["lineage"]["pid"] for p in (Path(result.url) / "_parts").glob("*.json")}
         assert pids <= worker_pids, (pids, worker_pids)
-        assert time.time() - t0 < 600
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -146,6 +143,7 @@ def test_uses_an_external_dask_scheduler_when_configured(tmp_path, embedded_sour
                 p.kill()
 
 
+@pytest.mark.integration
 def test_show_decomposition_writes_a_strip_per_key(tmp_path, embedded_source):
     from nextdetail.cli import main
 
@@ -164,7 +162,6 @@ def test_show_decomposition_writes_a_strip_per_key(tmp_path, embedded_source):
     assert main(["show", "decomposition", "no/such/key", "--out", str(out), *args]) == 2
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("override", ["decompose.alpha=-1", "decompose.chunk_images=3"])
 def test_bad_decompose_settings_are_one_line_errors(override):
     from nextdetail.conf import load_config
@@ -175,6 +172,7 @@ def test_bad_decompose_settings_are_one_line_errors(override):
     assert "\n" not in str(err.value) and "decompose" in str(err.value)
 
 
+@pytest.mark.integration
 def test_sigkilled_run_resumes_to_the_same_factors(tmp_path, embedded_source):
     def cmd(root):
         return [str(BIN / "nextdetail"), "decompose", "--no-progress", "-o", f"storage.root={root}",

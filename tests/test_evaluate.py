@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_config, run_cli
+from helpers import FAST, make_config, run_cli
 from PIL import Image
 
 from nextdetail.errors import UserError
 from nextdetail.models import fidelity
 from nextdetail.models.feature_extractor import INCEPTION, RANDCONV, build_extractor
+from nextdetail.stages.evaluate.reference_stats import ensure_reference, plan_reference, reference_spec
 from nextdetail.storage.fs import Store
-from nextdetail.tasks.reference_stats import ensure_reference, plan_reference, reference_spec
 
 PROTOCOL = {"isc_splits": 4, "kid_subsets": 20, "kid_subset_size": 40, "prc_neighborhood": 3, "rng_seed": 2020}
 
@@ -46,7 +46,6 @@ def _features(model, images: np.ndarray) -> dict[str, np.ndarray]:
     return fidelity.extract(model, [images[i : i + 32] for i in range(0, len(images), 32)], ("features", "logits"))
 
 
-@pytest.mark.fast
 def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp_path):
     """Same two image sets, same extractor: FID, IS, KID, precision and recall agree with torch-fidelity's
     own `calculate_metrics` reading the same folders."""
@@ -57,7 +56,7 @@ def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp
     real_dir = _write_folder(tmp_path / "real", train[60:])
     model, info = build_extractor(RANDCONV)
     artifact, record = _reference(tmp_path / "cache", real_dir, info.identity())
-    from nextdetail.tasks.reference_stats import load_reference
+    from nextdetail.stages.evaluate.reference_stats import load_reference
 
     real_features, real_stats = load_reference(artifact.store, record)
     ours = fidelity.compare(_features(model, train[:60]), real_features, real_stats, ["fid", "isc", "kid", "prc"],
@@ -73,7 +72,6 @@ def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp
     assert ours["fid"] > 1.0  # two different sets of photos are not "the same"
 
 
-@pytest.mark.fast
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_gaussian_noise(embedded_source):
     model, _ = build_extractor(RANDCONV)
     images = _images(embedded_source, "train")
@@ -87,6 +85,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_gaussian_noise(embedded
     assert all(a < b for a, b in itertools.pairwise(fids)), fids
 
 
+@pytest.mark.integration
 def test_reference_statistics_are_reused_without_extraction_and_rebuilt_when_data_change(
         embedded_source, tmp_path, monkeypatch):
     calls = []
@@ -115,6 +114,7 @@ def test_reference_statistics_are_reused_without_extraction_and_rebuilt_when_dat
     assert changed.identity != first.identity and record3["work"] == "ran" and len(calls) == 3
 
 
+@pytest.mark.integration
 def test_reference_statistics_are_shared_through_an_s3_bucket(s3_endpoint, embedded_source, tmp_path, monkeypatch):
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     folder = _write_folder(tmp_path / "ref", _images(embedded_source, "val"))
@@ -133,13 +133,12 @@ def test_reference_statistics_are_shared_through_an_s3_bucket(s3_endpoint, embed
     monkeypatch.setattr(fidelity, "extract", lambda *a, **k: calls.append(1))
     _, record2 = user()  # a teammate: same inputs, same identity, reused from the bucket
     assert record2["work"] == "reused" and not calls
-    from nextdetail.tasks.reference_stats import load_reference
+    from nextdetail.stages.evaluate.reference_stats import load_reference
 
     features, stats = load_reference(first.store, record2)
     assert features.shape == (24, 512) and stats["sigma"].shape == (512, 512)
 
 
-@pytest.mark.fast
 def test_inception_without_weights_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match=r"no such file.*download .*weights-inception-2015-12-05.*eval\.inception_weights"):
         build_extractor(INCEPTION, str(tmp_path / "missing.pth"))
@@ -149,6 +148,7 @@ def test_inception_without_weights_is_a_one_line_error(tmp_path):
         build_extractor(INCEPTION, str(bogus))
 
 
+@pytest.mark.e2e
 def test_evaluate_stage_metrics_report_pictures_and_caching(pipeline, embedded_source):
     root, cfg, results = pipeline
     ev = results["evaluate"]
@@ -177,7 +177,7 @@ def test_evaluate_stage_metrics_report_pictures_and_caching(pipeline, embedded_s
     samples = list(wds.WebDataset(str(out / "samples/step-12.tar"), shardshuffle=False).decode("rgb"))
     assert len(samples) == 36 and samples[0]["png"].shape == (32, 32, 3)
     # unchanged: nothing runs; a sampling seed: evaluate re-runs, training and the reference stay
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
 
     again = run_pipeline(make_config(root, embedded_source, *FAST), until="evaluate", progress=False)
     assert again.work == dict.fromkeys(again, "up to date") and again["evaluate"].url == ev.url
@@ -190,6 +190,7 @@ def test_evaluate_stage_metrics_report_pictures_and_caching(pipeline, embedded_s
     assert regridded["sample"].work == "ran" and regridded["evaluate"].work == "up to date"
 
 
+@pytest.mark.e2e
 def test_eval_cli_on_checkpoint_files_with_a_folder_reference(pipeline, embedded_source, tmp_path):
     nextdetail = str(Path(sys.executable).parent / "nextdetail")
     root, _, results = pipeline

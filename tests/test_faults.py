@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, _free_port, cli_config, make_config, sigkill_when
+from helpers import FAST, cli_config, free_port, make_config, sigkill_when
 
-from nextdetail.conf import STAGES
+from nextdetail.stages import STAGES
 from nextdetail.storage import factors
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage
@@ -39,6 +39,7 @@ def _assert_same_factors(a_url: str, b_url: str) -> None:
         np.testing.assert_array_equal(a[factors.array_path(split, tar)][:], b[factors.array_path(split, tar)][:])
 
 
+@pytest.mark.e2e
 def test_a_dask_worker_killed_mid_decompose_and_the_stage_still_completes(pipeline, tmp_path):
     """A LocalCluster started here; once the first tar is decomposed one worker process is SIGKILLed (its
     nanny restarts it, Dask re-runs its task elsewhere): the stage completes with every chunk valid and equal
@@ -69,6 +70,7 @@ def test_a_dask_worker_killed_mid_decompose_and_the_stage_still_completes(pipeli
     _assert_same_factors(str(done), reference["decompose"].url)
 
 
+@pytest.mark.e2e
 def test_s3_server_stopped_during_a_token_cache_write_is_retried_and_never_half_published(embedded_source,
                                                                                          tmp_path, monkeypatch):
     """moto's S3 server on a fixed port, stopped for 8 s while the token cache is written to it and started
@@ -81,13 +83,13 @@ def test_s3_server_stopped_during_a_token_cache_write_is_retried_and_never_half_
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
     from nextdetail.storage.tokens import TokenCache
 
     for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                         ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -176,6 +178,7 @@ def _published_tokens(url: str) -> dict[str, str]:
             if "_parts/" not in rel}  # per-tar markers carry their own timings
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("seed", [0])
 def test_the_pipeline_killed_inside_every_stage_then_rerun_builds_what_an_uninterrupted_run_builds(
         pipeline, tmp_path, seed):
@@ -215,6 +218,7 @@ def test_the_pipeline_killed_inside_every_stage_then_rerun_builds_what_an_uninte
     assert _published_tokens(records["tokenize"]["artifact"]["url"]) == _published_tokens(reference["tokenize"].url)
 
 
+@pytest.mark.e2e
 def test_two_pipelines_started_at_once_on_one_storage_root_both_finish_with_one_copy_of_each_artifact(
         pipeline, tmp_path):
     _, cfg, reference = pipeline
@@ -257,10 +261,9 @@ def _comm_closed() -> Exception:
     (PermissionError("read-only bucket"), False), (IsADirectoryError("x"), False), (ValueError("bad value"), False),
     (KeyError("missing column"), False),
 ])
-@pytest.mark.fast
 def test_only_io_and_infrastructure_failures_are_retried(exc, transient):
     from nextdetail.errors import UserError
-    from nextdetail.tasks.stage import is_transient
+    from nextdetail.pipeline.tasks import is_transient
 
     assert is_transient(exc) is transient
     assert is_transient(UserError("bad config")) is False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from nextdetail.errors import UserError
 
@@ -40,12 +40,11 @@ def _torchscript(path: Path) -> Path:
 # ---- weights files ------------------------------------------------------------------------------
 
 
-@pytest.mark.fast
 def test_a_torchscript_file_is_refused_in_one_line_by_every_loader(tmp_path):
     from nextdetail.models.tokenizer import BaseDetailVQVAE, load_tokenizer
+    from nextdetail.stages.train_ar.tasks import load_transformer
     from nextdetail.storage.checkpoints import read_released, read_torch
     from nextdetail.storage.hashing import bytes_sha256
-    from nextdetail.tasks.train_ar import load_transformer
 
     ts = _torchscript(tmp_path / "model.pt")
     assert "constants.pkl" in "".join(zipfile.ZipFile(ts).namelist())  # what torch.load would hand to torch.jit
@@ -56,7 +55,6 @@ def test_a_torchscript_file_is_refused_in_one_line_by_every_loader(tmp_path):
     _one_line(lambda: read_released("ar.pretrained", str(ts), {}), f"ar.pretrained={ts}", "TorchScript")
 
 
-@pytest.mark.fast
 def test_sample_ckpt_of_a_torchscript_file_is_one_line_exit_2(tmp_path):
     ts = _torchscript(tmp_path / "model.pt")
     proc = run_cli([NEXTDETAIL, "sample", "--ckpt", str(ts), "--out", str(tmp_path / "out"), "--preset", "tiny",
@@ -94,7 +92,6 @@ def _other_spec(path: Path) -> Path:
     return path
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("make, why", [(_with_extra_record, "records torch.save does not write"),
                                        (_truncated, "truncated"), (_a_list, "a list"), (_no_spec, "no 'spec'"),
                                        (_other_spec, "do not fit the tokenizer")])
@@ -116,9 +113,8 @@ def _tiny_export(tokenizer_url: str) -> dict:
             "tokenizer": {"url": tokenizer_url, "sha256": "0" * 64}}
 
 
-@pytest.mark.fast
 def test_a_transformer_checkpoint_of_another_layout_is_one_line(tmp_path):
-    from nextdetail.tasks.train_ar import load_transformer
+    from nextdetail.stages.train_ar.tasks import load_transformer
 
     good = _tiny_export("/root/tokenizer/d/r/tokenizer.pt")
     model, record = load_transformer(_save(tmp_path / "good.pt", good))
@@ -162,7 +158,6 @@ def _pickle_second(meta: dict) -> None:
     meta["codecs"][1] = {"name": "numcodecs.pickle", "configuration": {}}
 
 
-@pytest.mark.fast
 def test_the_allowed_codecs_are_those_the_project_writes(tmp_path):
     from nextdetail.storage import factors
     from nextdetail.storage.codecs import WRITTEN, codec_names
@@ -174,7 +169,6 @@ def test_the_allowed_codecs_are_those_the_project_writes(tmp_path):
     assert float(factors.open_array(store, group, "train", "train-000000.tar")[0].max()) == 0.5
 
 
-@pytest.mark.fast
 def test_a_zarr_array_naming_numcodecs_pickle_is_refused_before_zarr_opens_it(tmp_path):
     from nextdetail.storage import factors
 
@@ -200,7 +194,6 @@ def test_a_zarr_array_naming_numcodecs_pickle_is_refused_before_zarr_opens_it(tm
     assert "numcodecs" not in array_json.read_text()
 
 
-@pytest.mark.fast
 def test_zarr_metadata_that_is_not_a_json_object_is_refused(tmp_path):
     from nextdetail.storage.codecs import check_codecs
 
@@ -213,7 +206,6 @@ def test_zarr_metadata_that_is_not_a_json_object_is_refused(tmp_path):
 # ---- Prefect Secret blocks ----------------------------------------------------------------------
 
 
-@pytest.mark.fast
 def test_a_secret_block_holding_a_mapping_is_refused_a_json_string_accepted():
     from prefect.blocks.system import Secret
 
@@ -241,9 +233,8 @@ def _tokenizer_file(root: Path) -> Path:
     return path
 
 
-@pytest.mark.fast
 def test_a_tokenizer_reference_resolves_only_under_the_roots(tmp_path):
-    from nextdetail.tasks.sample import checkpoint_root, tokenizer_url
+    from nextdetail.stages.sample.tasks import checkpoint_root, tokenizer_url
 
     ckpt = str(tmp_path / "new" / "transformer" / "ds" / "run" / "transformer.pt")
     assert checkpoint_root(ckpt) == str(tmp_path / "new") and checkpoint_root("/a/b/transformer.pt") is None
@@ -267,9 +258,8 @@ def test_a_tokenizer_reference_resolves_only_under_the_roots(tmp_path):
         _one_line(lambda u=url: tokenizer_url(ckpt, u, roots, {}), f"names its tokenizer at {url}, outside")
 
 
-@pytest.mark.fast
 def test_sampling_a_checkpoint_naming_an_http_tokenizer_fetches_nothing(tmp_path):
-    from nextdetail.tasks.sample import load_models
+    from nextdetail.stages.sample.tasks import load_models
 
     hits = []
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, cli_config, make_config, run_shard_stage
+from helpers import FAST, cli_config, make_config, run_shard_stage
 
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 
@@ -61,7 +61,6 @@ def _no_class_folders(t: Path) -> str:
     (_no_class_folders, ("has no class folders",)),
     (lambda t: "foo://bucket/data", ("unknown storage protocol 'foo'",)),
 ])
-@pytest.mark.fast
 def test_a_bad_source_is_one_line_before_anything_starts(tmp_path, make, words):
     source = make(tmp_path)
     proc = _cli(["shard", "-o", f"storage.root={tmp_path / 'root'}", "-o", f"data.source={source}",
@@ -70,7 +69,6 @@ def test_a_bad_source_is_one_line_before_anything_starts(tmp_path, make, words):
     assert not (tmp_path / "prefect-home").exists()  # Prefect never started
 
 
-@pytest.mark.fast
 def test_a_flat_split_without_its_labels_file_is_one_line(tmp_path, embedded_source):
     source = tmp_path / "source"
     shutil.copytree(embedded_source, source)
@@ -82,7 +80,6 @@ def test_a_flat_split_without_its_labels_file_is_one_line(tmp_path, embedded_sou
     _one_line(proc, "val/", "LOC_val_solution.csv")
 
 
-@pytest.mark.fast
 def test_an_unwritable_storage_root_is_one_line(tmp_path, embedded_source):
     (tmp_path / "a-file").write_text("x")
     proc = _cli(["run", "-o", f"storage.root={tmp_path / 'a-file' / 'root'}", "-o", f"data.source={embedded_source}"],
@@ -91,7 +88,6 @@ def test_an_unwritable_storage_root_is_one_line(tmp_path, embedded_source):
     assert not (tmp_path / "prefect-home").exists()
 
 
-@pytest.mark.fast
 def test_help_writes_nothing_and_stage_names_take_either_spelling(tmp_path):
     proc = _cli(["--help"], tmp_path)
     assert proc.returncode == 0 and not list(tmp_path.iterdir())
@@ -103,7 +99,6 @@ def test_help_writes_nothing_and_stage_names_take_either_spelling(tmp_path):
     _one_line(_cli(["run", "--until", "bogus"], tmp_path), "--until 'bogus'", "train_tokenizer")
 
 
-@pytest.mark.fast
 def test_team_commands_refuse_bad_arguments_and_unreachable_roots_in_one_line(tmp_path):
     """cache push / pull / verify and compare: a root that is not there, a destination that is a file, options
     that are not YAML, a stage that does not exist, a root with nothing evaluated — one line each, exit 2, and
@@ -193,6 +188,7 @@ def _check_tars(shard_dir: Path) -> list[str]:
     return tars
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_bad_input_corpus_through_shard_and_status(tmp_path, embedded_source):
     """The corpus through the CLI's `shard` and `status` as an unprivileged user: exit 0 and no traceback; every
@@ -270,6 +266,7 @@ def test_a_bad_input_corpus_through_shard_and_status(tmp_path, embedded_source):
     assert not stale_tmp.exists() and other_tmp.exists()
 
 
+@pytest.mark.integration
 def test_the_embedded_default_on_an_s3_endpoint_with_options(s3_endpoint, monkeypatch):
     """The README's team set-up with the default data: the embedded build is written to the bucket and read
     back through the same endpoint options (a dead proxy catches any request sent elsewhere)."""
@@ -286,6 +283,7 @@ def test_the_embedded_default_on_an_s3_endpoint_with_options(s3_endpoint, monkey
     assert len(rows) == 12 * 4 and all(r["status"] in ("written", "converted") for r in rows)
 
 
+@pytest.mark.integration
 def test_names_that_sanitise_alike_or_are_not_utf8_are_all_written_under_distinct_keys(tmp_path, embedded_source):
     source = tmp_path / "source"
     shutil.copytree(embedded_source, source)
@@ -332,9 +330,10 @@ def _gone_within(prefect_home: Path, seconds: float) -> list[str]:
     ("shard", "shards/*/*.tar"),
     ("train_tokenizer", "tokenizer/*/*/checkpoints/step-*.pt"),
 ])
+@pytest.mark.e2e
 def test_ctrl_c_stops_the_work_in_seconds_in_one_line_and_the_rerun_resumes(tmp_path, embedded_source, stage, ready):
     """SIGINT to the CLI's process group (a terminal's Ctrl-C) mid-stage, the CLI starting its own Prefect
-    server and Dask cluster: exit 130 within 10 s, one line, no process of the run left; the re-run builds
+    server and Dask cluster: exit 130 (a hang past 30 s fails the test), one line, no process of the run left; the re-run builds
     what an uninterrupted run builds."""
     root = tmp_path / "root"
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
@@ -347,9 +346,8 @@ def test_ctrl_c_stops_the_work_in_seconds_in_one_line_and_the_rerun_resumes(tmp_
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
-    t0 = time.time()
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and time.time() - t0 < 10, (proc.returncode, err[-2000:])
+    _, err = proc.communicate(timeout=30)  # stopping takes seconds; a hang raises TimeoutExpired
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("nextdetail:")] == [
         "nextdetail: interrupted — re-run the same command to resume"]
@@ -377,6 +375,7 @@ def _weights(path: Path) -> str:
     return tensors_sha256(torch.load(path, weights_only=True)["model"])
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_a_sigkilled_cli_leaves_no_prefect_server_behind(tmp_path, embedded_source):
     root = tmp_path / "root"
@@ -394,12 +393,12 @@ def test_a_sigkilled_cli_leaves_no_prefect_server_behind(tmp_path, embedded_sour
     assert not _gone_within(tmp_path / "prefect-home", 10)
 
 
-@pytest.mark.fast
 def test_a_section_check_names_the_key_not_the_whole_section(tmp_path):
     line = _one_line(_cli(["config", "-o", "shard.shard_count={train: 0}"], tmp_path), "shard.shard_count.train=0")
     assert "samples_per_shard" not in line  # the section's other values are not dumped
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("exif", ["apply", "ignore"])
 def test_exif_orientation_is_a_setting_and_what_was_applied_is_in_the_manifest(tmp_path, embedded_source, exif):
     import tarfile
@@ -425,6 +424,7 @@ def test_exif_orientation_is_a_setting_and_what_was_applied_is_in_the_manifest(t
         assert written.size == (60, 40) and (row["status"], row["reason"]) == ("written", "")
 
 
+@pytest.mark.integration
 def test_a_source_that_cannot_be_reached_is_one_line_naming_why(tmp_path, s3_endpoint, s3_endpoint_with_auth):
     """Before Prefect starts: an unknown protocol, a host that does not resolve, an endpoint nobody answers on, a
     bucket that does not exist, credentials the store refuses — each one line naming the URL and the cause,

@@ -9,8 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("decomposition", "tokenizer", "transformer", "sampling", "evaluation", "distributed")
 KEYS = ("figure", "value", "baseline", "ratio", "device", "dtype", "batch", "ok")
@@ -18,7 +16,6 @@ PIPELINE_ONLY = ("prefect", "dask", "distributed", "zarr", "pydantic", "webdatas
                  "s3fs", "pyarrow", "yaml")
 
 
-@pytest.mark.fast
 def test_quick_cpu_run_reports_every_part(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
@@ -37,7 +34,6 @@ def test_quick_cpu_run_reports_every_part(tmp_path):
     assert "decomposition" in proc.stderr and "distributed" in proc.stderr  # the table
 
 
-@pytest.mark.fast
 def test_models_and_the_check_import_without_the_pipeline():
     """A bare interpreter where every pipeline-only package fails to import: the models the check runs, and the
     check itself, still import; its Inception falls back from torch-fidelity to torchvision's network."""

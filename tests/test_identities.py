@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, config_overrides, make_config, run_cli
+from helpers import FAST, config_overrides, make_config, run_cli
 
 import nextdetail
-from nextdetail.conf import STAGES
-from nextdetail.conf.code import code_fingerprint, modules_of, outside_computation
-from nextdetail.conf.stages import SPECS
 from nextdetail.errors import UserError
-from nextdetail.flows.pipeline import run_pipeline
-from nextdetail.flows.runtime import prefect_api
+from nextdetail.pipeline.code import code_fingerprint, modules_of, outside_computation
+from nextdetail.pipeline.run import run_pipeline
+from nextdetail.pipeline.runtime import prefect_api
+from nextdetail.stages import REGISTRY, STAGES
 
 PACKAGE = Path(nextdetail.__file__).parent
 
@@ -33,25 +32,26 @@ TRACE = r"""
 import dataclasses, importlib, json, sys
 job = json.load(open(sys.argv[1]))
 from nextdetail.conf import load_config
-from nextdetail.conf.stages import SPECS, key_of
-from nextdetail.stages import results as R
+from nextdetail.pipeline.declaration import key_of
+from nextdetail.stages import REGISTRY
 stage = job["stage"]
 cfg = load_config("tiny", overrides=job["overrides"])
-upstream = {u: getattr(R, cls)(**fields) for u, (cls, fields) in job["upstream"].items()}
+upstream = {u: REGISTRY[u].result(**fields) for u, fields in job["upstream"].items()}
 key = key_of(cfg, stage, upstream)
-fingerprint = sorted(SPECS[stage].code(cfg))
-from nextdetail.flows.runtime import prefect_api  # the harness's, not the stage's
+fingerprint = sorted(REGISTRY[stage].code(cfg))
+from nextdetail.pipeline.runtime import prefect_api  # the harness's, not the stage's
 for name in [m for m in sys.modules if m == "nextdetail" or m.startswith("nextdetail.")]:
     del sys.modules[name]
-runner = getattr(importlib.import_module(f"nextdetail.flows.{stage}"), f"run_{stage}")
+runner = importlib.import_module(f"nextdetail.stages.{stage}.flow").run
 with prefect_api():
-    result = runner(cfg, key, *[upstream[u] for u in SPECS[stage].upstream], progress=False)
+    result = runner(cfg, key, progress=False, **{u: upstream[u] for u in REGISTRY[stage].upstream})
 loaded = sorted(m for m in sys.modules if m == "nextdetail" or m.startswith("nextdetail."))
 json.dump({"loaded": loaded, "fingerprint": fingerprint, "work": getattr(result, "work", None)},
           open(sys.argv[2], "w"))
 """
 
 
+@pytest.mark.e2e
 def test_each_stage_loads_only_code_its_fingerprint_holds(pipeline, tmp_path):
     """Each stage's flow, run for real (into a fresh root, on the session pipeline's upstream artifacts) in a
     subprocess: every nextdetail module it loads is in the fingerprint derived from its imports."""
@@ -59,8 +59,8 @@ def test_each_stage_loads_only_code_its_fingerprint_holds(pipeline, tmp_path):
     for stage in STAGES:
         out = tmp_path / stage
         job = {"stage": stage, "overrides": config_overrides(out, cfg.data.source, *FAST),
-               "upstream": {u: (type(results[u]).__name__, dataclasses.asdict(results[u]))
-                            for u in SPECS[stage].upstream}}
+               "upstream": {u: dataclasses.asdict(results[u])
+                            for u in REGISTRY[stage].upstream}}
         (tmp_path / f"{stage}.json").write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-c", TRACE, str(tmp_path / f"{stage}.json"), str(out) + ".out"],
                               capture_output=True, text=True, env={**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"})
@@ -72,8 +72,8 @@ def test_each_stage_loads_only_code_its_fingerprint_holds(pipeline, tmp_path):
         via_outside = _imported_by({m for m in traced["loaded"] if outside_computation(m)}, derived)
         missing = {m for m in set(traced["loaded"]) - derived - via_outside if not outside_computation(m)}
         assert not missing, f"{stage} ran code its identity does not hash: {sorted(missing)}"
-        assert f"nextdetail.flows.{stage}" in traced["loaded"]
-    fp = {s: set(code_fingerprint(SPECS[s].entries(cfg))) for s in STAGES}
+        assert f"nextdetail.stages.{stage}.flow" in traced["loaded"]
+    fp = {s: set(code_fingerprint(REGISTRY[s].entries(cfg))) for s in STAGES}
     assert "nextdetail/models/_at_cpu.cpp" in fp["decompose"]  # the compiled solver's source is code too
     assert all("nextdetail/models/_at_cpu.cpp" not in fp[s] for s in STAGES if s != "decompose")
     assert "nextdetail/models/quadtree.py" in fp["train_tokenizer"]  # truncation training
@@ -82,7 +82,7 @@ def test_each_stage_loads_only_code_its_fingerprint_holds(pipeline, tmp_path):
 
 def _imported_by(modules: set[str], stop: set[str]) -> set[str]:
     """Every nextdetail module the `modules` import, directly or through modules not in `stop` (compute code)."""
-    from nextdetail.conf.code import _read_module
+    from nextdetail.pipeline.code import _read_module
 
     seen, todo = set(), list(modules)
     while todo:
@@ -106,10 +106,10 @@ FINGERPRINTS = r"""
 import json, sys
 import nextdetail
 from nextdetail.conf import load_branches
-from nextdetail.conf.stages import SPECS
+from nextdetail.stages import REGISTRY
 from nextdetail.storage.hashing import stable_hash
 branches = load_branches("tiny", None, [], ["cart", "ndp"])
-print(json.dumps({"package": nextdetail.__file__, "code": {m: {s: stable_hash(SPECS[s].code(c)) for s in SPECS}
+print(json.dumps({"package": nextdetail.__file__, "code": {m: {s: stable_hash(REGISTRY[s].code(c)) for s in REGISTRY}
                                                             for m, c in branches.items()}}))
 """
 
@@ -144,15 +144,14 @@ def _annotate_every_module(src: Path) -> None:
         path.write_text("".join(lines) + "\n# a comment appended by a teammate\n")
 
 
-@pytest.mark.fast
 def test_comments_docstrings_and_modules_outside_computation_change_no_identity_and_code_does(tmp_path):
     src = _copy_package(tmp_path)
     before = _fingerprints(src)
     assert before == _fingerprints(None)  # the copy is the same code
 
     _annotate_every_module(src)
-    _edit(src / "nextdetail" / "cli.py", "what the storage root holds", "what a storage root holds")  # a help text
-    _edit(src / "nextdetail" / "stages" / "results.py", "images → ", "images -> ")  # a result's print line
+    _edit(src / "nextdetail" / "cli" / "cache.py", "what the storage root holds", "what a storage root holds")  # a help text
+    _edit(src / "nextdetail" / "stages" / "shard" / "__init__.py", "images → ", "images -> ")  # a result's line
     _edit(src / "nextdetail" / "figures.py", "def ", "_A_FIGURE_CONSTANT = 1\n\n\ndef ")  # pictures: outside
     assert _changed(before, _fingerprints(src)) == {"cart": [], "ndp": []}
 
@@ -166,24 +165,25 @@ def test_comments_docstrings_and_modules_outside_computation_change_no_identity_
     assert _changed(before, _fingerprints(src))["cart"] == list(STAGES[1:2])  # decompose alone
 
 
-@pytest.mark.fast
 def test_compute_code_imports_no_printing_status_cli_or_ui():
-    """The stage's compute code (tasks, models, storage) imports nothing that only prints, schedules or shows:
-    the code identity excludes those by layout, so compute code must not depend on them."""
-    from nextdetail.conf.code import _read_module, module_file
+    """Every module in a stage's code (its flow and tasks, the models, storage, the machinery they use) imports
+    nothing that only prints, schedules or shows — the CLI, the cache commands and status, the pipeline run, the
+    Prefect UI: the code identity leaves those out by layout, so compute code must not depend on them."""
+    from nextdetail.conf import load_branches
+    from nextdetail.pipeline.code import _read_module, modules_of
 
-    forbidden = ("nextdetail.cli", "nextdetail.stages", "nextdetail.flows")  # figures: drawn into artifacts
-    offenders = []
-    for package in ("tasks", "models", "storage"):
-        for path in sorted((PACKAGE / package).glob("*.py")):
-            name = f"nextdetail.{package}.{path.stem}".removesuffix(".__init__")
-            assert module_file(name) is not None
-            imported, _ = _read_module(name)
-            offenders += [f"{name} imports {m}" for m in imported
-                          if any(m == f or m.startswith(f + ".") for f in forbidden)]
+    forbidden = ("nextdetail.cli", "nextdetail.cache", "nextdetail.pipeline.run", "nextdetail.pipeline.ui")
+    compute = set()
+    for cfg in load_branches("tiny", None, [], ["cart", "ndp"]).values():
+        for stage in REGISTRY.values():
+            compute |= modules_of(stage.code(cfg))
+    assert {"nextdetail.stages.tokenize.flow", "nextdetail.pipeline.training", "nextdetail.models.quant"} <= compute
+    offenders = [f"{name} imports {m}" for name in sorted(compute) for m in _read_module(name)[0]
+                 if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert not offenders, offenders
 
 
+@pytest.mark.e2e
 def test_a_refactor_reruns_one_stage_whose_identical_output_stops_the_cascade_and_a_constant_does_not(
         own_pipeline, s3_endpoint, tmp_path):
     """On a copy of the session's root, with a teammate's edited copy of the package: (1) comments and docstrings
@@ -251,6 +251,7 @@ def test_a_refactor_reruns_one_stage_whose_identical_output_stops_the_cascade_an
     assert "upstream decompose's output changed" in final["train_tokenizer"]["reasons"][0], final["train_tokenizer"]
 
 
+@pytest.mark.e2e
 def test_retrained_weights_under_the_same_identity_resample_and_reevaluate(tmp_path, embedded_source):
     """Two processes (torchrun, gloo) train the same identity to other float bits: sample and evaluate key on
     the weights' sha256, so they are rebuilt; a forced retrain to the same bytes leaves them up to date."""
@@ -281,11 +282,12 @@ class _Planted:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.e2e
 def test_a_planted_pickle_is_refused_at_every_load_and_never_runs(tmp_path, pipeline):
     from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.stages.train_ar.tasks import load_transformer
     from nextdetail.storage.checkpoints import load_checkpoint
     from nextdetail.storage.fs import Store
-    from nextdetail.tasks.train_ar import load_transformer
 
     evidence = tmp_path / "ran-code"
     bad = tmp_path / "planted.pt"
@@ -313,18 +315,3 @@ def test_a_planted_pickle_is_refused_at_every_load_and_never_runs(tmp_path, pipe
     for path in (Path(results["train_tokenizer"].url, "tokenizer.pt"), Path(results["train_ar"].url, "transformer.pt"),
                  *sorted(Path(results["train_ar"].url, "checkpoints").glob("step-*.pt"))):
         torch.load(path, weights_only=True)
-
-
-@pytest.mark.fast
-def test_prefect_dask_internals_the_task_runner_relies_on_are_there():
-    """`runtime.dask_task_runner` overrides prefect-dask's submit (pure=False) and uses two private attributes;
-    this pins them to the pinned prefect-dask, failing with the reason instead of deep in a run."""
-    from importlib import metadata
-
-    from prefect_dask import DaskTaskRunner
-
-    version = metadata.version("prefect-dask")
-    runner = DaskTaskRunner()
-    assert hasattr(runner, "_started") and hasattr(runner, "_optimize_futures"), (
-        f"prefect-dask {version} no longer has DaskTaskRunner._started/_optimize_futures: update "
-        "nextdetail/flows/runtime.py:dask_task_runner to its new submit()")

@@ -8,8 +8,6 @@ from PIL import Image
 
 from nextdetail.storage.images import SkipImage, center_crop, decode_image, encode_image, preprocess
 
-pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast`
-
 
 def _encode(mode: str, fmt: str, size=(64, 48)) -> bytes:
     rng = np.random.default_rng(0)

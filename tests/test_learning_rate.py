@@ -8,10 +8,8 @@ import math
 
 import pytest
 
-from nextdetail.conf.schema import ARConfig
-from nextdetail.tasks.train_ar import lr_at
-
-pytestmark = pytest.mark.fast
+from nextdetail.conf.model_settings import ARConfig
+from nextdetail.stages.train_ar.tasks import lr_at
 
 
 def _lr(step: int, **settings) -> float:

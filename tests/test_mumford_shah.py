@@ -9,8 +9,6 @@ import torch
 from nextdetail.models.mumford_shah import ATConfig, ambrosio_tortorelli, at_energy, decompose, details
 from nextdetail.models.mumford_shah_reference import ambrosio_tortorelli_reference
 
-pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast`
-
 
 def _steps_plus_noise(size: int = 64, noise: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A piecewise-constant RGB image (a square and a half-plane) and the same plus Gaussian noise."""

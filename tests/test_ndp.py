@@ -40,7 +40,6 @@ def _pyramid(batch: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (batch, s, s), generator=g) for s in SIDES]
 
 
-@pytest.mark.fast
 def test_children_of_a_leaf_are_exactly_its_four_quadrants_at_the_next_scale():
     maps = _pyramid(2)
     targets = child_targets(maps)  # (B, L, 4)
@@ -69,7 +68,6 @@ def test_children_of_a_leaf_are_exactly_its_four_quadrants_at_the_next_scale():
             assert torch.equal(after[~region], before[~region])
 
 
-@pytest.mark.fast
 def test_quadtree_invariants_for_random_states():
     g = torch.Generator().manual_seed(1)
     tree = Quadtree.random(torch.rand(64, generator=g), SIDES, g)
@@ -90,7 +88,6 @@ def test_quadtree_invariants_for_random_states():
         dyadic_sides(12)
 
 
-@pytest.mark.fast
 def test_mixed_scale_decoder_returns_a_full_size_image_for_any_quadtree(tokenizer):
     maps = _pyramid(6, seed=2)
     g = torch.Generator().manual_seed(3)
@@ -107,7 +104,6 @@ def test_mixed_scale_decoder_returns_a_full_size_image_for_any_quadtree(tokenize
     assert not torch.allclose(tokenizer.indices_to_img_mixed(maps, states[0].present()), full, atol=1e-3)
 
 
-@pytest.mark.fast
 def test_the_model_sees_leaves_only_and_the_root_comes_from_the_class_alone(tokenizer):
     model = _model()
     maps = _pyramid(3, seed=4)
@@ -130,7 +126,6 @@ def test_the_model_sees_leaves_only_and_the_root_comes_from_the_class_alone(toke
     assert model.head.weight.grad.abs().sum() > 0 and model.root_head.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.fast
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_refinements_never_exceed_the_budget_and_full_budget_is_full_refinement(tokenizer, estimator):
     sampler = NDPSampler(_model(), tokenizer, estimator=estimator, refine_per_step=3)
@@ -149,7 +144,6 @@ def test_refinements_never_exceed_the_budget_and_full_budget_is_full_refinement(
     assert torch.allclose(out.images, tokenizer.indices_to_img(out.maps), atol=1e-6)
 
 
-@pytest.mark.fast
 def test_full_budget_reproduces_full_refinement_token_for_token(tokenizer):
     """Budget 100 %: every estimator and every step size end at the full pyramid; with one class and seed,
     breadth-first refinement in steps of a whole level draws VAR's order and the same tokens each time."""
@@ -162,7 +156,6 @@ def test_full_budget_reproduces_full_refinement_token_for_token(tokenizer):
     assert a.tree.is_full().all()
 
 
-@pytest.mark.fast
 def test_uniform_refines_breadth_first_and_learned_picks_the_highest_difficulty(tokenizer):
     sampler = NDPSampler(_model(), tokenizer, estimator="uniform", refine_per_step=1)
     out = sampler.sample(torch.tensor([0, 2]), generator=torch.Generator().manual_seed(0), budget=5 / 21)
@@ -190,23 +183,24 @@ NDP = ("ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5", "ar.step
 @pytest.fixture(scope="module")
 def ndp_pipeline(pipeline, embedded_source):
     """NDP's branch beside the session's CART pipeline, in its root: the shards are the same artifact."""
-    from conftest import FAST, make_config
+    from helpers import FAST, make_config
 
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
 
     root = pipeline[0]
     cfg = make_config(root, embedded_source, *FAST, *NDP)
     return root, cfg, run_pipeline(cfg, until="evaluate", progress=False)
 
 
+@pytest.mark.e2e
 def test_difficulty_head_ranks_held_out_patches_like_its_target(ndp_pipeline):
     """On held-out images, the learned difficulty of every refinable leaf (random states) correlates
     positively with the error that refining it removes (Spearman over all leaves)."""
     from scipy.stats import spearmanr
 
     from nextdetail.models.ndp import difficulty_target, refinement_error
+    from nextdetail.stages.train_ar.tasks import load_transformer
     from nextdetail.storage.tokens import TokenCache
-    from nextdetail.tasks.train_ar import load_transformer
 
     _, _, results = ndp_pipeline
     model, _ = load_transformer(f"{results['train_ar'].url}/transformer.pt")
@@ -236,10 +230,11 @@ def test_difficulty_head_ranks_held_out_patches_like_its_target(ndp_pipeline):
     assert refinable.sum() > 300 and rho > 0.3 and rho2 > 0, (rho, rho2)
 
 
+@pytest.mark.e2e
 def test_ndp_stage_outputs_budgeted_samples_a_heat_map_and_compute(ndp_pipeline, embedded_source):
-    from conftest import FAST, make_config
+    from helpers import FAST, make_config
 
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
 
     root, _, results = ndp_pipeline
     sample = results["sample"]
@@ -257,6 +252,7 @@ def test_ndp_stage_outputs_budgeted_samples_a_heat_map_and_compute(ndp_pipeline,
     assert again["sample"].summary["gflops_per_image"] > s["gflops_per_image"]
 
 
+@pytest.mark.e2e
 def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_pipeline, embedded_source):
     """`run --model cart,ndp` in the root holding the session's CART pipeline and NDP's branch: two branches in one
     flow. The dry run says what each will do; the run reuses the shared shards (one run-log row naming both
@@ -265,7 +261,7 @@ def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_p
     side by side; status then calls everything up to date (NDP's decompose: not needed)."""
     import sys
 
-    from conftest import FAST, cli_config, run_cli
+    from helpers import FAST, cli_config, run_cli
 
     from nextdetail.storage.fs import Store
     from nextdetail.storage.lineage import Lineage
@@ -315,10 +311,11 @@ def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_p
     assert {r["stage"] for r in rows if r["shared_with"] == "cart"} == {"shard"}
 
 
+@pytest.mark.e2e
 def test_sample_cli_model_ndp_budget_writes_grid_and_heat_map(ndp_pipeline, tmp_path):
     import sys
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     _, _, results = ndp_pipeline
     ckpt = f"{results['train_ar'].url}/transformer.pt"
@@ -332,7 +329,6 @@ def test_sample_cli_model_ndp_budget_writes_grid_and_heat_map(ndp_pipeline, tmp_
     assert summary["budget"] == 0.3 and summary["estimator"] == "entropy" and "NDP budget 30%" in done.stdout
 
 
-@pytest.mark.fast
 def test_each_models_sampling_identity_ignores_the_other_models_dial():
     from nextdetail.conf.schema import SampleConfig
 
@@ -362,7 +358,6 @@ def _cart(order: int = 2):
     return model, tok
 
 
-@pytest.mark.fast
 def test_detail_dial_keeping_every_position_is_the_standard_sampler():
     from nextdetail.models.quant import NextInput
 
@@ -375,7 +370,6 @@ def test_detail_dial_keeping_every_position_is_the_standard_sampler():
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-@pytest.mark.fast
 def test_detail_dial_predicts_details_only_in_the_hardest_patches():
     from nextdetail.models.sampler import CARTSampler
 
@@ -407,14 +401,15 @@ def test_detail_dial_predicts_details_only_in_the_hardest_patches():
         labels, 1.5, generator=torch.Generator().manual_seed(0)).images, full.images)
 
 
+@pytest.mark.e2e
 def test_cart_detail_dial_is_a_sampling_knob_of_a_trained_cart_model(pipeline, embedded_source):
     """The pipeline's CART transformer carries the dial's head (trained on detached features, so CART's
     own training is unchanged); `sample.detail_budget` re-samples with fewer FLOPs and retrains nothing.
     (How well the head ranks needs a tokenizer trained longer than this fixture's: benchmarks/ndp_curve.py.)"""
-    from conftest import FAST, make_config
+    from helpers import FAST, make_config
 
-    from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.tasks.train_ar import load_transformer
+    from nextdetail.pipeline.run import run_pipeline
+    from nextdetail.stages.train_ar.tasks import load_transformer
 
     root, _, results = pipeline
     model, _ = load_transformer(f"{results['train_ar'].url}/transformer.pt")

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, cli_config, make_config, stop_group
+from helpers import FAST, cli_config, make_config, stop_group
 
 import nextdetail
-from nextdetail.conf import STAGES
-from nextdetail.conf.stages import SPECS, downstream
 from nextdetail.errors import UserError
-from nextdetail.flows.pipeline import run_pipeline
+from nextdetail.pipeline.run import run_pipeline
+from nextdetail.stages import REGISTRY, STAGES, downstream
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage
 
@@ -48,18 +47,20 @@ def _args(pipeline, *overrides: str) -> list[str]:
     return cli_config(root, cfg.data.source, *FAST, *overrides)
 
 
+@pytest.mark.e2e
 def test_stage_code_is_derived_and_the_sampler_reaches_only_sample_and_evaluate(pipeline):
     """Each stage's code is the import closure of its flow (+ its model family's module): the task module it
     runs is in it, and the samplers reach only sample and evaluate (editing them retrains nothing)."""
     cfg = pipeline[1]
     for stage in STAGES:
-        code = SPECS[stage].code(cfg)
-        assert f"nextdetail/tasks/{stage}.py" in code and f"nextdetail/flows/{stage}.py" in code
+        code = REGISTRY[stage].code(cfg)
+        assert f"nextdetail/stages/{stage}/tasks.py" in code and f"nextdetail/stages/{stage}/flow.py" in code
         assert all(len(sha) == 64 for sha in code.values())
-    assert [s for s in STAGES if "nextdetail/models/sampler.py" in SPECS[s].code(cfg)] == ["sample", "evaluate"]
+    assert [s for s in STAGES if "nextdetail/models/sampler.py" in REGISTRY[s].code(cfg)] == ["sample", "evaluate"]
     assert downstream("decompose") == ["train_tokenizer", "tokenize", "train_ar", "sample", "evaluate"]
 
 
+@pytest.mark.e2e
 def test_status_reads_markers_only_and_explains_what_changed(pipeline, tmp_path):
     statuses, info = _status(_args(pipeline))
     assert not info["torch"] and not info["prefect"]  # no torch, no Prefect on status's path
@@ -99,6 +100,7 @@ def test_status_reads_markers_only_and_explains_what_changed(pipeline, tmp_path)
     assert "setting sample.seed: 0 → 7" in out
 
 
+@pytest.mark.e2e
 def test_an_unchanged_run_does_nothing_without_prefect_and_logs_its_run(pipeline):
     """`nextdetail run` with every stage up to date: the same summary, one run-log row per stage, and neither Prefect
     nor torch imported (no server, no cluster: what `dvc repro` does with nothing to do)."""
@@ -115,6 +117,7 @@ def test_an_unchanged_run_does_nothing_without_prefect_and_logs_its_run(pipeline
     assert not info["prefect"]  # a knob downstream of the selected stages changes nothing either
 
 
+@pytest.mark.e2e
 def test_cache_ls_lists_every_artifact_with_its_size_use_and_references_and_du_totals_them(own_pipeline, tmp_path):
     root, cfg, first = own_pipeline
     junk = Path(first["train_ar"].url).parent / "d2-killed-run"  # what a killed run leaves: no record names it
@@ -144,6 +147,7 @@ def test_cache_ls_lists_every_artifact_with_its_size_use_and_references_and_du_t
     assert bad.returncode == 2 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.e2e
 def test_cache_gc_is_a_dry_run_by_default_and_keeps_what_configs_use_and_runs_in_progress(own_pipeline):
     """gc after another sampling seed: the dry run lists that sample (unreferenced by the current config) and an old
     leftover directory (both last written 2 h ago) and deletes nothing; `--keep-last 2` keeps both samples; `--yes`
@@ -174,6 +178,7 @@ def test_cache_gc_is_a_dry_run_by_default_and_keeps_what_configs_use_and_runs_in
     assert {st["state"] for st in statuses.values()} == {"up to date"}
 
 
+@pytest.mark.e2e
 def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipeline):
     root, cfg, first = pipeline
     again = run_pipeline(cfg, progress=False)
@@ -205,6 +210,7 @@ def test_unchanged_run_skips_every_stage_and_one_knob_reruns_only_its_stage(pipe
     assert record["packages"]["torch"] and record["host"] and "nextdetail/models/mumford_shah.py" in record["code"]
 
 
+@pytest.mark.e2e
 def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_date(own_pipeline):
     _, cfg, first = own_pipeline
     before = sorted(p.name for p in Path(first["shard"].url).glob("*.tar"))
@@ -219,6 +225,7 @@ def test_force_rebuilds_a_stage_and_its_same_identity_keeps_downstream_up_to_dat
     assert out.count(" ran ") >= 2  # the first build and the forced one, from the run log
 
 
+@pytest.mark.integration
 def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_source, prefect_server, tmp_path):
     """`nextdetail serve` on the test's Prefect server: a triggered deployment run executes the pipeline
     (here its shard stage) and shows in Prefect as a completed flow run with the stage as a subflow."""
@@ -264,6 +271,7 @@ def test_serve_registers_a_deployment_whose_runs_execute_the_pipeline(embedded_s
     assert [(r["stage"], r["work"]) for r in log] == [("shard", "ran")]
 
 
+@pytest.mark.e2e
 def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up_to_date(own_pipeline):
     _, cfg, first = own_pipeline
     marker = json.loads(Path(first["tokenize"].url, "_COMPLETE.json").read_text())
@@ -278,10 +286,9 @@ def test_a_corrupted_cache_chunk_is_detected_and_rebuilt_and_downstream_stays_up
     assert all(Store(first["tokenize"].url).sha256(rel) == digest for rel, digest in marker["sha256"].items())
 
 
-@pytest.mark.fast
 def test_stage_selection_is_validated_before_anything_starts():
-    from nextdetail.conf.stages import select_stages
     from nextdetail.errors import UserError
+    from nextdetail.stages import select_stages
 
     assert select_stages(until="decompose") == ["shard", "decompose"]
     assert select_stages(only="tokenize", force=["tokenize"]) == ["shard", "decompose", "train_tokenizer", "tokenize"]
@@ -294,6 +301,7 @@ def test_stage_selection_is_validated_before_anything_starts():
             select_stages(**kwargs)
 
 
+@pytest.mark.e2e
 def test_a_decomposition_knob_retrains_from_scratch_in_new_directories(own_pipeline):
     """Changing decompose.alpha gives the training stages new identities: they train from step 0 in their
     own directories — never resume the other decomposition's checkpoints — and the old artifacts stay. The same

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, cli_config, make_config, run_cli
+from helpers import FAST, cli_config, make_config, run_cli
 
 from nextdetail.errors import UserError
 
@@ -34,7 +34,6 @@ def var_layout_file(path: Path, spec, seed: int = 0, bad_key: str | None = None)
     return plain
 
 
-@pytest.mark.fast
 def test_a_file_that_does_not_fit_is_one_line_naming_the_key_or_setting(tmp_path):
     from nextdetail.models.configs import TokenizerSpec
     from nextdetail.models.tokenizer import BaseDetailVQVAE, load_pretrained
@@ -64,8 +63,8 @@ def var_transformer_file(path: Path, cfg, classes: int, seed: int = 0, extra_cla
     from nextdetail.models.configs import TokenizerSpec
     from nextdetail.models.quant import token_schedule
     from nextdetail.models.transformer import NextDetailTransformer
+    from nextdetail.stages.train_ar.tasks import transformer_config
     from nextdetail.storage.tokens import token_layout
-    from nextdetail.tasks.train_ar import transformer_config
 
     spec = TokenizerSpec.from_config(cfg)
     layout = token_layout(token_schedule(spec.patch_nums, 0, 1, spec.latent_side), 0, spec.vocab_size, ["none"])
@@ -81,8 +80,8 @@ def var_transformer_file(path: Path, cfg, classes: int, seed: int = 0, extra_cla
 def adopted(tmp_path_factory, embedded_source):
     """One pipeline on the tiny data with both files adopted: a tokenizer and a transformer in VAR's layout (random
     weights for the tiny architecture at order 0), through tokenize, sample and evaluate."""
-    from nextdetail.flows.pipeline import run_pipeline
     from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.pipeline.run import run_pipeline
 
     tmp = tmp_path_factory.mktemp("adopted")
     root, tok, weights = tmp / "root", tmp / "vae_tiny.pth", tmp / "var_tiny.pth"
@@ -94,13 +93,14 @@ def adopted(tmp_path_factory, embedded_source):
     return root, overrides, run_pipeline(cfg, until="evaluate", progress=False), plain_tok, plain_ar, tok, weights
 
 
+@pytest.mark.e2e
 def test_a_pretrained_tokenizer_is_adopted_as_it_is_and_order_0_builds_no_factors(adopted, embedded_source):
     """`-o tokenizer.pretrained=FILE` at order 0 (VAR's tokenizer): the stage adopts the file's exact weights
     without training or reading data; no decomposition is built ("not needed"); tokenize encodes with those
     weights. The identity is the file's content + the declared architecture: a training setting changes nothing,
     other bytes at the same path re-adopt."""
+    from nextdetail.cache.status import pipeline_status
     from nextdetail.models.configs import TokenizerSpec
-    from nextdetail.stages.status import pipeline_status
     from nextdetail.storage.fs import Store
     from nextdetail.storage.lineage import Lineage
 
@@ -127,13 +127,14 @@ def test_a_pretrained_tokenizer_is_adopted_as_it_is_and_order_0_builds_no_factor
     var_layout_file(weights, TokenizerSpec.from_config(make_config(root, embedded_source, *FAST, *ORDER0)))  # back
 
 
+@pytest.mark.e2e
 def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_evaluates(adopted, embedded_source,
                                                                                         tmp_path):
     """VAR-d16's keys and shapes (pinned from VAR's module definitions) are our order-0 transformer's plus VAR's
     two constant buffers; `-o ar.pretrained=FILE` adopts such a file (its exact weights, step 0) and sample and
     evaluate run on it; a file for another class count is one line naming `class_emb.weight`."""
-    from nextdetail.flows.pipeline import run_pipeline
     from nextdetail.models.transformer import VAR_CONSTANTS, NextDetailTransformer, TransformerConfig
+    from nextdetail.pipeline.run import run_pipeline
 
     pinned = [line.split() for line in (Path(__file__).parent / "data" / "var_d16_keys.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
@@ -160,6 +161,7 @@ def test_vars_released_transformer_layout_is_ours_and_adopting_it_samples_and_ev
     assert "class_emb.weight: checkpoint (1001, " in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.integration
 def test_the_cli_refuses_a_wrong_shaped_or_missing_file_in_one_line(tmp_path, embedded_source):
     from nextdetail.models.configs import TokenizerSpec
 
@@ -233,7 +235,6 @@ def var_draw(logits_BlV: torch.Tensor, top_k: int, top_p: float, g: torch.Genera
     return torch.multinomial(logits.softmax(-1).view(-1, V), 1, replacement=True, generator=g).view(B, n)
 
 
-@pytest.mark.fast
 def test_with_vars_weights_our_transformer_gives_vars_logits_and_draws():
     """Random weights in VAR's layout (its constant buffers included) loaded by `load_var_state_dict`: teacher-forced,
     our logits equal VAR's recipe's at every map; sampling with CFG, top-k and top-p from the same generator state

@@ -8,10 +8,12 @@ import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import s3fs
-from conftest import make_config, run_shard_stage
+from helpers import make_config, run_shard_stage
 
 
+@pytest.mark.integration
 def test_shard_stage_writes_to_an_s3_root_and_reuses_it(s3_endpoint, embedded_source):
     options = f"storage.options={{client_kwargs: {{endpoint_url: '{s3_endpoint}'}}}}"
     cfg = make_config("s3://team-bucket/nd", embedded_source, options)
@@ -33,9 +35,10 @@ def test_shard_stage_writes_to_an_s3_root_and_reuses_it(s3_endpoint, embedded_so
     assert again.shards_ran == [] and again.identity == first.identity
 
 
+@pytest.mark.integration
 def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint, embedded_source):
-    from nextdetail.flows.pipeline import run_stage
-    from nextdetail.flows.runtime import dask_cluster, prefect_api
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import dask_cluster, prefect_api
     from nextdetail.storage import factors
     from nextdetail.storage.factors import read_index
     from nextdetail.storage.fs import Store
@@ -56,6 +59,7 @@ def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint,
     assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
 
 
+@pytest.mark.integration
 def test_exclusive_create_lets_exactly_one_writer_publish(s3_endpoint, tmp_path):
     """The token cache's publish step: a create-only write (If-None-Match on S3, a hard link locally)."""
     import threading

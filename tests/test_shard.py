@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from conftest import make_config, run_cli, run_shard_stage, sigkill_when
+from helpers import make_config, run_cli, run_shard_stage, sigkill_when
 from PIL import Image
 
 from nextdetail.storage.shards import shard_index_of
@@ -30,6 +30,7 @@ def _tars(url: str) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(url).glob("*.tar"))}
 
 
+@pytest.mark.integration
 def test_dataloader_reads_exactly_the_manifest(tmp_path, embedded_source):
     result = run_shard_stage(make_config(tmp_path, embedded_source))
     rows = _manifest(result)
@@ -114,6 +115,7 @@ def messy_source(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.integration
 def test_every_bad_input_ends_as_the_manifest_says(tmp_path, messy_source):
     result = run_shard_stage(make_config(tmp_path / "out", str(messy_source)))
     by_path = {r["source_path"]: r for r in _manifest(result)}
@@ -156,6 +158,7 @@ def test_every_bad_input_ends_as_the_manifest_says(tmp_path, messy_source):
     assert (small["status"], small["reason"]) == ("skipped", "too_small")
 
 
+@pytest.mark.integration
 def test_unchanged_rerun_does_no_work_and_deleted_artifacts_recompute(tmp_path, embedded_source):
     results = Path(os.environ["PREFECT_HOME"]) / "storage"
     kept = set(results.rglob("*")) if results.exists() else set()
@@ -180,6 +183,7 @@ def test_unchanged_rerun_does_no_work_and_deleted_artifacts_recompute(tmp_path, 
     assert not (set(results.rglob("*")) if results.exists() else set()) - kept
 
 
+@pytest.mark.integration
 def test_append_rewrites_only_the_affected_shards(tmp_path, embedded_source):
     source = tmp_path / "source"
     shutil.copytree(embedded_source, source)
@@ -200,6 +204,7 @@ def test_append_rewrites_only_the_affected_shards(tmp_path, embedded_source):
     assert after.identity != before.identity
 
 
+@pytest.mark.integration
 def test_killed_run_resumes_to_the_same_shards(tmp_path, embedded_source):
     overrides = ["-o", "shard.samples_per_shard=4", "-o", "dask.n_workers=1"]
     cli = str(Path(sys.executable).parent / "nextdetail")
@@ -221,6 +226,7 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path, embedded_source):
     assert not [p for p in killed_dir.glob("*.tar") if p.name.startswith(".")]
 
 
+@pytest.mark.integration
 def test_imagenet_val_flat_with_labels_csv(tmp_path):
     rng = np.random.default_rng(2)
     root = tmp_path / "imagenet"
@@ -240,6 +246,7 @@ def test_imagenet_val_flat_with_labels_csv(tmp_path):
                    "val/ILSVRC2012_val_00000003": (-1, "skipped")}
 
 
+@pytest.mark.integration
 def test_missing_split_is_a_one_line_error(tmp_path):
     (tmp_path / "ds" / "train" / "a").mkdir(parents=True)
     from nextdetail.errors import UserError
@@ -248,7 +255,6 @@ def test_missing_split_is_a_one_line_error(tmp_path):
         run_shard_stage(make_config(tmp_path / "out", str(tmp_path / "ds")))
 
 
-@pytest.mark.fast
 def test_the_walk_enters_each_folder_once_per_class_and_keys_never_collide(tmp_path):
     """Loops become one row each, a class that links to another is a class of its own (ImageFolder's rule), and
     every odd name — case-only extensions, dots, spaces, combined — gets its own key."""

@@ -1,13 +1,13 @@
-"""Stage keys as data (conf/stages.py): what changes an identity and what does not."""
+"""Stage keys as data (pipeline/declaration.py): what changes an identity and what does not."""
 
 from __future__ import annotations
 
 import pytest
 
-from nextdetail.conf import STAGES, load_config
-from nextdetail.conf.stages import SPECS, downstream, output_identity, stage_key, upstream_closure
-
-pytestmark = pytest.mark.fast
+from nextdetail.conf import load_config
+from nextdetail.pipeline.declaration import output_identity, stage_key
+from nextdetail.pipeline.result import StageResult
+from nextdetail.stages import REGISTRY, STAGES, downstream, upstream_closure
 
 UP = {"shard": "s" * 64, "decompose": "d" * 64, "train_tokenizer": "t" * 64, "tokenize": "k" * 64,
       "train_ar": "a" * 64}
@@ -45,8 +45,8 @@ def test_upstream_changes_the_identity_but_not_the_recipe_parts_follow_the_recip
 
 def test_the_table_is_a_dag_in_pipeline_order_and_outputs_carry_their_bytes():
     for i, stage in enumerate(STAGES):
-        assert all(STAGES.index(u) < i for u in SPECS[stage].upstream)
-        assert set(upstream_closure(stage)) >= set(SPECS[stage].upstream)
+        assert all(STAGES.index(u) < i for u in REGISTRY[stage].upstream)
+        assert set(upstream_closure(stage)) >= set(REGISTRY[stage].upstream)
     assert downstream("shard") == list(STAGES[1:]) and downstream("evaluate") == []
     # early cutoff: what downstream keys on is the bytes, whatever identity (code) wrote them
     assert output_identity("shard", "i", {"content_sha256": "c"}) == output_identity("shard", "j", {"content_sha256": "c"})
@@ -56,3 +56,38 @@ def test_the_table_is_a_dag_in_pipeline_order_and_outputs_carry_their_bytes():
     assert output_identity("sample", "i", {"content_sha256": "c"}) == "i"  # nothing reads it: its identity
     with pytest.raises(ValueError, match="upstream identities missing"):
         stage_key(load_config("tiny"), "decompose", {}, inputs={})
+
+
+def test_every_stage_is_one_package_whose_flow_takes_its_upstream_by_name():
+    """The registry finds each stage package (its declaration named as the package), orders them by their
+    upstream, and each flow's `run` takes exactly the declared upstream stages as keyword-only parameters: a
+    reordered upstream list cannot swap arguments."""
+    import importlib
+    import inspect
+
+    assert STAGES == ("shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "sample", "evaluate")
+    for name, stage in REGISTRY.items():
+        assert stage.name == name and stage.flow == f"nextdetail.stages.{name}.flow"
+        module = importlib.import_module(stage.flow)
+        params = inspect.signature(module.run).parameters
+        by_name = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
+                   and p not in ("progress", "scheduler")]
+        assert by_name == list(stage.upstream), (name, by_name)
+        assert list(params)[:2] == ["cfg", "key"] and ("scheduler" in params) == stage.dask, name
+        assert issubclass(stage.result, StageResult) and stage.result is not StageResult
+        assert hasattr(module, "stage_flow"), name
+    assert {s.result for s in REGISTRY.values()}.__len__() == len(STAGES)  # one result type per stage
+
+
+def test_pipeline_order_follows_upstream_then_fewer_upstream_and_refuses_cycles_and_unknown_stages():
+    from nextdetail.pipeline.declaration import Stage
+    from nextdetail.stages import pipeline_order
+
+    def declared(*pairs):
+        return {n: Stage(n, n, tuple(up), lambda c: {}, StageResult) for n, up in pairs}
+
+    got = pipeline_order(declared(("z", ["b", "a"]), ("b", ["a"]), ("y", ["b"]), ("a", [])))
+    assert list(got) == ["a", "b", "y", "z"]  # y and z both ready after b: y reads fewer stages
+    for bad in (declared(("a", ["b"]), ("b", ["a"])), declared(("a", ["nothing"]))):
+        with pytest.raises(AssertionError, match="cycle or an unknown upstream"):
+            pipeline_order(bad)

@@ -13,12 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import FAST, cli_config, make_config
+from helpers import FAST, cli_config, make_config
 
-from nextdetail.conf import STAGES
-from nextdetail.flows.pipeline import run_pipeline
-from nextdetail.stages.inventory import apply_gc, inventory, plan_gc
-from nextdetail.stages.transfer import at_root
+from nextdetail.cache.inventory import apply_gc, inventory, plan_gc
+from nextdetail.cache.transfer import at_root
+from nextdetail.pipeline.run import run_pipeline
+from nextdetail.stages import STAGES
 from nextdetail.storage.fs import Store
 from nextdetail.storage.lineage import Lineage
 from nextdetail.storage.tokens import TokenCache
@@ -52,6 +52,7 @@ def _files(store: Store) -> dict[str, str]:
             if not rel.endswith("_COMPLETE.json")}
 
 
+@pytest.mark.e2e
 def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verify(pipeline, s3_endpoint, tmp_path):
     """1. push shards, factors and tokenizer to s3://team-bucket/nd: every file arrives with its sha256, the records
     follow (status on the bucket: up to date), a second push sends nothing. 2. tokenize runs on the bucket while
@@ -156,13 +157,14 @@ def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verif
     assert _nd("cache", "verify", "--no-progress", *mine).returncode == 0  # what is left is intact
 
 
+@pytest.mark.e2e
 def test_compare_shows_what_differs_and_a_run_publishes_its_results_to_the_prefect_ui(pipeline, own_pipeline,
                                                                                     prefect_server, tmp_path):
     """A second evaluation (another evaluation seed) under the root: `nextdetail compare --only-changed` gives two
     rows whose only setting column is `eval.seed`, in md, csv and json, and draws FID vs GFLOPs. The run that
     made it went through the session's real Prefect server: its flow run carries the status table, a markdown per
     stage (sample's with its grid), evaluate's report (the file's text) and metrics, and the comparison table."""
-    from nextdetail.flows.ui import key
+    from nextdetail.pipeline.ui import key
 
     root, cfg, _ = own_pipeline
     first = pipeline[2]
@@ -210,7 +212,7 @@ def test_compare_shows_what_differs_and_a_run_publishes_its_results_to_the_prefe
 
 def _published(tmp_path: Path) -> tuple[Store, dict]:
     """A small published artifact (a marker with sizes and sha256 over three files)."""
-    from nextdetail.storage.artifacts import Artifact
+    from nextdetail.pipeline.artifacts import Artifact
 
     src = Store(str(tmp_path / "src" / "transformer" / "m-1"))
     for i in range(3):
@@ -220,12 +222,11 @@ def _published(tmp_path: Path) -> tuple[Store, dict]:
     return src, record
 
 
-@pytest.mark.fast
 def test_a_killed_copy_resumes_and_a_damaged_source_never_publishes(tmp_path):
     """copy_artifact: files a killed copy left with the right sha256 are not sent again, the marker comes last and
     records every file's sha256; a source file that no longer has its recorded sha256 stops the copy before the
     marker (the destination stays unpublished); a published destination is never rewritten."""
-    from nextdetail.stages.transfer import copy_artifact
+    from nextdetail.cache.transfer import copy_artifact
     from nextdetail.storage.roots import rename_under
 
     src, _ = _published(tmp_path)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import make_config
+from helpers import make_config
 
 from nextdetail.storage.fs import Store
 
@@ -21,14 +21,14 @@ FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=6
 
 
 def _pipeline(cfg, until: str = "tokenize"):
-    from nextdetail.flows.pipeline import run_pipeline
+    from nextdetail.pipeline.run import run_pipeline
 
     return run_pipeline(cfg, until=until, progress=False)
 
 
 def _tokenize(cfg, up):
-    from nextdetail.flows.pipeline import run_stage
-    from nextdetail.flows.runtime import prefect_api
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import prefect_api
 
     with prefect_api():
         return run_stage(cfg, "tokenize", up, progress=False)
@@ -63,6 +63,7 @@ class EncoderCalls:
         monkeypatch.setattr(Encoder, "forward", counted)
 
 
+@pytest.mark.e2e
 def test_cache_holds_the_tokenizers_token_maps_with_their_layout(upstream, published):
     import zarr
 
@@ -109,6 +110,7 @@ def test_cache_holds_the_tokenizers_token_maps_with_their_layout(upstream, publi
     assert [m.shape[1:] for m in maps] == [(1, 1), (2, 2), (4, 4), (8, 8), (8, 8), (8, 8), (8, 8)]
 
 
+@pytest.mark.e2e
 def test_a_changed_tokens_setting_rebuilds_only_the_token_cache(upstream, published, embedded_source):
     root, up = upstream
     cfg, first = published
@@ -124,6 +126,7 @@ def test_a_changed_tokens_setting_rebuilds_only_the_token_cache(upstream, publis
     assert other.open().read("val", "val-000000.tar").shape[1] == 1
 
 
+@pytest.mark.e2e
 def test_loader_serves_whole_chunks_deterministically_and_disjointly_per_rank(published):
     from nextdetail.storage.token_loader import TokenBatches, TokenDataset
 
@@ -168,6 +171,7 @@ def _copy_cache(result, dest: Path) -> Path:
     return target
 
 
+@pytest.mark.e2e
 def test_broken_or_unpublished_caches_are_detected_and_rebuilt(upstream, published, embedded_source, tmp_path,
                                                                 monkeypatch):
     from nextdetail.errors import UserError
@@ -217,22 +221,23 @@ def test_broken_or_unpublished_caches_are_detected_and_rebuilt(upstream, publish
     assert again.summary["copied_parts"] == first.summary["tars"] and again.open().verify() == []
 
 
+@pytest.mark.e2e
 def test_two_writers_of_one_identity_leave_one_valid_cache(upstream, published, embedded_source, tmp_path):
     """Two attempts written side by side, then both publish: one wins, the other gets the winner's cache."""
-    from nextdetail.conf.stages import key_of
-    from nextdetail.flows.tokenize import cache_root, token_inputs
     from nextdetail.models.quant import token_schedule
     from nextdetail.models.tokenizer import TokenizerSpec
+    from nextdetail.pipeline.declaration import key_of
+    from nextdetail.stages.tokenize.flow import token_inputs
+    from nextdetail.stages.tokenize.tasks import encode_tokens, part_artifact, plan_tokens, publish_tokens
     from nextdetail.storage import tokens
     from nextdetail.storage.factors import read_index
-    from nextdetail.tasks.tokenize import encode_tokens, part_artifact, plan_tokens, publish_tokens
 
     root, up = upstream
     cfg = make_config(root, embedded_source, *FAST, f"tokens.cache={tmp_path}")
     spec = TokenizerSpec.from_config(cfg)
     inputs = token_inputs(cfg, up["shard"], up["decompose"], up["train_tokenizer"])
     key = key_of(cfg, "tokenize", up)
-    plan = plan_tokens(cache_root(cfg), key, read_index(Store(up["decompose"].url)), inputs, cfg.tokens)
+    plan = plan_tokens(key.output(cfg), key, read_index(Store(up["decompose"].url)), inputs, cfg.tokens)
     layout = tokens.token_layout(token_schedule(spec.patch_nums, spec.order, spec.detail_depth, spec.latent_side),
                                  spec.order, spec.vocab_size, cfg.tokens.variants)
     writers = [tokens.Attempt.start(plan.cache) for _ in range(2)]
@@ -254,6 +259,7 @@ def test_two_writers_of_one_identity_leave_one_valid_cache(upstream, published, 
     assert tokens.TokenCache(plan.cache.url()).verify() == []
 
 
+@pytest.mark.integration
 def test_team_bucket_on_s3_user_b_gets_user_as_tokens_without_encoding(s3_endpoint, embedded_source, tmp_path,
                                                                        monkeypatch):
     """User A runs the pipeline with storage.root on S3 (moto) and publishes; user B, an empty local

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from nextdetail.models.quant import MultiScaleQuantizer, TokenMap, token_schedule
 from nextdetail.models.tokenizer import VAR_SPEC, BaseDetailVQVAE, TokenizerSpec, load_var_state_dict
 
-pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast`
-
 TINY = TokenizerSpec(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), resolution=32, patch_nums=(1, 2, 4, 8),
                      order=3, detail_depth=2)
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_config, run_cli, sigkill_when
+from helpers import make_config, run_cli, sigkill_when
 
 from nextdetail.storage.fs import Store
 
@@ -17,8 +17,8 @@ FAST = ("tokenizer.ch=16", "tokenizer.num_res_blocks=1", "tokenizer.vocab_size=6
 
 
 def _upstream(cfg):
-    from nextdetail.flows.pipeline import run_stage
-    from nextdetail.flows.runtime import dask_cluster, prefect_api
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import dask_cluster, prefect_api
 
     with prefect_api(), dask_cluster(**cfg.dask.model_dump()) as address:
         shards = run_stage(cfg, "shard", progress=False, scheduler=address)
@@ -32,11 +32,12 @@ def upstream(tmp_path_factory, embedded_source):
     return root, _upstream(cfg)
 
 
+@pytest.mark.e2e
 def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream, embedded_source):
-    from nextdetail.flows.train_tokenizer import train_data
     from nextdetail.models.tokenizer import TokenizerSpec
+    from nextdetail.stages.train_tokenizer.flow import train_data
+    from nextdetail.stages.train_tokenizer.tasks import train
     from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint
-    from nextdetail.tasks.train_tokenizer import train
 
     root, (shards, dec) = upstream
     cfg = make_config(root, embedded_source, *FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")
@@ -61,9 +62,10 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream
     assert json.loads((tmp_path / "whole" / "metrics.json").read_text())[-1]["step"] == 6
 
 
+@pytest.mark.e2e
 def test_stage_is_cached_and_retrains_only_when_a_tokenizer_setting_changes(upstream, embedded_source):
-    from nextdetail.flows.pipeline import run_stage
-    from nextdetail.flows.runtime import prefect_api
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import prefect_api
 
     root, (shards, dec) = upstream
     cfg = make_config(root, embedded_source, *FAST)
@@ -96,7 +98,6 @@ def test_stage_is_cached_and_retrains_only_when_a_tokenizer_setting_changes(upst
     assert model.indices_to_img(model.img_to_indices(x, bases)).shape == x.shape
 
 
-@pytest.mark.fast
 def test_lpips_without_its_weight_files_is_a_clear_error(tmp_path, embedded_source):
     from nextdetail.errors import UserError
 
@@ -108,7 +109,6 @@ def test_lpips_without_its_weight_files_is_a_clear_error(tmp_path, embedded_sour
         LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "vgg.pth")
 
 
-@pytest.mark.fast
 def test_lpips_loads_weight_files_in_their_published_layouts(tmp_path):
     from torchvision.models import vgg16
 
@@ -131,16 +131,17 @@ def test_lpips_loads_weight_files_in_their_published_layouts(tmp_path):
         LPIPS(tmp_path / "vgg16-397923af.pth", tmp_path / "partial.pth")
 
 
+@pytest.mark.e2e
 def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, upstream, embedded_source):
     """`nextdetail train-tokenizer` killed (SIGKILL, whole process group) after its first checkpoint,
     run again: it resumes there and ends with the weights of an uninterrupted run."""
     import sys
     from pathlib import Path
 
-    from nextdetail.conf.stages import key_of
-    from nextdetail.flows.train_tokenizer import plan_tokenizer, train_data
     from nextdetail.models.tokenizer import TokenizerSpec
-    from nextdetail.tasks.train_tokenizer import train
+    from nextdetail.pipeline.declaration import key_of
+    from nextdetail.stages.train_tokenizer.flow import plan_tokenizer, train_data
+    from nextdetail.stages.train_tokenizer.tasks import train
 
     root, (shards, dec) = upstream
     settings = [*FAST, "tokenizer.steps=12", "tokenizer.checkpoint_every=3"]
@@ -166,16 +167,17 @@ def test_sigkilled_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.e2e
 def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream, embedded_source):
     """tokenizer.nproc=2: the Prefect task launches torchrun (gloo on CPU); each rank trains on its half of
     every global batch with averaged gradients and synchronized code statistics, so the losses follow a
     one-process run of the same batches; the dead-code restart picks as many codes; the GAN steps run. With
     normalized codes the per-map scales are fitted on the global batch, so that holds for them too."""
-    from nextdetail.flows.pipeline import run_stage
-    from nextdetail.flows.runtime import prefect_api
-    from nextdetail.flows.train_tokenizer import train_data
     from nextdetail.models.tokenizer import TokenizerSpec
-    from nextdetail.tasks.train_tokenizer import train
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import prefect_api
+    from nextdetail.stages.train_tokenizer.flow import train_data
+    from nextdetail.stages.train_tokenizer.tasks import train
 
     root, (shards, dec) = upstream
     # the PatchGAN's BatchNorm sees each rank's half of the batch, so from step 3 on the two runs differ by

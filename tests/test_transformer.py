@@ -13,8 +13,6 @@ from nextdetail.models.transformer import (
     sample_top_k_top_p,
 )
 
-pytestmark = pytest.mark.fast  # no pipeline, no Prefect server: `make test-fast`
-
 SIDES = (1, 2, 4, 4, 4)  # base scales 1, 2, 4 then two detail maps at the 4×4 latent
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from browser import Browser, chromium_path
-from conftest import cli_config, start_prefect_server, stop_group
+from helpers import cli_config, start_prefect_server, stop_group
 
-from nextdetail.conf import STAGES
+from nextdetail.stages import STAGES
 
 NEXTDETAIL = str(Path(sys.executable).parent / "nextdetail")
 OURS = "[...document.images].filter(i => i.src.startsWith('data:image/png;base64,'))"  # the UI's own icons aside
@@ -49,14 +49,15 @@ def _pictures_load(browser: Browser, url: str, shot: Path, at_least: int) -> lis
     return json.loads(browser.evaluate(IMAGES))
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(chromium_path() is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_browser_shows_every_picture_and_one_node_per_stage(own_pipeline, prefect_server, tmp_path):
     """`run --force sample --force evaluate` on a built root, through the session's Prefect server: the run is
     named and tagged from its preset, model and commit, holds one subflow per stage (five reused, named so), its
     parameters are small and hold no resolved config; in headless Chromium the sample stage's artifact and the
     evaluation report show every picture (V1 and V2 UI) — screenshots under the test's tmp dir."""
-    from nextdetail.flows.pipeline import run_pipeline
-    from nextdetail.flows.ui import key
+    from nextdetail.pipeline.run import run_pipeline
+    from nextdetail.pipeline.ui import key
 
     root, cfg, _ = own_pipeline
     results = run_pipeline(cfg, force=["sample", "evaluate"], progress=False)
@@ -113,6 +114,7 @@ def prefect_server_with_scheduler(tmp_path):
     stop_group(proc)
 
 
+@pytest.mark.integration
 def test_a_served_deployment_fires_its_interval_schedule(prefect_server_with_scheduler, embedded_source, tmp_path):
     """`nextdetail serve --interval 10` against a real server with its scheduler: a scheduled (not triggered)
     run of the deployment is created, executes the pipeline and completes; the scheduler logs no error; Ctrl-C

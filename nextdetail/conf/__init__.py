@@ -8,12 +8,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from nextdetail.conf.schema import STAGES, PipelineConfig
+from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
-__all__ = ["MODELS", "MODEL_OVERRIDES", "STAGES", "PipelineConfig", "available_presets", "load_branches", "load_config",
+__all__ = ["MODELS", "MODEL_OVERRIDES", "PipelineConfig", "available_presets", "load_branches", "load_config",
            "parse_models", "parse_override"]
 
 MODEL_OVERRIDES: dict[str, list[str]] = {

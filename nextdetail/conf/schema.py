@@ -1,4 +1,5 @@
-"""Typed pipeline configuration: one pydantic model per stage, composed into `PipelineConfig`.
+"""Typed pipeline configuration: one pydantic section per stage, composed into `PipelineConfig` with the
+environment's sections (`environment.py`); what is derived and checked across sections is `cross.py`.
 
 Every model forbids unknown keys, so a typo fails loudly instead of being ignored. A stage's cache
 key is derived from its own model only (`PipelineConfig.stage_settings`), so changing one knob
@@ -7,12 +8,9 @@ re-runs only the stages that read it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationInfo,
@@ -20,82 +18,11 @@ from pydantic import (
     model_validator,
 )
 
-from nextdetail.models.configs import VAR_SHAPE as V
-from nextdetail.models.configs import VAR_TOKENIZER as T
-from nextdetail.models.configs import dyadic_sides
-
-VAR_PATCH_NUMS: dict[int, tuple[int, ...]] = {
-    16: T.patch_nums,  # VAR-256: its released tokenizer and d16…d30
-    32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # VAR-512: VAR's 512 px schedule (CART-512, Table 2)
-}
-"""VAR's own base-scale schedules, by latent side."""
-
-
-def derived_patch_nums(latent_side: int, dyadic: bool = False) -> tuple[int, ...]:
-    """What `tokenizer.patch_nums: auto` stands for at this latent side: VAR's own schedule at 16 and 32 (unless
-    the dyadic pyramid is asked for: NDP's quadtree), else the powers of two below the side, then the side — the
-    pyramid 1, 2, 4, … at a power of two. Every schedule increases and ends at the latent side, as the decomposed
-    base needs (`PipelineConfig._cross_problems`)."""
-    if latent_side < 1:
-        raise ValueError(f"the latent side must be positive, got {latent_side}")
-    if not dyadic and latent_side in VAR_PATCH_NUMS:
-        return VAR_PATCH_NUMS[latent_side]
-    return (*(2**k for k in range(latent_side.bit_length()) if 2**k < latent_side), latent_side)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
-
-def _secret_options(value: Any) -> Any:
-    """fsspec options with their credential-like values held as secrets (conf/secrets.py)."""
-    from nextdetail.conf.secrets import wrap
-
-    return wrap(value) if isinstance(value, dict) else value
-
-
-class StorageConfig(_Section):
-    """Where every artifact lives: a local path or an fsspec URL (``s3://bucket/prefix``)."""
-
-    root: str = "./nextdetail-data"
-    # Passed to fsspec (e.g. {"client_kwargs": {"endpoint_url": ...}}). Credentials: the environment / an AWS
-    # profile, `credentials_file`, `credentials_block`, or inline here (held as secrets: never shown or stored).
-    options: dict[str, object] = Field(default_factory=dict)
-    credentials_file: str | None = Field(default=None, description="a JSON/YAML file of fsspec options (key, "
-                                         "secret, …) merged into `options` at run time")
-    credentials_block: str | None = Field(default=None, description="a Prefect Secret block (its value a mapping "
-                                          "of fsspec options as a JSON string) merged into `options` at run time")
-
-    _wrap_options = field_validator("options", mode="after")(_secret_options)
-
-
-class DaskConfig(_Section):
-    """Dask cluster for the parallel stages: a LocalCluster unless `address` names a running scheduler."""
-
-    address: str | None = None
-    n_workers: int | None = Field(default=None, ge=1, description="None: one per CPU core")
-    threads_per_worker: int = Field(default=1, ge=1)
-    memory_limit: str = "auto"
-
-
-class EmbeddedConfig(_Section):
-    """The embedded dataset: crops of real photographs that ship inside scikit-image, one class per photo."""
-
-    per_class: int = Field(default=200, ge=1, description="training images per class")
-    val_per_class: int = Field(default=20, ge=0, description="validation images per class")
-    image_size: int = Field(default=32, ge=8, le=1024, description="side of the square crops, pixels")
-    min_crop: float = Field(default=0.25, gt=0, le=1, description="smallest crop side, fraction of the shorter side")
-    image_format: Literal["png", "jpg"] = "png"
-    seed: int = 0
-
-
-class DataConfig(_Section):
-    """The source dataset: `embedded`, or a path/URL to an ImageNet-layout or class-folder dataset."""
-
-    source: str = "embedded"
-    layout: Literal["auto", "imagenet", "class_folders"] = "auto"
-    splits: list[str] = Field(default_factory=lambda: ["train", "val"], min_length=1)
-    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+from nextdetail.conf.cross import auto_patch_nums, cross_problems
+from nextdetail.conf.environment import DaskConfig, DataConfig, EmbeddedConfig, StorageConfig  # noqa: F401 (EmbeddedConfig: re-exported)
+from nextdetail.conf.environment import Section as _Section
+from nextdetail.conf.environment import secret_options as _secret_options
+from nextdetail.conf.model_settings import ARConfig, TokenizerConfig
 
 
 class ShardConfig(_Section):
@@ -174,92 +101,6 @@ class DecomposeConfig(_Section):
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
 
 
-class TokenizerConfig(_Section):
-    """CART's base-detail VQ-VAE on VAR's tokenizer (models/tokenizer.py) and its `train_tokenizer` stage."""
-
-    # Architecture (defaults: models/configs.TokenizerSpec, VAR's released tokenizer: ch 160, V 4096, z 32,
-    # ch_mult 1,1,2,2,4 → 16×).
-    vocab_size: int = Field(default=T.vocab_size, ge=2)
-    z_channels: int = Field(default=T.z_channels, ge=1)
-    ch: int = Field(default=T.ch, ge=8)
-    ch_mult: list[int] = Field(default_factory=lambda: list(T.ch_mult), min_length=1)
-    num_res_blocks: int = Field(default=T.num_res_blocks, ge=1)
-    dropout: float = Field(default=T.dropout, ge=0, lt=1)
-    using_sa: bool = T.using_sa
-    using_mid_sa: bool = T.using_mid_sa
-    beta: float = Field(default=T.beta, ge=0, description="commitment weight")
-    using_znorm: bool = Field(default=T.using_znorm, description="cosine code lookup instead of L2 (VAR's flag: "
-                              "only the lookup; codes and features stay as they are)")
-    normalized_codes: bool = Field(default=T.normalized_codes, description="LlamaGen's normalized embedding space "
-                                   "(NDP §2.1): the encoder's feature is ℓ2-normalized per position and map k's code "
-                                   "is s_k·e/‖e‖ with a learned per-map scale s_k, so the cosine lookup is also the "
-                                   "nearest code in L2")
-    quant_resi: float = Field(default=T.quant_resi, ge=0, le=1, description="φ's blend of conv and identity")
-    share_quant_resi: int = Field(default=T.share_quant_resi, ge=2, description="φ's shared by all token maps")
-    patch_nums: Annotated[list[int], Field(min_length=1)] | Literal["auto"] = Field(
-        default="auto", description="sides of the base token maps (the multi-scale schedule); auto: derived from "
-        "the latent side shard.resolution / downsampling (derived_patch_nums: VAR's schedule at "
-        "16 and 32, the dyadic pyramid 1, 2, 4, … for NDP and other powers of two)")
-    order: int | None = Field(default=None, ge=0, description="detail factors used; None: decompose.order; 0: VAR")
-    detail_depth: int = Field(default=T.detail_depth, ge=1,
-                              description="(M − B)/n: full-resolution token maps per detail factor")
-    residual: Literal["independent", "shared", "independent+global"] = Field(
-        default=T.residual, description="shared (default): each source's chain starts from what the chains before "
-        "it left, so the last map quantizes the global residual f_I − f̂ (Algorithm 1's running f_I); independent: "
-        "one residual chain per source (Algorithm 1 read literally: what the base chain leaves is never corrected); "
-        "independent+global: the independent chains, then one more full-resolution map on f_I − f̂")
-    pretrained: str | None = Field(default=None, description="a tokenizer file (path or URL) to adopt instead of "
-                                   "training: VAR's release (vae_ch160v4096z32.pth) or a nextdetail tokenizer.pt; "
-                                   "the architecture settings must describe it")
-    init_from: str | None = Field(default=None, description="VAR tokenizer checkpoint (vae_ch160v4096z32.pth) to start "
-                                  "from (fine-tuning; `pretrained` adopts one without training)")
-    truncation: float = Field(default=0.0, ge=0, le=1, description="NDP: fraction of training images decoded from "
-                              "a random quadtree state of the dyadic pyramid (region-wise truncation); needs order 0 "
-                              "and patch_nums 1, 2, 4, … up to the latent side")
-    # Training.
-    steps: int = Field(default=100_000, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    lr: float = Field(default=1e-4, gt=0)
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = Field(default=0.0, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    rec_loss: Literal["l2", "l1"] = "l2"
-    lpips_weight: float = Field(default=0.0, ge=0, description="0 disables the perceptual loss")
-    lpips_vgg16: str | None = Field(default=None, description="torchvision's vgg16 weights (vgg16-397923af.pth)")
-    lpips_lin: str | None = Field(default=None, description="LPIPS's linear layers (lpips/weights/v0.1/vgg.pth)")
-    gan_weight: float = Field(default=0.0, ge=0, description="0 disables the PatchGAN hinge loss")
-    gan_start: int = Field(default=0, ge=0, description="steps of warm-up before the discriminator joins")
-    restart_dead_every: int = Field(default=200, ge=0, description="steps between dead-code restarts; 0: never")
-    dead_threshold: float = Field(default=0.01, ge=0, description="dead: EMA hits below this fraction of uniform")
-    seed: int = 0
-    # How the work runs, not what it computes: excluded from the artifact identity.
-    device: Literal["cpu", "cuda"] = "cpu"
-    nproc: int | None = Field(default=1, ge=1, description="data-parallel processes (torchrun); None: one per GPU")
-    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
-    loader_workers: int = Field(default=0, ge=0, description="processes decoding batches ahead; 0: in the loop")
-    checkpoint_every: int = Field(default=1000, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1, description="step checkpoints kept")
-    log_every: int = Field(default=100, ge=1)
-
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
-
-    @model_validator(mode="after")
-    def _check(self) -> TokenizerConfig:
-        if self.patch_nums != "auto" and self.patch_nums != sorted(self.patch_nums):
-            raise ValueError(f"patch_nums must not decrease (repeats = residual maps at one scale), got {self.patch_nums}")
-        if self.lpips_weight > 0 and not (self.lpips_vgg16 and self.lpips_lin):
-            raise ValueError("lpips_weight > 0 needs lpips_vgg16 and lpips_lin (weights files; nothing is downloaded)")
-        return self
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    def identity_settings(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
-
-
 class TokensConfig(_Section):
     """The `tokenize` stage: every image's token maps in a content-addressed, shareable Zarr cache."""
 
@@ -288,71 +129,6 @@ class TokensConfig(_Section):
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"tokens.variants has repeats: {self.variants}")
         return self
-
-    def identity_settings(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
-
-
-class ARConfig(_Section):
-    """The `train_ar` stage: the next-detail transformer (CART §3.3) on the token cache, VAR's recipe."""
-
-    model: Literal["cart", "ndp"] = Field(
-        default="cart", description="cart: the block-causal next-detail transformer (CART); ndp: the masked "
-        "next-detail model with a difficulty head (NDP; needs tokenizer.order=0 and a dyadic patch_nums)")
-    # The model (defaults: models/configs.VARShape): width 64·depth and heads = depth unless set (VAR).
-    depth: int = Field(default=V.depth, ge=1)
-    width: int | None = Field(default=V.width, ge=8, description="None: 64 · depth (VAR)")
-    heads: int | None = Field(default=V.heads, ge=1, description="None: depth (VAR)")
-    mlp_ratio: float = Field(default=V.mlp_ratio, gt=0)
-    drop_path: float | None = Field(default=V.drop_path, ge=0, lt=1, description="None: 0.1 · depth / 24 (VAR)")
-    attn_l2_norm: bool = V.attn_l2_norm
-    class_dropout: float = Field(default=V.cond_drop, ge=0, le=1,
-                                 description="labels dropped for classifier-free guidance")
-    pretrained: str | None = Field(default=None, description="VAR's released transformer (var_d16.pth …, path or "
-                                   "URL) to adopt instead of training: order 0 over VAR's scales, its depth; the "
-                                   "model settings must describe it")
-    # The optimisation: AdamW, lr = base_lr · batch_size / base_batch (VAR: 1e-4 per 256), linear warm-up
-    # from warmup_start · lr, then decay to min_lr_ratio · lr.
-    steps: int = Field(default=200_000, ge=1)
-    batch_size: int = Field(default=768, ge=1, description="global batch, split over the processes")
-    base_lr: float = Field(default=1e-4, gt=0)
-    base_batch: int = Field(default=256, ge=1)
-    warmup_steps: int = Field(default=2000, ge=0)
-    warmup_start: float = Field(default=0.005, ge=0, le=1)
-    decay: Literal["linear", "cosine", "constant"] = "linear"
-    min_lr_ratio: float = Field(default=0.01, ge=0, le=1)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = Field(default=0.05, ge=0)
-    grad_clip: float = Field(default=2.0, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    loss_weighting: Literal["token", "map"] = Field(
-        default="token", description="token: every token counts the same (VAR); map: every token map counts the "
-        "same (the few coarse tokens that fix an image's layout and colours weigh as much as a detail map)")
-    difficulty_weight: float = Field(default=0.5, ge=0, description="weight of the difficulty head's loss — ndp: "
-                                     "MSE to the log latent error that refining a leaf removes; cart with detail maps: "
-                                     "the detail dial's head (detached features: the transformer is unchanged)")
-    split: str = "train"
-    val_split: str | None = Field(default="val", description="held-out split for the best checkpoint; None: none")
-    val_batches: int = Field(default=4, ge=1)
-    seed: int = 0
-    # How the work runs, not what it computes: excluded from the cache identity.
-    device: Literal["cpu", "cuda"] = "cpu"
-    nproc: int | None = Field(default=1, ge=1, description="processes (torchrun); None: one per visible GPU")
-    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
-    loader_workers: int = Field(default=0, ge=0)
-    checkpoint_every: int = Field(default=1000, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1, description="step checkpoints kept (evaluate with "
-                                  "eval.checkpoints=all draws its metric-vs-step curve from them)")
-    log_every: int = Field(default=100, ge=1)
-
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
-    ARCHITECTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(  # what adopted weights (`pretrained`) must match
-        {"model", "depth", "width", "heads", "mlp_ratio", "attn_l2_norm"})
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * self.batch_size / self.base_batch
 
     def identity_settings(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
@@ -453,10 +229,6 @@ class EvalConfig(_Section):
                 "prc_neighborhood": self.prc_neighborhood, "rng_seed": self.rng_seed}
 
 
-STAGES: tuple[str, ...] = ("shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "sample", "evaluate")
-"""Stages in pipeline order."""
-
-
 class PipelineConfig(_Section):
     preset: str = "custom"
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -475,12 +247,6 @@ class PipelineConfig(_Section):
         """The decomposition order the tokenizer uses: `tokenizer.order`, else `decompose.order` (0: VAR's)."""
         return self.decompose.order if self.tokenizer.order is None else self.tokenizer.order
 
-    def artifact_options(self, stage: str) -> dict[str, Any]:
-        """fsspec options for the storage a stage's artifact lives on (token caches may live elsewhere)."""
-        if stage == "tokenize" and self.tokens.cache_options is not None:
-            return dict(self.tokens.cache_options)
-        return dict(self.storage.options)
-
     _later_problems: list[str] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
@@ -489,10 +255,14 @@ class PipelineConfig(_Section):
         stages up to `until` (validation context {"until": stage}) refuses only the problems of those stages
         and their upstream; a later stage's problem is kept as a warning line (`warnings()`)."""
         if self.tokenizer.patch_nums == "auto":
-            self.tokenizer.patch_nums = list(self._derived_patch_nums())
+            self.tokenizer.patch_nums = list(auto_patch_nums(self))
+        from nextdetail.stages import (
+            STAGES,  # the stages' declarations read this module: looked up when validating
+        )
+
         until = (info.context or {}).get("until")
         last = STAGES.index(until) if until in STAGES else len(STAGES) - 1
-        problems = list(self._cross_problems())
+        problems = list(cross_problems(self))
         for stage, message in problems:
             if STAGES.index(stage) <= last:
                 raise ValueError(message)
@@ -503,42 +273,3 @@ class PipelineConfig(_Section):
     def warnings(self) -> list[str]:
         """Problems of stages the command that loaded this config does not run (see `_check_cross`)."""
         return list(self._later_problems)
-
-    def _derived_patch_nums(self) -> tuple[int, ...]:
-        res, down = self.shard.resolution, self.tokenizer.downsample
-        if res is None or res < down:
-            return tuple(T.patch_nums)
-        dyadic = self.ar.model == "ndp" or self.tokenizer.truncation > 0
-        return derived_patch_nums(res // down, dyadic=dyadic)
-
-    def _cross_problems(self) -> Iterator[tuple[str, str]]:
-        """(the first stage that cannot run, why) for each inconsistency between sections."""
-        res, down = self.shard.resolution, self.tokenizer.downsample
-        if res is not None and res % down:
-            yield "train_tokenizer", f"shard.resolution={res} is not a multiple of the tokenizer's downsampling {down}"
-        if res is not None and self.tokenizer.patch_nums[-1] > res // down:
-            yield "train_tokenizer", (
-                f"tokenizer.patch_nums must end at most at the latent side {res // down} (= shard.resolution / {down}),"
-                f" not {self.tokenizer.patch_nums[-1]} (or set tokenizer.patch_nums=auto)")
-        if self.tokenizer.order is not None and self.tokenizer.order > self.decompose.order:
-            yield "train_tokenizer", (f"tokenizer.order={self.tokenizer.order} needs decompose.order ≥ it "
-                                      f"(now {self.decompose.order})")
-        order = self.tokenizer_order
-        latent = None if res is None else res // down
-        if order >= 1 and latent is not None and self.tokenizer.patch_nums[-1] != latent:
-            # The base maps are B_n's multi-scale tokens: with one chain per source (`independent`) nothing
-            # quantizes the base above its last grid, so what lies between that grid and the latent one is lost
-            # for good; with `shared` the detail maps would have to carry it, which is not what they are for.
-            yield "train_tokenizer", (
-                f"with decomposition order {order} the base scales must end at the latent side {latent} "
-                f"(= shard.resolution / {down}), not at {self.tokenizer.patch_nums[-1]}: the base maps "
-                f"would leave the base unquantized above their last scale; end tokenizer.patch_nums with {latent} "
-                f"(e.g. VAR's [1, 2, 3, 4, 5, 6, 8, 10, 13, 16] at 16), or set tokenizer.patch_nums=auto")
-        if self.ar.model == "ndp" or self.tokenizer.truncation > 0:
-            what = "ar.model=ndp" if self.ar.model == "ndp" else "tokenizer.truncation > 0"
-            if self.tokenizer.order != 0 or (latent is not None and (latent & (latent - 1) or
-                                                                      self.tokenizer.patch_nums != list(dyadic_sides(latent)))):
-                yield "train_tokenizer" if self.tokenizer.truncation > 0 else "train_ar", (
-                    f"{what} needs a dyadic pyramid tokenizer: tokenizer.order=0 and tokenizer.patch_nums="
-                    f"{list(dyadic_sides(latent)) if latent and not latent & (latent - 1) else '1, 2, 4, …'}"
-                    " (`--model ndp` sets both)")

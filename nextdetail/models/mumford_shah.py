@@ -43,7 +43,6 @@ of the eager ops' ~48 plus their set-up passes. Without a compiler the eager pat
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -357,8 +356,3 @@ def details(images: Tensor, bases: Tensor) -> Tensor:
     """D_1 … D_n from B_0 = images and B_1 … B_n: D_k = B_{k−1} − B_k, (n, B, C, H, W)."""
     previous = torch.cat([images.float().unsqueeze(0), bases[:-1].float()])
     return previous - bases.float()
-
-
-def smoothing_length(alpha: float) -> float:
-    """√α: the diffusion length (pixels) of the u-step in a flat region (for docs and tests)."""
-    return math.sqrt(alpha)

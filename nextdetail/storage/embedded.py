@@ -46,7 +46,7 @@ CLASSES: tuple[str, ...] = tuple(sorted(
 
 
 def embedded_identity(cfg: EmbeddedConfig) -> str:
-    from nextdetail.conf.code import code_fingerprint
+    from nextdetail.pipeline.code import code_fingerprint
 
     return stable_hash({"embedded": cfg.model_dump(), "code": code_fingerprint([__name__])})
 

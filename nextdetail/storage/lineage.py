@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nextdetail.storage.artifacts import Artifact
+from nextdetail.pipeline.artifacts import Artifact
 from nextdetail.storage.fs import Store
 from nextdetail.storage.hashing import canonical_json
 from nextdetail.storage.roots import Roots, place, relativize
@@ -77,9 +77,9 @@ def environment() -> dict[str, Any]:
 
 
 def _stage_directory(stage: str) -> str | None:
-    from nextdetail.conf.stages import SPECS
+    from nextdetail.stages import REGISTRY
 
-    return SPECS[stage].directory if stage in SPECS else None
+    return REGISTRY[stage].directory if stage in REGISTRY else None
 
 
 class Lineage:

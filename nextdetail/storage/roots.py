@@ -30,9 +30,13 @@ class Roots:
     @classmethod
     def of(cls, cfg: Any) -> Roots:
         """`storage.root` and the caches `cfg` (a PipelineConfig) names, with their options."""
+        from nextdetail.stages import REGISTRY
+
         stores = [Store(cfg.storage.root, cfg.storage.options)]
-        if cfg.tokens.cache:
-            stores.append(Store(cfg.tokens.cache, cfg.artifact_options("tokenize")))
+        for stage in REGISTRY.values():  # a stage whose artifacts live elsewhere (token caches: tokens.cache)
+            url, options = stage.root(cfg)
+            if url != cfg.storage.root and url not in (s.url() for s in stores):
+                stores.append(Store(url, options))
         if cfg.eval.reference_cache:
             options = cfg.eval.reference_cache_options
             stores.append(Store(cfg.eval.reference_cache, cfg.storage.options if options is None else options))

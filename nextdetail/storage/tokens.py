@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from nextdetail.errors import UserError
-from nextdetail.storage.artifacts import listed_files, withdraw
+from nextdetail.pipeline.artifacts import listed_files, withdraw
 from nextdetail.storage.codecs import check_codecs
 from nextdetail.storage.fs import OutsideRoot, Store, relative_path
 from nextdetail.storage.hashing import bytes_sha256, canonical_json

@@ -1,1 +1,0 @@
-"""Prefect flows: `runtime` sets up Prefect and Dask, one module per flow."""

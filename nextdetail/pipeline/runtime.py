@@ -1,0 +1,242 @@
+"""Process set-up for Prefect and Dask. Import and call `configure_environment` before `prefect`.
+
+- Prefect runs against its ephemeral local server unless PREFECT_API_URL names a real one. The
+  server is started once here and its URL exported, so Dask worker processes (which inherit the
+  environment) talk to it instead of each starting a server of their own.
+- Nothing tries the network: analytics and telemetry are off; PREFECT_HOME defaults to
+  ``./.nextdetail/prefect`` so state stays with the project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ENV_DEFAULTS = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+    "PREFECT_UI_ENABLED": "false",
+}
+
+
+QUIET = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # the terminal handler only: the UI still gets INFO
+    "DASK_LOGGING__DISTRIBUTED": "warning",
+}
+
+
+def configure_environment(work_dir: str | Path = ".nextdetail", verbose: bool = False) -> None:
+    """Set Prefect's environment defaults (a user's own settings win). Call before importing prefect. Unless
+    `verbose`, Prefect's and Dask's own INFO logs stay off the terminal (our progress bars and summaries show)."""
+    for key, value in {**ENV_DEFAULTS, **({} if verbose else QUIET)}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(Path(work_dir, "prefect").resolve()))
+    # Importing prefect tries to make PREFECT_HOME's last directory and warns when its parent (`./.nextdetail`) is
+    # not there yet — a fresh clone's first run; `prefect_api` makes the whole path before the server needs it,
+    # and nothing is written before the checks of the front door pass.
+    warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory", category=UserWarning)
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the API URL in use: PREFECT_API_URL if set, else a freshly started ephemeral server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # the ephemeral server's database, a CA file
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the CLI's watchdog (`watch_parent`) ends it if this process is killed
+        server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        url = server.api_url
+        # Not stopped by hand at exit: Prefect's own atexit handling does it (stopping it here can hang).
+        os.environ["PREFECT_API_URL"] = url
+    _light_tls_context_for_plain_http(url)
+    _quiet_user_errors()
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+WATCHDOG = """
+import os, sys, time
+import psutil
+parent = psutil.Process(int(sys.argv[1]))
+me = os.getpid()
+family = []
+try:
+    while parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE:
+        family = [p for p in parent.children(recursive=True) if p.pid != me]  # server, Dask workers, ranks
+        time.sleep(0.5)
+except psutil.Error:
+    pass
+for p in family:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(family, timeout=3)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def watch_parent() -> None:
+    """What this process starts (the ephemeral Prefect server, the Dask cluster, torchrun ranks) must not
+    outlive it, even SIGKILLed (they would keep running under ppid 1): a small watchdog in its own session
+    keeps the list of this process's descendants and ends them when this process is gone."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def end_children(grace: float = 3.0) -> None:
+    """SIGTERM every process this one started (Prefect's server, Dask's nannies and workers, torchrun ranks),
+    SIGKILL whatever is left after `grace` seconds. Asked again until none is left: a Dask nanny (a thread of
+    this process) restarts a worker whose process ends. What they wrote is atomic: a re-run resumes."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while (children := psutil.Process().children(recursive=True)) and time.monotonic() < deadline + grace:
+        late = time.monotonic() > deadline
+        for p in children:
+            with contextlib.suppress(psutil.Error):
+                p.kill() if late else p.terminate()
+        psutil.wait_procs(children, timeout=0.3)
+
+
+def dask_setup(worker: Any) -> None:
+    """Dask preload hook (this module is preloaded into every LocalCluster worker). A terminal's Ctrl-C goes to
+    the whole process group; the CLI owns it and ends the workers itself (`end_children`), so a worker neither
+    stops half-way on its own nor is restarted by its nanny to find the scheduler gone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """A `UserError` (bad config or data) reaches the user as the CLI's one line; Prefect's console copies of
+    it — the traceback and the "Finished in state Failed" line — are dropped there (the UI keeps them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from nextdetail.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            return False
+        return "UserError" not in record.getMessage()
+
+
+def _quiet_user_errors() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), *[logging.getLogger(n) for n in ("prefect", "prefect.flow_runs",
+                                                                          "prefect.task_runs")]):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    isinstance(f, _NoUserErrorTracebacks) for f in handler.filters):
+                handler.addFilter(_NoUserErrorTracebacks())
+
+
+def _light_tls_context_for_plain_http(url: str) -> None:
+    """An http:// API never uses TLS, yet Prefect builds a verified SSL context from certifi's whole
+    bundle for every client it opens (~20 ms each, dozens per task run: a measurable share of a
+    shard task). Point it at a one-certificate file instead (~1 ms). Exported, so Dask workers
+    started afterwards inherit it; a user's own PREFECT_API_SSL_CERT_FILE wins."""
+    if not url.startswith("http://") or os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        return
+    import certifi
+
+    bundle = Path(certifi.where()).read_text()
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    first = bundle[bundle.index(begin) : bundle.index(end) + len(end)] + "\n"
+    path = Path(os.environ["PREFECT_HOME"], "one-ca.pem")
+    if not path.exists() or path.read_text() != first:
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(first)
+        tmp.replace(path)
+    os.environ["PREFECT_API_SSL_CERT_FILE"] = str(path)
+
+
+@contextlib.contextmanager
+def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker: int, memory_limit: str) -> Iterator[str]:
+    """Yield a scheduler address: `address` as given, else a LocalCluster of worker processes that
+    lives for the whole pipeline run (started once, shared by every parallel stage)."""
+    if address:
+        yield address
+        return
+    import dask
+    from distributed import LocalCluster
+
+    # Dask's statistical profiler samples every worker thread's stack 100×/s (GIL churn): measured
+    # ~20% of the throughput of image-bound tasks. Workers inherit this config from the nanny.
+    # Nannies capture the config at start-up and hand it to (re)started workers.
+    # Dask also exports MALLOC_TRIM_THRESHOLD_=65536 to its workers, and setting any glibc malloc
+    # threshold turns off glibc's adaptive mmap threshold: every decoded image or tensor above 128 KiB
+    # is then mmap'ed and page-faulted afresh (measured 10–20% more CPU for the shard loop). Our
+    # workers allocate and free same-sized buffers all run long, which the adaptive default reuses.
+    # A user's own MALLOC_TRIM_THRESHOLD_ in the environment is still inherited.
+    with dask.config.set({"distributed.worker.profile.enabled": False,
+                          "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(
+            n_workers=n_workers or os.cpu_count() or 1,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            memory_limit=memory_limit,
+            dashboard_address=":0",  # a free port: concurrent runs never collide
+            # Workers import the stage code (and Prefect) at start-up, not inside the first task.
+            preload=["nextdetail.stages.shard.tasks", "nextdetail.stages.decompose.tasks", __name__],
+            silence_logs=logging.WARNING,
+        )
+    try:
+        yield cluster.scheduler_address
+    finally:
+        # Ending the cluster is ours: a nanny whose worker is slow to exit on a loaded machine ("still alive
+        # after 4.0 seconds, killing") kills it as asked; that warning is not news for the terminal.
+        nanny = logging.getLogger("distributed.nanny")
+        level = nanny.level
+        nanny.setLevel(logging.ERROR)
+        try:
+            cluster.close()
+        finally:
+            nanny.setLevel(level)
+
+
+def dask_task_runner(address: str) -> Any:
+    """Prefect's Dask task runner on the scheduler at `address`, submitting with ``pure=False``.
+
+    prefect-dask submits "pure" tasks, so Dask hashes every submission to name it: the closure
+    Prefect wraps each task in (pickled by value) and the serialized Prefect settings included
+    (measured ≈70 ms of flow-process CPU per task, taken from the workers on a small machine).
+    Prefect gives each task run its own id and does its own caching, so that hash buys nothing."""
+    from prefect_dask import DaskTaskRunner
+    from prefect_dask.task_runners import PrefectDaskFuture
+
+    class _ImpureDaskTaskRunner(DaskTaskRunner):
+        def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
+            if not self._started:
+                raise RuntimeError("The task runner must be started before submitting work.")
+            future = self.client.submit(
+                task,
+                parameters=self._optimize_futures(parameters),
+                wait_for=self._optimize_futures(wait_for) if wait_for else None,
+                dependencies=dependencies,
+                return_type="state",
+                pure=False,
+            )
+            return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+
+    return _ImpureDaskTaskRunner(address=address)

@@ -1,0 +1,160 @@
+"""The `evaluate` flow: reference statistics (cached by content, shareable), the tokenizer's reconstruction
+metrics, then FID / IS / KID / precision-recall of the transformer's checkpoints and a report."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prefect import flow, get_run_logger
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.pipeline.parts import build_one
+from nextdetail.pipeline.tasks import build_artifact
+from nextdetail.stages.evaluate import EvalResult
+from nextdetail.stages.evaluate.reference_stats import (
+    ReferenceSpec,
+    RefHandle,
+    ensure_reference,
+    plan_reference,
+    reference_spec,
+    reference_stats,
+    withdraw_if_damaged,
+)
+from nextdetail.stages.evaluate.tasks import (
+    CheckpointRef,
+    EvalInputs,
+    evaluate_stage,
+    plan_evaluation,
+    run_evaluation,
+    sampling_config,
+)
+from nextdetail.stages.evaluate.tokenizer_metrics import (
+    TokenizerEvalInputs,
+    plan_tokenizer_metrics,
+    tokenizer_metrics,
+)
+from nextdetail.stages.shard import ShardResult
+from nextdetail.stages.tokenize import TokensResult
+from nextdetail.stages.train_ar import ARResult
+from nextdetail.stages.train_tokenizer import TokenizerResult
+from nextdetail.storage.fs import Store
+
+if TYPE_CHECKING:
+    from nextdetail.pipeline.declaration import StageKey
+
+
+def reference_root(cfg: PipelineConfig) -> Store:
+    e = cfg.eval
+    return Store(e.reference_cache or cfg.storage.root,
+                 e.reference_cache_options if e.reference_cache_options is not None else cfg.storage.options)
+
+
+def extractor_identity(cfg: PipelineConfig) -> dict[str, str]:
+    """The extractor's name and weights sha256 (builds it: Inception's weights must be at hand)."""
+    from nextdetail.models.feature_extractor import build_extractor
+
+    return build_extractor(cfg.eval.extractor, cfg.eval.inception_weights, cfg.eval.weights_cache)[1].identity()
+
+
+def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str, str], progress: bool) -> RefHandle:
+    """The reference statistics of `spec`: from the cache when complete and intact, else computed (a task)."""
+    e, root = cfg.eval, reference_root(cfg)
+    artifact = plan_reference(root, spec, extractor)
+    withdraw_if_damaged(artifact, get_run_logger().warning)
+    fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size,
+                                 e.device, progress)
+    record = fut.result()
+    get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
+                          record["summary"]["images"], record["work"], artifact.store.url())
+    return RefHandle(artifact.store.url(), root.options, record)
+
+
+def list_checkpoints(ar: ARResult, which: str, options: dict) -> list[CheckpointRef]:
+    """last → transformer.pt; best → best.pt; all → every kept step checkpoint (transformer.pt if none)."""
+    exported = f"{ar.url}/transformer.pt"
+    if which == "best":
+        return [CheckpointRef("best", f"{ar.url}/best.pt", step=ar.summary.get("best_step"))]
+    if which == "all":
+        from nextdetail.storage.checkpoints import CHECKPOINTS
+
+        names = [n for n in Store(ar.url, options).listdir(CHECKPOINTS) if n.startswith("step-") and n.endswith(".pt")]
+        refs = [CheckpointRef(f"step {int(n[5:-3])}", exported, f"{ar.url}/{CHECKPOINTS}/{n}", int(n[5:-3]))
+                for n in sorted(names)]
+        if refs:
+            return refs
+    return [CheckpointRef("last", exported, step=ar.summary.get("steps"))]
+
+
+@flow(name="evaluate", log_prints=False, persist_result=False, validate_parameters=False)
+def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tokenizer: TokenizerResult,
+                  tokenize: TokensResult, train_ar: ARResult, progress: bool = True) -> EvalResult:
+    shards, tokenizer, tokens, ar = shard, train_tokenizer, tokenize, train_ar  # the upstream results, by stage name
+    from nextdetail.stages.sample.flow import reference_images
+
+    t0 = time.time()
+    e = cfg.eval
+    extractor = extractor_identity(cfg)
+    spec = reference_spec(e.reference, shards.url, shards.identity, cfg.shard.image_format, cfg.storage.options,
+                          e.reference_max)
+    ref = get_reference(cfg, spec, extractor, progress)
+    dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
+    out_root = key.output(cfg, dataset_dir)
+    tok_summary = None
+    if e.rfid:
+        held_out = get_reference(cfg, reference_spec(e.rfid_split, shards.url, shards.identity, cfg.shard.image_format,
+                                                     cfg.storage.options, None), extractor, progress)
+        cache = tokens.open()
+        tinputs = TokenizerEvalInputs(tokens.url, tokens.options, tokens.local_cache, tokenizer.checkpoint_url,
+                                      cache.record["lineage"]["upstream"]["tokenizer_sha256"], shards.url,
+                                      cfg.shard.image_format, cfg.storage.options, e.rfid_split, held_out)
+        tart = plan_tokenizer_metrics(out_root, tokens.identity, tinputs, extractor)
+        record = tokenizer_metrics.submit(tart, tinputs, e, progress).result()
+        tok_summary = {**record["summary"], "identity": tart.identity}
+    refs = list_checkpoints(ar, e.checkpoints, cfg.storage.options)
+    what = {"model": f"the CART transformer `{ar_dir}`", "dataset": f"`{dataset_dir}`", "train_ar_url": ar.url,
+            "train_ar_identity": ar.identity}
+    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary,
+                        roots=(cfg.storage.root,))
+    artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
+    return build_one(EvalResult, evaluate_stage, artifact, inputs, e, sampling_config(e, cfg.sample), progress,
+                     started=t0, fields={"reference": {"url": ref.url, "identity": ref.identity,
+                                                       "work": ref.record["work"]}})
+
+
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult, tokenize: TokensResult, train_ar: ARResult, progress: bool = True) -> EvalResult:
+    """The evaluate flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
+    return stage_flow(cfg, key, shard=shard, train_tokenizer=train_tokenizer, tokenize=tokenize, train_ar=train_ar, progress=progress)
+
+
+def evaluate_files(cfg: PipelineConfig, key: StageKey, checkpoints: list[str], out: str, shards: ShardResult | None,
+                   progress: bool = True) -> EvalResult:
+    """`nextdetail eval --ckpt A [--ckpt B …]`: exported checkpoints (transformer.pt / best.pt) evaluated into
+    `out`, outside the pipeline's cache (`key`: `pipeline.declaration.files_key` of the checkpoints); the reference statistics still come from (and go to) their cache."""
+    e = cfg.eval
+    if shards is None and "/" not in e.reference and not e.reference.endswith(".npz"):
+        raise UserError(f"eval.reference={e.reference} is a split name; it needs the shard dataset")
+    extractor = extractor_identity(cfg)
+    spec = reference_spec(e.reference, shards.url if shards else "", shards.identity if shards else "",
+                          cfg.shard.image_format, cfg.storage.options, e.reference_max)
+    rart = plan_reference(reference_root(cfg), spec, extractor)
+    record = ensure_reference(rart, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size, e.device,
+                              progress)
+    ref = RefHandle(rart.store.url(), rart.store.options, record)
+    refs = []
+    for path in checkpoints:
+        parent, name = path.rstrip("/").rsplit("/", 1)
+        if Store(parent, cfg.storage.options).size(name) is None:
+            raise UserError(f"{path}: no such checkpoint; pass a transformer.pt or best.pt of `nextdetail train-ar`")
+        label = name if name not in {r.label for r in refs} else f"{len(refs) + 1}-{name}"  # names samples/<label>.tar
+        refs.append(CheckpointRef(label, path))
+    inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, {"model": ", ".join(f"`{p}`" for p in checkpoints)},
+                        roots=(cfg.storage.root,))
+    t0 = time.time()
+    store = Store(out, cfg.storage.options)
+    artifact = plan_evaluation(store, key, inputs, e, subdir=False)
+    done = build_artifact(artifact, lambda a: run_evaluation(a.store, inputs, e, sampling_config(e, cfg.sample), print,
+                                                             progress))
+    return EvalResult(store.url(), artifact.identity, done["summary"], done["work"], round(time.time() - t0, 3),
+                      {"url": ref.url, "identity": ref.identity, "work": record["work"]})

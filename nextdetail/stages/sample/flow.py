@@ -1,0 +1,67 @@
+"""The `sample` flow: class-conditional samples of the trained transformer (a cached stage), with a real
+photo of each class beside its samples."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from prefect import flow
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.pipeline.parts import build_one
+from nextdetail.stages.sample import SampleResult
+from nextdetail.stages.sample.tasks import SampleInputs, plan_samples, run_sampling, sample_stage
+from nextdetail.stages.shard import ShardResult
+from nextdetail.stages.tokenize import TokensResult
+from nextdetail.stages.train_ar import ARResult
+from nextdetail.storage.fs import Store
+
+if TYPE_CHECKING:
+    from nextdetail.pipeline.declaration import StageKey
+
+
+def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensResult) -> tuple[tuple[int, bytes], ...]:
+    """One real image per class (the first held-out one, else the first training one), PNG-encoded."""
+    from PIL import Image
+
+    from nextdetail.figures import png_bytes
+    from nextdetail.storage.shards import read_tar_images
+
+    rows = tokens.open().index().select(["key", "split", "shard", "class_index"]).to_pylist()
+    rows.sort(key=lambda r: (r["split"] != "val", r["key"]))
+    first: dict[int, dict] = {}
+    for r in rows:
+        first.setdefault(r["class_index"], r)
+    store = Store(shards.url, cfg.storage.options)
+    out = []
+    for c, r in sorted(first.items()):
+        image = read_tar_images(store, r["shard"], (r["key"],), cfg.shard.image_format)[0]
+        out.append((c, png_bytes(Image.fromarray(image))))
+    return tuple(out)
+
+
+@flow(name="sample", log_prints=False, persist_result=False, validate_parameters=False)
+def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, tokenize: TokensResult, train_ar: ARResult,
+                progress: bool = True) -> SampleResult:
+    shards, tokens, ar = shard, tokenize, train_ar  # the upstream results, by stage name
+    t0 = time.time()
+    name = "transformer.pt" if cfg.sample.checkpoint == "last" else "best.pt"
+    inputs = SampleInputs(f"{ar.url}/{name}", cfg.storage.options, reference_images(cfg, shards, tokens),
+                          roots=(cfg.storage.root,))
+    dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
+    artifact = plan_samples(key.output(cfg, dataset_dir, ar_dir), key, cfg.sample)
+    return build_one(SampleResult, sample_stage, artifact, inputs, cfg.sample, progress, started=t0)
+
+
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, tokenize: TokensResult, train_ar: ARResult, progress: bool = True) -> SampleResult:
+    """The sample flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
+    return stage_flow(cfg, key, shard=shard, tokenize=tokenize, train_ar=train_ar, progress=progress)
+
+
+def sample_files(cfg: PipelineConfig, checkpoint: str, out: str, progress: bool = True) -> SampleResult:
+    """`nextdetail sample --ckpt`: samples of a transformer.pt / best.pt from anywhere into `out`, outside the
+    pipeline's cache (nothing is reused or recorded)."""
+    inputs = SampleInputs(checkpoint, cfg.storage.options, roots=(cfg.storage.root,))  # + the checkpoint's own root
+    summary, _ = run_sampling(Store(out, cfg.storage.options), inputs, cfg.sample, progress=progress)
+    return SampleResult(summary["url"], "", summary, work="ran (outside the pipeline's cache)")

@@ -1,0 +1,284 @@
+"""The `sample` stage (and `nextdetail sample --ckpt …`): a trained transformer → class-conditional
+samples people can look at and the evaluation can read.
+
+Data flow (all in this file; the sampling itself in `models/sampler.py`):
+  transformer.pt (or best.pt) + the tokenizer.pt it names (sha256 checked)
+  ─▶ `generate`: per class `per_class` samples in batches; CFG ramped over the maps (VAR), top-k/top-p;
+     one torch.Generator seeded `seed` per class, so a class's samples do not depend on which other
+     classes were asked for
+  ─▶ images/<class index>-<class>/<i>.png, grids/<class index>-<class>.png (a real photo of the class
+     first, then its samples), grid.png (every class, one row each), samples.tar (webdataset: png, cls)
+  ─▶ NDP (kind ndp): the budgeted sampler (`models/ndp_sampler.py`: budget, estimator, refine_per_step);
+     heatmap.png — every sample beside the map of how deep each patch was refined — and the FLOPs and
+     tokens per image in summary.json
+  ─▶ CART with upscale = f > 1: hires/grid.png — per class, the bilinear ×f baseline beside CART's
+     upscaled base + patch-wise detail (§4.2.1), and hires/images/…
+  ─▶ summary.json (images/s, forward passes per image, settings), _COMPLETE.json
+
+Identity: the stage's (pipeline/declaration.py): `sample.*` but batch size/device, the train_ar identity with the
+sha256 of the transformer's weights, and the code its flow imports (the model family's sampler).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from nextdetail.conf.schema import SampleConfig
+from nextdetail.errors import UserError
+from nextdetail.models.tokenizer import images_to_uint8 as to_uint8
+from nextdetail.pipeline.tasks import Artifact, stage_task
+from nextdetail.storage.fs import Store, under
+
+if TYPE_CHECKING:
+    from nextdetail.pipeline.declaration import StageKey
+
+
+@dataclass(frozen=True)
+class SampleInputs:
+    checkpoint_url: str  # transformer.pt or best.pt of a train_ar run
+    options: dict
+    references: tuple[tuple[int, bytes], ...] = ()  # (class index, a real image PNG/JPEG of it) for the grids
+    roots: tuple[str, ...] = ()  # where the checkpoint's tokenizer may be read (storage.root); see load_models
+
+
+# Where a root can have been before it was copied, moved or pulled (`nextdetail cache push|pull`): a recorded
+# tokenizer URL of one of these may be rebased onto this run's roots. Any other (http, ftp, …) is never used.
+STORAGE_PROTOCOLS = ("file", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def _protocol_and_url(url: str) -> tuple[str | None, str]:
+    """(protocol, `url` normalized by `posixpath.normpath`: `..` resolved, so it cannot climb out of a root);
+    "file" for an absolute local path, None for a relative one or a chained URL (`a::b`), which name no place."""
+    url = url.removeprefix("file://")
+    if "::" in url or not ("://" in url or url.startswith("/")):
+        return None, url
+    if "://" not in url:
+        return "file", posixpath.normpath(url)
+    protocol, rest = url.split("://", 1)
+    return protocol.lower(), f"{protocol.lower()}://{posixpath.normpath(rest)}"
+
+
+def checkpoint_root(checkpoint_url: str) -> str | None:
+    """The storage root a checkpoint lies in by the stage layout (`<root>/transformer/<dataset>/<run>/<file>`)."""
+    parts = checkpoint_url.rstrip("/").rsplit("/", 4)
+    return parts[0] if len(parts) == 5 and parts[1] == "transformer" and parts[0] else None
+
+
+def tokenizer_url(checkpoint_url: str, recorded: str, roots: tuple[str, ...], options: dict) -> str:
+    """The tokenizer a transformer checkpoint names (`recorded`, from its record) as a path or URL under one of
+    `roots`: a record is only as trusted as whoever can write the bucket, so nothing outside the roots is read.
+    One under no root but in a root's layout (`…/tokenizer/…`: its root copied, moved or pulled) is rebased onto
+    each root in turn and the first that holds the file used; the caller's sha256 check guards the content.
+    Anything else (http, ftp, a path elsewhere) is one line naming the checkpoint."""
+    allowed = [url for _, url in (_protocol_and_url(Store(r, options).url()) for r in roots)]
+    protocol, url = _protocol_and_url(recorded)
+    if protocol is not None and any(under(url, root) for root in allowed):
+        return url
+    if protocol in STORAGE_PROTOCOLS:
+        at = url.find("/tokenizer/")
+        while at >= 0:  # every place the suffix may start (a root's own path may hold "/tokenizer/" too)
+            for root in allowed:
+                candidate = f"{root.rstrip('/')}/{url[at + 1:]}"
+                parent, name = candidate.rsplit("/", 1)
+                if Store(parent, options).exists(name):
+                    return candidate
+            at = url.find("/tokenizer/", at + 1)
+    raise UserError(f"{checkpoint_url}: names its tokenizer at {recorded}, outside the roots this run was given "
+                    f"({', '.join(allowed) or 'none'}); nothing is fetched — copy the tokenizer under the root")
+
+
+def load_models(checkpoint_url: str, options: dict, device: str, cfg: SampleConfig | None = None,
+                roots: tuple[str, ...] = ()) -> tuple[Any, dict]:
+    """(CARTSampler or NDPSampler — the checkpoint's kind — on `device`, the checkpoint's record). The
+    tokenizer comes from the record's url, read only under `roots` (storage.root) or the checkpoint's own root
+    (`tokenizer_url`), and must still have the recorded sha256. `cfg`: NDP's dial."""
+    from nextdetail.models import family
+    from nextdetail.models.tokenizer import load_tokenizer
+    from nextdetail.stages.train_ar.tasks import load_transformer
+
+    parent, name = checkpoint_url.rstrip("/").rsplit("/", 1)
+    store = Store(parent, options)
+    if not store.exists(name):
+        raise UserError(f"{checkpoint_url}: no such checkpoint; pass a transformer.pt or best.pt of "
+                        "`nextdetail train-ar` (under <storage.root>/transformer/)")
+    transformer, record = load_transformer(store.read_bytes(name), where=checkpoint_url)
+    own = checkpoint_root(checkpoint_url)
+    url = tokenizer_url(checkpoint_url, record["tokenizer"]["url"], (*roots, *([own] if own else [])), options)
+    tokenizer = load_tokenizer(url, options, record["tokenizer"]["sha256"], checkpoint_url)
+    sampler = family(record.get("kind", "cart"), "sampler").from_config(transformer.to(device), tokenizer.to(device),
+                                                                         cfg or SampleConfig())
+    return sampler, record
+
+
+def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
+             progress: bool = False) -> dict[str, Any]:
+    """Samples per class: {"images": {c: (n, H, W, 3) uint8}, "hires": {c: (…, fH, fW, 3)}, "bilinear": …,
+    "seconds": trained-size sampling time, "hires_seconds"}; NDP adds "levels": {c: (n, S, S)} (the level
+    each latent cell was refined to), "flops" and "tokens" (per image, all classes)."""
+    from tqdm import tqdm
+
+    from nextdetail.models.sampler import bilinear_upscale
+
+    images: dict[int, np.ndarray] = {}
+    hires: dict[int, np.ndarray] = {}
+    bilinear: dict[int, np.ndarray] = {}
+    levels: dict[int, np.ndarray] = {}
+    flops: list[np.ndarray] = []
+    tokens: list[np.ndarray] = []
+    seconds = hires_seconds = 0.0
+    ndp = hasattr(sampler, "estimator")
+    for c in tqdm(classes, desc="sample", unit="class", disable=not progress, leave=False):
+        g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + c)
+        chunks, hchunks, bchunks, lchunks = [], [], [], []
+        for start in range(0, cfg.per_class, cfg.batch_size):
+            n = min(cfg.batch_size, cfg.per_class - start)
+            labels = torch.full((n,), c, dtype=torch.long, device=device)
+            t0 = time.perf_counter()
+            out = sampler.sample(labels, cfg.cfg, cfg.top_k, cfg.top_p, g)
+            seconds += time.perf_counter() - t0
+            chunks.append(to_uint8(out.images))
+            if ndp:
+                lchunks.append(out.level_maps.cpu().numpy().astype(np.uint8))
+                flops.append(out.flops.cpu().numpy())
+                tokens.append(out.tokens.cpu().numpy())
+            elif cfg.upscale > 1:
+                t0 = time.perf_counter()
+                hchunks.append(to_uint8(sampler.upscale(labels, out.maps, cfg.upscale, cfg.cfg, cfg.top_k, cfg.top_p, g)))
+                hires_seconds += time.perf_counter() - t0
+                bchunks.append(to_uint8(bilinear_upscale(out.images, cfg.upscale)))
+        images[c] = np.concatenate(chunks)
+        if hchunks:
+            hires[c], bilinear[c] = np.concatenate(hchunks), np.concatenate(bchunks)
+        if lchunks:
+            levels[c] = np.concatenate(lchunks)
+    out = {"images": images, "hires": hires, "bilinear": bilinear, "seconds": seconds, "hires_seconds": hires_seconds}
+    if ndp:
+        out.update(levels=levels, flops=np.concatenate(flops), tokens=np.concatenate(tokens),
+                   pyramid_levels=len(sampler.sides))
+    return out
+
+
+def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], references: dict[int, np.ndarray],
+                  upscale: int) -> list[str]:
+    """PNGs, grids, the webdataset tar; returns the files written (relative to `store`)."""
+    from nextdetail.figures import class_grid, pair_grid, png_bytes
+    from nextdetail.storage.shards import ShardTarWriter
+
+    files: list[str] = []
+
+    def put(rel: str, data: bytes) -> None:
+        store.write_bytes(rel, data)
+        files.append(rel)
+
+    def png(a: np.ndarray) -> bytes:
+        from PIL import Image
+
+        return png_bytes(Image.fromarray(a))
+
+    tar = io.BytesIO()
+    writer = ShardTarWriter(tar)
+    rows = []
+    for c, imgs in result["images"].items():
+        stem = f"{c:04d}-{class_names[c]}"
+        for i, a in enumerate(imgs):
+            data = png(a)
+            put(f"images/{stem}/{i:04d}.png", data)
+            writer.write({"__key__": f"{stem}-{i:04d}", "png": data, "cls": str(c)})
+        row = (class_names[c], references.get(c), imgs)
+        rows.append(row)
+        put(f"grids/{stem}.png", png_bytes(class_grid([row])))
+    writer.close()
+    put("samples.tar", tar.getvalue())
+    put("grid.png", png_bytes(class_grid(rows)))
+    if result.get("levels"):
+        from nextdetail.figures import refinement_grid
+
+        put("heatmap.png", png_bytes(refinement_grid(
+            [(class_names[c], result["images"][c], result["levels"][c]) for c in result["levels"]],
+            result["pyramid_levels"])))
+    if result["hires"]:
+        pairs = []
+        for c, imgs in result["hires"].items():
+            stem = f"{c:04d}-{class_names[c]}"
+            for i, a in enumerate(imgs):
+                put(f"hires/images/{stem}/{i:04d}.png", png(a))
+            pairs.append((class_names[c], result["bilinear"][c][:2], imgs[:2]))
+        put("hires/grid.png", png_bytes(pair_grid(pairs, (f"bilinear x{upscale}", f"CART x{upscale}"))))
+    return files
+
+
+def decode_references(references: tuple[tuple[int, bytes], ...]) -> dict[int, np.ndarray]:
+    from PIL import Image
+
+    out = {}
+    for c, data in references:
+        with Image.open(io.BytesIO(data)) as im:
+            out[c] = np.asarray(im.convert("RGB"))
+    return out
+
+
+def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Callable[[str], None] = print,
+                 progress: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """Sample, write everything under `store`; returns (summary, files)."""
+    device = cfg.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("sample.device=cuda but no CUDA device is visible; use -o sample.device=cpu")
+    sampler, record = load_models(inputs.checkpoint_url, inputs.options, device, cfg, inputs.roots)
+    class_names = record["classes"]
+    classes = cfg.classes if cfg.classes is not None else list(range(len(class_names)))
+    bad = [c for c in classes if not 0 <= c < len(class_names)]
+    if bad:
+        raise UserError(f"classes {bad} are not in 0…{len(class_names) - 1} (this model's classes: "
+                        f"{', '.join(class_names[:5])}…)")
+    ndp = record.get("kind") == "ndp"
+    log(f"sample: {len(classes)} classes × {cfg.per_class}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
+        f"seed {cfg.seed}" + (f", NDP budget {cfg.budget:.0%} ({cfg.estimator}, {cfg.refine_per_step} per step)" if ndp
+                             else f", and ×{cfg.upscale} by patch-wise detail" if cfg.upscale > 1 else ""))
+    if ndp:
+        cfg = cfg.model_copy(update={"upscale": 1})  # CART's patch-wise ×f needs detail maps
+    result = generate(sampler, classes, cfg, device, progress)
+    files = write_outputs(store, result, class_names, decode_references(inputs.references), cfg.upscale)
+    n = len(classes) * cfg.per_class
+    summary = {
+        "images": n, "classes": len(classes), "per_class": cfg.per_class, "cfg": cfg.cfg, "top_k": cfg.top_k,
+        "top_p": cfg.top_p, "seed": cfg.seed, "upscale": cfg.upscale,
+        "images_per_s": round(n / max(result["seconds"], 1e-9), 2),
+        "forward_passes_per_image": sampler.forward_passes,
+        "hires_images_per_s": round(n / result["hires_seconds"], 2) if result["hires_seconds"] else None,
+        "checkpoint": inputs.checkpoint_url, "checkpoint_step": record["step"], "url": store.url(),
+        "model": record.get("kind", "cart"),
+    }
+    if ndp:
+        summary.update(budget=cfg.budget, estimator=cfg.estimator, refine_per_step=cfg.refine_per_step,
+                       gflops_per_image=round(float(result["flops"].mean()) / 1e9, 6),
+                       tokens_per_image=round(float(result["tokens"].mean()), 2))
+    else:
+        summary["gflops_per_image"] = round(sampler.flops_per_image / 1e9, 6)
+        if sampler.dial_active:
+            summary.update(detail_budget=cfg.detail_budget, detail_patch=cfg.detail_patch)
+    store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    return summary, [*files, "summary.json"]
+
+
+@stage_task(name="sample", retries=1)
+def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, progress: bool = False) -> tuple[dict, list[str]]:
+    from prefect import get_run_logger
+
+    return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
+
+
+def plan_samples(root: Store, key: StageKey, cfg: SampleConfig) -> Artifact:
+    """The samples artifact in its own directory under `root`, named by the stage identity (which keys on the
+    transformer's weights)."""
+    return Artifact("sample", key.identity, root.sub(f"{cfg.checkpoint}-{key.identity[:12]}"), "_COMPLETE.json",
+                    lineage=key.lineage())
+

@@ -1,0 +1,67 @@
+"""The `train_ar` flow: one cached training task on a published token cache.
+
+Training runs in the flow's process (all cores to torch, or the GPU), or as `ar.nproc` torchrun
+processes that the task launches and supervises; never on the Dask cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from prefect import flow, get_run_logger
+
+from nextdetail.conf.schema import PipelineConfig
+from nextdetail.pipeline.parts import build_one
+from nextdetail.stages.shard import ShardResult
+from nextdetail.stages.tokenize import TokensResult
+from nextdetail.stages.train_ar import ARResult
+from nextdetail.stages.train_ar.tasks import (
+    ARData,
+    adopt_transformer,
+    plan_ar,
+    train_ar,
+    transformer_config,
+)
+from nextdetail.stages.train_tokenizer import TokenizerResult
+from nextdetail.storage.fs import Store
+
+if TYPE_CHECKING:
+    from nextdetail.pipeline.declaration import StageKey
+
+
+def ar_data(cfg: PipelineConfig, shards: ShardResult, tokenizer: TokenizerResult, tokens: TokensResult,
+            cache: Any = None) -> ARData:
+    classes = json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"]
+    cache = cache or tokens.open()
+    sha = cache.record["lineage"]["upstream"]["tokenizer_sha256"]  # the weights the cache was encoded with
+    return ARData(tokens.url, tokens.options, tokens.local_cache, tokens.identity, tokenizer.checkpoint_url, sha,
+                  cfg.storage.options, tuple(classes))
+
+
+@flow(name="train_ar", log_prints=False, persist_result=False, validate_parameters=False)
+def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tokenizer: TokenizerResult,
+                  tokenize: TokensResult, progress: bool = True) -> ARResult:
+    shards, tokenizer, tokens = shard, train_tokenizer, tokenize  # the upstream results, by stage name
+    t0 = time.time()
+    log = get_run_logger()
+    cache = tokens.open()
+    data = ar_data(cfg, shards, tokenizer, tokens, cache)
+    layout = cache.layout
+    tcfg = transformer_config(cfg.ar, layout, len(data.classes), cfg.tokenizer.z_channels)
+    dataset_dir = shards.url.rstrip("/").rsplit("/", 1)[-1]
+    artifact = plan_ar(key.output(cfg, dataset_dir), key, cfg.ar, tcfg)
+    out = artifact.store
+    log.info("train_ar: depth %d, width %d, %d classes, %d steps of %d images → %s", tcfg.depth, tcfg.C,
+             tcfg.num_classes, cfg.ar.steps, cfg.ar.batch_size, out.url())
+    if cfg.ar.pretrained:  # VAR's released weights: no training
+        source = cfg.ar.pretrained
+        return build_one(ARResult, adopt_transformer, artifact, data, cfg.ar, source,
+                         cfg.storage.options if "://" in source else {}, started=t0)
+    return build_one(ARResult, train_ar, artifact, data, cfg.ar, progress, started=t0)
+
+
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult, tokenize: TokensResult, progress: bool = True) -> ARResult:
+    """The train_ar flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
+    return stage_flow(cfg, key, shard=shard, train_tokenizer=train_tokenizer, tokenize=tokenize, progress=progress)

@@ -1,1 +1,0 @@
-"""Stage logic as Prefect tasks. `stage` holds the shared mechanism; one module per stage."""

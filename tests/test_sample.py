@@ -1,0 +1,148 @@
+"""The `sample` stage: class-conditional samples of the trained transformer (grids beside a real photo per class,
+a webdataset tar, CART's ×2 patch-wise upscale), `nextdetail sample --ckpt`, and the sample command's flags."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import FAST, make_config, run_cli
+
+
+def _pipeline(cfg, until: str):
+    from nextdetail.pipeline.run import run_pipeline
+
+    return run_pipeline(cfg, until=until, progress=False)
+
+
+def test_every_sample_and_eval_flag_overrides_a_real_setting_with_its_value():
+    """The sample/evaluate flags come from one table (`cli.stage_commands.SAMPLE_FLAGS`/`EVAL_FLAGS`): each is a parser
+    argument, and its value lands in the config key it names."""
+    from nextdetail.cli import build_parser
+    from nextdetail.cli.stage_commands import EVAL_FLAGS, SAMPLE_FLAGS, Flag
+    from nextdetail.conf import load_config
+
+    values = {"--classes": ["1", "3"], "--n": ["2"], "--cfg": ["2.5"], "--top-k": ["7"], "--top-p": ["0.8"],
+              "--seed": ["11"], "--upscale": ["2"], "--budget": ["0.5"], "--estimator": ["entropy"],
+              "--refine-per-step": ["3"], "--detail-budget": ["0.25"], "--device": ["cpu"], "--reference": ["val"],
+              "--extractor": ["nextdetail-randconv-v1"], "--checkpoints": ["best"]}
+    for command, flags in (("sample", SAMPLE_FLAGS), ("evaluate", EVAL_FLAGS)):
+        argv = [command, *[a for f in flags for a in (f.flag, *values[f.flag])]]
+        args = build_parser().parse_args(argv)
+        overrides = [o for o in (f.override(args) for f in flags) if o is not None]
+        assert len(overrides) == len(flags), overrides
+        cfg = load_config("tiny", overrides=overrides)
+        for f in flags:
+            section, key = f.key.split(".")
+            got = getattr(getattr(cfg, section), key)
+            want = [int(v) for v in values[f.flag]] if len(values[f.flag]) > 1 else values[f.flag][0]
+            assert str(got) == str(want) or got == type(got)(want), (f.flag, got, want)
+    unset = build_parser().parse_args(["sample"])
+    assert all(f.override(unset) is None for f in SAMPLE_FLAGS)  # an absent flag overrides nothing
+    assert Flag("--top-k", "sample.top_k").dest == "top_k"
+
+
+@pytest.mark.e2e
+def test_stage_outputs_samples_grids_and_a_webdataset_tar(pipeline):
+    import webdataset as wds
+    from PIL import Image
+
+    _, cfg, results = pipeline
+    ar, sample = results["train_ar"], results["sample"]
+    for name in ("transformer.pt", "best.pt", "metrics.csv", "loss.png", "summary.json"):
+        assert Path(ar.url, name).is_file(), name
+    rows = Path(ar.url, "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,acc") and len(rows) == cfg.ar.steps + 1
+    classes = json.loads(Path(results["shard"].url, "classes.json").read_text())["classes"]
+    out = Path(sample.url)
+    assert Image.open(out / "grid.png").size[0] > 64
+    for c in (0, 5):
+        stem = f"{c:04d}-{classes[c]}"
+        assert (out / "grids" / f"{stem}.png").is_file()
+        pngs = sorted((out / "images" / stem).glob("*.png"))
+        assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
+        hires = sorted((out / "hires" / "images" / stem).glob("*.png"))
+        assert len(hires) == 2 and Image.open(hires[0]).size == (64, 64)
+    samples = list(wds.WebDataset(str(out / "samples.tar"), shardshuffle=False).decode("rgb"))
+    assert sorted(int(s["cls"]) for s in samples) == [0, 0, 5, 5]
+    assert samples[0]["png"].shape == (32, 32, 3)
+    with tarfile.open(out / "samples.tar") as tf:
+        assert len(tf.getnames()) == 8  # png + cls per sample
+    assert sample.summary["forward_passes_per_image"] == 7 and sample.summary["images_per_s"] > 0
+
+
+@pytest.mark.e2e
+def test_changing_a_sampling_knob_resamples_only_and_training_knob_retrains(pipeline, embedded_source):
+    root, _, results = pipeline
+    again = _pipeline(make_config(root, embedded_source, *FAST), until="sample")
+    assert again["train_ar"].work == "up to date" and again["sample"].work == "up to date"
+    cfg = make_config(root, embedded_source, *FAST, "sample.cfg=3.0")
+    changed = _pipeline(cfg, until="sample")
+    assert changed["train_ar"].work == "up to date" and changed["tokenize"].work == "up to date"
+    assert changed["sample"].work == "ran" and changed["sample"].url != results["sample"].url
+    retrained = _pipeline(make_config(root, embedded_source, *FAST, "ar.steps=8", "ar.checkpoint_every=8"),
+                          until="train_ar")
+    assert retrained["train_tokenizer"].work == "up to date"
+    assert retrained["train_ar"].work == "ran" and retrained["train_ar"].identity != results["train_ar"].identity
+
+
+@pytest.mark.e2e
+def test_sampling_is_reproducible_by_seed_and_class_conditional_shapes(pipeline, tmp_path):
+    from nextdetail.conf.schema import SampleConfig
+    from nextdetail.stages.sample.tasks import generate, load_models
+
+    _, _, results = pipeline
+    sampler, record = load_models(results["train_ar"].checkpoint_url, {}, "cpu")
+    cfg = SampleConfig(per_class=3, batch_size=2, upscale=2, seed=7)
+    a = generate(sampler, [1, 3], cfg, "cpu")
+    b = generate(sampler, [3], cfg, "cpu")  # class 3's samples do not depend on which other classes ran
+    c = generate(sampler, [3], cfg.model_copy(update={"seed": 8}), "cpu")
+    np.testing.assert_array_equal(a["images"][3], b["images"][3])
+    np.testing.assert_array_equal(a["hires"][3], b["hires"][3])
+    assert not np.array_equal(b["images"][3], c["images"][3])
+    assert a["images"][1].shape == (3, 32, 32, 3) and a["hires"][1].shape == (3, 64, 64, 3)
+    assert len(record["classes"]) == 12
+
+
+@pytest.mark.e2e
+def test_upscaled_samples_keep_the_given_base_and_resample_only_details(pipeline):
+    from nextdetail.models.quant import NextInput
+    from nextdetail.stages.sample.tasks import load_models
+
+    _, _, results = pipeline
+    sampler, _ = load_models(results["train_ar"].checkpoint_url, {}, "cpu")
+    labels = torch.tensor([0, 4])
+    out = sampler.sample(labels, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    n_base = sampler.n_base
+    given = [m.clone() for m in out.maps[:n_base]]
+    maps = sampler.transformer.sample(labels, NextInput(sampler.quantizer, sampler.latent_side), 1.0,
+                                      generator=torch.Generator().manual_seed(1), given=given)
+    for k in range(n_base):
+        assert torch.equal(maps[k], given[k])
+    assert any(not torch.equal(maps[k], out.maps[k]) for k in range(n_base, len(maps)))
+    big = sampler.upscale(labels, out.maps, 2, generator=torch.Generator().manual_seed(0))
+    assert big.shape == (2, 3, 64, 64) and big.abs().max() <= 1
+    # the upscaled image is the trained-size sample enlarged, not another image: low frequencies agree
+    small = torch.nn.functional.avg_pool2d(big, 2)
+    assert (small - out.images).abs().mean() < (small - out.images.flip(0)).abs().mean()
+
+
+@pytest.mark.e2e
+def test_sample_cli_with_a_checkpoint(pipeline, tmp_path):
+    import sys
+
+    nextdetail = str(Path(sys.executable).parent / "nextdetail")
+    _, _, results = pipeline
+    out = tmp_path / "cli-samples"
+    proc = run_cli([nextdetail, "sample", "--ckpt", results["train_ar"].checkpoint_url,
+                    "--classes", "2", "--n", "3", "--cfg", "1.0", "--seed", "3", "--upscale", "1", "--out", str(out),
+                    "--no-progress"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((out / "images").glob("0002-*/*.png"))) == 3 and (out / "grid.png").is_file()
+    assert not (out / "hires").exists()
+    bad = run_cli([nextdetail, "sample", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(out)])
+    assert bad.returncode == 2 and "no such checkpoint" in bad.stderr and "Traceback" not in bad.stderr
