@@ -9,9 +9,13 @@ Contenders, all on the same real photographs (scikit-image) at 256 × 256 RGB in
 "One core" runs each in this process with one thread; "all cores" runs one process per core, each
 with one thread, on its share of the images (how the Dask stage runs). Bandwidth: bytes our CG
 iterations move (a count of the memory passes of one iteration) per second, against a numpy copy.
+Then the factor store (issue 39): the same factors written as the stage writes them — float16 blosc-zstd (the
+old default), uint8 with each RGB plane a lossless WebP, uint16 a lossless PNG — bytes and objects per image,
+the largest error storing makes, and decoding speed on one core (what the tokenizer's loader reads).
 Prints one JSON line.
 
     python benchmarks/decompose.py [--images 8] [--reference-images 2]
+    python benchmarks/decompose.py --store-only      # the factor store part alone
     python benchmarks/decompose.py --device cuda --images 512 --batch 64     # on a GPU machine
 """
 
@@ -138,8 +142,54 @@ def copy_bandwidth_gbs(pixels: int = 3 * 256 * 256, repeats: int = 200) -> float
     return 2 * a.nbytes * repeats / (time.perf_counter() - t0) / 1e9  # read + write
 
 
+def factor_store(images: np.ndarray) -> dict[str, object]:
+    """Decompose `images` once (order 3, the stage's settings) and store the factors each way, as
+    `storage.factors` writes and reads them: bytes/object counts per image, error, decode images/s (one core)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from nextdetail.models.mumford_shah import ATConfig, decompose
+    from nextdetail.storage import factors
+    from nextdetail.storage.fs import Store
+
+    torch.set_num_threads(1)
+    bases = decompose(torch.from_numpy(images), 3, ATConfig()).transpose(0, 1).numpy()  # (n, 3, 3, H, W) float32
+    n = len(bases)
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("float16", "uint8", "uint16"):
+            store = Store(str(Path(tmp) / dtype))
+            factors.create_groups(store, ["train"])
+            array = factors.create_array(store, "train", "train-000000.tar", n, bases.shape[1:], dtype, 1)
+            t0 = time.perf_counter()
+            stored, error = factors.quantize(bases, dtype)
+            array[:] = stored
+            write_s = time.perf_counter() - t0
+            chunks = [p for p in (Path(tmp) / dtype / "factors.zarr/train/train-000000/c").rglob("*") if p.is_file()]
+            reader = factors.open_array(store, factors.open_group(store), "train", "train-000000.tar")
+            t0 = time.perf_counter()
+            back = np.stack([factors.read(reader, i) for i in range(n)])
+            read_s = time.perf_counter() - t0
+            out[dtype] = {"bytes_per_image": round(sum(p.stat().st_size for p in chunks) / n),
+                          "objects_per_image": round(len(chunks) / n, 3),
+                          "max_error": float(np.abs(back - bases).max()), "storage_max_error": error,
+                          "encode_images_per_s_one_core": round(n / write_s, 1),
+                          "decode_images_per_s_one_core": round(n / read_s, 1)}
+    old = out["float16"]["bytes_per_image"]
+    return {"resolution": int(images.shape[-1]), "order": 3, "images": n, "stores": out,
+            "baseline": "float16 blosc-zstd (the old default)",
+            "ratio_bytes_uint8_vs_float16": round(out["uint8"]["bytes_per_image"] / old, 3),
+            "imagenet_train_gb": {k: round(v["bytes_per_image"] * IMAGENET_TRAIN_IMAGES / 1e9, 1)
+                                  for k, v in out.items()},
+            "imagenet_train_objects": {k: round(v["objects_per_image"] * IMAGENET_TRAIN_IMAGES)
+                                       for k, v in out.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store-only", action="store_true", help="only the factor store part")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--reference-images", type=int, default=2, help="the scipy reference is slow")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
@@ -151,6 +201,10 @@ def main() -> None:
         main_cuda(args)
         return
     images = photos(args.images)
+    if args.store_only:
+        print(json.dumps({"benchmark": "decompose", "figure": "factor_store_bytes_per_image",
+                          "factor_store": factor_store(images)}))
+        return
     # This VM's speed drifts by ±20 % over minutes: the contenders run interleaved, `repeats` times,
     # and each keeps its best time (timeit's rule: noise only ever adds time).
     times: dict[str, list[float]] = {"ours": [], "reference": [], "tv": []}
@@ -197,6 +251,7 @@ def main() -> None:
         "numpy_copy_gb_per_s": round(copy, 2),
         "bandwidth_fraction_of_copy": round(achieved / copy, 3),
         "imagenet_train_core_hours": round(IMAGENET_TRAIN_IMAGES / ours_ips / 3600, 1),
+        "factor_store": factor_store(images),
     }))
 
 

@@ -91,3 +91,94 @@ def test_pipeline_order_follows_upstream_then_fewer_upstream_and_refuses_cycles_
     for bad in (declared(("a", ["b"]), ("b", ["a"])), declared(("a", ["nothing"]))):
         with pytest.raises(AssertionError, match="cycle or an unknown upstream"):
             pipeline_order(bad)
+
+
+EXPORT_STAGE = {
+    "__init__.py": '''"""A stage added for the test: exports the transformer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nextdetail.pipeline.declaration import Stage
+from nextdetail.pipeline.result import StageResult
+
+
+@dataclass
+class ExportResult(StageResult):
+    @staticmethod
+    def describe(summary: dict) -> str:
+        return f"export: {summary['bytes']} bytes"
+
+
+STAGE = Stage("export", "exports", ("train_ar",), lambda c: {"export": c.export.model_dump()}, ExportResult,
+              command_help="the transformer → an exported file")
+''',
+    "flow.py": '''from __future__ import annotations
+
+from prefect import flow
+
+from nextdetail.stages.export.tasks import export_weights
+
+
+@flow(name="export")
+def stage_flow(cfg, key, train_ar, progress=True):
+    return export_weights(cfg, train_ar)
+
+
+def run(cfg, key, *, train_ar, progress=True):
+    return stage_flow(cfg, key, train_ar=train_ar, progress=progress)
+''',
+    "tasks.py": '''def export_weights(cfg, train_ar):
+    return None
+''',
+}
+ADDED = r"""
+import json, subprocess, sys
+from nextdetail.cli import build_parser
+from nextdetail.conf import load_config
+from nextdetail.stages import REGISTRY, STAGES, downstream, select_stages
+cfg = load_config("tiny", overrides=["export.format=safetensors"])
+help_text = build_parser().format_help()
+print(json.dumps({"stages": list(STAGES), "downstream": downstream("train_ar"), "until": select_stages(until="export"),
+                  "code": sorted(REGISTRY["export"].code(cfg)), "settings": REGISTRY["export"].settings(cfg),
+                  "command": "export" in help_text and "the transformer → an exported file" in help_text}))
+"""
+
+
+def test_adding_a_stage_is_its_package_and_its_settings_section(tmp_path):
+    """On a copy of the package, a new stage `export` reading train_ar: its package (declaration, flow, tasks) and a
+    settings section in conf/schema.py — two places — and the registry orders it, `--until export` selects it,
+    its code identity is derived, and `nextdetail export` exists."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import nextdetail
+
+    src = tmp_path / "src"
+    shutil.copytree(Path(nextdetail.__file__).parent, src / "nextdetail", ignore=shutil.ignore_patterns("__pycache__"))
+    package = src / "nextdetail" / "stages" / "export"
+    package.mkdir()
+    for name, text in EXPORT_STAGE.items():
+        (package / name).write_text(text)
+    schema = src / "nextdetail" / "conf" / "schema.py"
+    text = schema.read_text()
+    anchor = "class PipelineConfig(_Section):\n"
+    assert anchor in text and "    eval: EvalConfig" in text
+    text = text.replace(anchor, 'class ExportConfig(_Section):\n    format: Literal["pt", "safetensors"] = "pt"\n\n\n'
+                        + anchor).replace("    eval: EvalConfig", "    export: ExportConfig = Field(default_factory="
+                                          "ExportConfig)\n    eval: EvalConfig", 1)
+    schema.write_text(text)
+    proc = subprocess.run([sys.executable, "-c", ADDED], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(src)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = __import__("json").loads(proc.stdout)
+    assert got["stages"] == ["shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "export", "sample",
+                             "evaluate"]
+    assert got["downstream"] == ["export", "sample", "evaluate"]
+    assert got["until"] == ["shard", "decompose", "train_tokenizer", "tokenize", "train_ar", "export"]
+    assert "nextdetail/stages/export/flow.py" in got["code"] and "nextdetail/stages/export/tasks.py" in got["code"]
+    assert "nextdetail/stages/export/__init__.py" not in got["code"]  # the declaration: settings count as values
+    assert got["settings"] == {"export": {"format": "safetensors"}} and got["command"]

@@ -106,3 +106,14 @@ def scatter_png(rows: list[dict[str, Any]]) -> bytes:
     from nextdetail.figures import fid_vs_gflops, png_bytes
 
     return png_bytes(fid_vs_gflops(rows))
+
+
+def write_scatter(cfg: PipelineConfig, rows: list[dict[str, Any]], where: str | None = None) -> str:
+    """Draw FID against GFLOPs per image (`scatter_png`) to `where` (a path or URL; default
+    `<storage.root>/reports/compare.png`); returns where it went."""
+    from nextdetail.storage.fs import Store
+
+    picture = where or Store(cfg.storage.root, cfg.storage.options).url("reports", "compare.png")
+    folder, name = Store.of_file(picture, cfg.storage.options if not where else None)
+    folder.write_bytes(name, scatter_png(rows))
+    return picture

@@ -9,7 +9,7 @@ small JSON files (run additionally checks the token cache's sha256, `tokens.veri
 - stale: the stage was built before, but not with this identity — the reasons compare the current settings,
   upstream identities, inputs and code with the closest earlier record of the stage (fewest differences);
 - missing: never built under this storage root, or its recorded artifact is gone;
-- not needed: nothing this config runs reads it (`StageSpec.needed`: decompose at tokenizer order 0).
+- not needed: nothing this config runs reads it (`Stage.needed`: decompose at tokenizer order 0).
 """
 
 from __future__ import annotations

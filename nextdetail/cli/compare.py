@@ -24,20 +24,16 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from nextdetail.cache.compare import columns, comparison, render, scatter_png
-    from nextdetail.storage.fs import Store
+    from nextdetail.cache.compare import columns, comparison, render, write_scatter
 
     cfg = load_one(args)
     existing_root(cfg)
-    root = Store(cfg.storage.root, cfg.storage.options)
     rows = comparison(cfg)
     if not rows:
         raise UserError(f"storage.root={cfg.storage.root}: no complete evaluation recorded here yet; run "
                         "`nextdetail run` (or `nextdetail evaluate`) first")
     print(render(rows, columns(rows, args.only_changed), args.format))
     if args.png != "-":
-        picture = args.png or root.url("reports", "compare.png")
-        folder, name = Store.of_file(picture, cfg.storage.options if not args.png else None)
-        folder.write_bytes(name, scatter_png(rows))
+        picture = write_scatter(cfg, rows, args.png)
         if args.format == "md":
             print(f"\nFID vs GFLOPs per image: {picture}")

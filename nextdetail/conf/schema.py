@@ -74,7 +74,9 @@ class DecomposeConfig(_Section):
     outer_tol: float = Field(default=1e-3, ge=0, description="an image stops once u changes less than this (relative)")
     cg_tol: float = Field(default=3e-2, gt=0, lt=1, description="relative residual of each conjugate-gradient solve")
     cg_max_iter: int = Field(default=40, ge=1, description="iteration cap of each conjugate-gradient solve")
-    dtype: Literal["float16", "float32"] = Field(default="float16", description="storage type of the base factors")
+    dtype: Literal["float16", "float32", "uint8", "uint16"] = Field(
+        default="float16", description="storage type of the base factors: float16/float32 (blosc-zstd), or uint8/"
+        "uint16 quantized over [0, 1] with each RGB plane a lossless WebP/JPEG-XL image (error ≤ half a level)")
     # How the work runs, not what it computes: excluded from the artifact identity.
     # On a CPU one image at a time is fastest (its CG vectors stay in cache); on a GPU use 64+.
     batch_size: int = Field(default=1, ge=1, description="images per solver call")

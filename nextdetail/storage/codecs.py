@@ -18,8 +18,8 @@ from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
 
 # factors.create_array and tokens.write_array: BloscCodec as the compressor after Zarr's default serializer (bytes)
-# — no filters, no sharding, no checksum.
-WRITTEN = ("bytes", "blosc")
+# — no filters, no sharding, no checksum; quantized factors: our lossless image serializer (storage/image_codec.py).
+WRITTEN = ("bytes", "blosc", "nextdetail.lossless_image")
 
 
 def _names(codecs: Any) -> list[str]:

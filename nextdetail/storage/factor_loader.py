@@ -127,7 +127,7 @@ class FactorBatches:
         key = self.keys[self.data.tars[t][0]][row]
         with Image.open(io.BytesIO(images[key])) as im:
             image = np.asarray(im.convert("RGB")).transpose(2, 0, 1)  # (3, H, W) uint8
-        bases = np.asarray(array[row, : self.order], dtype=np.float32) if self.order else None  # (n, 3, H, W)
+        bases = factors.read(array, (row, slice(None, self.order))) if self.order else None  # (n, 3, H, W) float32
         return image, bases
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -3,7 +3,9 @@
 Layout of ``<decomposition>/factors.zarr`` (local path or fsspec URL)::
 
     zarr.json                     group (consolidated metadata once the stage is complete)
-    train/train-000003            float16|float32 (images, order, 3, H, W), chunks (chunk_images, order, 3, H, W)
+    train/train-000003            (images, order, 3, H, W), chunks (chunk_images, order, 3, H, W): float16|float32
+                                  (blosc-zstd), or uint8|uint16 quantized over [0, 1] (each RGB plane a lossless
+                                  WebP / JPEG-XL image: `image_codec.py`; `read` gives floats back)
     …
     ../index.parquet              key, split, shard, row (in that shard's array), class_index
 
@@ -23,6 +25,31 @@ import pyarrow as pa
 
 from nextdetail.storage.codecs import check_codecs, refusal
 from nextdetail.storage.fs import Store
+from nextdetail.storage.image_codec import LosslessImageCodec, register
+
+LEVELS = {"uint8": 255, "uint16": 65535}
+"""Quantized stores: the top level of each dtype stands for 1.0 (a factor is an image in [0, 1])."""
+IMAGE_FORMAT = {"uint8": "webp", "uint16": "jpegxl"}  # WebP has no 16-bit mode (image_codec.py: measured)
+
+
+def quantize(values: np.ndarray, dtype: str) -> tuple[np.ndarray, float]:
+    """(values as stored in `dtype`, the largest absolute error that storing makes): a float dtype by a cast; a
+    quantized one by rounding to its levels over [0, 1] (at most half a level, plus what lay outside [0, 1])."""
+    if dtype in LEVELS:
+        levels = LEVELS[dtype]
+        stored = np.rint(np.clip(values, 0.0, 1.0) * levels).astype(dtype)
+        error = np.abs(stored.astype(np.float64) / levels - values)
+    else:
+        stored = values.astype(dtype)
+        error = np.abs(stored.astype(np.float64) - values)
+    return stored, float(error.max()) if error.size else 0.0
+
+
+def read(array: Any, selection: Any = slice(None)) -> np.ndarray:
+    """`array[selection]` as float32 factors in [0, 1]-scale, whatever the store's dtype."""
+    values = np.asarray(array[selection])
+    levels = LEVELS.get(str(values.dtype))
+    return values.astype(np.float32) / levels if levels else values.astype(np.float32)
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -43,6 +70,7 @@ def create_groups(store: Store, splits: list[str]) -> None:
     import zarr
 
     check_codecs(store, "factors.zarr")
+    register()
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="a", zarr_format=3)
     for split in splits:
         group.require_group(split)
@@ -50,7 +78,8 @@ def create_groups(store: Store, splits: list[str]) -> None:
 
 def create_array(store: Store, split: str, tar: str, n_images: int, image_shape: tuple[int, ...],
                  dtype: str, chunk_images: int) -> Any:
-    """One tar's array: (images, order, C, H, W), blosc-zstd with byte shuffle. An existing array with the same
+    """One tar's array: (images, order, C, H, W), blosc-zstd with byte shuffle for floats, a lossless image per RGB
+    plane for uint8/uint16 (`image_codec`). An existing array with the same
     layout is opened, not recreated: a second writer of the same tar (two pipelines racing) must not delete
     the chunks the first has written — both write the same bytes, each chunk atomically. One of another
     layout (the tar changed) is replaced."""
@@ -58,9 +87,12 @@ def create_array(store: Store, split: str, tar: str, n_images: int, image_shape:
     from zarr.codecs import BloscCodec
     from zarr.errors import ContainsArrayError
 
+    register()
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="r+", zarr_format=3)
     spec = dict(shape=(n_images, *image_shape), chunks=(max(1, min(chunk_images, n_images)), *image_shape),
                 dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan)
+    if dtype in LEVELS:
+        spec.update(serializer=LosslessImageCodec(IMAGE_FORMAT[dtype]), compressors=None, fill_value=0)
     try:
         return group.create_array(array_path(split, tar), **spec, overwrite=False)
     except ContainsArrayError:
@@ -85,6 +117,7 @@ def open_group(store: Store) -> Any:
     import zarr
 
     check_codecs(store, "factors.zarr")
+    register()
     return zarr.open_group(store.zarr_store("factors.zarr", read_only=True), mode="r", zarr_format=3)
 
 
@@ -96,7 +129,8 @@ def open_array(store: Store, group: Any, split: str, tar: str) -> Any:
 
 
 def open_lazy(store: Store, index: pa.Table, split: str) -> Any:
-    """All of a split's factors as one lazy dask array (images, order, C, H, W), in index order."""
+    """All of a split's factors as one lazy dask array (images, order, C, H, W), in index order, as stored
+    (a quantized store's integers: `read` scales them)."""
     import dask.array as da
 
     group = open_group(store)

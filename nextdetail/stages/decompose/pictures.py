@@ -12,7 +12,7 @@ from nextdetail.errors import UserError
 def write_strips(cfg: Any, decomposition: Any, shards: Any, keys: list[str], out_dir: Path) -> list[Path]:
     """One PNG per key (the manifest's `key` column) under `out_dir`; one line naming an example on an unknown key."""
     from nextdetail.figures import decomposition_strip, safe_name, write_png
-    from nextdetail.storage.factors import open_array, open_group, read_index
+    from nextdetail.storage.factors import open_array, open_group, read, read_index
     from nextdetail.storage.fs import Store
     from nextdetail.storage.shards import read_tar_images
 
@@ -27,7 +27,7 @@ def write_strips(cfg: Any, decomposition: Any, shards: Any, keys: list[str], out
     written = []
     for key in keys:
         row = index[key]
-        bases = open_array(store, group, row["split"], row["shard"])[row["row"]].astype("float32")  # (n, 3, H, W)
+        bases = read(open_array(store, group, row["split"], row["shard"]), row["row"])  # (n, 3, H, W) float32
         image = read_tar_images(Store(shards.url, cfg.storage.options), row["shard"], (key,),
                                 cfg.shard.image_format)[0].transpose(2, 0, 1).astype("float32") / 255
         path = out_dir / f"decomposition-{safe_name(key)}.png"

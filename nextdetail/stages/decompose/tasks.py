@@ -93,7 +93,7 @@ def write_factors(
     array = factors.create_array(artifact.store, job.split, job.tar, n, (cfg.order, c, h, w), cfg.dtype,
                                  cfg.chunk_images)
     at: ATConfig = ATConfig.from_settings(cfg, side=w)
-    outer, cg = [], []
+    outer, cg, error = [], [], 0.0
     t0 = time.time()
     for start in range(0, n, cfg.batch_size):
         batch = torch.from_numpy(images[start : start + cfg.batch_size]).to(device)
@@ -102,12 +102,15 @@ def write_factors(
         stacked = decompose(current, cfg.order, at, stats).transpose(0, 1)  # (b, order, 3, H, W)
         outer.extend(r.outer_iterations for r in stats)
         cg.extend(s + u for r in stats for s, u in r.cg_iterations)
-        array[start : start + len(batch)] = stacked.to(getattr(torch, cfg.dtype)).cpu().numpy()
+        stored, batch_error = factors.quantize(stacked.cpu().numpy(), cfg.dtype)
+        array[start : start + len(batch)] = stored
+        error = max(error, batch_error)
     seconds = time.time() - t0
     summary = {"tar": job.tar, "images": n, "seconds": round(seconds, 3),
                "images_per_s": round(n / max(seconds, 1e-9), 2),
                "mean_outer_iterations": round(float(np.mean(outer)), 2) if outer else 0.0,
-               "mean_cg_iterations_per_alternation": round(float(np.mean(cg)), 2) if cg else 0.0}
+               "mean_cg_iterations_per_alternation": round(float(np.mean(cg)), 2) if cg else 0.0,
+               "storage_max_error": error}  # |stored − computed|, largest over the tar's factors (in [0, 1] units)
     # Every file of the array, chunks included, goes in the part's marker with its sha256: `cache verify` then
     # vouches for every byte it re-reads, and the content hash (relative to the array) is what downstream keys on.
     array_rel = f"factors.zarr/{factors.array_path(job.split, job.tar)}"
@@ -136,7 +139,9 @@ def write_index(artifact: Artifact, jobs: list[FactorJob], summaries: list[dict]
                "first_key": rows[0]["key"] if rows else None,
                "splits": dict(collections.Counter(j.split for j in jobs for _ in j.keys)),
                "mean_outer_iterations": round(float(np.mean([s["mean_outer_iterations"] for s in summaries])), 2)
-               if summaries else 0.0}
+               if summaries else 0.0,
+               # what storing the factors changed (quantization, or float16's rounding): recorded in lineage
+               "storage_max_error": max((s.get("storage_max_error", 0.0) for s in summaries), default=0.0)}
     return summary, ["index.parquet", "factors.zarr/zarr.json"]
 
 

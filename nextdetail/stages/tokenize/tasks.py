@@ -158,7 +158,7 @@ def encode_tokens(artifact: Artifact, job: TokenJob, inputs: TokenInputs, cfg: T
     if order:
         store = Store(inputs.factors_url, inputs.options)
         array = factors.open_array(store, factors.open_group(store), job.split, job.tar)
-        bases = np.asarray(array[:, :order])  # (N, n, 3, H, W): B_1 … B_n
+        bases = factors.read(array, (slice(None), slice(None, order)))  # (N, n, 3, H, W): B_1 … B_n, float32
     out = encode_images(model, images, bases, cfg.variants, cfg.batch_size, cfg.device)
     files = tokens.write_array(attempt, job.split, job.tar, out)
     attempt.heartbeat()
