@@ -25,7 +25,6 @@ import pyarrow as pa
 
 from nextdetail.storage.codecs import check_codecs, refusal
 from nextdetail.storage.fs import Store
-from nextdetail.storage.image_codec import LosslessImageCodec, register
 
 LEVELS = {"uint8": 255, "uint16": 65535}
 """Quantized stores: the top level of each dtype stands for 1.0 (a factor is an image in [0, 1])."""
@@ -69,6 +68,8 @@ def create_groups(store: Store, splits: list[str]) -> None:
     tasks creating the same parent group would race."""
     import zarr
 
+    from nextdetail.storage.image_codec import register
+
     check_codecs(store, "factors.zarr")
     register()
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="a", zarr_format=3)
@@ -86,6 +87,8 @@ def create_array(store: Store, split: str, tar: str, n_images: int, image_shape:
     import zarr
     from zarr.codecs import BloscCodec
     from zarr.errors import ContainsArrayError
+
+    from nextdetail.storage.image_codec import LosslessImageCodec, register
 
     register()
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="r+", zarr_format=3)
@@ -115,6 +118,8 @@ def open_group(store: Store) -> Any:
     """The factors group, read-only; its metadata checked first (`codecs.check_codecs`): consolidated, it holds
     the metadata Zarr opens every array with."""
     import zarr
+
+    from nextdetail.storage.image_codec import register
 
     check_codecs(store, "factors.zarr")
     register()
