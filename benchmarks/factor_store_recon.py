@@ -25,15 +25,20 @@ OUT = Path(__file__).resolve().parent / "out" / "factor_store_recon"
 
 def held_out_mse(cfg, results) -> float:
     """Mean squared reconstruction error of the trained tokenizer on the val split (images in [-1, 1])."""
-    import torch
-
     from nextdetail.models.tokenizer import load_tokenizer
     from nextdetail.stages.train_tokenizer.flow import train_data
-    from nextdetail.storage.factor_loader import FactorBatches
 
     tok = results["train_tokenizer"]
     model = load_tokenizer(tok.checkpoint_url, cfg.storage.options, tok.summary["tokenizer_sha256"], "this benchmark")
-    data = train_data(cfg, results["shard"], results.get("decompose"), split="val")
+    return reconstruction_mse(model, train_data(cfg, results["shard"], results.get("decompose"), split="val"))
+
+
+def reconstruction_mse(model, data) -> float:
+    """Mean squared error of `model`'s reconstructions of `data`'s images (in [-1, 1]), every image once."""
+    import torch
+
+    from nextdetail.storage.factor_loader import FactorBatches
+
     n_images = sum(n for _, n in data.tars)
     batches = FactorBatches(data, model.spec.order, 32, seed=0)
     total, count = 0.0, 0
@@ -71,13 +76,65 @@ def one(resolution: int, seed: int, store: str, threads: int) -> dict:
             "seconds": round(time.time() - t0, 1)}
 
 
+def cross(resolution: int, seed: int, stores: list[str]) -> dict:
+    """Tells training apart from evaluation: each store's trained tokenizer (already built by a plain run of this
+    benchmark) reconstructs the val images with each store's factors. If the uint8 tokenizer's lower held-out
+    error follows the factors it is given, the store changed the evaluation input; if it follows the tokenizer,
+    training on the store changed what was learned. Also: how much of the float factors lies outside [0, 1]
+    (what quantizing clips)."""
+    import numpy as np
+
+    from nextdetail.models.tokenizer import load_tokenizer
+    from nextdetail.storage import factors
+    from nextdetail.storage.factor_loader import TrainData, read_sample_index
+    from nextdetail.storage.fs import Store
+
+    def only(pattern: str, root: Path) -> Path:
+        found = sorted(root.glob(pattern))
+        if len(found) != 1:
+            raise SystemExit(f"{root}: expected one {pattern}, found {len(found)}; run without --cross first")
+        return found[0]
+
+    roots = {s: OUT / f"r{resolution}-s{seed}-{s}" for s in stores}
+    models, data = {}, {}
+    for store, root in roots.items():
+        tok = only("tokenizer/*/*/summary.json", root)
+        models[store] = load_tokenizer(str(tok.parent / "tokenizer.pt"), {},
+                                       json.loads(tok.read_text())["tokenizer_sha256"], "this benchmark")
+        shards, decomposition = str(only("shards/*", root)), str(only("factors/*/*", root))
+        counts: dict[str, int] = {}
+        for row in read_sample_index(shards, decomposition, {}).to_pylist():
+            if row["split"] == "val":
+                counts[row["shard"]] = counts.get(row["shard"], 0) + 1
+        data[store] = TrainData(shards, decomposition, {}, "png", "val", tuple(counts.items()))
+    matrix = {f"{m}_tokenizer": {f"{d}_factors": round(reconstruction_mse(models[m], data[d]), 6) for d in stores}
+              for m in stores}
+    outside = {}
+    for store in stores:
+        if store in factors.LEVELS:
+            continue
+        store_ = Store(data[store].factors_url)
+        values = np.asarray(factors.open_lazy(store_, factors.read_index(store_), "val").compute(), dtype=np.float32)
+        outside[store] = {"fraction_outside_0_1": round(float(((values < 0) | (values > 1)).mean()), 6),
+                          "min": round(float(values.min()), 5), "max": round(float(values.max()), 5)}
+    return {"resolution": resolution, "seed": seed, "held_out_mse": matrix, "float_factors": outside}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--stores", nargs="+", default=["float32", "uint8"])
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--cross", action="store_true",
+                    help="on the roots a plain run built: every store's tokenizer on every store's val factors")
     args = ap.parse_args()
+    if args.cross:
+        for resolution in args.resolutions:
+            for seed in args.seeds:
+                print(json.dumps({"benchmark": "factor_store_recon", "figure": "cross_held_out_mse",
+                                  **cross(resolution, seed, args.stores)}), flush=True)
+        return
     from nextdetail.pipeline.runtime import configure_environment
 
     configure_environment()  # Prefect's home, quiet logs, the ephemeral server's settings (as the CLI does)

@@ -117,3 +117,15 @@ def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
     """Run `cmd` to the end (warnings-only Prefect logs); returns its completed process."""
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def objects_per_array(paths: list[str], zarr_dir: str) -> dict[str, int]:
+    """Chunk objects (files under `<array>/c/`) per Zarr array among `paths` (a listing of a local folder or a
+    bucket), keyed by the array's path relative to `zarr_dir`; metadata (`zarr.json`) left out."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        rel = str(path).split(zarr_dir.rstrip("/") + "/", 1)[-1]
+        if "/c/" in rel:
+            array = rel.split("/c/", 1)[0]
+            counts[array] = counts.get(array, 0) + 1
+    return counts

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import run_cli
@@ -142,7 +143,8 @@ def _factors(tmp_path: Path):
 
     store = Store(str(tmp_path))
     factors.create_groups(store, ["train"])
-    factors.create_array(store, "train", "train-000000.tar", 4, (1, 3, 4, 4), "float16", 2)[...] = 0.5
+    factors.create_array(store, "train", "train-000000.tar", 4, (1, 3, 4, 4), "float16", 2)
+    factors.write_whole(store, "train", "train-000000.tar", np.full((4, 1, 3, 4, 4), 0.5, dtype="float16"))
     factors.consolidate(store)
     return store
 
@@ -155,7 +157,8 @@ def _edit(path: Path, change) -> None:
 
 
 def _pickle_second(meta: dict) -> None:
-    meta["codecs"][1] = {"name": "numcodecs.pickle", "configuration": {}}
+    """The shard's inner codecs (bytes, blosc) with blosc replaced by numcodecs' pickle."""
+    meta["codecs"][0]["configuration"]["codecs"][1] = {"name": "numcodecs.pickle", "configuration": {}}
 
 
 def test_the_allowed_codecs_are_those_the_project_writes(tmp_path):
@@ -179,14 +182,18 @@ def test_a_zarr_array_naming_numcodecs_pickle_is_refused_before_zarr_opens_it(tm
     array_json = tmp_path / "factors.zarr/train/train-000000/zarr.json"
     _edit(array_json, _pickle_second)
     line = _one_line(lambda: factors.open_array(store, group, "train", "train-000000.tar"), f"{array_json}: ",
-                     "codec 'numcodecs.pickle' is not one nextdetail writes (allowed: bytes, blosc, nextdetail.lossless_image)",
+                     "codec 'numcodecs.pickle' is not one nextdetail writes (allowed: bytes, blosc, nextdetail.lossless_image, "
+                     "sharding_indexed, crc32c)",
                      "not written by nextdetail — delete it and re-run the stage that writes it")
     print(line)
-    # nested in a sharding codec, and in the consolidated copy of the metadata Zarr opens the array from
+    # in the array's own list, in the shard index's codecs, and in the consolidated copy of the metadata Zarr
+    # opens the array from
+    _edit(array_json, lambda meta: meta.update(codecs=[{"name": "bytes"}, {"name": "numcodecs.pickle"}]))
+    _one_line(lambda: factors.open_array(store, group, "train", "train-000000.tar"), "'numcodecs.pickle'")
     sharded = [{"name": "sharding_indexed", "configuration": {"chunk_shape": [1, 1, 3, 4, 4], "codecs": [
-        {"name": "bytes"}, {"name": "numcodecs.pickle"}], "index_codecs": [{"name": "bytes"}]}}]
+        {"name": "bytes"}], "index_codecs": [{"name": "bytes"}, {"name": "numcodecs.zlib"}]}}]
     _edit(array_json, lambda meta: meta.update(codecs=sharded))
-    _one_line(lambda: factors.open_array(store, group, "train", "train-000000.tar"), "'sharding_indexed'")
+    _one_line(lambda: factors.open_array(store, group, "train", "train-000000.tar"), "'numcodecs.zlib'")
     root_json = tmp_path / "factors.zarr/zarr.json"
     _edit(root_json, lambda meta: _pickle_second(meta["consolidated_metadata"]["metadata"]["train/train-000000"]))
     _one_line(lambda: factors.open_group(store), f"{root_json}: ", "'numcodecs.pickle'")

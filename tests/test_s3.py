@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from helpers import make_config, run_shard_stage
+from helpers import make_config, objects_per_array, run_shard_stage
 
 
 @pytest.mark.integration
@@ -54,9 +54,15 @@ def test_decompose_stage_writes_zarr_to_s3_and_reads_it_back_lazily(s3_endpoint,
     store = Store(result.url, cfg.storage.options)
     index = read_index(store)
     lazy = factors.open_lazy(store, index, "train")
-    values = lazy.compute()
-    assert values.shape == (12 * 12, 3, 3, 32, 32) and values.dtype == "float32"
+    stored = lazy.compute()  # as stored (the preset's uint8); `factors.read` scales to [0, 1]
+    assert stored.shape == (12 * 12, 3, 3, 32, 32) and stored.dtype == cfg.decompose.dtype
+    values = factors.read(stored)
     assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+    # one object per tar on the bucket (the tar's shard), not one per image
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    on_bucket = objects_per_array(fs.find(result.zarr_url.removeprefix("s3://")), "factors.zarr")
+    tars = {f"{r['split']}/{r['shard'].removesuffix('.tar')}" for r in index.to_pylist()}
+    assert on_bucket == dict.fromkeys(tars, 1) and len(index) > len(tars)
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import FAST, cli_config, make_config
+from helpers import FAST, cli_config, make_config, objects_per_array
 
 from nextdetail.cache.inventory import apply_gc, inventory, plan_gc
 from nextdetail.cache.transfer import at_root
@@ -111,6 +111,17 @@ def test_push_build_on_the_bucket_during_gc_pull_the_token_cache_alone_and_verif
         ["up to date"] * 3 + ["ran"]
     assert built.identities["tokenize"] == first.identities["tokenize"]
     assert TokenCache(built["tokenize"].url, options, str(tmp_path / "mirror")).verify() == []
+    # objects per tar, not per image, on the bucket: the factors pushed, the tokens written there
+    from nextdetail.storage.factors import read_index
+
+    for zarr_dir, url, index in (
+            ("factors.zarr", built["decompose"].url, read_index(Store(built["decompose"].url, options))),
+            ("tokens.zarr", built["tokenize"].url, TokenCache(built["tokenize"].url, options,
+                                                              str(tmp_path / "mirror")).index())):
+        tars = {f"{r['split']}/{r['shard'].removesuffix('.tar')}" for r in index.to_pylist()}
+        rel = url.removeprefix(remote).strip("/")
+        watcher.refresh(rel)
+        assert objects_per_array(watcher.find(rel), zarr_dir) == dict.fromkeys(tars, 1), zarr_dir
     listed = json.loads(_nd("cache", "ls", "--json", *on_bucket).stdout)
     assert sorted(e["stage"] for e in listed if e["state"] == "complete") == \
         ["decompose", "shard", "tokenize", "train_tokenizer"]

@@ -17,9 +17,10 @@ from typing import Any
 from nextdetail.errors import UserError
 from nextdetail.storage.fs import Store
 
-# factors.create_array and tokens.write_array: BloscCodec as the compressor after Zarr's default serializer (bytes)
-# — no filters, no sharding, no checksum; quantized factors: our lossless image serializer (storage/image_codec.py).
-WRITTEN = ("bytes", "blosc", "nextdetail.lossless_image")
+# tokens.write_array: BloscCodec as the compressor after Zarr's default serializer (bytes), no filters; factors
+# (factors.create_array): one shard per array (`sharding_indexed`, its index checked by `crc32c`) whose inner chunks
+# are the same bytes + blosc for floats, or our lossless image serializer (storage/image_codec.py) when quantized.
+WRITTEN = ("bytes", "blosc", "nextdetail.lossless_image", "sharding_indexed", "crc32c")
 
 
 def _names(codecs: Any) -> list[str]:

@@ -3,15 +3,21 @@
 Layout of ``<decomposition>/factors.zarr`` (local path or fsspec URL)::
 
     zarr.json                     group (consolidated metadata once the stage is complete)
-    train/train-000003            (images, order, 3, H, W), chunks (chunk_images, order, 3, H, W): float16|float32
-                                  (blosc-zstd), or uint8|uint16 quantized over [0, 1] (each RGB plane a lossless
-                                  WebP / JPEG-XL image: `image_codec.py`; `read` gives floats back)
+    train/train-000003/zarr.json  (images, order, 3, H, W) uint8|uint16 quantized over [0, 1] (each RGB plane a
+                                  lossless WebP / JPEG-XL image: `image_codec.py`; `read` gives floats back), or
+                                  float16|float32 (blosc-zstd)
+    train/train-000003/c/0/0/0/0/0  the tar's ONE object: a Zarr v3 shard (`sharding_indexed`) of inner chunks
+                                  (chunk_images, order, 3, H, W), its index (crc32c-checked) at the end
     …
     ../index.parquet              key, split, shard, row (in that shard's array), class_index
 
-One array per tar: each Dask task creates and writes its own array, so no chunk is ever shared
-between workers (no locks), and appending images to a dataset re-runs only the tars that changed.
-Zarr writes every chunk atomically (temp + rename on disk, one PUT on S3); a tar's factors count only
+One array per tar, one shard per array: each Dask task creates and writes its own array, so no object is ever
+shared between workers (no locks), and appending images to a dataset re-runs only the tars that changed. The
+shard is written whole, once (`write_whole`): a partial write into a shard is read-modify-write, and concurrent
+partial writes can lose data (zarr-python PR #3683), so there are none. Objects per image → per tar: ImageNet's
+1.28 M factor objects become ≈ 1,300 (one per 1000-image tar), which is what a push, a pull, a listing and an S3
+request bill count. A reader still gets one image without the rest: the shard's index gives its byte range.
+Zarr writes every object atomically (temp + rename on disk, one PUT on S3); a tar's factors count only
 once its completion marker exists, so a killed task never leaves a half-written array in use.
 """
 
@@ -79,8 +85,9 @@ def create_groups(store: Store, splits: list[str]) -> None:
 
 def create_array(store: Store, split: str, tar: str, n_images: int, image_shape: tuple[int, ...],
                  dtype: str, chunk_images: int) -> Any:
-    """One tar's array: (images, order, C, H, W), blosc-zstd with byte shuffle for floats, a lossless image per RGB
-    plane for uint8/uint16 (`image_codec`). An existing array with the same
+    """One tar's array: (images, order, C, H, W) in one shard of inner chunks of `chunk_images` images, each a
+    lossless image per RGB plane for uint8/uint16 (`image_codec`), blosc-zstd with byte shuffle for floats. Write
+    it with `write_whole`. An existing array with the same
     layout is opened, not recreated: a second writer of the same tar (two pipelines racing) must not delete
     the chunks the first has written — both write the same bytes, each chunk atomically. One of another
     layout (the tar changed) is replaced."""
@@ -93,7 +100,7 @@ def create_array(store: Store, split: str, tar: str, n_images: int, image_shape:
     register()
     group = zarr.open_group(store.zarr_store("factors.zarr"), mode="r+", zarr_format=3)
     spec = dict(shape=(n_images, *image_shape), chunks=(max(1, min(chunk_images, n_images)), *image_shape),
-                dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan)
+                shards=(n_images, *image_shape), dtype=dtype, compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=np.nan)
     if dtype in LEVELS:
         spec.update(serializer=LosslessImageCodec(IMAGE_FORMAT[dtype]), compressors=None, fill_value=0)
     try:
@@ -101,9 +108,35 @@ def create_array(store: Store, split: str, tar: str, n_images: int, image_shape:
     except ContainsArrayError:
         if refusal(store, f"factors.zarr/{array_path(split, tar)}") is None:  # one with other codecs: replaced unread
             existing = group[array_path(split, tar)]
-            if (existing.shape, existing.chunks, str(existing.dtype)) == (spec["shape"], spec["chunks"], dtype):
+            if (existing.shape, existing.chunks, existing.shards, str(existing.dtype)) == (
+                    spec["shape"], spec["chunks"], spec["shards"], dtype):
                 return existing
     return group.create_array(array_path(split, tar), **spec, overwrite=True)
+
+
+def write_whole(store: Store, split: str, tar: str, values: np.ndarray) -> None:
+    """All of a tar's factors (as stored: `quantize`) into its array (`create_array`), as one object written once.
+
+    The shard is encoded in memory, from the array's own metadata, and written with one atomic write. Not through
+    Zarr's own `array[...] = values`: its sharding codec merges every write into the shard already there, so it
+    reads that shard first, and a torn one left by a killed task fails its index checksum instead of being
+    replaced (and a merge is the read-modify-write this layout avoids: the module docstring)."""
+    import zarr
+    from zarr.core.buffer import cpu
+    from zarr.storage import MemoryStore
+
+    from nextdetail.storage.image_codec import register
+
+    register()
+    rel = f"factors.zarr/{array_path(split, tar)}"
+    objects = {"zarr.json": cpu.Buffer.from_bytes(store.read_bytes(f"{rel}/zarr.json"))}
+    staged = zarr.open_array(MemoryStore(objects), mode="r+", zarr_format=3)  # MemoryStore keeps its objects here
+    if values.shape != staged.shape or staged.shards != staged.shape:
+        raise ValueError(f"write_whole: {values.shape} for {rel} of shape {staged.shape} in shards of {staged.shards}; "
+                         "one shard per tar, written whole")
+    staged[...] = values
+    key = staged.metadata.encode_chunk_key((0,) * values.ndim)  # the one shard: c/0/0/0/0/0
+    store.write_bytes(f"{rel}/{key}", objects[key].to_bytes())
 
 
 def consolidate(store: Store) -> None:

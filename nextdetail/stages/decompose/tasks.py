@@ -5,7 +5,7 @@ Data flow (all of it in this file, the solver in `models/mumford_shah.py`, the Z
   manifest.parquet of the shard dataset ─▶ plan_factors(): one `FactorJob` per tar (its written rows)
     ─▶ write_factors (one cached Prefect task per tar, in parallel on Dask):
          read the tar → decode → (B, 3, H, W) in [0, 1] → Ambrosio–Tortorelli, `order` times, in
-         batches → one Zarr array per tar (images, order, 3, H, W), whole chunks, float16|32
+         batches → one Zarr array per tar (images, order, 3, H, W), one shard written whole
     ─▶ write_index (one cached task): index.parquet (key → tar, row), consolidated Zarr metadata
 
 Artifact layout under ``<root>/factors/<shard dataset dir>/<settings id>/``::
@@ -79,7 +79,7 @@ def write_factors(
     artifact: Artifact, job: FactorJob, shards_url: str, shards_options: dict, image_format: str,
     cfg: DecomposeConfig,
 ) -> tuple[dict, list[str]]:
-    """Decompose one tar's images and write its Zarr array, batch by batch (whole chunks each)."""
+    """Decompose one tar's images batch by batch, then write its Zarr array: one shard, whole."""
     import torch
 
     from nextdetail.models.mumford_shah import ATConfig, ATResult, decompose
@@ -94,6 +94,7 @@ def write_factors(
                                  cfg.chunk_images)
     at: ATConfig = ATConfig.from_settings(cfg, side=w)
     outer, cg, error = [], [], 0.0
+    stored_all = np.empty(array.shape, dtype=cfg.dtype)  # the tar's shard, written whole once it is all computed
     t0 = time.time()
     for start in range(0, n, cfg.batch_size):
         batch = torch.from_numpy(images[start : start + cfg.batch_size]).to(device)
@@ -102,9 +103,9 @@ def write_factors(
         stacked = decompose(current, cfg.order, at, stats).transpose(0, 1)  # (b, order, 3, H, W)
         outer.extend(r.outer_iterations for r in stats)
         cg.extend(s + u for r in stats for s, u in r.cg_iterations)
-        stored, batch_error = factors.quantize(stacked.cpu().numpy(), cfg.dtype)
-        array[start : start + len(batch)] = stored
+        stored_all[start : start + len(batch)], batch_error = factors.quantize(stacked.cpu().numpy(), cfg.dtype)
         error = max(error, batch_error)
+    factors.write_whole(artifact.store, job.split, job.tar, stored_all)
     seconds = time.time() - t0
     summary = {"tar": job.tar, "images": n, "seconds": round(seconds, 3),
                "images_per_s": round(n / max(seconds, 1e-9), 2),
