@@ -68,6 +68,7 @@ def test_cache_holds_the_tokenizers_token_maps_with_their_layout(upstream, publi
     import zarr
 
     from nextdetail.models.tokenizer import BaseDetailVQVAE
+    from nextdetail.storage import factors
     from nextdetail.storage.factors import array_path, open_group
     from nextdetail.storage.shards import read_tar_images
 
@@ -96,7 +97,8 @@ def test_cache_holds_the_tokenizers_token_maps_with_their_layout(upstream, publi
     model = BaseDetailVQVAE.from_checkpoint(Path(up["train_tokenizer"].checkpoint_url).read_bytes())
     x = torch.from_numpy(read_tar_images(Store(up["shard"].url), row["shard"], tuple(keys), "png"))
     x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
-    b = torch.from_numpy(open_group(Store(up["decompose"].url))[array_path("train", row["shard"])][:]).transpose(0, 1)
+    stored = open_group(Store(up["decompose"].url))[array_path("train", row["shard"])]
+    b = torch.from_numpy(factors.read(stored)).transpose(0, 1)  # as stored (uint8) → [0, 1], as tokenize reads
     b = b * 2 - 1
     for v, (xv, bv) in enumerate([(x, b), (x.flip(-1), b.flip(-1))]):
         expect = torch.cat([m.flatten(1) for m in model.img_to_indices(xv, bv)], 1).numpy()

@@ -196,8 +196,16 @@ def test_torchrun_data_parallel_training_matches_one_process(tmp_path, upstream,
     scales = [torch.load(io.BytesIO(raw), weights_only=True)["model"]["quantize.log_code_scale_M"]
               for raw in ((tmp_path / "one" / "tokenizer.pt").read_bytes(), Store(two.url).read_bytes("tokenizer.pt"))]
     assert torch.allclose(*scales, rtol=1e-2) and bool(scales[0].abs().min() > 0), scales  # fitted, and alike
-    for m1, m2 in zip(a[:3], b[:3], strict=True):  # until the first restart (after step 3) the same training
+    # Step 1: the same batch split in two, the same forward, and gradients averaged over the ranks before the
+    # norm is taken (a rank's own half-batch gradient has another norm) — equal to float rounding.
+    for key in ("rec", "vq", "grad_norm", "loss"):
+        assert b[0][key] == pytest.approx(a[0][key], rel=1e-5), (1, key, a[0][key], b[0][key])
+    # Steps 2–3, until the first restart: the same training up to code flips. The nearest-code lookup is
+    # discontinuous; with normalized codes it is cosine, and a 1e-7 difference in the ranks' reduction order
+    # flips a few assignments, some in the 1×1 and 2×2 maps, which moves rec by tenths of a percent (measured on
+    # the uint8 store: 0.14 % at step 2, 0.6 % at step 3; with L2 lookup all three steps agree to 1e-7).
+    for m1, m2 in zip(a[1:3], b[1:3], strict=True):
         for key in ("rec", "vq"):
-                assert m2[key] == pytest.approx(m1[key], rel=2e-3, abs=1e-6), (m1["step"], key, m1[key], m2[key])
+            assert m2[key] == pytest.approx(m1[key], rel=1e-2, abs=1e-6), (m1["step"], key, m1[key], m2[key])
     assert a[2]["restarted_codes"] == b[2]["restarted_codes"]
     assert all(m["loss"] == m["loss"] for m in b) and all("gan_d" in m for m in b[2:])  # finite; GAN from step 3

@@ -16,11 +16,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from nextdetail.cli import cache, common, compare, data, run, show, stage_commands
+from nextdetail.cli import cache, common, compare, data, plan, run, show, stage_commands
 from nextdetail.errors import UserError
 from nextdetail.pipeline.runtime import configure_environment
 
-GROUPS = (run, stage_commands, cache, compare, show, data)  # in `nextdetail --help`'s order
+GROUPS = (run, plan, stage_commands, cache, compare, show, data)  # in `nextdetail --help`'s order
 
 
 def build_parser() -> argparse.ArgumentParser:
