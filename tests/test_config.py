@@ -174,3 +174,37 @@ def test_alpha_is_scaled_to_the_resolution_only_when_a_reference_size_is_given()
     assert scaled.decompose.alpha_at(256) == 10.0
     up = {"shard": "s" * 64}
     assert stage_key(plain, "decompose", up).identity != stage_key(scaled, "decompose", up).identity
+
+
+@pytest.mark.parametrize("value", ["{GPU: 0}", "{GPU: -1}", "{GPU: x}", "{'a b': 1}", "[GPU]"])
+def test_bad_stage_resources_are_one_line_errors(value):
+    from nextdetail.conf import load_config
+    from nextdetail.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_config("tiny", overrides=[f"tokens.resources={value}"])
+    assert "\n" not in str(err.value) and "tokens.resources" in str(err.value)
+
+
+def test_resources_say_where_tokenize_runs_not_what_it_computes():
+    """tokens.resources moves the encoding onto Dask workers: the same identity (the cache is the same bytes, tested
+    on a cluster in test_tokenize.py); a LocalCluster without the resource is refused in one line before any work."""
+    from nextdetail.conf import load_config
+    from nextdetail.errors import UserError
+    from nextdetail.pipeline.declaration import key_of
+    from nextdetail.pipeline.run import check_stage_resources
+    from nextdetail.stages import REGISTRY
+
+    plain = load_config("tiny")
+    asking = load_config("tiny", overrides=["tokens.resources={GPU: 1}"])
+    assert REGISTRY["tokenize"].settings(plain) == REGISTRY["tokenize"].settings(asking)
+    assert key_of(plain, "shard", {}).identity == key_of(asking, "shard", {}).identity
+    assert not REGISTRY["tokenize"].uses_dask(plain) and REGISTRY["tokenize"].uses_dask(asking)
+    check_stage_resources({"cart": plain}, ["shard", "tokenize"])  # nothing asked: nothing to check
+    with pytest.raises(UserError) as err:
+        check_stage_resources({"cart": asking}, ["shard", "tokenize"])
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("tokenize: tokens.resources asks for GPU=1") and "dask.resources" in line
+    offered = load_config("tiny", overrides=["tokens.resources={GPU: 1}", "dask.resources={GPU: 1}"])
+    check_stage_resources({"cart": offered}, ["tokenize"])
+    check_stage_resources({"cart": asking}, ["shard"])  # tokenize not selected: not asked

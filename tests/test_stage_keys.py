@@ -73,7 +73,7 @@ def test_every_stage_is_one_package_whose_flow_takes_its_upstream_by_name():
         by_name = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY
                    and p not in ("progress", "scheduler")]
         assert by_name == list(stage.upstream), (name, by_name)
-        assert list(params)[:2] == ["cfg", "key"] and ("scheduler" in params) == stage.dask, name
+        assert list(params)[:2] == ["cfg", "key"] and ("scheduler" in params) == bool(stage.dask), name
         assert issubclass(stage.result, StageResult) and stage.result is not StageResult
         assert hasattr(module, "stage_flow"), name
     assert {s.result for s in REGISTRY.values()}.__len__() == len(STAGES)  # one result type per stage

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import make_config
+from helpers import BIN, cli_config, free_port, make_config
 
 from nextdetail.storage.fs import Store
 
@@ -322,3 +322,62 @@ def test_team_bucket_on_s3_user_b_gets_user_as_tokens_without_encoding(s3_endpoi
     assert len(attempts) == 1, attempts  # the loser (if both wrote) removed its attempt
     url = "s3://" + caches[0]
     assert TokenCache(url, user_a.storage.options, str(tmp_path / "e")).verify() == []
+
+
+@pytest.mark.e2e
+def test_tokenize_on_the_workers_offering_its_resources_publishes_the_same_bytes(upstream, published, embedded_source,
+                                                                                 tmp_path):
+    """tokens.resources={GPU: 1} on an external `dask scheduler` with two workers, one started with `--resources
+    GPU=1` (its CPU stands in for the GPU): every tar is encoded by that worker, which loads the tokenizer once, and
+    the published cache is byte for byte the one-process run's (same identity, same content hash). Asking for what no
+    worker offers (GPU=2) is one line and exit 2 before any stage runs."""
+    import os
+    import subprocess
+
+    from distributed import Client
+
+    root, up = upstream
+    _, here = published
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
+    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                               address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
+    try:
+        for name, extra in (("gpu", ["--resources", "GPU=1"]), ("plain", [])):
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                           "--no-dashboard", "--name", name, *extra], **quiet))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            names = {addr: w["name"] for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+            pids = client.run(os.getpid)
+        gpu = next(addr for addr, name in names.items() if name == "gpu")
+
+        cfg = make_config(root, embedded_source, *FAST, f"tokens.cache={tmp_path / 'cluster-cache'}",
+                          f"dask.address={address}", "tokens.resources={GPU: 1}")
+        result = _tokenize(cfg, up)
+        assert result.work == "ran" and result.identity == here.identity
+        assert result.summary["content_sha256"] == here.summary["content_sha256"]  # every array, index and layout
+        markers = list(Path(result.url).glob("attempts/*/_parts/*.json"))
+        assert len(markers) == result.summary["tars"]
+        assert {json.loads(m.read_text())["lineage"]["pid"] for m in markers} == {pids[gpu]}
+        with Client(address, timeout=60) as client:
+            loads = client.run(lambda: getattr(sys.modules.get("nextdetail.stages.tokenize.tasks"), "LOADS", 0))
+        assert loads[gpu] == 1 and sum(loads.values()) == 1, loads  # once, on the GPU worker, for every tar
+
+        elsewhere = tmp_path / "root"
+        out = subprocess.run([str(BIN / "nextdetail"), "tokenize", "--no-progress",
+                              *cli_config(elsewhere, embedded_source, *FAST, f"dask.address={address}",
+                                          "tokens.resources={GPU: 2}")],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.count("\n") == 1 and "tokenize: tokens.resources asks for GPU=2" in out.stderr, out.stderr
+        assert not (elsewhere / "shards").exists()  # nothing ran
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -36,6 +36,16 @@ class StorageConfig(Section):
     _wrap_options = field_validator("options", mode="after")(secret_options)
 
 
+def check_resources_setting(resources: dict[str, float] | None) -> dict[str, float] | None:
+    """A Dask resources mapping (`{GPU: 1}`): names a worker can declare, amounts above zero."""
+    for name, amount in (resources or {}).items():
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"resource name {name!r}: letters, digits, '_' or '-' (as `dask worker --resources`)")
+        if not amount > 0:
+            raise ValueError(f"resource {name}={amount}: must be above 0")
+    return resources
+
+
 class DaskConfig(Section):
     """Dask cluster for the parallel stages: a LocalCluster unless `address` names a running scheduler."""
 
@@ -43,6 +53,11 @@ class DaskConfig(Section):
     n_workers: int | None = Field(default=None, ge=1, description="None: one per CPU core")
     threads_per_worker: int = Field(default=1, ge=1)
     memory_limit: str = "auto"
+    resources: dict[str, float] | None = Field(default=None, description="what each LocalCluster worker offers, as "
+                                               "`dask worker --resources GPU=1` (a stage's `resources` asks for it); "
+                                               "with `address`, the cluster's workers say")
+
+    _check_resources = field_validator("resources", mode="after")(check_resources_setting)
 
 
 class EmbeddedConfig(Section):

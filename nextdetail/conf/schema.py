@@ -19,7 +19,13 @@ from pydantic import (
 )
 
 from nextdetail.conf.cross import auto_patch_nums, cross_problems
-from nextdetail.conf.environment import DaskConfig, DataConfig, EmbeddedConfig, StorageConfig  # noqa: F401 (EmbeddedConfig: re-exported)
+from nextdetail.conf.environment import (  # noqa: F401 (EmbeddedConfig: re-exported)
+    DaskConfig,
+    DataConfig,
+    EmbeddedConfig,
+    StorageConfig,
+    check_resources_setting,
+)
 from nextdetail.conf.environment import Section as _Section
 from nextdetail.conf.environment import secret_options as _secret_options
 from nextdetail.conf.model_settings import ARConfig, TokenizerConfig
@@ -115,12 +121,16 @@ class TokensConfig(_Section):
     # How the work runs, not what it computes: excluded from the cache identity.
     batch_size: int = Field(default=64, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
-    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores")
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (1 per task on Dask workers)")
+    resources: dict[str, float] | None = Field(
+        default=None, description="None: encode in this process, one tar after another; e.g. {GPU: 1}: one task "
+        "per tar on the Dask cluster's workers that offer these resources (`dask worker --resources GPU=1`)")
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"cache", "cache_options", "local_cache", "verify", "batch_size", "device", "torch_threads"})
+        {"cache", "cache_options", "local_cache", "verify", "batch_size", "device", "torch_threads", "resources"})
 
     _wrap_options = field_validator("cache_options", mode="after")(_secret_options)
+    _check_resources = field_validator("resources", mode="after")(check_resources_setting)
 
     @model_validator(mode="after")
     def _check(self) -> TokensConfig:

@@ -48,7 +48,10 @@ class Stage:
     family: str | None = None  # "model" | "sampler": the chosen model family's module the stage also runs
     needed: Callable[[PipelineConfig], bool] | None = None  # False: the config uses nothing it makes (None: always)
     adopts: Callable[[PipelineConfig], str | None] | None = None  # a released file that stands in for the work
-    dask: bool = False  # its tasks run on the Dask cluster (its flow takes a `scheduler`)
+    dask: bool | Callable[[PipelineConfig], bool] = False  # its tasks run on the Dask cluster (its flow takes a
+    #   `scheduler`); a function: for the configs it says so of (tokenize: when tokens.resources is set)
+    resources: Callable[[PipelineConfig], tuple[str, dict[str, float] | None]] | None = None  # (setting, what its
+    #   tasks ask the Dask workers for): checked against the cluster before any stage runs
     content_sha256: str | None = None  # the summary key of the sha256 of what downstream reads (early cutoff)
     storage: Callable[[PipelineConfig], tuple[str, dict[str, Any]]] | None = None  # its root and options
     storage_setting: str = "storage.root"  # the setting that names its root (what a one-line error points at)
@@ -99,8 +102,19 @@ class Stage:
         present_stage_flow(module.stage_flow, self.name)  # its runs' names and parameters in the UI
         used = self.upstream_of(cfg)
         given = {u: upstream[u] if u in used else None for u in self.upstream}
-        extra = {"scheduler": scheduler() if scheduler else None} if self.dask else {}
+        extra = {"scheduler": scheduler() if scheduler and self.uses_dask(cfg) else None} if self.dask else {}
         return module.run(cfg, key, progress=progress, **given, **extra)
+
+    def uses_dask(self, cfg: PipelineConfig) -> bool:
+        """Whether this config runs the stage's tasks on the Dask cluster (`dask`)."""
+        return self.dask(cfg) if callable(self.dask) else self.dask
+
+    def asks(self, cfg: PipelineConfig) -> tuple[str, dict[str, float]] | None:
+        """(setting, resources) its tasks ask the Dask workers for under this config (`resources`), or None."""
+        if self.resources is None:
+            return None
+        setting, wanted = self.resources(cfg)
+        return (setting, wanted) if wanted else None
 
     def recorded(self, cfg: PipelineConfig, record: dict[str, Any]) -> StageResult:
         """The result a lineage record holds, as a run that skipped the stage hands it on."""

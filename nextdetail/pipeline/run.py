@@ -168,9 +168,20 @@ def run_pipeline(cfg: PipelineConfig | Branches, until: str | None = None, progr
     force = list(force)
     stages = select_stages(until, only, force)
     branches = as_branches(cfg)
+    check_stage_resources(branches, stages)
     with prefect_api(), tags(*ui.run_tags(branches)):
         return ui.named_pipeline(pipeline_flow, branches, stages, force, only)(branches, stages, force, only,
                                                                                progress=progress)
+
+
+def check_stage_resources(branches: Branches, stages: Iterable[str], address: str | None = None) -> None:
+    """Before any work: the Dask workers offer what the selected stages ask for (`Stage.resources`), else one line
+    (`runtime.check_resources`). `address`: the scheduler to ask (default: each branch's `dask.address`)."""
+    from nextdetail.pipeline.runtime import check_resources
+
+    for bcfg in branches.values():
+        asks = {s: ask for s in stages if REGISTRY[s].is_needed(bcfg) and (ask := REGISTRY[s].asks(bcfg))}
+        check_resources(asks, address or bcfg.dask.address, bcfg.dask.resources)
 
 
 def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None = None, progress: bool = True,
@@ -179,6 +190,7 @@ def run_stage(cfg: PipelineConfig, stage: str, upstream: dict[str, Any] | None =
     its key computed as `run_pipeline` computes it. `scheduler`: a Dask scheduler for shard and decompose
     (default: a LocalCluster for this call)."""
     upstream = upstream or {}
+    check_stage_resources({"": cfg}, [stage], scheduler)
     return REGISTRY[stage].run(cfg, key_of(cfg, stage, upstream), upstream, progress,
                             (lambda: scheduler) if scheduler else None)
 

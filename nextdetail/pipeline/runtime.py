@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nextdetail.errors import UserError
+
 ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -172,9 +174,11 @@ def _light_tls_context_for_plain_http(url: str) -> None:
 
 
 @contextlib.contextmanager
-def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker: int, memory_limit: str) -> Iterator[str]:
+def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker: int, memory_limit: str,
+                 resources: dict[str, float] | None = None) -> Iterator[str]:
     """Yield a scheduler address: `address` as given, else a LocalCluster of worker processes that
-    lives for the whole pipeline run (started once, shared by every parallel stage)."""
+    lives for the whole pipeline run (started once, shared by every parallel stage), each worker offering
+    `resources` (as `dask worker --resources`)."""
     if address:
         yield address
         return
@@ -200,6 +204,7 @@ def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker:
             # Workers import the stage code (and Prefect) at start-up, not inside the first task.
             preload=["nextdetail.stages.shard.tasks", "nextdetail.stages.decompose.tasks", __name__],
             silence_logs=logging.WARNING,
+            resources=resources or None,
         )
     try:
         yield cluster.scheduler_address
@@ -213,6 +218,39 @@ def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker:
             cluster.close()
         finally:
             nanny.setLevel(level)
+
+
+def worker_resources(address: str) -> list[tuple[str, dict[str, float]]]:
+    """(host, resources) of every worker of the Dask scheduler at `address`; one line when it cannot be reached."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=30) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except OSError as err:
+        raise UserError(f"dask.address={address}: no Dask scheduler answers there ({type(err).__name__}); start "
+                        "one (`dask scheduler`) or unset dask.address") from None
+    return [(w.get("host", ""), dict(w.get("resources") or {})) for w in workers]
+
+
+def check_resources(asks: dict[str, tuple[str, dict[str, float]]], address: str | None,
+                    local: dict[str, float] | None) -> None:
+    """Before any work: every stage that asks for Dask resources ({stage: (setting, resources)}) has at least one
+    worker offering all of them — on the cluster at `address`, else on the LocalCluster whose workers offer
+    `local` (`dask.resources`). A task asking for what no worker has would wait forever: one line instead."""
+    asks = {stage: ask for stage, ask in asks.items() if ask[1]}
+    if not asks:
+        return
+    workers = worker_resources(address) if address else [("localhost", dict(local or {}))]
+    where = f"the Dask cluster at {address}" if address else "the LocalCluster (dask.resources)"
+    for stage, (setting, wanted) in asks.items():
+        if not any(all(offered.get(k, 0.0) >= v for k, v in wanted.items()) for _, offered in workers):
+            offers = sorted({", ".join(f"{k}={v:g}" for k, v in sorted(o.items())) or "none" for _, o in workers})
+            missing = next(k for k, v in wanted.items() if not any(o.get(k, 0.0) >= v for _, o in workers))
+            raise UserError(
+                f"{stage}: {setting} asks for {missing}={wanted[missing]:g}, and no worker of {where} offers it "
+                f"({len(workers)} worker(s), offering: {'; '.join(offers)}); start workers with "
+                f"`dask worker --resources {missing}={wanted[missing]:g}` (or set dask.resources), or unset {setting}")
 
 
 def dask_task_runner(address: str) -> Any:

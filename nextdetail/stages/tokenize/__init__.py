@@ -60,6 +60,8 @@ class TokensResult(StageResult):  # url: the cache directory <cache root>/tokens
 STAGE = Stage("tokenize", "tokens", ("shard", "decompose", "train_tokenizer"),
               lambda c: {"tokens": c.tokens.identity_settings()}, TokensResult, content_sha256="content_sha256",
               storage=cache_root, storage_setting="tokens.cache", verify=verify_cache, marker_lists_files=True,
+              dask=lambda c: c.tokens.resources is not None,
+              resources=lambda c: ("tokens.resources", c.tokens.resources),
               command_help="shards + factors + tokenizer → the shared token cache (Zarr, by identity)",
               command_description=("Run the stages up to tokenize: every image's token maps under "
                                    "<tokens.cache or storage.root>/tokens/<identity>/. A complete cache with the same "

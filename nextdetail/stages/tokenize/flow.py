@@ -1,8 +1,15 @@
 """The `tokenize` flow: reuse a verified token cache with this identity, or write one and publish it.
 
-Encoding runs in the flow's process, one tar after another (Prefect's thread runner with one worker):
-all cores go to torch, or the model sits on the GPU once. Each tar is a cached task, so a killed run
-resumes: the next attempt adopts the finished tars.
+Where encoding runs:
+- by default in the flow's process, one tar after another (Prefect's thread runner with one worker): all cores
+  go to torch, or the model sits on the GPU once;
+- with `tokens.resources` (e.g. {GPU: 1}), one task per tar on the pipeline's Dask cluster, each on a worker that
+  offers those resources (`dask worker --resources GPU=1`; checked before the run starts). A worker loads the
+  tokenizer once (`tasks.load_tokenizer`'s per-process cache) and encodes tar after tar; torch uses
+  `tokens.torch_threads` threads per task (default 1 there: the workers share the machine's cores).
+Either way each tar is a cached task writing into this run's attempt, so a killed run resumes (the next attempt
+adopts the finished tars), and publishing is the same create-only marker: the published cache is the same bytes
+for any placement (tested against a one-process run).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import TokenizerSpec
+from nextdetail.pipeline.parts import fan_out
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner
 from nextdetail.stages.decompose import DecomposeResult
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
@@ -51,8 +60,6 @@ def token_inputs(cfg: PipelineConfig, shards: ShardResult, decomposition: Decomp
 def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, decompose: DecomposeResult | None,
                   train_tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
     shards, decomposition, tokenizer = shard, decompose, train_tokenizer  # the upstream results, by stage name
-    from tqdm.auto import tqdm
-
     from nextdetail.models.quant import schedule_of
 
     t0 = time.time()
@@ -94,15 +101,9 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, decompose
     tokens.create_group(attempt, layout, plan.identity, splits)
     log.info("tokenize: %d images in %d tars, %d token maps (%d tokens) × %s → %s", plan.index.num_rows,
              len(plan.jobs), len(layout["maps"]), layout["tokens_per_image"], cfg.tokens.variants, attempt.store.url())
-    parts: list[tuple[str, dict]] = []
-    for job in tqdm(plan.jobs, desc="tokenize", unit="tar", disable=not progress):
-        if plan.cache.exists(tokens.MARKER):  # another writer published meanwhile: stop encoding
-            plan.cache.refresh(tokens.MARKER)
-            if plan.artifact.completed() is not None:
-                break
-        part = part_artifact(plan, attempt, job)
-        parts.append((part.marker, encode_tokens.submit(part, job, inputs, cfg.tokens, attempt).result()))
-    else:
+    parts = _encode_on_cluster(plan, attempt, inputs, cfg, progress) if cfg.tokens.resources else \
+        _encode_here(plan, attempt, inputs, cfg, progress)
+    if parts is not None:  # None: another writer published meanwhile
         record = publish_tokens.submit(plan.artifact, plan, attempt, parts, layout, inputs).result()
         if record.get("summary", {}).get("attempt") == attempt.rel:
             return result(record, work)
@@ -115,6 +116,44 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, decompose
     return result(record, "reused")
 
 
+def _published_meanwhile(plan: Any) -> bool:
+    if plan.cache.exists(tokens.MARKER):
+        plan.cache.refresh(tokens.MARKER)
+        return plan.artifact.completed() is not None
+    return False
+
+
+def _encode_here(plan: Any, attempt: Any, inputs: TokenInputs, cfg: PipelineConfig,
+                 progress: bool) -> list[tuple[str, dict]] | None:
+    """Every tar in this process, in plan order → [(part marker, record)]; None once another writer published."""
+    from tqdm.auto import tqdm
+
+    parts: list[tuple[str, dict]] = []
+    for job in tqdm(plan.jobs, desc="tokenize", unit="tar", disable=not progress):
+        if _published_meanwhile(plan):  # stop encoding: the other cache is the one
+            return None
+        part = part_artifact(plan, attempt, job)
+        parts.append((part.marker, encode_tokens.submit(part, job, inputs, cfg.tokens, attempt).result()))
+    return parts
+
+
+def _encode_on_cluster(plan: Any, attempt: Any, inputs: TokenInputs, cfg: PipelineConfig,
+                       progress: bool) -> list[tuple[str, dict]] | None:
+    """One task per tar on the Dask workers offering `tokens.resources` → [(part marker, record)] in plan order (what
+    publishing hashes); None when another writer published first."""
+    import dask
+
+    if _published_meanwhile(plan):
+        return None
+    settings = cfg.tokens.model_copy(update={"torch_threads": cfg.tokens.torch_threads or 1})
+    named = [((job.split, job.tar), part_artifact(plan, attempt, job), job) for job in plan.jobs]
+    with dask.annotate(resources=dict(cfg.tokens.resources or {})):  # only workers that offer them take a tar
+        records, _, _ = fan_out(encode_tokens, [(name, (part, job, inputs, settings, attempt))
+                                                for name, part, job in named],
+                                desc="tokenize", unit="tar", progress=progress)
+    return [(part.marker, records[name]) for name, part, _ in named]
+
+
 def _check(plan: Any, record: dict, cfg: PipelineConfig, progress: bool) -> list[str]:
     """Files of a published cache that fail verification (sha256: all read; a remote cache is pulled
     into the local mirror on the way, which training then reads)."""
@@ -123,6 +162,15 @@ def _check(plan: Any, record: dict, cfg: PipelineConfig, progress: bool) -> list
     return tokens.TokenCache(plan.cache.url(), plan.cache.options, cfg.tokens.local_cache).verify(progress=progress)
 
 
-def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, decompose: DecomposeResult | None, train_tokenizer: TokenizerResult, progress: bool = True) -> TokensResult:
-    """The tokenize flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
-    return stage_flow(cfg, key, shard=shard, decompose=decompose, train_tokenizer=train_tokenizer, progress=progress)
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, decompose: DecomposeResult | None,
+        train_tokenizer: TokenizerResult, progress: bool = True, scheduler: str | None = None) -> TokensResult:
+    """The tokenize flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name): in this
+    process, or with `tokens.resources` on the Dask scheduler at `scheduler` (default: `cfg.dask`, a LocalCluster
+    for this call)."""
+    upstream = {"shard": shard, "decompose": decompose, "train_tokenizer": train_tokenizer}
+    if cfg.tokens.resources is None:
+        return stage_flow(cfg, key, progress=progress, **upstream)
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run(cfg, key, progress=progress, scheduler=address, **upstream)
+    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)

@@ -20,6 +20,7 @@ cache lives, batch size, device and threads change how, not what: left out.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -96,18 +97,23 @@ def part_artifact(plan: TokenPlan, attempt: tokens.Attempt, job: TokenJob) -> Ar
 
 # ---- encoding -----------------------------------------------------------------------------------
 
-_MODELS: dict[tuple[str, str], Any] = {}  # (sha256, device) → model: loaded once per process
+_MODELS: dict[tuple[str, str], Any] = {}  # (sha256, device) → model: loaded once per process (a Dask worker's too)
+_MODELS_LOCK = threading.Lock()  # a worker with several threads loads it once
+LOADS = 0  # how many times this process loaded a tokenizer (the cluster test reads it on each worker)
 
 
 def load_tokenizer(inputs: TokenInputs, device: str) -> Any:
+    global LOADS
     from nextdetail.models.tokenizer import load_tokenizer as load
 
     key = (inputs.tokenizer_sha256, device)
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = load(inputs.tokenizer_url, inputs.options, inputs.tokenizer_sha256,
-                            "its train_tokenizer marker").to(device)
-    return _MODELS[key]
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()
+            _MODELS[key] = load(inputs.tokenizer_url, inputs.options, inputs.tokenizer_sha256,
+                                "its train_tokenizer marker").to(device)
+            LOADS += 1
+        return _MODELS[key]
 
 
 def encode_images(model: Any, images: np.ndarray, bases: np.ndarray | None, variants: list[str],
