@@ -252,3 +252,19 @@ def test_the_uint8_store_decomposes_what_float32_does_within_half_a_level_in_a_f
         assert result.summary["storage_max_error"] <= (0.5 / 255 + 1e-6 if dtype == "uint8" else 0.0)
     assert np.abs(decoded["uint8"] - decoded["float32"]).max() <= 0.5 / 255 + 1e-6
     assert sizes["uint8"] < sizes["float32"] / 4, sizes
+
+
+def test_a_fresh_process_consolidates_a_quantized_store(tmp_path):
+    """write_index may land on a Dask worker that ran no factor task (one restarted after a kill): consolidating
+    must register the image codec itself (CI once failed with 'Unknown codec: nextdetail.lossless_image')."""
+    import subprocess
+
+    store = Store(str(tmp_path))
+    factors.create_groups(store, ["train"])
+    factors.create_array(store, "train", "train-000000.tar", 2, (1, 3, 4, 4), "uint8", 1)
+    factors.write_whole(store, "train", "train-000000.tar", np.full((2, 1, 3, 4, 4), 7, dtype="uint8"))
+    code = ("import sys; from nextdetail.storage import factors; from nextdetail.storage.fs import Store; "
+            "factors.consolidate(Store(sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "consolidated_metadata" in (tmp_path / "factors.zarr" / "zarr.json").read_text()

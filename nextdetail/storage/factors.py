@@ -140,8 +140,13 @@ def write_whole(store: Store, split: str, tar: str, values: np.ndarray) -> None:
 
 
 def consolidate(store: Store) -> None:
+    """The group's metadata in its root `zarr.json`. Zarr opens every array to do it, so the image codec must be
+    registered in this process first (a fresh Dask worker that ran no factor task has not)."""
     import zarr
 
+    from nextdetail.storage.image_codec import register
+
+    register()
     with warnings.catch_warnings():  # "not part of the v3 spec yet": we read it back with zarr-python only
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         zarr.consolidate_metadata(store.zarr_store("factors.zarr"), zarr_format=3)

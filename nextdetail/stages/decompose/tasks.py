@@ -31,7 +31,7 @@ from nextdetail.conf.schema import DecomposeConfig
 from nextdetail.errors import UserError
 from nextdetail.pipeline.tasks import Artifact, stage_task
 from nextdetail.storage import factors
-from nextdetail.storage.fs import Store
+from nextdetail.storage.fs import TMP_MARK, Store
 from nextdetail.storage.hashing import stable_hash
 from nextdetail.storage.shards import read_tar_images
 
@@ -115,7 +115,8 @@ def write_factors(
     # Every file of the array, chunks included, goes in the part's marker with its sha256: `cache verify` then
     # vouches for every byte it re-reads, and the content hash (relative to the array) is what downstream keys on.
     array_rel = f"factors.zarr/{factors.array_path(job.split, job.tar)}"
-    files = {rel: artifact.store.sha256(rel) for rel in artifact.store.find(array_rel)}
+    # (not a temporary a killed writer of the same tar left beside the shard: never renamed, never read)
+    files = {rel: artifact.store.sha256(rel) for rel in artifact.store.find(array_rel) if TMP_MARK not in rel}
     summary["content_sha256"] = stable_hash({rel[len(array_rel):]: sha for rel, sha in files.items()})
     return summary, files
 
