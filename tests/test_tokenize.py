@@ -363,7 +363,9 @@ def test_tokenize_on_the_workers_offering_its_resources_publishes_the_same_bytes
         assert {json.loads(m.read_text())["lineage"]["pid"] for m in markers} == {pids[gpu]}
         with Client(address, timeout=60) as client:
             loads = client.run(lambda: getattr(sys.modules.get("nextdetail.stages.tokenize.tasks"), "LOADS", 0))
-        assert loads[gpu] == 1 and sum(loads.values()) == 1, loads  # once, on the GPU worker, for every tar
+        # once on the GPU worker for every tar; the other may load it once for publishing's preview (a CPU task
+        # that asks for nothing, so it runs wherever Dask puts it)
+        assert loads[gpu] == 1 and sum(loads.values()) <= 2, loads
 
         elsewhere = tmp_path / "root"
         out = subprocess.run([str(BIN / "nextdetail"), "tokenize", "--no-progress",
