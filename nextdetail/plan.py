@@ -129,7 +129,7 @@ def measure_sample(cfg: PipelineConfig, source: Any, items: list[Any], tmp: str)
     from nextdetail.stages.shard.tasks import ShardItem, _encode_sample
     from nextdetail.storage import factors
     from nextdetail.storage.fs import Store
-    from nextdetail.storage.images import decode_image, encode_image
+    from nextdetail.storage.images import encode_image
     from nextdetail.storage.shards import ShardTarWriter
 
     buffer, pixels, arrays = io.BytesIO(), 0, []
@@ -137,11 +137,12 @@ def measure_sample(cfg: PipelineConfig, source: Any, items: list[Any], tmp: str)
     t0 = time.perf_counter()
     for i, item in enumerate(items):
         data = source.read_bytes(item.relpath)
-        sample = _encode_sample(ShardItem(item.key, item.relpath, item.wnid, i, len(data), ""), data, cfg.shard, {})
+        row: dict[str, Any] = {}  # the manifest row the shard writes: the source's width and height
+        sample = _encode_sample(ShardItem(item.key, item.relpath, item.wnid, i, len(data), ""), data, cfg.shard, row)
         writer.write(sample)
         with Image.open(io.BytesIO(sample[cfg.shard.image_format])) as im:
             arrays.append(np.asarray(im.convert("RGB")))
-        pixels = max(pixels, decode_image(data).width * decode_image(data).height)
+        pixels = max(pixels, row["width"] * row["height"])
     shard_s = (time.perf_counter() - t0) / len(items)
     writer.close()
     tar_bytes = (buffer.tell() - 10240) / len(items)  # without the end-of-archive blocks, paid once per tar

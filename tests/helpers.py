@@ -129,3 +129,32 @@ def objects_per_array(paths: list[str], zarr_dir: str) -> dict[str, int]:
             array = rel.split("/c/", 1)[0]
             counts[array] = counts.get(array, 0) + 1
     return counts
+
+
+@contextlib.contextmanager
+def external_dask(*workers: tuple[str, list[str]]):
+    """An external `dask scheduler` on 127.0.0.1 and one `dask worker` process per (name, extra args) — e.g.
+    ("gpu", ["--resources", "GPU=1"]) — each with one thread; yields the scheduler's address once every worker has
+    joined, and ends them all."""
+    from distributed import Client
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    quiet = {"env": {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"},
+             "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
+                               address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
+    try:
+        for name, extra in workers:
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                           "--no-dashboard", "--name", name, *extra], **quiet))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(len(workers), timeout=120)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

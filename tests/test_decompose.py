@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import make_config, run_cli, sigkill_when
+from helpers import external_dask, make_config, run_cli, sigkill_when
 from PIL import Image
 
 from nextdetail.models.mumford_shah import decompose
@@ -106,41 +105,18 @@ def test_a_task_killed_mid_write_is_redone_and_never_counted(tmp_path, embedded_
     np.testing.assert_array_equal(after, before)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_uses_an_external_dask_scheduler_when_configured(tmp_path, embedded_source):
     from distributed import Client
 
-    port = free_port()
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    address = f"tcp://127.0.0.1:{port}"
-    try:
-        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                       "--no-dashboard", "--name", "external"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    with external_dask(("external", [])) as address:
         with Client(address, timeout=60) as client:
-            client.wait_for_workers(1, timeout=90)
             worker_pids = set(client.run(os.getpid).values())
         cfg = make_config(tmp_path, embedded_source, f"dask.address={address}")
         _, result = _run(cfg)
         assert result.tars_ran
         pids = {json.loads(p.read_text())["lineage"]["pid"] for p in (Path(result.url) / "_parts").glob("*.json")}
         assert pids <= worker_pids, (pids, worker_pids)
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.mark.integration
@@ -257,8 +233,6 @@ def test_the_uint8_store_decomposes_what_float32_does_within_half_a_level_in_a_f
 def test_a_fresh_process_consolidates_a_quantized_store(tmp_path):
     """write_index may land on a Dask worker that ran no factor task (one restarted after a kill): consolidating
     must register the image codec itself (CI once failed with 'Unknown codec: nextdetail.lossless_image')."""
-    import subprocess
-
     store = Store(str(tmp_path))
     factors.create_groups(store, ["train"])
     factors.create_array(store, "train", "train-000000.tar", 2, (1, 3, 4, 4), "uint8", 1)

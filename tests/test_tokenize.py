@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import BIN, cli_config, free_port, make_config
+from helpers import BIN, cli_config, external_dask, make_config
 
 from nextdetail.storage.fs import Store
 
@@ -338,17 +338,8 @@ def test_tokenize_on_the_workers_offering_its_resources_publishes_the_same_bytes
 
     root, up = upstream
     _, here = published
-    address = f"tcp://127.0.0.1:{free_port()}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}
-    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
-                               address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
-    try:
-        for name, extra in (("gpu", ["--resources", "GPU=1"]), ("plain", [])):
-            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                           "--no-dashboard", "--name", name, *extra], **quiet))
+    with external_dask(("gpu", ["--resources", "GPU=1"]), ("plain", [])) as address:
         with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
             names = {addr: w["name"] for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()}
             pids = client.run(os.getpid)
         gpu = next(addr for addr, name in names.items() if name == "gpu")
@@ -375,11 +366,3 @@ def test_tokenize_on_the_workers_offering_its_resources_publishes_the_same_bytes
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.count("\n") == 1 and "tokenize: tokens.resources asks for GPU=2" in out.stderr, out.stderr
         assert not (elsewhere / "shards").exists()  # nothing ran
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
