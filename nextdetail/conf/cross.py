@@ -71,3 +71,19 @@ def cross_problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
                 f"{what} needs a dyadic pyramid tokenizer: tokenizer.order=0 and tokenizer.patch_nums="
                 f"{list(dyadic_sides(latent)) if latent and not latent & (latent - 1) else '1, 2, 4, …'}"
                 " (`--model ndp` sets both)")
+    yield from _training_placement_problems(cfg)
+
+
+def _training_placement_problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
+    """Where train_ar runs: the global batch splits evenly over every process of every node (each rank takes an
+    equal share), and several nodes are found on a Dask cluster's workers, which a LocalCluster (one host) is not."""
+    a = cfg.ar
+    if a.pretrained:  # adopted weights: no training
+        return
+    if a.nproc is not None and a.batch_size % (a.nodes * a.nproc):
+        yield "train_ar", (f"ar.batch_size={a.batch_size} does not split over ar.nodes × ar.nproc = {a.nodes} × "
+                           f"{a.nproc} processes; make ar.batch_size a multiple of {a.nodes * a.nproc}")
+    if a.nodes > 1 and not cfg.dask.address:
+        yield "train_ar", (f"ar.nodes={a.nodes} trains on {a.nodes} hosts found among a Dask cluster's workers: set "
+                           "dask.address to its scheduler (`dask scheduler`, `dask worker` on each host), or "
+                           "set ar.nodes=1")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from nextdetail.conf.environment import Section as _Section
+from nextdetail.conf.environment import check_resources_setting
 from nextdetail.models.configs import VAR_SHAPE as V
 from nextdetail.models.configs import VAR_TOKENIZER as T
 
@@ -142,7 +143,12 @@ class ARConfig(_Section):
     seed: int = 0
     # How the work runs, not what it computes: excluded from the cache identity.
     device: Literal["cpu", "cuda"] = "cpu"
-    nproc: int | None = Field(default=1, ge=1, description="processes (torchrun); None: one per visible GPU")
+    nproc: int | None = Field(default=1, ge=1, description="processes per node (torchrun); None: one per visible GPU")
+    resources: dict[str, float] | None = Field(
+        default=None, description="None: train where the flow runs; e.g. {GPU: 1}: on a Dask worker that offers these "
+        "resources (`dask worker --resources GPU=1`), each node's worker with ar.nodes > 1")
+    nodes: int = Field(default=1, ge=1, description="hosts the training spans (torchrun's nodes, ar.nproc processes "
+                       "each): > 1 needs a Dask cluster (dask.address) with workers on that many hosts")
     torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
     loader_workers: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=1000, ge=1)
@@ -151,9 +157,12 @@ class ARConfig(_Section):
     log_every: int = Field(default=100, ge=1)
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
+        {"device", "nproc", "resources", "nodes", "torch_threads", "loader_workers", "checkpoint_every",
+         "keep_checkpoints", "log_every"})
     ARCHITECTURE_FIELDS: ClassVar[frozenset[str]] = frozenset(  # what adopted weights (`pretrained`) must match
         {"model", "depth", "width", "heads", "mlp_ratio", "attn_l2_norm"})
+
+    _check_resources = field_validator("resources", mode="after")(check_resources_setting)
 
     @property
     def lr(self) -> float:

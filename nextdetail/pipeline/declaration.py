@@ -28,6 +28,7 @@ from nextdetail.conf.schema import PipelineConfig
 from nextdetail.models import FAMILIES
 from nextdetail.pipeline.code import code_fingerprint
 from nextdetail.pipeline.result import StageResult
+from nextdetail.pipeline.runtime import WorkerAsk
 from nextdetail.storage.hashing import canonical_json, stable_hash
 
 
@@ -52,6 +53,8 @@ class Stage:
     #   `scheduler`); a function: for the configs it says so of (tokenize: when tokens.resources is set)
     resources: Callable[[PipelineConfig], tuple[str, dict[str, float] | None]] | None = None  # (setting, what its
     #   tasks ask the Dask workers for): checked against the cluster before any stage runs
+    nodes: Callable[[PipelineConfig], tuple[str, int]] | None = None  # (setting, hosts its one task spans: a
+    #   training on several nodes): as many distinct hosts with such workers, checked with `resources`
     content_sha256: str | None = None  # the summary key of the sha256 of what downstream reads (early cutoff)
     storage: Callable[[PipelineConfig], tuple[str, dict[str, Any]]] | None = None  # its root and options
     storage_setting: str = "storage.root"  # the setting that names its root (what a one-line error points at)
@@ -109,12 +112,13 @@ class Stage:
         """Whether this config runs the stage's tasks on the Dask cluster (`dask`)."""
         return self.dask(cfg) if callable(self.dask) else self.dask
 
-    def asks(self, cfg: PipelineConfig) -> tuple[str, dict[str, float]] | None:
-        """(setting, resources) its tasks ask the Dask workers for under this config (`resources`), or None."""
-        if self.resources is None:
+    def asks(self, cfg: PipelineConfig) -> WorkerAsk | None:
+        """What its tasks ask the Dask workers for under this config (`resources` on `nodes` hosts), or None."""
+        setting, wanted = self.resources(cfg) if self.resources else ("", None)
+        nodes_setting, nodes = self.nodes(cfg) if self.nodes else (None, 1)
+        if not wanted and nodes == 1:
             return None
-        setting, wanted = self.resources(cfg)
-        return (setting, wanted) if wanted else None
+        return WorkerAsk(setting, dict(wanted or {}), nodes, nodes_setting)
 
     def recorded(self, cfg: PipelineConfig, record: dict[str, Any]) -> StageResult:
         """The result a lineage record holds, as a run that skipped the stage hands it on."""

@@ -175,8 +175,9 @@ def run_pipeline(cfg: PipelineConfig | Branches, until: str | None = None, progr
 
 
 def check_stage_resources(branches: Branches, stages: Iterable[str], address: str | None = None) -> None:
-    """Before any work: the Dask workers offer what the selected stages ask for (`Stage.resources`), else one line
-    (`runtime.check_resources`). `address`: the scheduler to ask (default: each branch's `dask.address`)."""
+    """Before any work: the Dask workers offer what the selected stages ask for (`Stage.resources`, on `Stage.nodes`
+    distinct hosts), else one line (`runtime.check_resources`). `address`: the scheduler to ask (default: each
+    branch's `dask.address`)."""
     from nextdetail.pipeline.runtime import check_resources
 
     for bcfg in branches.values():

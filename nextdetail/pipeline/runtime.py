@@ -14,6 +14,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,24 +234,48 @@ def worker_resources(address: str) -> list[tuple[str, dict[str, float]]]:
     return [(w.get("host", ""), dict(w.get("resources") or {})) for w in workers]
 
 
-def check_resources(asks: dict[str, tuple[str, dict[str, float]]], address: str | None,
-                    local: dict[str, float] | None) -> None:
-    """Before any work: every stage that asks for Dask resources ({stage: (setting, resources)}) has at least one
-    worker offering all of them — on the cluster at `address`, else on the LocalCluster whose workers offer
-    `local` (`dask.resources`). A task asking for what no worker has would wait forever: one line instead."""
-    asks = {stage: ask for stage, ask in asks.items() if ask[1]}
+@dataclass(frozen=True)
+class WorkerAsk:
+    """What a stage's tasks ask of the Dask workers under one config: `resources` (named by `setting`) on one worker,
+    or on `nodes` workers on distinct hosts (named by `nodes_setting`: a training spanning hosts)."""
+
+    setting: str
+    resources: dict[str, float]
+    nodes: int = 1
+    nodes_setting: str | None = None
+
+
+def check_resources(asks: dict[str, WorkerAsk], address: str | None, local: dict[str, float] | None) -> None:
+    """Before any work: every stage that asks the Dask workers for resources or hosts ({stage: ask}) finds them —
+    a worker offering all of them (on `ask.nodes` distinct hosts) on the cluster at `address`, else on the
+    LocalCluster whose workers offer `local` (`dask.resources`, one host). A task asking for what no worker has
+    would wait forever, a training short of hosts would wait for the missing nodes: one line instead."""
+    asks = {stage: ask for stage, ask in asks.items() if ask.resources or ask.nodes > 1}
     if not asks:
         return
     workers = worker_resources(address) if address else [("localhost", dict(local or {}))]
     where = f"the Dask cluster at {address}" if address else "the LocalCluster (dask.resources)"
-    for stage, (setting, wanted) in asks.items():
-        if not any(all(offered.get(k, 0.0) >= v for k, v in wanted.items()) for _, offered in workers):
+    for stage, ask in asks.items():
+        setting, wanted = ask.setting, ask.resources
+        offering = [host for host, offered in workers if all(offered.get(k, 0.0) >= v for k, v in wanted.items())]
+        if not offering:
             offers = sorted({", ".join(f"{k}={v:g}" for k, v in sorted(o.items())) or "none" for _, o in workers})
             missing = next(k for k, v in wanted.items() if not any(o.get(k, 0.0) >= v for _, o in workers))
             raise UserError(
                 f"{stage}: {setting} asks for {missing}={wanted[missing]:g}, and no worker of {where} offers it "
                 f"({len(workers)} worker(s), offering: {'; '.join(offers)}); start workers with "
                 f"`dask worker --resources {missing}={wanted[missing]:g}` (or set dask.resources), or unset {setting}")
+        hosts = sorted(set(offering))
+        if len(hosts) < ask.nodes:
+            what = f"offering {setting}={_resources_text(wanted)}" if wanted else "at all"
+            raise UserError(
+                f"{stage}: {ask.nodes_setting}={ask.nodes} needs workers on {ask.nodes} distinct hosts, and {where} "
+                f"has {len(hosts)} host(s) with workers {what} ({', '.join(hosts)}); start `dask worker` on more "
+                f"hosts, or lower {ask.nodes_setting}")
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
 def dask_task_runner(address: str) -> Any:

@@ -4,15 +4,17 @@ The loop owns what every training must do the same way: join the process group (
 threads (and restore them), resume from the newest step checkpoint, show progress, refuse a non-finite
 loss, log every `log_every` steps, checkpoint every `checkpoint_every` steps (then a barrier), leave early
 with `stop_after` (tests: an interrupted run), and on rank 0 write the outputs and `summary.json`. It also
-holds the stage's task body (one process, or torchrun supervised by the Prefect task) and the torchrun
-entry (`python -m nextdetail.pipeline.training JOB`).
+holds the stage's task body (one process, torchrun on this machine, or torchrun on several hosts' Dask workers,
+supervised by the Prefect task) and the torchrun entry (`python -m nextdetail.pipeline.training JOB`).
 
 A stage supplies a `Training`: its model and optimizer (`build`), its batches, one optimisation step, what
-its checkpoint holds beyond the step and metrics, its log line and its outputs.
+its checkpoint holds beyond the step and metrics, its log line and its outputs — and its job (`to_job`,
+`from_job`): what rebuilds it in a rank from JSON, by the stage's name in `TRAININGS`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -26,7 +28,16 @@ from typing import Any, ClassVar
 import torch
 
 from nextdetail.errors import UserError
-from nextdetail.pipeline.torchrun import join, launch, leave_group, process_count, read_job
+from nextdetail.pipeline.torchrun import (
+    die_with_parent,
+    gather_nodes,
+    join,
+    launch,
+    launch_nodes,
+    leave_group,
+    process_count,
+    read_job,
+)
 from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from nextdetail.storage.fs import Store
 
@@ -90,6 +101,41 @@ class Training(ABC):
     def finish(self, store: Store, metrics: list[dict[str, Any]], run: Run) -> dict[str, Any]:
         """Rank 0 after the last step: write `files`; return the stage's own summary entries."""
 
+    @abstractmethod
+    def to_job(self) -> dict[str, Any]:
+        """What rebuilds this training in a rank (`from_job`): JSON values, but for credentials (SecretStr in storage
+        options), which `torchrun.encode_job` keeps out of the job file."""
+
+    @classmethod
+    @abstractmethod
+    def from_job(cls, job: dict[str, Any]) -> Training:
+        """The training `to_job` describes (its secrets SecretStr again)."""
+
+
+# stage → (module, class) of its Training: the only code a job file can name is one of these
+TRAININGS: dict[str, tuple[str, str]] = {
+    "train_tokenizer": ("nextdetail.stages.train_tokenizer.tasks", "TokenizerTraining"),
+    "train_ar": ("nextdetail.stages.train_ar.tasks", "ARTraining"),
+}
+JOB_FORMAT = 1
+
+
+def training_job(store: Store, training: Training) -> dict[str, Any]:
+    """The torchrun job of `training` in `store` (`training_of_job` reads it back)."""
+    return {"format": JOB_FORMAT, "stage": training.stage, "store": {"url": store.url(), "options": store.options},
+            "training": training.to_job()}
+
+
+def training_of_job(job: dict[str, Any]) -> tuple[Store, Training]:
+    """(store, training) of a job: the class by the stage's name in `TRAININGS` (imported from its fixed module),
+    never by a name the job gives."""
+    if job.get("format") != JOB_FORMAT or job.get("stage") not in TRAININGS:
+        raise ValueError(f"not a training job of this nextdetail (format {job.get('format')!r}, stage "
+                         f"{job.get('stage')!r})")
+    module, name = TRAININGS[job["stage"]]
+    training = getattr(importlib.import_module(module), name).from_job(job["training"])
+    return Store(job["store"]["url"], job["store"]["options"]), training
+
 
 def train(store: Store, training: Training, log: Log = print, progress: bool = False,
           stop_after: int | None = None) -> dict[str, Any]:
@@ -98,8 +144,9 @@ def train(store: Store, training: Training, log: Log = print, progress: bool = F
     s = training.settings
     rank, world, device = join(s.device, training.section)
     threads = torch.get_num_threads()
-    if s.torch_threads or world > 1:  # several ranks on one machine share its cores
-        torch.set_num_threads(s.torch_threads or max(1, (os.cpu_count() or 1) // world))
+    if s.torch_threads or world > 1:  # the ranks on one machine (torchrun's local world) share its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(s.torch_threads or max(1, (os.cpu_count() or 1) // local_world))
     try:
         return _loop(store, training, rank, world, device, log if rank == 0 else _quiet, progress, stop_after)
     finally:
@@ -147,10 +194,11 @@ def _loop(store: Store, training: Training, rank: int, world: int, device: torch
             return {"stopped_at": step + 1}
     bar.close()
     run = Run(rank, world, start, done, time.time() - t0)
+    nodes = gather_nodes(world)  # where the ranks ran: every rank takes part
     if rank > 0:
         return {}
-    summary = {"steps": s.steps, "resumed_from": start, "processes": world, "seconds_this_run": round(run.seconds, 2),
-               **training.finish(store, metrics, run), "url": store.url()}
+    summary = {"steps": s.steps, "resumed_from": start, "processes": world, "nodes": nodes,
+               "seconds_this_run": round(run.seconds, 2), **training.finish(store, metrics, run), "url": store.url()}
     store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
     return summary
 
@@ -159,17 +207,27 @@ def _quiet(_: str) -> None:
     pass
 
 
-def run_training(store: Store, training: Training, progress: bool) -> tuple[dict[str, Any], list[str]]:
-    """The body of a training stage's Prefect task: the loop in this process, or `nproc` ranks under torchrun
-    (supervised here: a failed group raises ChildProcessError, which Prefect retries from the last checkpoint)."""
+def run_training(store: Store, training: Training, progress: bool,
+                 run_id: str = "") -> tuple[dict[str, Any], list[str]]:
+    """The body of a training stage's Prefect task: the loop in this process, or `nproc` ranks under torchrun here,
+    or `nodes` × `nproc` ranks on several hosts' Dask workers (this task's worker the first); supervised here: a
+    failed group raises ChildProcessError, which Prefect retries from the last checkpoint. `run_id`: names the
+    multi-node rendezvous (the artifact's identity)."""
+    import uuid
+
     from prefect import get_run_logger
 
     logger = get_run_logger()
     s = training.settings
     nproc = process_count(s.nproc, s.device)
-    if nproc > 1:
-        launch(training.stage, __name__, {"store": (store.url(), store.options), "training": training}, nproc,
-               logger.info)
+    nodes = getattr(s, "nodes", 1)  # a section without `nodes` (tokenizer.*) trains on one
+    if nodes > 1:
+        attempt = f"{run_id[:16]}-{uuid.uuid4().hex[:8]}"  # a retry never meets an earlier attempt's agents
+        launch_nodes(training.stage, __name__, training_job(store, training), nodes, nproc,
+                     dict(getattr(s, "resources", None) or {}), attempt, logger.info)
+        summary = json.loads(store.read_bytes("summary.json"))
+    elif nproc > 1:
+        launch(training.stage, __name__, training_job(store, training), nproc, logger.info)
         summary = json.loads(store.read_bytes("summary.json"))
     else:
         summary = train(store, training, log=logger.info, progress=progress)
@@ -177,10 +235,11 @@ def run_training(store: Store, training: Training, progress: bool) -> tuple[dict
 
 
 def _torchrun_main(job_path: str) -> None:
-    """One rank under torchrun (`torchrun.launch`)."""
-    job = read_job(job_path)
+    """One rank under torchrun (`torchrun.launch`, `torchrun.launch_nodes`)."""
+    die_with_parent()  # a rank whose agent is killed (its Dask worker with it) must not train on alone
+    store, training = training_of_job(read_job(job_path))
     try:
-        train(Store(*job["store"]), job["training"], log=lambda line: print(line, flush=True))
+        train(store, training, log=lambda line: print(line, flush=True))
     finally:
         leave_group()
 

@@ -115,7 +115,9 @@ class TokenBatches(torch.utils.data.Dataset):
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
         self._loader: Any = None
+        self._served: int | None = None  # samples each epoch serves: epoch 0's, set below
         self.batches_per_epoch = len(self.plan(0)[0]) // batch_size
+        self._served = self.batches_per_epoch * batch_size
         if self.batches_per_epoch == 0:
             raise UserError(f"{split}: too few images per rank for batch_size={batch_size} with {world} ranks")
 
@@ -136,7 +138,12 @@ class TokenBatches(torch.utils.data.Dataset):
             for gi in range(self.rank, len(groups), self.world):
                 ids = np.concatenate([np.arange(d.chunk_starts[c], d.chunk_starts[c + 1]) for c in groups[gi]])
                 mine.append(np.random.default_rng([self.seed, epoch, gi]).permutation(ids))
-            samples = np.concatenate(mine)[:n]
+            if self._served is not None:
+                # Every epoch serves epoch 0's number of batches (step s's batch is a pure function of s). With
+                # several ranks an epoch's tar groups can leave a rank fewer samples than epoch 0 did: it starts its
+                # own samples over instead of serving short or empty batches.
+                n = self._served
+            samples = np.resize(np.concatenate(mine), n)
             variants = np.random.default_rng([self.seed, epoch, 1 << 30]).integers(
                 len(d.cache.variants), size=len(d))[samples]
             self._plan = (epoch, samples, variants)

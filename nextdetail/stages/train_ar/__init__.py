@@ -49,7 +49,13 @@ class ARResult(StageResult):  # url: transformer.pt, best.pt, metrics.csv, loss.
 
 STAGE = Stage("train_ar", "transformer", ("shard", "train_tokenizer", "tokenize"), _ar_settings, ARResult,
               inputs=_ar_inputs, family="model", content_sha256="weights_sha256",
+              # On a Dask worker offering ar.resources (the GPU machines; the CLI's needs none), or across ar.nodes
+              # hosts' workers: the cluster is checked for them before any stage runs.
+              dask=lambda c: c.ar.resources is not None or c.ar.nodes > 1,
+              resources=lambda c: ("ar.resources", c.ar.resources),
+              nodes=lambda c: ("ar.nodes", c.ar.nodes),
               command_help="token cache → the next-detail transformer (CART §3.3)",
               command_description=("Run the stages up to train_ar: transformer.pt, best.pt, metrics.csv and loss.png under "
                                    "<storage.root>/transformer/. Resumes from its last checkpoint; -o ar.nproc=N trains "
-                                   "N processes with torchrun."))
+                                   "N processes with torchrun; -o ar.resources='{GPU: 1}' on a Dask worker offering "
+                                   "them; -o ar.nodes=N across N hosts' workers (dask.address)."))

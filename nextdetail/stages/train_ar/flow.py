@@ -1,11 +1,20 @@
 """The `train_ar` flow: one cached training task on a published token cache.
 
-Training runs in the flow's process (all cores to torch, or the GPU), or as `ar.nproc` torchrun
-processes that the task launches and supervises; never on the Dask cluster.
+Where training runs:
+- by default in the flow's process (all cores to torch, or the GPU), or as `ar.nproc` torchrun processes that the
+  task launches and supervises;
+- with `ar.resources` (e.g. {GPU: 1}) the task goes to the pipeline's Dask cluster, to a worker offering them
+  (`dask worker --resources GPU=1`; checked before the run starts), and trains there as it would here: the CLI's
+  machine needs no GPU;
+- with `ar.nodes` = N > 1, that worker is node 0 of N: it starts a torchrun agent on a worker offering the same
+  resources on each of N − 1 other hosts and one itself (`pipeline/torchrun.py:launch_nodes`), `ar.nproc` ranks
+  each, all reading and writing the one shared store.
+Every placement trains the same weights from the same global batches (tested against one process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,9 +23,10 @@ from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.pipeline.parts import build_one
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
-from nextdetail.stages.train_ar import ARResult
+from nextdetail.stages.train_ar import STAGE, ARResult
 from nextdetail.stages.train_ar.tasks import (
     ARData,
     adopt_transformer,
@@ -59,9 +69,28 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tok
         source = cfg.ar.pretrained
         return build_one(ARResult, adopt_transformer, artifact, data, cfg.ar, source,
                          cfg.storage.options if "://" in source else {}, started=t0)
-    return build_one(ARResult, train_ar, artifact, data, cfg.ar, progress, started=t0)
+    on_cluster = STAGE.uses_dask(cfg)
+    with on_worker(cfg.ar.resources) if on_cluster else contextlib.nullcontext():
+        # A worker's progress bar would go to the worker's terminal: the log has the steps.
+        return build_one(ARResult, train_ar, artifact, data, cfg.ar, progress and not on_cluster, started=t0)
 
 
-def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult, tokenize: TokensResult, progress: bool = True) -> ARResult:
-    """The train_ar flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
-    return stage_flow(cfg, key, shard=shard, train_tokenizer=train_tokenizer, tokenize=tokenize, progress=progress)
+def on_worker(resources: dict[str, float] | None) -> Any:
+    """Tasks submitted in this context go to a Dask worker offering `resources` (any worker when None)."""
+    import dask
+
+    return dask.annotate(resources=dict(resources or {}))
+
+
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult,
+        tokenize: TokensResult, progress: bool = True, scheduler: str | None = None) -> ARResult:
+    """The train_ar flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name): in this
+    process, or with `ar.resources` / `ar.nodes` > 1 on the Dask scheduler at `scheduler` (default: `cfg.dask`, a
+    LocalCluster for this call unless dask.address names one)."""
+    upstream = {"shard": shard, "train_tokenizer": train_tokenizer, "tokenize": tokenize}
+    if not STAGE.uses_dask(cfg):
+        return stage_flow(cfg, key, progress=progress, **upstream)
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run(cfg, key, progress=progress, scheduler=address, **upstream)
+    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)

@@ -14,9 +14,10 @@ losses in `models/transformer.py` (CART) and `models/ndp.py` (NDP)):
     best.pt = the lowest held-out loss so far; at the end transformer.pt, metrics.csv, loss.png,
     summary.json, _COMPLETE.json
 
-Processes (`training.run_training`): one, in the flow's process, or `nproc` data-parallel ones under
-torchrun, which the Prefect task supervises: a crashed process group is an infrastructure failure,
-retried by Prefect from the last checkpoint.
+Processes (`training.run_training`): one, in the flow's process or on the Dask worker offering `ar.resources`,
+or `nproc` data-parallel ones under torchrun there, or `nproc` on each of `ar.nodes` hosts' workers; the Prefect
+task supervises them: a crashed process group is an infrastructure failure, retried by Prefect from the last
+checkpoint.
 
 Identity: the stage's (pipeline/declaration.py): `ar.*` but runtime knobs, the shard, tokenizer (+ its weights' sha256)
 and token-cache identities, and the code its flow imports (the model family's included).
@@ -29,7 +30,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -247,6 +248,15 @@ class ARTraining(Training):
     def __init__(self, data: ARData, cfg: ARConfig) -> None:
         self.data, self.settings = data, cfg
 
+    def to_job(self) -> dict[str, Any]:
+        return {"data": {f.name: getattr(self.data, f.name) for f in fields(ARData)},
+                "settings": self.settings.model_dump(mode="json")}
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> ARTraining:
+        return cls(ARData(**{**job["data"], "classes": tuple(job["data"]["classes"])}),
+                   ARConfig.model_validate(job["settings"]))
+
     def build(self, rank: int, world: int, device: torch.device, log: Callable[[str], None]) -> None:
         from nextdetail.storage.token_loader import TokenBatches
 
@@ -350,7 +360,7 @@ def write_metrics_csv(store: Store, metrics: list[dict]) -> None:
 
 @stage_task(name="train_ar", retries=2)
 def train_ar(artifact: Artifact, data: ARData, cfg: ARConfig, progress: bool = False) -> tuple[dict, list[str]]:
-    return training.run_training(artifact.store, ARTraining(data, cfg), progress)
+    return training.run_training(artifact.store, ARTraining(data, cfg), progress, run_id=artifact.identity)
 
 
 @stage_task(name="adopt_transformer", retries=1)

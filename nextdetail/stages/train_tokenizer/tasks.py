@@ -25,6 +25,7 @@ import io
 import json
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,6 +57,18 @@ class TokenizerTraining(Training):
 
     def __init__(self, data: TrainData, cfg: TokenizerConfig, spec: Any) -> None:
         self.data, self.settings, self.spec = data, cfg, spec
+
+    def to_job(self) -> dict[str, Any]:
+        return {"data": {f.name: getattr(self.data, f.name) for f in fields(TrainData)},
+                "settings": self.settings.model_dump(mode="json"), "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> TokenizerTraining:
+        from nextdetail.models.configs import TokenizerSpec
+
+        data = TrainData(**{**job["data"], "tars": tuple((tar, int(n)) for tar, n in job["data"]["tars"])})
+        spec = TokenizerSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in job["spec"].items()})
+        return cls(data, TokenizerConfig.model_validate(job["settings"]), spec)
 
     def build(self, rank: int, world: int, device: torch.device, log: Callable[[str], None]) -> None:
         from nextdetail.models.tokenizer import BaseDetailVQVAE, load_var_state_dict
