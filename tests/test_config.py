@@ -176,19 +176,25 @@ def test_alpha_is_scaled_to_the_resolution_only_when_a_reference_size_is_given()
     assert stage_key(plain, "decompose", up).identity != stage_key(scaled, "decompose", up).identity
 
 
+CLUSTER_STAGES = [("tokenize", "tokens.resources"), ("sample", "sample.resources"), ("evaluate", "eval.resources")]
+
+
+@pytest.mark.parametrize("setting", [s for _, s in CLUSTER_STAGES])
 @pytest.mark.parametrize("value", ["{GPU: 0}", "{GPU: -1}", "{GPU: x}", "{'a b': 1}", "[GPU]"])
-def test_bad_stage_resources_are_one_line_errors(value):
+def test_bad_stage_resources_are_one_line_errors(value, setting):
     from nextdetail.conf import load_config
     from nextdetail.errors import UserError
 
     with pytest.raises(UserError) as err:
-        load_config("tiny", overrides=[f"tokens.resources={value}"])
-    assert "\n" not in str(err.value) and "tokens.resources" in str(err.value)
+        load_config("tiny", overrides=[f"{setting}={value}"])
+    assert "\n" not in str(err.value) and setting in str(err.value)
 
 
-def test_resources_say_where_tokenize_runs_not_what_it_computes():
-    """tokens.resources moves the encoding onto Dask workers: the same identity (the cache is the same bytes, tested
-    on a cluster in test_tokenize.py); a LocalCluster without the resource is refused in one line before any work."""
+@pytest.mark.parametrize(("stage", "setting"), CLUSTER_STAGES)
+def test_resources_say_where_a_stage_runs_not_what_it_computes(stage, setting):
+    """`<section>.resources` moves a stage's tasks onto Dask workers: the same identity (the same bytes, tested on a
+    cluster in test_tokenize/test_sample/test_evaluate); a LocalCluster without the resource is refused in one line
+    before any work."""
     from nextdetail.conf import load_config
     from nextdetail.errors import UserError
     from nextdetail.pipeline.declaration import key_of
@@ -196,15 +202,15 @@ def test_resources_say_where_tokenize_runs_not_what_it_computes():
     from nextdetail.stages import REGISTRY
 
     plain = load_config("tiny")
-    asking = load_config("tiny", overrides=["tokens.resources={GPU: 1}"])
-    assert REGISTRY["tokenize"].settings(plain) == REGISTRY["tokenize"].settings(asking)
+    asking = load_config("tiny", overrides=[f"{setting}={{GPU: 1}}"])
+    assert REGISTRY[stage].settings(plain) == REGISTRY[stage].settings(asking)
     assert key_of(plain, "shard", {}).identity == key_of(asking, "shard", {}).identity
-    assert not REGISTRY["tokenize"].uses_dask(plain) and REGISTRY["tokenize"].uses_dask(asking)
-    check_stage_resources({"cart": plain}, ["shard", "tokenize"])  # nothing asked: nothing to check
+    assert not REGISTRY[stage].uses_dask(plain) and REGISTRY[stage].uses_dask(asking)
+    check_stage_resources({"cart": plain}, ["shard", stage])  # nothing asked: nothing to check
     with pytest.raises(UserError) as err:
-        check_stage_resources({"cart": asking}, ["shard", "tokenize"])
+        check_stage_resources({"cart": asking}, ["shard", stage])
     line = str(err.value)
-    assert "\n" not in line and line.startswith("tokenize: tokens.resources asks for GPU=1") and "dask.resources" in line
-    offered = load_config("tiny", overrides=["tokens.resources={GPU: 1}", "dask.resources={GPU: 1}"])
-    check_stage_resources({"cart": offered}, ["tokenize"])
-    check_stage_resources({"cart": asking}, ["shard"])  # tokenize not selected: not asked
+    assert "\n" not in line and line.startswith(f"{stage}: {setting} asks for GPU=1") and "dask.resources" in line
+    offered = load_config("tiny", overrides=[f"{setting}={{GPU: 1}}", "dask.resources={GPU: 1}"])
+    check_stage_resources({"cart": offered}, [stage])
+    check_stage_resources({"cart": asking}, ["shard"])  # the stage not selected: not asked

@@ -209,3 +209,65 @@ def test_eval_cli_on_checkpoint_files_with_a_folder_reference(pipeline, embedded
                    "-o", f"storage.root={root}", "--out", str(out)])
     assert bad.returncode == 2 and "eval.inception_weights" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.e2e
+def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline, embedded_source, tmp_path):
+    """eval.resources: every checkpoint × class group is a task on the workers offering them (a `dask worker
+    --resources GPU=1` each); the features are gathered in class order and the metrics computed once. Two workers
+    give exactly one worker's metrics and samples tar, as do a group size that does not divide the classes and the
+    pipeline's own evaluation in one process. The reference statistics are extracted one task per tar and gathered:
+    the same arrays as one process's."""
+    import shutil
+    import sys
+
+    from distributed import Client
+    from helpers import external_dask
+
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import prefect_api
+
+    root, _, results = own_pipeline
+    up = {k: results[k] for k in ("shard", "train_tokenizer", "tokenize", "train_ar")}
+    runs: list[int] = []
+
+    def evaluate(address: str, per_task: int) -> tuple[dict, bytes, dict]:
+        refs = tmp_path / f"refstats-{per_task}-{len(runs)}"  # empty: the reference statistics are computed too
+        c = make_config(root, embedded_source, *FAST, f"dask.address={address}", "eval.resources={GPU: 1}",
+                        f"eval.classes_per_task={per_task}", f"eval.reference_cache={refs}")
+        with prefect_api():
+            ev = run_stage(c, "evaluate", up, progress=False)
+        assert ev.work == "ran" and ev.identity == results["evaluate"].identity  # where it runs is not what it is
+        assert ev.reference["work"] == "ran" and ev.reference["identity"] == results["evaluate"].reference["identity"]
+        assert not list(refs.glob("refstats/*/parts"))  # one task per tar, gathered
+        # the statistics are the ones one process computed for the pipeline
+        mine, theirs = (np.load(next(Path(r["url"]).glob("stats-*.npz"))) for r in (ev.reference,
+                                                                                    results["evaluate"].reference))
+        for k in ("features", "mu", "sigma"):
+            np.testing.assert_array_equal(mine[k], theirs[k])
+        runs.append(1)
+        out = Path(ev.url)
+        metrics, tar = json.loads((out / "metrics.json").read_text()), (out / "samples/step-12.tar").read_bytes()
+        assert not (out / "parts").exists()  # the groups' copies are gone once merged
+        with Client(address, timeout=60) as client:
+            loads = client.run(lambda: getattr(sys.modules.get("nextdetail.stages.evaluate.tasks"), "LOADS", 0))
+        shutil.rmtree(out)  # the next run evaluates again (same identity)
+        return metrics, tar, loads
+
+    here = json.loads(Path(results["evaluate"].url, "metrics.json").read_text())
+    here_tar = Path(results["evaluate"].url, "samples/step-12.tar").read_bytes()
+    shutil.rmtree(results["evaluate"].url)
+    with external_dask(("a", ["--resources", "GPU=1"])) as address:
+        one, one_tar, _ = evaluate(address, 5)
+    with external_dask(("a", ["--resources", "GPU=1"]), ("b", ["--resources", "GPU=1"])) as address:
+        two, two_tar, loads = evaluate(address, 5)
+    assert len(loads) == 2 and all(n >= 1 for n in loads.values()), loads  # both workers sampled
+    metric_keys = ("fid", "isc_mean", "kid_mean", "precision", "recall", "samples", "step")
+    rows = [[{k: r[k] for k in metric_keys} for r in m["checkpoints"]] for m in (one, two)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3 and rows[0][-1]["samples"] == 36
+    assert one_tar == two_tar
+    # and the same as the one process of the session's pipeline (no cluster)
+    assert [{k: r[k] for k in metric_keys} for r in here["checkpoints"]] == rows[0] and here_tar == one_tar
+    with external_dask(("a", ["--resources", "GPU=1"]), ("b", ["--resources", "GPU=1"])) as address:
+        regrouped, regrouped_tar, _ = evaluate(address, 12)
+    assert [{k: r[k] for k in metric_keys} for r in regrouped["checkpoints"]] == rows[0] and regrouped_tar == one_tar

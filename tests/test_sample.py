@@ -146,3 +146,44 @@ def test_sample_cli_with_a_checkpoint(pipeline, tmp_path):
     assert not (out / "hires").exists()
     bad = run_cli([nextdetail, "sample", "--ckpt", str(tmp_path / "nope.pt"), "--out", str(out)])
     assert bad.returncode == 2 and "no such checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.e2e
+def test_sampling_by_class_groups_on_two_workers_writes_what_one_worker_writes(own_pipeline, embedded_source):
+    """sample.resources: one task per class group on the workers offering them, merged into the stage's usual outputs.
+    Two workers, one class per task, write byte for byte what one worker writes with every class in one task, and
+    what the pipeline wrote in one process."""
+    import hashlib
+    import shutil
+
+    from helpers import external_dask
+
+    from nextdetail.pipeline.run import run_stage
+    from nextdetail.pipeline.runtime import prefect_api
+
+    root, _, results = own_pipeline
+    up = {k: results[k] for k in ("shard", "tokenize", "train_ar")}
+
+    def sample(address: str, per_task: int) -> dict[str, str]:
+        c = make_config(root, embedded_source, *FAST, f"dask.address={address}", "sample.resources={GPU: 1}",
+                        f"sample.classes_per_task={per_task}")
+        with prefect_api():
+            result = run_stage(c, "sample", up, progress=False)
+        assert result.work == "ran" and result.identity == results["sample"].identity
+        out = Path(result.url)
+        assert not (out / "parts").exists()
+        files = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name not in {"summary.json", "_COMPLETE.json"}}
+        shutil.rmtree(out)
+        return files
+
+    out = Path(results["sample"].url)
+    here = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in {"summary.json", "_COMPLETE.json"}}
+    shutil.rmtree(out)
+    with external_dask(("a", ["--resources", "GPU=1"])) as address:
+        one = sample(address, 16)
+    with external_dask(("a", ["--resources", "GPU=1"]), ("b", ["--resources", "GPU=1"])) as address:
+        two = sample(address, 1)
+    assert one == two and "samples.tar" in one and any(f.startswith("hires/images/") for f in one)
+    assert one == here  # the pipeline's own samples, in one process

@@ -366,3 +366,47 @@ def test_tokenize_on_the_workers_offering_its_resources_publishes_the_same_bytes
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.count("\n") == 1 and "tokenize: tokens.resources asks for GPU=2" in out.stderr, out.stderr
         assert not (elsewhere / "shards").exists()  # nothing ran
+
+
+@pytest.mark.e2e
+def test_a_worker_killed_mid_tokenize_the_stage_completes_and_the_cache_verifies(upstream, published, embedded_source,
+                                                                               tmp_path):
+    """Two `--resources GPU=1` workers (each under its nanny, as `dask worker` starts them); the first is SIGKILLed
+    as soon as the first tar is done. Dask hands its tasks to the other (or to the restarted one), each tar is a
+    cached task into the run's attempt, and the published cache verifies and is the one-process run's bytes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    from nextdetail.storage.tokens import TokenCache
+
+    root, up = upstream
+    _, here = published
+    cache = tmp_path / "killed-cache"
+    with external_dask(("a", ["--resources", "GPU=1"]), ("b", ["--resources", "GPU=1"])) as address:
+        with Client(address, timeout=60) as client:
+            pids = {w["name"]: pid for addr, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                    for a, pid in client.run(os.getpid).items() if a == addr}
+        killed: list[int] = []
+
+        def kill_after_first_tar() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline and not list(cache.glob("tokens/*/attempts/*/_parts/*.json")):
+                time.sleep(0.05)
+            os.kill(pids["a"], signal.SIGKILL)
+            killed.append(pids["a"])
+
+        killer = threading.Thread(target=kill_after_first_tar, daemon=True)
+        killer.start()
+        cfg = make_config(root, embedded_source, *FAST, f"tokens.cache={cache}", f"dask.address={address}",
+                          "tokens.resources={GPU: 1}")
+        result = _tokenize(cfg, up)
+        killer.join(timeout=60)
+    assert killed, "the worker was never killed"
+    markers = [json.loads(m.read_text()) for m in Path(result.url).glob("attempts/*/_parts/*.json")]
+    assert len(markers) == result.summary["tars"]  # every tar once, whoever encoded it
+    assert result.work == "ran" and result.summary["content_sha256"] == here.summary["content_sha256"]
+    assert TokenCache(result.url, {}, str(tmp_path / "mirror")).verify() == []  # every file has its sha256

@@ -172,10 +172,19 @@ class SampleConfig(_Section):
     # How the work runs: excluded from the cache identity.
     batch_size: int = Field(default=32, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (1 per task on Dask workers)")
+    resources: dict[str, float] | None = Field(
+        default=None, description="None: sample every class in this process; e.g. {GPU: 1}: one task per group of "
+        "`classes_per_task` classes on the Dask cluster's workers that offer these resources")
+    classes_per_task: int = Field(default=16, ge=1, description="classes per cluster task (`resources`); the "
+                                  "results are the same for any value and any number of workers")
 
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "device"})
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "device", "torch_threads", "resources", "classes_per_task"})
     NDP_FIELDS: ClassVar[tuple[str, ...]] = ("budget", "estimator", "refine_per_step")
     CART_FIELDS: ClassVar[tuple[str, ...]] = ("upscale", "detail_budget", "detail_patch", "cfg_schedule")
+
+    _check_resources = field_validator("resources", mode="after")(check_resources_setting)
 
     def evaluation_fields(self, model: str = "cart") -> tuple[str, ...]:
         """The sample.* settings evaluation samples with (its own count and seed; no upscaling); "any": both dials."""
@@ -222,11 +231,19 @@ class EvalConfig(_Section):
     batch_size: int = Field(default=64, ge=1, description="images per feature-extractor call")
     device: Literal["cpu", "cuda"] = "cpu"
     weights_cache: str = Field(default="./.nextdetail/weights", description="where downloaded weights are kept")
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (1 per task on Dask workers)")
+    resources: dict[str, float] | None = Field(
+        default=None, description="None: sample and extract features of every class in this process; e.g. {GPU: 1}: one task per group of "
+        "`classes_per_task` classes on the Dask cluster's workers that offer these resources")
+    classes_per_task: int = Field(default=16, ge=1, description="classes per cluster task (`resources`); the "
+                                  "results are the same for any value and any number of workers")
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"reference_cache", "reference_cache_options", "batch_size", "device", "weights_cache", "inception_weights"})
+        {"reference_cache", "reference_cache_options", "batch_size", "device", "weights_cache", "inception_weights",
+         "torch_threads", "resources", "classes_per_task"})
 
     _wrap_options = field_validator("reference_cache_options", mode="after")(_secret_options)
+    _check_resources = field_validator("resources", mode="after")(check_resources_setting)
 
     def identity_settings(self) -> dict:
         # inception_weights is excluded: the extractor's identity is the sha256 of the weights themselves.

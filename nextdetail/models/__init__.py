@@ -5,7 +5,9 @@ Added by issues 4 (solver), 5 (tokenizer), 7 (CART transformer) and 9 (NDP); one
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,3 +34,18 @@ only, never CART)."""
 def family(kind: str, part: str) -> ModuleType:
     """The `part` ("model" | "sampler") module of model `kind`, imported."""
     return importlib.import_module(getattr(FAMILIES[kind], part))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block (None: unchanged), restored after — a Dask worker's task
+    takes its share of the machine's cores, not all of them."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -278,6 +278,18 @@ def _resources_text(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
+def on_workers_offering(resources: dict[str, float] | None) -> Any:
+    """A context in which tasks submitted to the Dask task runner run only on workers offering `resources`
+    (`dask.annotate`); no constraint when None."""
+    import contextlib
+
+    if not resources:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=dict(resources))
+
+
 def dask_task_runner(address: str) -> Any:
     """Prefect's Dask task runner on the scheduler at `address`, submitting with ``pure=False``.
 

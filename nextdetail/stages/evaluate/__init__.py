@@ -56,4 +56,5 @@ class EvalResult(StageResult):  # url: report.md, metrics.json, grid.png, grids/
 
 
 STAGE = Stage("evaluate", "metrics", ("shard", "train_tokenizer", "tokenize", "train_ar"), _eval_settings, EvalResult,
-              inputs=_eval_inputs, family="sampler")
+              inputs=_eval_inputs, family="sampler", dask=lambda c: c.eval.resources is not None,
+              resources=lambda c: ("eval.resources", c.eval.resources))

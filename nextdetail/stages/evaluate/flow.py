@@ -3,14 +3,17 @@ metrics, then FID / IS / KID / precision-recall of the transformer's checkpoints
 
 from __future__ import annotations
 
+import json
 import time
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.pipeline.parts import build_one
+from nextdetail.pipeline.parts import build_one, fan_out
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
 from nextdetail.pipeline.tasks import build_artifact
 from nextdetail.stages.evaluate import EvalResult
 from nextdetail.stages.evaluate.reference_stats import (
@@ -18,14 +21,19 @@ from nextdetail.stages.evaluate.reference_stats import (
     RefHandle,
     ensure_reference,
     plan_reference,
+    reference_features,
     reference_spec,
     reference_stats,
+    tar_artifact,
     withdraw_if_damaged,
 )
 from nextdetail.stages.evaluate.tasks import (
     CheckpointRef,
     EvalInputs,
+    class_groups,
+    evaluate_classes,
     evaluate_stage,
+    group_artifact,
     plan_evaluation,
     run_evaluation,
     sampling_config,
@@ -63,8 +71,18 @@ def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str,
     e, root = cfg.eval, reference_root(cfg)
     artifact = plan_reference(root, spec, extractor)
     withdraw_if_damaged(artifact, get_run_logger().warning)
-    fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size,
-                                 e.device, progress)
+    parts: tuple[str, ...] = ()
+    if e.resources is not None and spec.kind == "split" and artifact.completed() is None:
+        tars = [(shard, keys, tar_artifact(artifact, shard)) for shard, keys in spec.tars()]  # one task per tar
+        with on_workers_offering(e.resources):
+            fan_out(reference_features, [(shard, (part, spec, shard, keys, e.extractor, e.inception_weights,
+                                                  e.weights_cache, e.batch_size, e.device, e.torch_threads))
+                                         for shard, keys, part in tars], desc="reference features", unit="tar",
+                    progress=progress)
+        parts = tuple(part.store.url() for _, _, part in tars)
+    with on_workers_offering(e.resources):
+        fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size,
+                                     e.device, progress, parts)
     record = fut.result()
     get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
                           record["summary"]["images"], record["work"], artifact.store.url())
@@ -118,14 +136,41 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tok
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary,
                         roots=(cfg.storage.root,))
     artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
-    return build_one(EvalResult, evaluate_stage, artifact, inputs, e, sampling_config(e, cfg.sample), progress,
-                     started=t0, fields={"reference": {"url": ref.url, "identity": ref.identity,
-                                                       "work": ref.record["work"]}})
+    if e.resources is not None and artifact.completed() is None:
+        inputs = replace(inputs, groups=_sample_on_cluster(cfg, key, artifact, inputs, shards, progress))
+    with on_workers_offering(e.resources):  # the merge builds the extractor on eval.device too
+        return build_one(EvalResult, evaluate_stage, artifact, inputs, e, sampling_config(e, cfg.sample), progress,
+                         started=t0, fields={"reference": {"url": ref.url, "identity": ref.identity,
+                                                           "work": ref.record["work"]}})
 
 
-def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult, tokenize: TokensResult, train_ar: ARResult, progress: bool = True) -> EvalResult:
-    """The evaluate flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
-    return stage_flow(cfg, key, shard=shard, train_tokenizer=train_tokenizer, tokenize=tokenize, train_ar=train_ar, progress=progress)
+def _sample_on_cluster(cfg: PipelineConfig, key: StageKey, artifact: Any, inputs: EvalInputs, shards: ShardResult,
+                       progress: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Every checkpoint × class group as one task on the workers offering `eval.resources` (samples + features,
+    written beside the evaluation) → (checkpoint label, its groups' directories in class order), for the merge."""
+    classes = json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"]
+    scfg = sampling_config(cfg.eval, cfg.sample)
+    groups = class_groups(len(classes), cfg.eval.classes_per_task)
+    parts = [((ref.label, g), group_artifact(artifact, key, ref, g), ref) for ref in inputs.checkpoints for g in groups]
+    with on_workers_offering(cfg.eval.resources):
+        fan_out(evaluate_classes, [(name, (part, ref, name[1], inputs, cfg.eval, scfg)) for name, part, ref in parts],
+                desc="evaluate", unit="class group", progress=progress)
+    return tuple((ref.label, tuple(part.store.url() for (label, _), part, _ in parts if label == ref.label))
+                 for ref in inputs.checkpoints)
+
+
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult,
+        tokenize: TokensResult, train_ar: ARResult, progress: bool = True, scheduler: str | None = None) -> EvalResult:
+    """The evaluate flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name): in this
+    process, or with `eval.resources` class groups on the Dask scheduler at `scheduler` (default: `cfg.dask`, a
+    LocalCluster for this call)."""
+    upstream = {"shard": shard, "train_tokenizer": train_tokenizer, "tokenize": tokenize, "train_ar": train_ar}
+    if cfg.eval.resources is None:
+        return stage_flow(cfg, key, progress=progress, **upstream)
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run(cfg, key, progress=progress, scheduler=address, **upstream)
+    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
 
 
 def evaluate_files(cfg: PipelineConfig, key: StageKey, checkpoints: list[str], out: str, shards: ShardResult | None,

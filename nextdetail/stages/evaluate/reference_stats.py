@@ -15,6 +15,7 @@ team bucket holds each reference once and everyone reuses it (verified by sha256
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,19 +85,25 @@ class ReferenceSpec:
         return {"kind": "folder", "max": self.max_images,
                 "files": stable_hash([(f, store.sha256(f)) for f in self.folder_files()])}
 
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """uint8 (B, H, W, 3) batches of the reference images (one size per batch)."""
-        if self.kind == "split":
-            from nextdetail.storage.shards import read_tar_images
+    def tars(self) -> list[tuple[str, tuple[str, ...]]]:
+        """A split's images by tar: (tar, keys), in the order `batches` reads them (the unit of a cluster task)."""
+        by_tar: dict[str, list[str]] = {}
+        for shard, key in self.split_rows():
+            by_tar.setdefault(shard, []).append(key)
+        return [(shard, tuple(keys)) for shard, keys in by_tar.items()]
 
-            store = Store(self.url, self.options)
-            by_tar: dict[str, list[str]] = {}
-            for shard, key in self.split_rows():
-                by_tar.setdefault(shard, []).append(key)
-            for shard, keys in by_tar.items():
-                images = read_tar_images(store, shard, tuple(keys), self.image_format)
-                for i in range(0, len(images), batch_size):
-                    yield images[i : i + batch_size]
+    def tar_batches(self, shard: str, keys: tuple[str, ...], batch_size: int) -> Iterator[np.ndarray]:
+        from nextdetail.storage.shards import read_tar_images
+
+        images = read_tar_images(Store(self.url, self.options), shard, keys, self.image_format)
+        for i in range(0, len(images), batch_size):
+            yield images[i : i + batch_size]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """uint8 (B, H, W, 3) batches of the reference images (one size per batch; a split's never span two tars)."""
+        if self.kind == "split":
+            for shard, keys in self.tars():
+                yield from self.tar_batches(shard, keys, batch_size)
         elif self.kind == "npz":
             store, name = self._store_and_name()
             with store.open(name) as f:
@@ -182,15 +189,19 @@ def plan_reference(root: Store, spec: ReferenceSpec, extractor: dict[str, str]) 
 
 def compute_reference(artifact: Artifact, spec: ReferenceSpec, extractor: str, weights: str | None,
                       weights_cache: str, batch_size: int, device: str, progress: bool = False,
-                      log: Any = print) -> tuple[dict, dict[str, str]]:
-    """Extract the reference's features; write `stats-<attempt>.npz`; returns (summary, {file: sha256})."""
+                      log: Any = print, parts: tuple[str, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """Extract the reference's features (or gather them from `parts`, the tars' directories of a cluster run, in
+    `spec.tars()` order); write `stats-<attempt>.npz`; returns (summary, {file: sha256})."""
     from nextdetail.models import fidelity
     from nextdetail.models.feature_extractor import build_extractor
 
     model, info = build_extractor(extractor, weights, weights_cache, device)
     log(f"reference statistics: {info.name} features of {spec.label} → {artifact.store.url()}")
-    feats = fidelity.extract(model, spec.batches(batch_size), (info.fid_layer, info.isc_layer), device, progress,
-                             desc="reference features")
+    if parts:
+        feats = {k: np.concatenate(v) for k, v in _part_features(parts, artifact.store.options).items()}
+    else:
+        feats = fidelity.extract(model, spec.batches(batch_size), (info.fid_layer, info.isc_layer), device, progress,
+                                 desc="reference features")
     stats = fidelity.statistics(feats["fid"])
     isc_mean, isc_std = fidelity.inception_score(feats["isc"])
     buf = io.BytesIO()
@@ -201,16 +212,71 @@ def compute_reference(artifact: Artifact, spec: ReferenceSpec, extractor: str, w
     summary = {"images": len(feats["fid"]), "feature_dim": int(feats["fid"].shape[1]), "extractor": info.name,
                "extractor_sha256": info.weights_sha256, "source": spec.label, "file": rel,
                "isc_mean": round(isc_mean, 4), "isc_std": round(isc_std, 4)}
+    if parts:
+        artifact.store.remove_tree("parts")  # gathered: the per-tar features are not kept
     return summary, {rel: bytes_sha256(data)}
 
 
 @stage_task(name="reference_stats")
 def reference_stats(artifact: Artifact, spec: ReferenceSpec, extractor: str, weights: str | None, weights_cache: str,
-                    batch_size: int, device: str, progress: bool = False) -> tuple[dict, dict[str, str]]:
+                    batch_size: int, device: str, progress: bool = False, parts: tuple[str, ...] = ()
+                    ) -> tuple[dict, dict[str, str]]:
     from prefect import get_run_logger
 
     return compute_reference(artifact, spec, extractor, weights, weights_cache, batch_size, device, progress,
-                             get_run_logger().info)
+                             get_run_logger().info, parts)
+
+
+# ---- on the cluster: one task per tar of a split, then one merge --------------------------------------------
+
+_EXTRACTORS: dict[tuple, tuple[Any, Any]] = {}
+_EXTRACTORS_LOCK = threading.Lock()
+
+
+def cached_extractor(extractor: str, weights: str | None, weights_cache: str, device: str) -> tuple[Any, Any]:
+    """`build_extractor`, once per process (a Dask worker extracts tar after tar, group after group)."""
+    from nextdetail.models.feature_extractor import build_extractor
+
+    key = (extractor, weights, weights_cache, device)
+    with _EXTRACTORS_LOCK:
+        if key not in _EXTRACTORS:
+            _EXTRACTORS.clear()
+            _EXTRACTORS[key] = build_extractor(*key)
+        return _EXTRACTORS[key]
+
+
+def tar_artifact(parent: Artifact, shard: str) -> Artifact:
+    """One tar's reference features, inside the statistics' directory (`parts/`, removed once gathered)."""
+    return Artifact("reference_stats", stable_hash({"reference": parent.identity, "tar": shard}),
+                    parent.store.sub("parts", shard.replace("/", "_")), lineage={"part_of": parent.identity})
+
+
+@stage_task(name="reference_features", retries=2)
+def reference_features(artifact: Artifact, spec: ReferenceSpec, shard: str, keys: tuple[str, ...], extractor: str,
+                       weights: str | None, weights_cache: str, batch_size: int, device: str,
+                       torch_threads: int | None) -> tuple[dict, list[str]]:
+    """One tar's features on a worker (batched as `batches` batches it: a split's batches never span two tars, so
+    the gathered features are one process's)."""
+    from nextdetail.models import fidelity
+    from nextdetail.models import torch_threads as threads
+
+    with threads(torch_threads or 1):  # the workers share the machine's cores
+        model, info = cached_extractor(extractor, weights, weights_cache, device)
+        feats = fidelity.extract(model, spec.tar_batches(shard, keys, batch_size), (info.fid_layer, info.isc_layer),
+                                 device)
+    buf = io.BytesIO()
+    np.savez(buf, fid=feats["fid"], isc=feats["isc"])
+    artifact.store.write_bytes("features.npz", buf.getvalue())
+    return {"tar": shard, "images": len(keys)}, ["features.npz"]
+
+
+def _part_features(parts: tuple[str, ...], options: dict) -> dict[str, list[np.ndarray]]:
+    out: dict[str, list[np.ndarray]] = {"fid": [], "isc": []}
+    for url in parts:
+        with np.load(io.BytesIO(Store(url, options).read_bytes("features.npz")), allow_pickle=False) as z:
+            for k in out:
+                out[k].append(z[k])
+    return out
 
 
 def ensure_reference(artifact: Artifact, spec: ReferenceSpec, extractor: str, weights: str | None,

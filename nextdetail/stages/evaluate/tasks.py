@@ -21,6 +21,7 @@ and the code its flow imports.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from nextdetail.conf.schema import EvalConfig, SampleConfig
 from nextdetail.errors import UserError
+from nextdetail.models import torch_threads
 from nextdetail.pipeline.tasks import Artifact, stage_task
 from nextdetail.stages.evaluate.reference_stats import RefHandle
 from nextdetail.storage.fs import Store
@@ -63,6 +65,7 @@ class EvalInputs:
     class_photos: tuple[tuple[int, bytes], ...] = ()
     tokenizer_metrics: dict | None = None  # the tokenizer_metrics record's summary
     roots: tuple[str, ...] = ()  # where the checkpoints' tokenizer may be read (storage.root; `sample.load_models`)
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()  # on the cluster: (checkpoint label, its class groups' dirs)
 
 
 def sampling_config(ecfg: EvalConfig, scfg: SampleConfig) -> SampleConfig:
@@ -90,53 +93,214 @@ def _slug(label: str) -> str:
     return label.replace(" ", "-")
 
 
-def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, extractor: Any, layers: tuple[str, str],
-                        scfg: SampleConfig, ecfg: EvalConfig, real: tuple[np.ndarray, dict], progress: bool
-                        ) -> tuple[dict[str, Any], dict[int, np.ndarray], list[str]]:
-    """Sample one checkpoint class by class (streamed into its tar and the feature extractor); its metrics,
-    the first samples per class (for grids), and its class names."""
+@dataclass
+class ClassSamples:
+    """What sampling some classes of one checkpoint gives its metrics, in class order."""
+
+    fid: np.ndarray  # (n, D) features of the FID layer (also KID, precision/recall)
+    isc: np.ndarray  # (n, K) logits of the IS layer
+    firsts: dict[int, np.ndarray]  # class → its first GRID_PER_CLASS samples (the grids)
+    flops: np.ndarray  # (n,) NDP: what each sample cost; empty for CART
+    seconds: float  # sampling time
+
+    @staticmethod
+    def join(parts: list[ClassSamples]) -> ClassSamples:
+        """Parts of disjoint class groups, in class order → one: features concatenated in that order (KID's
+        random subsets index rows, so the order is part of the result)."""
+        return ClassSamples(np.concatenate([p.fid for p in parts]), np.concatenate([p.isc for p in parts]),
+                            {c: a for p in parts for c, a in p.firsts.items()},
+                            np.concatenate([p.flops for p in parts]), sum(p.seconds for p in parts))
+
+
+def sample_classes(sampler: Any, extractor: Any, layers: tuple[str, str], classes: list[int], scfg: SampleConfig,
+                   ecfg: EvalConfig, writer: Any, progress: bool = False, desc: str = "evaluate") -> ClassSamples:
+    """`classes` one after another: samples (streamed into `writer`, a ShardTarWriter) and their features. A class's
+    samples depend only on the checkpoint, the settings and the class (`generate`'s per-class generator), so any
+    grouping of classes gives the same rows."""
     from PIL import Image
     from tqdm import tqdm
 
     from nextdetail.figures import png_bytes
     from nextdetail.models import fidelity
     from nextdetail.stages.sample.tasks import generate
-    from nextdetail.storage.shards import ShardTarWriter
 
-    sampler, record = load_sampler(ref, inputs.options, scfg.device, scfg, inputs.roots)
-    names = record["classes"]
     feats: dict[str, list[np.ndarray]] = {"fid": [], "isc": []}
     firsts: dict[int, np.ndarray] = {}
     flops: list[float] = []
     seconds = 0.0
+    for c in tqdm(classes, desc=desc, unit="class", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        generated = generate(sampler, [c], scfg, scfg.device)
+        images = generated["images"][c]  # (n, H, W, 3) uint8
+        seconds += time.perf_counter() - t0
+        flops.extend(generated.get("flops", ()))  # NDP: the compute each sample cost
+        for i, a in enumerate(images):
+            writer.write({"__key__": f"{c:04d}-{i:05d}", "png": png_bytes(Image.fromarray(a)), "cls": str(c)})
+        out = fidelity.extract(extractor, [images[i : i + ecfg.batch_size] for i in range(0, len(images),
+                               ecfg.batch_size)], layers, ecfg.device)
+        feats["fid"].append(out["fid"])
+        feats["isc"].append(out["isc"])
+        firsts[c] = images[:GRID_PER_CLASS]
+    return ClassSamples(np.concatenate(feats["fid"]), np.concatenate(feats["isc"]), firsts,
+                        np.asarray(flops, dtype=np.float64), seconds)
+
+
+@dataclass(frozen=True)
+class SamplerFacts:
+    """What a checkpoint's row reports of its sampler and record."""
+
+    step: int
+    names: list[str]  # the model's classes
+    flops_per_image: float | None  # CART: fixed per image; NDP: None (per sample in ClassSamples.flops)
+    dial_active: bool
+
+    @staticmethod
+    def of(sampler: Any, record: dict) -> SamplerFacts:
+        return SamplerFacts(int(record["step"]), list(record["classes"]), getattr(sampler, "flops_per_image", None),
+                            bool(getattr(sampler, "dial_active", False)))
+
+
+def checkpoint_row(ref: CheckpointRef, facts: SamplerFacts, samples: ClassSamples, scfg: SampleConfig,
+                   ecfg: EvalConfig, real: tuple[np.ndarray, dict]) -> dict[str, Any]:
+    """One checkpoint's metrics, computed once from every class's features."""
+    from nextdetail.models import fidelity
+
+    metrics = fidelity.compare({"fid": samples.fid, "isc": samples.isc}, real[0], real[1], list(ecfg.metrics),
+                               ecfg.protocol())
+    n = len(samples.fid)
+    row = {"label": ref.label, "step": facts.step, "checkpoint": ref.weights_url or ref.url, "samples": n,
+           "sampling_images_per_s": round(n / max(samples.seconds, 1e-9), 2),
+           **{k: _round(v) for k, v in metrics.items()}}
+    if len(samples.flops):
+        row.update(budget=scfg.budget, estimator=scfg.estimator,
+                   gflops_per_image=round(float(np.mean(samples.flops)) / 1e9, 6))
+    else:
+        row["gflops_per_image"] = round((facts.flops_per_image or 0.0) / 1e9, 6)
+        if facts.dial_active:
+            row.update(detail_budget=scfg.detail_budget, detail_patch=scfg.detail_patch)
+    return row
+
+
+def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, extractor: Any, layers: tuple[str, str],
+                        scfg: SampleConfig, ecfg: EvalConfig, real: tuple[np.ndarray, dict], progress: bool
+                        ) -> tuple[dict[str, Any], dict[int, np.ndarray], list[str]]:
+    """In this process: sample one checkpoint class by class (streamed into its tar and the feature extractor);
+    its metrics, the first samples per class (for grids), and its class names."""
+    from nextdetail.storage.shards import ShardTarWriter
+
+    sampler, record = load_sampler(ref, inputs.options, scfg.device, scfg, inputs.roots)
+    facts = SamplerFacts.of(sampler, record)
     with store.atomic_writer(f"samples/{_slug(ref.label)}.tar") as f:
         writer = ShardTarWriter(f)
-        for c in tqdm(range(len(names)), desc=f"evaluate {ref.label}", unit="class", disable=not progress, leave=False):
-            t0 = time.perf_counter()
-            generated = generate(sampler, [c], scfg, scfg.device)
-            images = generated["images"][c]  # (n, H, W, 3) uint8
-            seconds += time.perf_counter() - t0
-            flops.extend(generated.get("flops", ()))  # NDP: the compute each sample cost
-            for i, a in enumerate(images):
-                writer.write({"__key__": f"{c:04d}-{i:05d}", "png": png_bytes(Image.fromarray(a)), "cls": str(c)})
-            out = fidelity.extract(extractor, [images[i : i + ecfg.batch_size] for i in range(0, len(images),
-                                   ecfg.batch_size)], layers, ecfg.device)
-            feats["fid"].append(out["fid"])
-            feats["isc"].append(out["isc"])
-            firsts[c] = images[:GRID_PER_CLASS]
+        samples = sample_classes(sampler, extractor, layers, list(range(len(facts.names))), scfg, ecfg, writer,
+                                 progress, desc=f"evaluate {ref.label}")
         writer.close()
-    fake = {k: np.concatenate(v) for k, v in feats.items()}
-    metrics = fidelity.compare(fake, real[0], real[1], list(ecfg.metrics), ecfg.protocol())
-    n = len(fake["fid"])
-    row = {"label": ref.label, "step": record["step"], "checkpoint": ref.weights_url or ref.url, "samples": n,
-           "sampling_images_per_s": round(n / max(seconds, 1e-9), 2), **{k: _round(v) for k, v in metrics.items()}}
-    if flops:
-        row.update(budget=scfg.budget, estimator=scfg.estimator, gflops_per_image=round(float(np.mean(flops)) / 1e9, 6))
-    else:
-        row["gflops_per_image"] = round(sampler.flops_per_image / 1e9, 6)
-        if sampler.dial_active:
-            row.update(detail_budget=scfg.detail_budget, detail_patch=scfg.detail_patch)
-    return row, firsts, names
+    return checkpoint_row(ref, facts, samples, scfg, ecfg, real), samples.firsts, facts.names
+
+
+# ---- on the cluster: class groups as tasks, then one merge --------------------------------------------------
+
+
+def class_groups(num_classes: int, per_task: int) -> list[tuple[int, ...]]:
+    """Consecutive groups of `per_task` classes: fixed by the class list, never by the number of workers."""
+    return [tuple(range(s, min(s + per_task, num_classes))) for s in range(0, num_classes, per_task)]
+
+
+_SAMPLERS: dict[str, tuple[Any, dict]] = {}  # one checkpoint's sampler per process (a Dask worker's too)
+_LOAD_LOCK = threading.Lock()
+LOADS = 0  # samplers this process loaded (the cluster test reads it on each worker)
+
+
+def cached_sampler(ref: CheckpointRef, inputs: EvalInputs, scfg: SampleConfig) -> tuple[Any, dict]:
+    """`load_sampler`, once per process for the same checkpoint and settings: a worker evaluates group after group."""
+    global LOADS
+    key = json.dumps([ref.url, ref.weights_url, scfg.model_dump_json(), inputs.roots])
+    with _LOAD_LOCK:
+        if key not in _SAMPLERS:
+            _SAMPLERS.clear()
+            _SAMPLERS[key] = load_sampler(ref, inputs.options, scfg.device, scfg, inputs.roots)
+            LOADS += 1
+        return _SAMPLERS[key]
+
+
+def cached_extractor(ecfg: EvalConfig) -> tuple[Any, Any]:
+    from nextdetail.stages.evaluate.reference_stats import cached_extractor as cached
+
+    return cached(ecfg.extractor, ecfg.inception_weights, ecfg.weights_cache, ecfg.device)
+
+
+def group_artifact(parent: Artifact, key: StageKey, ref: CheckpointRef, classes: tuple[int, ...]) -> Artifact:
+    """One checkpoint's class group, inside the evaluation's directory (`parts/`, removed once merged): a cached
+    task, so a killed run keeps the groups it finished."""
+    return Artifact("evaluate", key.artifact({"checkpoint": ref.label, "classes": [classes[0], classes[-1]]}),
+                    parent.store.sub("parts", _slug(ref.label), f"{classes[0]:04d}-{classes[-1]:04d}"),
+                    lineage={"part_of": parent.identity})
+
+
+@stage_task(name="evaluate_classes", retries=2)
+def evaluate_classes(artifact: Artifact, ref: CheckpointRef, classes: tuple[int, ...], inputs: EvalInputs,
+                     ecfg: EvalConfig, scfg: SampleConfig) -> tuple[dict, list[str]]:
+    """A group of classes of one checkpoint on a worker: samples.tar (as the merged tar's members) and
+    features.npz (features, first samples, FLOPs: arrays only); the sampler and extractor loaded once per worker."""
+    import io
+    import os
+
+    from nextdetail.storage.shards import ShardTarWriter
+
+    with torch_threads(ecfg.torch_threads or 1):  # the workers share the machine's cores
+        sampler, record = cached_sampler(ref, inputs, scfg)
+        extractor, info = cached_extractor(ecfg)
+        with artifact.store.atomic_writer("samples.tar") as f:
+            writer = ShardTarWriter(f)
+            samples = sample_classes(sampler, extractor, (info.fid_layer, info.isc_layer), list(classes), scfg, ecfg,
+                                     writer)
+            writer.close()
+    buf = io.BytesIO()
+    np.savez(buf, fid=samples.fid, isc=samples.isc, flops=samples.flops, classes=np.asarray(classes),
+             firsts=np.stack([samples.firsts[c] for c in classes]))
+    artifact.store.write_bytes("features.npz", buf.getvalue())
+    facts = SamplerFacts.of(sampler, record)
+    summary = {"checkpoint": ref.label, "classes": list(classes), "samples": len(samples.fid),
+               "seconds": samples.seconds, "step": facts.step, "names": facts.names,
+               "flops_per_image": facts.flops_per_image, "dial_active": facts.dial_active, "pid": os.getpid()}
+    return summary, ["samples.tar", "features.npz"]
+
+
+def gather_checkpoint(store: Store, ref: CheckpointRef, groups: list[str], options: dict
+                      ) -> tuple[SamplerFacts, ClassSamples]:
+    """The class groups of one checkpoint (their directories, in class order) → samples/<label>.tar, written member
+    by member as one process would have streamed it, and the joined features."""
+    import io
+    import tarfile
+
+    from nextdetail.storage.shards import ShardTarWriter
+
+    parts, facts = [], None
+    with store.atomic_writer(f"samples/{_slug(ref.label)}.tar") as f:
+        writer = ShardTarWriter(f)
+        for url in groups:
+            part = Store(url, options)
+            summary = json.loads(part.read_bytes("_COMPLETE.json"))["summary"]
+            facts = facts or SamplerFacts(summary["step"], summary["names"], summary["flops_per_image"],
+                                          summary["dial_active"])
+            with tarfile.open(fileobj=io.BytesIO(part.read_bytes("samples.tar"))) as tar:
+                sample: dict[str, Any] = {}
+                for member in tar:
+                    stem, ext = member.name.split(".", 1)
+                    if sample and sample["__key__"] != stem:
+                        writer.write(sample)
+                        sample = {}
+                    sample.setdefault("__key__", stem)
+                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    sample[ext] = data.decode() if ext == "cls" else data
+                if sample:
+                    writer.write(sample)
+            with np.load(io.BytesIO(part.read_bytes("features.npz")), allow_pickle=False) as z:
+                parts.append(ClassSamples(z["fid"], z["isc"], dict(zip(z["classes"].tolist(), z["firsts"], strict=True)),
+                                          z["flops"], summary["seconds"]))
+        writer.close()
+    assert facts is not None
+    return facts, ClassSamples.join(parts)
 
 
 def _round(v: Any) -> Any:
@@ -157,12 +321,17 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
         raise UserError(f"the reference statistics at {inputs.reference.url} were made with other {info.name} "
                         "weights; re-run so they are rebuilt with these")
     real = inputs.reference.load()
+    groups = dict(inputs.groups)
     rows, firsts, names = [], {}, []
     for ref in inputs.checkpoints:
         log(f"evaluate: {ref.label}: {scfg.per_class} samples per class, cfg {scfg.cfg}, top-k {scfg.top_k}, "
             f"top-p {scfg.top_p}, seed {scfg.seed}")
-        row, firsts, names = evaluate_checkpoint(store, ref, inputs, extractor, (info.fid_layer, info.isc_layer), scfg,
-                                                 ecfg, real, progress)
+        if ref.label in groups:  # sampled on the cluster: the groups' features, metrics computed once here
+            facts, samples = gather_checkpoint(store, ref, groups[ref.label], inputs.options)
+            row, firsts, names = checkpoint_row(ref, facts, samples, scfg, ecfg, real), samples.firsts, facts.names
+        else:
+            row, firsts, names = evaluate_checkpoint(store, ref, inputs, extractor, (info.fid_layer, info.isc_layer),
+                                                     scfg, ecfg, real, progress)
         rows.append(row)
         log("evaluate: " + metrics_line(row))
     files = [f"samples/{_slug(r['label'])}.tar" for r in rows]
@@ -194,6 +363,8 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
     }
     put("metrics.json", json.dumps(result, indent=1).encode())
     put("report.md", report_markdown(result, has_curves=len(rows) > 1).encode())
+    if groups:
+        store.remove_tree("parts")  # merged: the groups' copies of the samples and features are not kept
     final = rows[-1]
     summary = {"checkpoint": final["label"], "step": final["step"], "samples": final["samples"],
                "extractor": info.name, "comparable": info.comparable,
@@ -265,7 +436,8 @@ def evaluate_stage(artifact: Artifact, inputs: EvalInputs, ecfg: EvalConfig, scf
                    progress: bool = False) -> tuple[dict, list[str]]:
     from prefect import get_run_logger
 
-    return run_evaluation(artifact.store, inputs, ecfg, scfg, get_run_logger().info, progress)
+    with torch_threads(ecfg.torch_threads):
+        return run_evaluation(artifact.store, inputs, ecfg, scfg, get_run_logger().info, progress)
 
 
 def plan_evaluation(parent: Store, key: StageKey, inputs: EvalInputs, ecfg: EvalConfig, subdir: bool = True) -> Artifact:

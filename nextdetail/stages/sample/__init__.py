@@ -35,4 +35,5 @@ class SampleResult(StageResult):  # url: grid.png, grids/, images/, samples.tar,
 
 STAGE = Stage("sample", "samples", ("shard", "tokenize", "train_ar"),
               lambda c: {"ar.model": c.ar.model, "sample": c.sample.identity_settings(c.ar.model)}, SampleResult,
-              family="sampler")
+              family="sampler", dask=lambda c: c.sample.resources is not None,
+              resources=lambda c: ("sample.resources", c.sample.resources))

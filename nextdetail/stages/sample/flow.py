@@ -3,15 +3,25 @@ photo of each class beside its samples."""
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from prefect import flow
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.pipeline.parts import build_one
+from nextdetail.pipeline.parts import build_one, fan_out
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
 from nextdetail.stages.sample import SampleResult
-from nextdetail.stages.sample.tasks import SampleInputs, plan_samples, run_sampling, sample_stage
+from nextdetail.stages.sample.tasks import (
+    SampleInputs,
+    group_artifact,
+    plan_samples,
+    run_sampling,
+    sample_group,
+    sample_stage,
+)
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
 from nextdetail.stages.train_ar import ARResult
@@ -51,12 +61,32 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, tokenize:
                           roots=(cfg.storage.root,))
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
     artifact = plan_samples(key.output(cfg, dataset_dir, ar_dir), key, cfg.sample)
-    return build_one(SampleResult, sample_stage, artifact, inputs, cfg.sample, progress, started=t0)
+    if cfg.sample.resources is not None and artifact.completed() is None:
+        classes = cfg.sample.classes if cfg.sample.classes is not None else list(range(len(
+            json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"])))
+        groups = [tuple(classes[i : i + cfg.sample.classes_per_task])
+                  for i in range(0, len(classes), cfg.sample.classes_per_task)]  # fixed by the list, not the workers
+        parts = [(g, group_artifact(artifact, key, g)) for g in groups]
+        with on_workers_offering(cfg.sample.resources):
+            fan_out(sample_group, [(g, (part, inputs, g, cfg.sample)) for g, part in parts], desc="sample",
+                    unit="class group", progress=progress)
+        inputs = replace(inputs, groups=tuple(part.store.url() for _, part in parts))
+    with on_workers_offering(cfg.sample.resources):  # the merge loads the sampler on sample.device for its summary
+        return build_one(SampleResult, sample_stage, artifact, inputs, cfg.sample, progress, started=t0)
 
 
-def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, tokenize: TokensResult, train_ar: ARResult, progress: bool = True) -> SampleResult:
-    """The sample flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
-    return stage_flow(cfg, key, shard=shard, tokenize=tokenize, train_ar=train_ar, progress=progress)
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, tokenize: TokensResult, train_ar: ARResult,
+        progress: bool = True, scheduler: str | None = None) -> SampleResult:
+    """The sample flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name): in this
+    process, or with `sample.resources` class groups on the Dask scheduler at `scheduler` (default: `cfg.dask`, a
+    LocalCluster for this call)."""
+    upstream = {"shard": shard, "tokenize": tokenize, "train_ar": train_ar}
+    if cfg.sample.resources is None:
+        return stage_flow(cfg, key, progress=progress, **upstream)
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run(cfg, key, progress=progress, scheduler=address, **upstream)
+    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
 
 
 def sample_files(cfg: PipelineConfig, checkpoint: str, out: str, progress: bool = True) -> SampleResult:

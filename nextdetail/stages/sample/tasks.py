@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch
 
 from nextdetail.conf.schema import SampleConfig
 from nextdetail.errors import UserError
+from nextdetail.models import torch_threads
 from nextdetail.models.tokenizer import images_to_uint8 as to_uint8
 from nextdetail.pipeline.tasks import Artifact, stage_task
 from nextdetail.storage.fs import Store, under
@@ -48,6 +50,7 @@ class SampleInputs:
     options: dict
     references: tuple[tuple[int, bytes], ...] = ()  # (class index, a real image PNG/JPEG of it) for the grids
     roots: tuple[str, ...] = ()  # where the checkpoint's tokenizer may be read (storage.root); see load_models
+    groups: tuple[str, ...] = ()  # on the cluster: the class groups' directories (`sample_group`), in class order
 
 
 # Where a root can have been before it was copied, moved or pulled (`nextdetail cache push|pull`): a recorded
@@ -245,7 +248,7 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
                              else f", and ×{cfg.upscale} by patch-wise detail" if cfg.upscale > 1 else ""))
     if ndp:
         cfg = cfg.model_copy(update={"upscale": 1})  # CART's patch-wise ×f needs detail maps
-    result = generate(sampler, classes, cfg, device, progress)
+    result = gather_groups(inputs) if inputs.groups else generate(sampler, classes, cfg, device, progress)
     files = write_outputs(store, result, class_names, decode_references(inputs.references), cfg.upscale)
     n = len(classes) * cfg.per_class
     summary = {
@@ -266,14 +269,87 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
         if sampler.dial_active:
             summary.update(detail_budget=cfg.detail_budget, detail_patch=cfg.detail_patch)
     store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    if inputs.groups:
+        store.remove_tree("parts")  # merged: the groups' arrays are not kept
     return summary, [*files, "summary.json"]
+
+
+# ---- on the cluster: class groups as tasks, then one merge --------------------------------------------------
+
+_SAMPLERS: dict[str, tuple[Any, dict]] = {}  # one checkpoint's sampler per process (a Dask worker's too)
+_SAMPLERS_LOCK = threading.Lock()
+RESULT_KEYS = ("images", "hires", "bilinear", "levels")  # per class (n, …) arrays of `generate`
+
+
+def cached_models(inputs: SampleInputs, cfg: SampleConfig) -> tuple[Any, dict]:
+    """`load_models`, once per process for the same checkpoint and settings: a worker samples group after group."""
+    key = json.dumps([inputs.checkpoint_url, cfg.model_dump_json(), inputs.roots])
+    with _SAMPLERS_LOCK:
+        if key not in _SAMPLERS:
+            _SAMPLERS.clear()
+            _SAMPLERS[key] = load_models(inputs.checkpoint_url, inputs.options, cfg.device, cfg, inputs.roots)
+        return _SAMPLERS[key]
+
+
+def group_artifact(parent: Artifact, key: StageKey, classes: tuple[int, ...]) -> Artifact:
+    """A class group of the samples, inside their directory (`parts/`, removed once merged); a cached task, so a
+    killed run keeps the groups it finished."""
+    return Artifact("sample", key.artifact({"classes": list(classes)}),
+                    parent.store.sub("parts", f"{classes[0]:04d}-{classes[-1]:04d}"), lineage={"part_of": parent.identity})
+
+
+@stage_task(name="sample_classes", retries=2)
+def sample_group(artifact: Artifact, inputs: SampleInputs, classes: tuple[int, ...], cfg: SampleConfig
+                 ) -> tuple[dict, list[str]]:
+    """A group of classes on a worker: `generate`'s arrays as one result.npz (arrays only; a class's samples depend
+    on its class and the settings alone, so the merged outputs are one process's)."""
+    with torch_threads(cfg.torch_threads or 1):  # the workers share the machine's cores
+        sampler, record = cached_models(inputs, cfg)
+        if record.get("kind") == "ndp":
+            cfg = cfg.model_copy(update={"upscale": 1})
+        result = generate(sampler, list(classes), cfg, cfg.device)
+    arrays = {f"{k}_{c}": a for k in RESULT_KEYS for c, a in (result.get(k) or {}).items()}
+    for k in ("flops", "tokens"):
+        if k in result:
+            arrays[k] = result[k]
+    buf = io.BytesIO()
+    np.savez(buf, classes=np.asarray(classes), **arrays)
+    artifact.store.write_bytes("result.npz", buf.getvalue())
+    summary = {"classes": list(classes), "seconds": result["seconds"], "hires_seconds": result["hires_seconds"],
+               "pyramid_levels": result.get("pyramid_levels")}
+    return summary, ["result.npz"]
+
+
+def gather_groups(inputs: SampleInputs) -> dict[str, Any]:
+    """The class groups' arrays (in class order) → what `generate` returns for all of them."""
+    out: dict[str, Any] = {k: {} for k in RESULT_KEYS}
+    out.update(seconds=0.0, hires_seconds=0.0)
+    flat: dict[str, list[np.ndarray]] = {"flops": [], "tokens": []}
+    for url in inputs.groups:
+        part = Store(url, inputs.options)
+        summary = json.loads(part.read_bytes("_COMPLETE.json"))["summary"]
+        out["seconds"] += summary["seconds"]
+        out["hires_seconds"] += summary["hires_seconds"]
+        with np.load(io.BytesIO(part.read_bytes("result.npz")), allow_pickle=False) as z:
+            for c in z["classes"].tolist():
+                for k in RESULT_KEYS:
+                    if f"{k}_{c}" in z:
+                        out[k][c] = z[f"{k}_{c}"]
+            for k in flat:
+                if k in z:
+                    flat[k].append(z[k])
+        if summary.get("pyramid_levels") is not None:
+            out["pyramid_levels"] = summary["pyramid_levels"]
+    out.update({k: np.concatenate(v) for k, v in flat.items() if v})
+    return out
 
 
 @stage_task(name="sample", retries=1)
 def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, progress: bool = False) -> tuple[dict, list[str]]:
     from prefect import get_run_logger
 
-    return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
+    with torch_threads(cfg.torch_threads):
+        return run_sampling(artifact.store, inputs, cfg, get_run_logger().info, progress)
 
 
 def plan_samples(root: Store, key: StageKey, cfg: SampleConfig) -> Artifact:

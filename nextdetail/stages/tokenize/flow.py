@@ -24,7 +24,7 @@ from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.pipeline.parts import fan_out
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
 from nextdetail.stages.decompose import DecomposeResult
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
@@ -141,13 +141,11 @@ def _encode_on_cluster(plan: Any, attempt: Any, inputs: TokenInputs, cfg: Pipeli
                        progress: bool) -> list[tuple[str, dict]] | None:
     """One task per tar on the Dask workers offering `tokens.resources` → [(part marker, record)] in plan order (what
     publishing hashes); None when another writer published first."""
-    import dask
-
     if _published_meanwhile(plan):
         return None
     settings = cfg.tokens.model_copy(update={"torch_threads": cfg.tokens.torch_threads or 1})
     named = [((job.split, job.tar), part_artifact(plan, attempt, job), job) for job in plan.jobs]
-    with dask.annotate(resources=dict(cfg.tokens.resources or {})):  # only workers that offer them take a tar
+    with on_workers_offering(cfg.tokens.resources):  # only workers that offer them take a tar
         records, _, _ = fan_out(encode_tokens, [(name, (part, job, inputs, settings, attempt))
                                                 for name, part, job in named],
                                 desc="tokenize", unit="tar", progress=progress)

@@ -14,7 +14,6 @@ Every placement trains the same weights from the same global batches (tested aga
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.pipeline.parts import build_one
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
 from nextdetail.stages.train_ar import STAGE, ARResult
@@ -70,16 +69,9 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tok
         return build_one(ARResult, adopt_transformer, artifact, data, cfg.ar, source,
                          cfg.storage.options if "://" in source else {}, started=t0)
     on_cluster = STAGE.uses_dask(cfg)
-    with on_worker(cfg.ar.resources) if on_cluster else contextlib.nullcontext():
+    with on_workers_offering(cfg.ar.resources):
         # A worker's progress bar would go to the worker's terminal: the log has the steps.
         return build_one(ARResult, train_ar, artifact, data, cfg.ar, progress and not on_cluster, started=t0)
-
-
-def on_worker(resources: dict[str, float] | None) -> Any:
-    """Tasks submitted in this context go to a Dask worker offering `resources` (any worker when None)."""
-    import dask
-
-    return dask.annotate(resources=dict(resources or {}))
 
 
 def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult,
