@@ -26,51 +26,60 @@ UP = {"shard": "s" * 64, "train_tokenizer": "t" * 64, "tokenize": "k" * 64}  # u
 # ---- settings, identity, the job (units) --------------------------------------------------------------------
 
 
+TRAININGS = [("train_tokenizer", "tokenizer"), ("train_ar", "ar")]
+
+
+@pytest.mark.parametrize("section", [s for _, s in TRAININGS])
 @pytest.mark.parametrize("value", ["{GPU: 0}", "{GPU: -1}", "{GPU: x}", "{'a b': 1}", "[GPU]"])
-def test_bad_ar_resources_are_one_line_errors(value):
+def test_bad_training_resources_are_one_line_errors(value, section):
     from nextdetail.conf import load_config
 
     with pytest.raises(UserError) as err:
-        load_config("tiny", overrides=[f"ar.resources={value}"])
-    assert "\n" not in str(err.value) and "ar.resources" in str(err.value)
+        load_config("tiny", overrides=[f"{section}.resources={value}"])
+    assert "\n" not in str(err.value) and f"{section}.resources" in str(err.value)
 
 
-def test_nodes_times_processes_must_split_the_batch_and_several_nodes_need_a_cluster():
+@pytest.mark.parametrize(("stage", "s"), TRAININGS)
+def test_nodes_times_processes_must_split_the_batch_and_several_nodes_need_a_cluster(stage, s):
     from nextdetail.conf import load_config
 
     cluster = "dask.address=tcp://127.0.0.1:8786"
     with pytest.raises(UserError) as err:
-        load_config("tiny", overrides=["ar.nodes=2", "ar.nproc=3", "ar.batch_size=16", cluster])
+        load_config("tiny", overrides=[f"{s}.nodes=2", f"{s}.nproc=3", f"{s}.batch_size=16", cluster])
     line = str(err.value)
-    assert "\n" not in line and "ar.batch_size=16" in line and "ar.nodes × ar.nproc = 2 × 3" in line, line
+    assert "\n" not in line and f"{s}.batch_size=16" in line and f"{s}.nodes × {s}.nproc = 2 × 3" in line, line
     with pytest.raises(UserError) as err:
-        load_config("tiny", overrides=["ar.nodes=2", "ar.batch_size=16"])
+        load_config("tiny", overrides=[f"{s}.nodes=2", f"{s}.batch_size=16"])
     line = str(err.value)
-    assert "\n" not in line and "ar.nodes=2" in line and "dask.address" in line, line
-    cfg = load_config("tiny", overrides=["ar.nodes=2", "ar.nproc=4", "ar.batch_size=16", cluster])
-    assert (cfg.ar.nodes, cfg.ar.nproc) == (2, 4)
-    assert load_config("tiny", overrides=["ar.nodes=2", "ar.nproc=null", "ar.batch_size=15", cluster]).ar.nodes == 2
-    # a command that stops before train_ar only warns
-    early = load_config("tiny", overrides=["ar.nodes=2", "ar.batch_size=15"], until="tokenize")
-    assert any("ar.nodes=2" in w for w in early.warnings())
+    assert "\n" not in line and f"{s}.nodes=2" in line and "dask.address" in line, line
+    cfg = load_config("tiny", overrides=[f"{s}.nodes=2", f"{s}.nproc=4", f"{s}.batch_size=16", cluster])
+    assert (getattr(cfg, s).nodes, getattr(cfg, s).nproc) == (2, 4)
+    assert getattr(load_config("tiny", overrides=[f"{s}.nodes=2", f"{s}.nproc=null", f"{s}.batch_size=15", cluster]),
+                   s).nodes == 2
+    # a command that stops before the training only warns
+    early = load_config("tiny", overrides=[f"{s}.nodes=2", f"{s}.batch_size=15"], until="shard")
+    assert any(f"{s}.nodes=2" in w for w in early.warnings())
 
 
-def test_resources_and_nodes_say_where_train_ar_runs_not_what_it_computes():
+@pytest.mark.parametrize(("name", "s"), TRAININGS)
+def test_resources_and_nodes_say_where_a_training_runs_not_what_it_computes(name, s):
     from nextdetail.conf import load_config
     from nextdetail.pipeline.declaration import stage_key
     from nextdetail.stages import REGISTRY
 
-    stage = REGISTRY["train_ar"]
+    stage = REGISTRY[name]
+    up = {k: UP[k] for k in stage.upstream if k in UP} | ({"decompose": "d" * 64} if "decompose" in stage.upstream
+                                                           else {})
     plain = load_config("tiny")
-    placed = load_config("tiny", overrides=["ar.resources={GPU: 1}", "ar.nodes=2", "ar.batch_size=16",
+    placed = load_config("tiny", overrides=[f"{s}.resources={{GPU: 1}}", f"{s}.nodes=2", f"{s}.batch_size=16",
                                             "dask.address=tcp://127.0.0.1:8786"])
-    same_batch = load_config("tiny", overrides=["ar.batch_size=16"])
+    same_batch = load_config("tiny", overrides=[f"{s}.batch_size=16"])
     assert stage.settings(same_batch) == stage.settings(placed)
-    assert stage_key(same_batch, "train_ar", UP).identity == stage_key(placed, "train_ar", UP).identity
+    assert stage_key(same_batch, name, up).identity == stage_key(placed, name, up).identity
     assert not stage.uses_dask(plain) and stage.asks(plain) is None
-    assert stage.uses_dask(placed) and stage.uses_dask(load_config("tiny", overrides=["ar.resources={GPU: 1}"]))
+    assert stage.uses_dask(placed) and stage.uses_dask(load_config("tiny", overrides=[f"{s}.resources={{GPU: 1}}"]))
     ask = stage.asks(placed)
-    assert (ask.setting, ask.resources, ask.nodes_setting, ask.nodes) == ("ar.resources", {"GPU": 1}, "ar.nodes", 2)
+    assert (ask.setting, ask.resources, ask.nodes_setting, ask.nodes) == (f"{s}.resources", {"GPU": 1}, f"{s}.nodes", 2)
 
 
 def test_the_training_job_is_json_without_the_secrets_and_rebuilds_the_training(tmp_path, monkeypatch):
@@ -285,3 +294,25 @@ def _csv_rows(path: Path) -> list[dict]:
 
     with open(path) as f:
         return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+@pytest.mark.e2e
+def test_the_tokenizer_trains_on_two_hosts_as_torchrun_trains_it_on_one(two_hosts, embedded_source, tmp_path):
+    """tokenizer.nodes=2, tokenizer.resources={GPU: 1}: train_tokenizer runs as train_ar does — one rank on each host's
+    worker, a c10d rendezvous — and ends with the weights `tokenizer.nproc=2` gives on one machine (the same two
+    ranks on the same halves of every global batch)."""
+    from nextdetail.models.tokenizer import load_tokenizer
+
+    knobs = (*FAST, "tokenizer.steps=3", "tokenizer.checkpoint_every=3")
+    there = _pipeline(make_config(tmp_path / "nodes", embedded_source, *knobs, f"dask.address={two_hosts}",
+                                  "tokenizer.nodes=2", "tokenizer.resources={GPU: 1}"), "train_tokenizer")
+    here = _pipeline(make_config(tmp_path / "standalone", embedded_source, *knobs, "tokenizer.nproc=2"),
+                     "train_tokenizer")
+    summary = there["train_tokenizer"].summary
+    assert there["train_tokenizer"].work == "ran" and summary["processes"] == 2
+    assert sorted((n["host"], n["pid"]) for n in summary["nodes"]) == sorted(_workers(two_hosts).values())
+    assert there["train_tokenizer"].identity == here["train_tokenizer"].identity
+    mine, theirs = (load_tokenizer(r["train_tokenizer"].checkpoint_url, {}, r["train_tokenizer"].summary[
+        "tokenizer_sha256"], "the test").state_dict() for r in (there, here))
+    for name, t in theirs.items():
+        torch.testing.assert_close(mine[name], t, rtol=1e-5, atol=1e-6, msg=name)

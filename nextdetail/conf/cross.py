@@ -75,15 +75,16 @@ def cross_problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
 
 
 def _training_placement_problems(cfg: PipelineConfig) -> Iterator[tuple[str, str]]:
-    """Where train_ar runs: the global batch splits evenly over every process of every node (each rank takes an
+    """Where the trainings run: the global batch splits evenly over every process of every node (each rank takes an
     equal share), and several nodes are found on a Dask cluster's workers, which a LocalCluster (one host) is not."""
-    a = cfg.ar
-    if a.pretrained:  # adopted weights: no training
-        return
-    if a.nproc is not None and a.batch_size % (a.nodes * a.nproc):
-        yield "train_ar", (f"ar.batch_size={a.batch_size} does not split over ar.nodes × ar.nproc = {a.nodes} × "
-                           f"{a.nproc} processes; make ar.batch_size a multiple of {a.nodes * a.nproc}")
-    if a.nodes > 1 and not cfg.dask.address:
-        yield "train_ar", (f"ar.nodes={a.nodes} trains on {a.nodes} hosts found among a Dask cluster's workers: set "
-                           "dask.address to its scheduler (`dask scheduler`, `dask worker` on each host), or "
-                           "set ar.nodes=1")
+    for stage, section, s in (("train_tokenizer", "tokenizer", cfg.tokenizer), ("train_ar", "ar", cfg.ar)):
+        if s.pretrained:  # adopted weights: no training
+            continue
+        if s.nproc is not None and s.batch_size % (s.nodes * s.nproc):
+            yield stage, (f"{section}.batch_size={s.batch_size} does not split over {section}.nodes × {section}.nproc "
+                          f"= {s.nodes} × {s.nproc} processes; make {section}.batch_size a multiple of "
+                          f"{s.nodes * s.nproc}")
+        if s.nodes > 1 and not cfg.dask.address:
+            yield stage, (f"{section}.nodes={s.nodes} trains on {s.nodes} hosts found among a Dask cluster's workers: "
+                          "set dask.address to its scheduler (`dask scheduler`, `dask worker` on each host), or set "
+                          f"{section}.nodes=1")

@@ -73,7 +73,13 @@ class TokenizerConfig(_Section):
     seed: int = 0
     # How the work runs, not what it computes: excluded from the artifact identity.
     device: Literal["cpu", "cuda"] = "cpu"
-    nproc: int | None = Field(default=1, ge=1, description="data-parallel processes (torchrun); None: one per GPU")
+    nproc: int | None = Field(default=1, ge=1, description="data-parallel processes per node (torchrun); None: one "
+                              "per GPU")
+    resources: dict[str, float] | None = Field(
+        default=None, description="None: train where the flow runs; e.g. {GPU: 1}: on a Dask worker that offers these "
+        "resources (`dask worker --resources GPU=1`), each node's worker with tokenizer.nodes > 1")
+    nodes: int = Field(default=1, ge=1, description="hosts the training spans (torchrun's nodes, tokenizer.nproc "
+                       "processes each): > 1 needs a Dask cluster (dask.address) with workers on that many hosts")
     torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (per process)")
     loader_workers: int = Field(default=0, ge=0, description="processes decoding batches ahead; 0: in the loop")
     checkpoint_every: int = Field(default=1000, ge=1)
@@ -81,7 +87,10 @@ class TokenizerConfig(_Section):
     log_every: int = Field(default=100, ge=1)
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "nproc", "torch_threads", "loader_workers", "checkpoint_every", "keep_checkpoints", "log_every"})
+        {"device", "nproc", "resources", "nodes", "torch_threads", "loader_workers", "checkpoint_every",
+         "keep_checkpoints", "log_every"})
+
+    _check_resources = field_validator("resources", mode="after")(check_resources_setting)
 
     @model_validator(mode="after")
     def _check(self) -> TokenizerConfig:

@@ -63,7 +63,7 @@ class Training(ABC):
     lr_setting: ClassVar[str]  # the setting the non-finite guard tells the user to lower
     files: ClassVar[list[str]]  # what `finish` writes (summary.json is the loop's)
 
-    settings: Any
+    settings: Any  # steps, cadences, device, nproc, nodes, resources…
 
     @abstractmethod
     def build(self, rank: int, world: int, device: torch.device, log: Log) -> None:
@@ -207,8 +207,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-def run_training(store: Store, training: Training, progress: bool,
-                 run_id: str = "") -> tuple[dict[str, Any], list[str]]:
+def run_training(store: Store, training: Training, progress: bool, run_id: str) -> tuple[dict[str, Any], list[str]]:
     """The body of a training stage's Prefect task: the loop in this process, or `nproc` ranks under torchrun here,
     or `nodes` × `nproc` ranks on several hosts' Dask workers (this task's worker the first); supervised here: a
     failed group raises ChildProcessError, which Prefect retries from the last checkpoint. `run_id`: names the
@@ -220,11 +219,11 @@ def run_training(store: Store, training: Training, progress: bool,
     logger = get_run_logger()
     s = training.settings
     nproc = process_count(s.nproc, s.device)
-    nodes = getattr(s, "nodes", 1)  # a section without `nodes` (tokenizer.*) trains on one
+    nodes = s.nodes
     if nodes > 1:
         attempt = f"{run_id[:16]}-{uuid.uuid4().hex[:8]}"  # a retry never meets an earlier attempt's agents
         launch_nodes(training.stage, __name__, training_job(store, training), nodes, nproc,
-                     dict(getattr(s, "resources", None) or {}), attempt, logger.info)
+                     dict(s.resources or {}), attempt, logger.info)
         summary = json.loads(store.read_bytes("summary.json"))
     elif nproc > 1:
         launch(training.stage, __name__, training_job(store, training), nproc, logger.info)

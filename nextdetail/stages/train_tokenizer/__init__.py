@@ -52,6 +52,10 @@ class TokenizerResult(StageResult):  # url: tokenizer.pt, metrics.json, curves.p
 
 STAGE = Stage("train_tokenizer", "tokenizer", ("shard", "decompose"), _tokenizer_settings, TokenizerResult,
               inputs=_tokenizer_inputs, adopts=lambda c: c.tokenizer.pretrained, content_sha256="tokenizer_sha256",
+              # On a Dask worker offering tokenizer.resources, or across tokenizer.nodes hosts' workers (train_ar's way)
+              dask=lambda c: not c.tokenizer.pretrained and (c.tokenizer.resources is not None or c.tokenizer.nodes > 1),
+              resources=lambda c: ("tokenizer.resources", None if c.tokenizer.pretrained else c.tokenizer.resources),
+              nodes=lambda c: ("tokenizer.nodes", 1 if c.tokenizer.pretrained else c.tokenizer.nodes),
               command_help="shards + factors → a trained base-detail VQ-VAE (CART §3.2)",
               command_description=("Run the stages up to train_tokenizer: tokenizer.pt, metrics, curves.png and reconstructions.png "
                                    "under <storage.root>/tokenizer/. Resumes from its last checkpoint when interrupted "

@@ -1,7 +1,8 @@
 """The `train_tokenizer` flow: one cached training task on the shard tars + the decomposition.
 
-Training runs in the flow's process (Prefect's thread runner, all cores to torch), not on the Dask
-cluster: it is one long task that wants every core, or a GPU.
+Training runs in the flow's process (all cores to torch, or the GPU), or as `tokenizer.nproc` torchrun processes
+the task launches; with `tokenizer.resources` on a Dask worker offering them, and with `tokenizer.nodes` = N > 1
+across N hosts' workers — as train_ar (`pipeline/torchrun.py:launch_nodes`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.pipeline.artifacts import Artifact
 from nextdetail.pipeline.parts import build_one
+from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
 from nextdetail.stages.decompose import DecomposeResult
 from nextdetail.stages.shard import ShardResult
-from nextdetail.stages.train_tokenizer import TokenizerResult
+from nextdetail.stages.train_tokenizer import STAGE, TokenizerResult
 from nextdetail.stages.train_tokenizer.tasks import adopt_tokenizer, plan_training, train_tokenizer
 from nextdetail.storage.factor_loader import TrainData, read_sample_index
 
@@ -71,9 +73,22 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult | None,
     log.info("train_tokenizer: %d images, order %d, %d token maps, %d steps → %s", sum(n for _, n in data.tars),
              spec.order, spec.n_maps, cfg.tokenizer.steps,
              artifact.store.url())
-    return build_one(TokenizerResult, train_tokenizer, artifact, data, cfg.tokenizer, spec, progress, started=t0)
+    on_cluster = STAGE.uses_dask(cfg)
+    with on_workers_offering(cfg.tokenizer.resources):
+        # A worker's progress bar would go to the worker's terminal: the log has the steps.
+        return build_one(TokenizerResult, train_tokenizer, artifact, data, cfg.tokenizer, spec,
+                         progress and not on_cluster, started=t0)
 
 
-def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult | None, decompose: DecomposeResult | None, progress: bool = True) -> TokenizerResult:
-    """The train_tokenizer flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name)."""
-    return stage_flow(cfg, key, shard=shard, decompose=decompose, progress=progress)
+def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult | None, decompose: DecomposeResult | None,
+        progress: bool = True, scheduler: str | None = None) -> TokenizerResult:
+    """The train_tokenizer flow (`key`: the stage's, `pipeline.declaration.key_of`; upstream results by stage name):
+    in this process, or with `tokenizer.resources` / `tokenizer.nodes` > 1 on the Dask scheduler at `scheduler`
+    (default: `cfg.dask`, a LocalCluster for this call unless dask.address names one)."""
+    upstream = {"shard": shard, "decompose": decompose}
+    if not STAGE.uses_dask(cfg):
+        return stage_flow(cfg, key, progress=progress, **upstream)
+    if scheduler is None:
+        with dask_cluster(**cfg.dask.model_dump()) as address:
+            return run(cfg, key, progress=progress, scheduler=address, **upstream)
+    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)

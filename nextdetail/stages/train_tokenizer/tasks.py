@@ -252,7 +252,7 @@ def train(store: Store, data: TrainData, cfg: TokenizerConfig, spec: Any, log: C
 @stage_task(name="train_tokenizer", retries=1)
 def train_tokenizer(artifact: Artifact, data: TrainData, cfg: TokenizerConfig, spec: Any,
                     progress: bool = False) -> tuple[dict, list[str]]:
-    return training.run_training(artifact.store, TokenizerTraining(data, cfg, spec), progress)
+    return training.run_training(artifact.store, TokenizerTraining(data, cfg, spec), progress, run_id=artifact.identity)
 
 
 @stage_task(name="adopt_tokenizer", retries=1)
