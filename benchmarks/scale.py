@@ -12,7 +12,9 @@ external `dask scheduler` with N `dask worker --nthreads 1 --resources GPU=1` pr
 - train_*        `ar.nodes=1` vs `ar.nodes=2` (one rank per worker, workers on 127.0.0.1 and 127.0.0.2, a c10d
                  rendezvous, gloo): tokens/s of the same global batches.
 
-`speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup. The goal (issue 40): tokenize
+`speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup; `<stage>_<n>_flow_cpu_s` = the CPU
+the flow's own process spent orchestrating (Prefect task runs, planning, publishing), taken from the same two cores
+here (on a cluster the CLI runs on a login node). The goal (issue 40): tokenize
 and evaluate ≥ 1.7× on 2 cores. With a GPU lent, `PYTHONPATH=. python benchmarks/gpu.py` gives images/s per GPU.
 
     PYTHONPATH=. python benchmarks/scale.py [--root DIR] [-o key=value …]
@@ -50,13 +52,17 @@ def workers(n: int, distinct_hosts: bool = False) -> list[tuple[str, list[str]]]
     return [(f"w{i}", ["--resources", "GPU=1", "--host", host]) for i, host in enumerate(hosts)]
 
 
+ORCHESTRATION: dict[str, float] = {}  # CPU seconds of this (the flow's) process per stage, on the workers' cores
+
+
 def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tuple[Any, float]:
     from nextdetail.pipeline.run import run_stage
     from nextdetail.pipeline.runtime import prefect_api
 
     with prefect_api():
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         result = run_stage(cfg, stage, up, progress=False, scheduler=address)
+        ORCHESTRATION[stage] = ORCHESTRATION.get(stage, 0.0) + time.process_time() - cpu0
         return result, time.perf_counter() - t0
 
 
@@ -136,6 +142,7 @@ def main() -> None:
                                            | {"decompose": None})
             assert result.summary["content_sha256"] == up["tokenize"].summary["content_sha256"]
             out[f"tokenize_{n}_s"], out[f"tokenize_{n}_images_per_s"] = round(seconds, 2), round(images / seconds, 1)
+            out[f"tokenize_{n}_flow_cpu_s"] = round(ORCHESTRATION.pop("tokenize"), 2)
 
             cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
                          "eval.resources={GPU: 1}", "eval.classes_per_task=1",
@@ -144,6 +151,7 @@ def main() -> None:
                 "shard", "train_tokenizer", "tokenize", "train_ar")})
             shutil.rmtree(evaluated.url)  # the next count evaluates again (same identity)
             out[f"evaluate_{n}_s"] = round(seconds, 2)
+            out[f"evaluate_{n}_flow_cpu_s"] = round(ORCHESTRATION.pop("evaluate"), 2)
             out[f"evaluate_{n}_images_per_s"] = round(evaluated.summary["samples"] / seconds, 1)
             print(f"scale: {n} worker(s): tokenize {out[f'tokenize_{n}_s']} s, evaluate {out[f'evaluate_{n}_s']} s",
                   file=sys.stderr)
