@@ -286,6 +286,16 @@ def _resources_text(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
 
 
+def run_flow(flow: Any, dask: Any, on_cluster: bool, scheduler: str | None, *args: Any, **kwargs: Any) -> Any:
+    """A stage's flow called with `args`/`kwargs`: in this process, or (`on_cluster`) with its tasks on the Dask
+    scheduler at `scheduler` — default `dask` (the config's section): its `address`, else a LocalCluster for this
+    call."""
+    if not on_cluster:
+        return flow(*args, **kwargs)
+    with dask_cluster(**{**dask.model_dump(), "address": scheduler or dask.address}) as address:
+        return flow.with_options(task_runner=dask_task_runner(address))(*args, **kwargs)
+
+
 def on_workers_offering(resources: dict[str, float] | None) -> Any:
     """A context in which tasks submitted to the Dask task runner run only on workers offering `resources`
     (`dask.annotate`); no constraint when None."""

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.pipeline.parts import build_one, fan_out
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
+from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.pipeline.tasks import build_artifact
 from nextdetail.stages.evaluate import EvalResult
 from nextdetail.stages.evaluate.reference_stats import (
@@ -165,12 +165,7 @@ def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokeniz
     process, or with `eval.resources` class groups on the Dask scheduler at `scheduler` (default: `cfg.dask`, a
     LocalCluster for this call)."""
     upstream = {"shard": shard, "train_tokenizer": train_tokenizer, "tokenize": tokenize, "train_ar": train_ar}
-    if cfg.eval.resources is None:
-        return stage_flow(cfg, key, progress=progress, **upstream)
-    if scheduler is None:
-        with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run(cfg, key, progress=progress, scheduler=address, **upstream)
-    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
+    return run_flow(stage_flow, cfg.dask, cfg.eval.resources is not None, scheduler, cfg, key, progress=progress, **upstream)
 
 
 def evaluate_files(cfg: PipelineConfig, key: StageKey, checkpoints: list[str], out: str, shards: ShardResult | None,

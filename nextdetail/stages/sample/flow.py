@@ -12,7 +12,7 @@ from prefect import flow
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.pipeline.parts import build_one, fan_out
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
+from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.stages.sample import SampleResult
 from nextdetail.stages.sample.tasks import (
     SampleInputs,
@@ -81,12 +81,7 @@ def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, tokenize: Tok
     process, or with `sample.resources` class groups on the Dask scheduler at `scheduler` (default: `cfg.dask`, a
     LocalCluster for this call)."""
     upstream = {"shard": shard, "tokenize": tokenize, "train_ar": train_ar}
-    if cfg.sample.resources is None:
-        return stage_flow(cfg, key, progress=progress, **upstream)
-    if scheduler is None:
-        with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run(cfg, key, progress=progress, scheduler=address, **upstream)
-    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
+    return run_flow(stage_flow, cfg.dask, cfg.sample.resources is not None, scheduler, cfg, key, progress=progress, **upstream)
 
 
 def sample_files(cfg: PipelineConfig, checkpoint: str, out: str, progress: bool = True) -> SampleResult:

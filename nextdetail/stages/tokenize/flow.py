@@ -24,7 +24,7 @@ from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.pipeline.parts import fan_out
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
+from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.stages.decompose import DecomposeResult
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
@@ -166,9 +166,4 @@ def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, decompose: De
     process, or with `tokens.resources` on the Dask scheduler at `scheduler` (default: `cfg.dask`, a LocalCluster
     for this call)."""
     upstream = {"shard": shard, "decompose": decompose, "train_tokenizer": train_tokenizer}
-    if cfg.tokens.resources is None:
-        return stage_flow(cfg, key, progress=progress, **upstream)
-    if scheduler is None:
-        with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run(cfg, key, progress=progress, scheduler=address, **upstream)
-    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
+    return run_flow(stage_flow, cfg.dask, cfg.tokens.resources is not None, scheduler, cfg, key, progress=progress, **upstream)

@@ -22,7 +22,7 @@ from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.pipeline.parts import build_one
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
+from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.tokenize import TokensResult
 from nextdetail.stages.train_ar import STAGE, ARResult
@@ -80,9 +80,4 @@ def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokeniz
     process, or with `ar.resources` / `ar.nodes` > 1 on the Dask scheduler at `scheduler` (default: `cfg.dask`, a
     LocalCluster for this call unless dask.address names one)."""
     upstream = {"shard": shard, "train_tokenizer": train_tokenizer, "tokenize": tokenize}
-    if not STAGE.uses_dask(cfg):
-        return stage_flow(cfg, key, progress=progress, **upstream)
-    if scheduler is None:
-        with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run(cfg, key, progress=progress, scheduler=address, **upstream)
-    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
+    return run_flow(stage_flow, cfg.dask, STAGE.uses_dask(cfg), scheduler, cfg, key, progress=progress, **upstream)

@@ -17,7 +17,7 @@ from nextdetail.errors import UserError
 from nextdetail.models.tokenizer import TokenizerSpec
 from nextdetail.pipeline.artifacts import Artifact
 from nextdetail.pipeline.parts import build_one
-from nextdetail.pipeline.runtime import dask_cluster, dask_task_runner, on_workers_offering
+from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.stages.decompose import DecomposeResult
 from nextdetail.stages.shard import ShardResult
 from nextdetail.stages.train_tokenizer import STAGE, TokenizerResult
@@ -86,9 +86,4 @@ def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult | None, decomp
     in this process, or with `tokenizer.resources` / `tokenizer.nodes` > 1 on the Dask scheduler at `scheduler`
     (default: `cfg.dask`, a LocalCluster for this call unless dask.address names one)."""
     upstream = {"shard": shard, "decompose": decompose}
-    if not STAGE.uses_dask(cfg):
-        return stage_flow(cfg, key, progress=progress, **upstream)
-    if scheduler is None:
-        with dask_cluster(**cfg.dask.model_dump()) as address:
-            return run(cfg, key, progress=progress, scheduler=address, **upstream)
-    return stage_flow.with_options(task_runner=dask_task_runner(scheduler))(cfg, key, progress=progress, **upstream)
+    return run_flow(stage_flow, cfg.dask, STAGE.uses_dask(cfg), scheduler, cfg, key, progress=progress, **upstream)
