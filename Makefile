@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench gpu-check ablation ndp-curve clean
+.PHONY: run test test-fast lint bench gpu-check ablation ndp-curve hires clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ ablation: $(STAMP)  # CART Table 4 at small scale: orders 0, 1, 3 × 3 training 
 
 ndp-curve: $(STAMP)  # NDP: FID vs FLOPs per image, 5 estimators × 6 budgets + VAR and CART at full compute
 	$(BIN)/python benchmarks/ndp_curve.py
+
+hires: $(STAMP)  # CART ×2 (§4.2.1) against bilinear ×2: FID against real images resized ×2, row bands (make run's root)
+	$(BIN)/python benchmarks/hires.py
 
 clean:
 	rm -rf nextdetail-data .nextdetail

@@ -132,6 +132,59 @@ def test_upscaled_samples_keep_the_given_base_and_resample_only_details(pipeline
 
 
 @pytest.mark.e2e
+def test_upscaled_details_are_composed_as_tokens_and_convolved_once(pipeline):
+    """Issue 42: the ×2 image is the decoder's image of the upscaled base plus Σ_k φ_k(composed detail map k),
+    each cell's tokens from the patch whose centre is nearest. φ applied per patch (as first written) saw zero
+    padding at every patch edge inside the image."""
+    import torch.nn.functional as F
+
+    from nextdetail.models.quant import NextInput
+    from nextdetail.models.sampler import patch_grid
+    from nextdetail.stages.sample.tasks import load_models
+
+    _, _, results = pipeline
+    sampler, _ = load_models(results["train_ar"].checkpoint_url, {}, "cpu")
+    labels = torch.tensor([0, 5, 5])
+    out = sampler.sample(labels, cfg=1.0, generator=torch.Generator().manual_seed(0))
+    big_image = sampler.upscale(labels, out.maps, 2, cfg=1.0, generator=torch.Generator().manual_seed(3))
+
+    q, h, nb, M = sampler.quantizer, sampler.latent_side, sampler.n_base, len(out.maps)
+    base = F.interpolate(sum(q._to_latent(k, out.maps[k], h) for k in range(nb)), scale_factor=2, mode="bilinear")
+    starts, owner, local = patch_grid(h, 2)
+    n = len(starts)
+    patches = torch.stack([base[:, :, y : y + h, x : x + h] for y in starts for x in starts], 1).flatten(0, 1)
+    base_maps = q.f_to_indices([patches] + [torch.zeros_like(patches)] * (q.n_sources - 1))[:nb]
+    drawn = sampler.transformer.sample(labels.repeat_interleave(n * n), NextInput(q, h), 1.0,
+                                       generator=torch.Generator().manual_seed(3), given=base_maps)
+    composed = [drawn[k].view(3, n, n, h, h)[:, owner.view(-1, 1), owner.view(1, -1), local.view(-1, 1),
+                                             local.view(1, -1)] for k in range(nb, M)]
+    detail = sum(q._to_latent(k, m, 2 * h) for k, m in zip(range(nb, M), composed, strict=True))
+    torch.testing.assert_close(big_image, sampler.tokenizer.fhat_to_img(base + detail))
+    per_patch = sum(q._to_latent(k, drawn[k], h) for k in range(nb, M)).view(3, n, n, -1, h, h)
+    assert not torch.allclose(per_patch[:, 0, 0, :, :, h - 1], detail[:, :, :h, h - 1])  # φ saw the neighbour
+
+
+@pytest.mark.e2e
+def test_upscaled_samples_have_no_band_at_the_patch_boundary(pipeline):
+    """Issue 42's measure on this pipeline's own model: the mean colour of the rows around the old patch
+    boundary strays from the interior's no more than the interior's own rows do (+ 6 of 255)."""
+    from nextdetail.models.fidelity import row_bands
+    from nextdetail.models.tokenizer import images_to_uint8
+    from nextdetail.stages.sample.tasks import load_models
+
+    _, _, results = pipeline
+    sampler, _ = load_models(results["train_ar"].checkpoint_url, {}, "cpu")
+    labels = torch.arange(12).repeat_interleave(4)
+    out = sampler.sample(labels, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    H = out.images.shape[-1]
+    big = images_to_uint8(sampler.upscale(labels, out.maps, 2, cfg=2.0, generator=torch.Generator().manual_seed(1)))
+    bands = row_bands(big, [H])
+    assert bands["boundary"] <= bands["interior"] + 6, bands
+    recorded = results["sample"].summary["hires_row_bands"]  # the stage reports the same measure of its own ×2
+    assert set(recorded) == {"boundary", "edges", "interior"} and all(v >= 0 for v in recorded.values())
+
+
+@pytest.mark.e2e
 def test_sample_cli_with_a_checkpoint(pipeline, tmp_path):
     import sys
 

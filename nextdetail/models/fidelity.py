@@ -97,3 +97,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image PSNR (dB) of uint8 images (N, H, W, 3)."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
     return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def row_bands(images: np.ndarray, boundaries: Iterable[int] = (), width: int = 2) -> dict[str, float]:
+    """Horizontal bands (issue 42): how far the mean colour of a row strays from the interior's.
+
+    `images` (N, H, W, 3) uint8. Each row's colour is its mean over samples and columns (R, G, B, 0–255); a
+    row's deviation is its largest channel difference from the median row colour of the interior. Returned:
+    the largest deviation among the `width` rows on each side of every boundary in `boundaries` (a patch
+    boundary: rows b − width … b + width − 1), among the first and last `width` rows ("edges"), and among the
+    remaining interior rows ("interior": what image content alone gives, the yardstick)."""
+    rows = images.astype(np.float64).mean(axis=(0, 2))  # (H, 3)
+    H = rows.shape[0]
+    near = {r for b in boundaries for r in range(b - width, b + width) if 0 <= r < H}
+    edges = set(range(width)) | set(range(H - width, H))
+    interior = [r for r in range(H) if r not in near and r not in edges]
+    deviation = np.abs(rows - np.median(rows[interior], axis=0)).max(axis=1)  # (H,)
+    worst = lambda rs: float(deviation[sorted(rs)].max()) if rs else 0.0  # noqa: E731
+    return {"boundary": worst(near), "edges": worst(edges), "interior": worst(interior)}

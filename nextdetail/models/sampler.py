@@ -4,12 +4,19 @@ without retraining (CART §4.2.1, Figure 6).
 High resolution, as we implement the paper's one-paragraph description (the details are ours):
 1. sample all M maps at the trained size; the base latent f̂_B = Σ_{base maps} φ_k(z_k) (B, C, h, w);
 2. upscale f̂_B bilinearly to (factor·h, factor·w): the base is smooth, so it survives upscaling;
-3. cut the upscaled base into factor² patches of the trained latent size; re-quantize each patch over
-   the base scales (Algorithm 1 on the base source) so the transformer sees base tokens as in training;
-4. for every patch, sample only the detail maps, the patch's base tokens given as the prefix: details
-   are local (textures, edges), so patches generated independently meet without seams;
-5. decode upscaled base + the patches' details, tiled back, with the tokenizer's decoder (convolutional:
-   any size).
+3. cut the upscaled base into overlapping patches of the trained latent size, half a patch apart
+   ((2·factor − 1)² of them; `patch_grid`), and re-quantize each over the base scales (Algorithm 1 on the
+   base source) so the transformer sees base tokens as in training;
+4. for every patch, sample only the detail maps, the patch's base tokens given as the prefix;
+5. compose full-size detail token maps: each latent cell takes the tokens of the patch whose centre is
+   nearest, so no cell comes from within a quarter patch of a patch edge that lies inside the image;
+6. decode upscaled base + Σ_k φ_k(composed detail map k) with the tokenizer's decoder (convolutional: any size).
+Why 3 and 5 (issue 42): a patch is sampled as if it were a whole image, and its edges carry what the model
+learned about image edges (the position embedding tells it where the border is; at a real border the detail
+corrects the tokenizer's border error). Tiled edge to edge, as we first did, those edge rows landed in the
+middle of the ×2 image as a band at every patch boundary; and φ's 3×3 convolution, applied per patch, saw zero
+padding there. Composing tokens first and applying φ once removes the second; taking every cell from a patch's
+interior removes the first. The price: (2f − 1)² patches instead of f² (9 instead of 4 at ×2).
 The baseline beside it is the trained-size sample resized bilinearly.
 
 The detail dial (ours, NDP's idea on CART): with `detail_budget` b < 1, after the base maps the
@@ -114,23 +121,44 @@ class CARTSampler:
 
     @torch.no_grad()
     def upscale(self, labels: Tensor, maps: list[Tensor], factor: int, cfg: float = 1.5, top_k: int = 0,
-                top_p: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-        """Images (B, 3, factor·H, factor·W) in [-1, 1] from trained-size samples' maps (module docstring)."""
+                top_p: float = 0.0, generator: torch.Generator | None = None, overlap: bool = True) -> Tensor:
+        """Images (B, 3, factor·H, factor·W) in [-1, 1] from trained-size samples' maps (module docstring).
+        `overlap=False`: factor² patches edge to edge (the seam of issue 42; kept for the comparison)."""
         B, h, M = labels.shape[0], self.latent_side, len(maps)
         base = self._latent(maps, range(self.n_base))  # (B, C, h, w)
         big = F.interpolate(base, scale_factor=factor, mode="bilinear", align_corners=False)  # (B, C, f·h, f·w)
         if self.n_base == M:  # order 0 (VAR): no detail factor to add
             return self.tokenizer.fhat_to_img(big)
-        C = big.shape[1]
-        patches = big.view(B, C, factor, h, factor, h).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, h, h)  # (B·f², C, h, w)
+        if any(self.transformer.cfg.sides[k] != h for k in range(self.n_base, M)):
+            raise ValueError(f"patch-wise detail needs every detail map at the latent side {h}, "
+                             f"got {self.transformer.cfg.sides[self.n_base:]}")
+        starts, owner, local = patch_grid(h, factor, overlap)
+        n = len(starts)
+        patches = torch.stack([big[:, :, y : y + h, x : x + h] for y in starts for x in starts], 1)  # (B, n², C, h, h)
+        patches = patches.flatten(0, 1)  # (B·n², C, h, h)
         sources = [patches] + [torch.zeros_like(patches)] * (self.quantizer.n_sources - 1)
         base_maps = self.quantizer.f_to_indices(sources)[: self.n_base]  # the base scales of each patch
-        patch_labels = labels.repeat_interleave(factor * factor)  # (B·f²,)
-        out = self.transformer.sample(patch_labels, NextInput(self.quantizer, self.latent_side), cfg, top_k, top_p,
-                                      generator, given=base_maps, cfg_ramp_maps=self.cfg_ramp_maps)
-        detail = self._latent(out, range(self.n_base, M))  # (B·f², C, h, w)
-        detail = detail.view(B, factor, factor, C, h, h).permute(0, 3, 1, 4, 2, 5).reshape(B, C, factor * h, factor * h)
+        out = self.transformer.sample(labels.repeat_interleave(n * n), NextInput(self.quantizer, h), cfg, top_k,
+                                      top_p, generator, given=base_maps, cfg_ramp_maps=self.cfg_ramp_maps)
+        oy, ox, ly, lx = owner.view(-1, 1), owner.view(1, -1), local.view(-1, 1), local.view(1, -1)
+        detail = sum(self.quantizer._to_latent(k, out[k].view(B, n, n, h, h)[:, oy, ox, ly, lx], factor * h)
+                     for k in range(self.n_base, M))  # φ_k on each composed (B, f·h, f·h) map
         return self.tokenizer.fhat_to_img(big + detail)
+
+
+def patch_grid(side: int, factor: int, overlap: bool = True) -> tuple[list[int], Tensor, Tensor]:
+    """Patches of `side` cells along one axis of a factor·side latent: (their first cells, and for every cell
+    the patch it is taken from and its position in that patch (factor·side,) each). With `overlap` the patches
+    start every side/2 cells and a cell belongs to the patch whose centre is nearest, so it lies at least a
+    quarter patch from that patch's edges unless the edge is the image's; without, they tile edge to edge."""
+    big = factor * side
+    stride = side // 2 if overlap and side % 2 == 0 and factor > 1 else side
+    starts = list(range(0, big - side + 1, stride))
+    centres = torch.tensor(starts, dtype=torch.float64) + side / 2
+    cells = torch.arange(big, dtype=torch.float64) + 0.5
+    owner = (cells.view(-1, 1) - centres.view(1, -1)).abs().argmin(1)  # (big,): the first of equals on a tie
+    local = torch.arange(big) - torch.tensor(starts)[owner]
+    return starts, owner, local
 
 
 def bilinear_upscale(images: Tensor, factor: int) -> Tensor:

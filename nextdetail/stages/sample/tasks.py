@@ -260,6 +260,13 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
         "checkpoint": inputs.checkpoint_url, "checkpoint_step": record["step"], "url": store.url(),
         "model": record.get("kind", "cart"),
     }
+    if result["hires"]:  # issue 42's measure: a row's mean colour against the interior's (0–255)
+        from nextdetail.models.fidelity import row_bands
+
+        hires = np.concatenate(list(result["hires"].values()))
+        H = hires.shape[1] // cfg.upscale
+        summary["hires_row_bands"] = {k: round(v, 1) for k, v in
+                                      row_bands(hires, [H * k for k in range(1, cfg.upscale)]).items()}
     if ndp:
         summary.update(budget=cfg.budget, estimator=cfg.estimator, refine_per_step=cfg.refine_per_step,
                        gflops_per_image=round(float(result["flops"].mean()) / 1e9, 6),
