@@ -4,13 +4,13 @@ On the preset's pipeline (built or reused under --root, through train_ar), per c
 trained size, then three ×2 versions of the same samples:
 
 - cart_x2        `CARTSampler.upscale`: overlapping patches, each cell's detail from the nearest patch centre;
-- cart_x2_tiled  the same with patches edge to edge (`overlap=False`, issue 42's seam);
+- cart_x2_tiled  patches edge to edge with φ per patch (`overlap=False`: as first written, issue 42's seam);
 - bilinear_x2    the trained-size sample resized bilinearly (Figure 6's left column).
 
-Each is scored by FID against the real train images resized ×2 bilinearly, with the evaluation's extractor
+(Names say x2; `--factor` changes the factor.) Each is scored by FID against the real train images resized ×2 bilinearly, with the evaluation's extractor
 (`eval.extractor`; on `tiny` the offline random-feature one: it ranks, it is not comparable with published FID),
-and by `fidelity.row_bands` (the largest deviation of a row's mean colour from the interior's, 0–255, at the
-patch boundary and at the edges, beside the interior rows' own).
+and by `fidelity.row_bands` (the largest deviation of a row's or column's mean colour from the interior's, 0–255,
+where patches meet, at the edges, and among the interior rows: the yardstick).
 
     PYTHONPATH=. python benchmarks/hires.py [--preset tiny] [--root DIR] [--per-class 50] [-o key=value …]
 
@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 
 
-def real_images(shards_url: str, image_format: str, split: str = "train") -> np.ndarray:
+def real_images(shards_url: str, options: dict, image_format: str, split: str = "train") -> np.ndarray:
     """Every image of `split` as uint8 (N, H, W, 3)."""
     from nextdetail.storage.fs import Store
     from nextdetail.storage.manifest import read_table, sample_index
     from nextdetail.storage.shards import read_tar_images
 
-    store = Store(shards_url)
+    store = Store(shards_url, options)
     by_tar: dict[str, list[str]] = {}
     for r in sample_index(read_table(store, "manifest.parquet")).to_pylist():
         if r["split"] == split:
@@ -69,7 +69,7 @@ def main() -> None:
     from nextdetail.conf import load_config
     from nextdetail.models import fidelity
     from nextdetail.models.feature_extractor import build_extractor
-    from nextdetail.models.sampler import bilinear_upscale
+    from nextdetail.models.sampler import bilinear_upscale, seam_rows
     from nextdetail.models.tokenizer import images_to_uint8
     from nextdetail.pipeline.run import run_pipeline
     from nextdetail.pipeline.runtime import prefect_api
@@ -78,7 +78,7 @@ def main() -> None:
     cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", *args.overrides])
     with prefect_api():
         results = run_pipeline(cfg, until="train_ar", progress=False)
-    sampler, record = load_models(results["train_ar"].checkpoint_url, cfg.storage.options, "cpu",
+    sampler, record = load_models(results["train_ar"].checkpoint_url, cfg.storage.options, "cpu", cfg.sample,
                                   roots=(cfg.storage.root,))
     if sampler.n_base == len(sampler.transformer.cfg.sides):
         sys.exit("hires: the model has no detail maps (tokenizer.order 0); the ×2 is only the upscaled base")
@@ -90,7 +90,7 @@ def main() -> None:
                                                     layers)["fid"])
 
     f = args.factor
-    real = real_images(results["shard"].url, cfg.shard.image_format)
+    real = real_images(results["shard"].url, cfg.storage.options, cfg.shard.image_format)
     real_1x, real_big = stats(real), stats(resized(real, f))
     out: dict[str, Any] = {"benchmark": "hires", "preset": args.preset, "factor": f, "extractor": info.name,
                            "real_images": len(real), "per_class": args.per_class}
@@ -106,18 +106,21 @@ def main() -> None:
             made["bilinear_x2"].append(images_to_uint8(bilinear_upscale(s.images, f)))
             for name, overlap in (("cart_x2", True), ("cart_x2_tiled", False)):
                 t0 = time.perf_counter()
-                detail_g = torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + c + 7)  # the same draws for both
+                detail_g = torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + c + 7)  # the same seed for both
                 big = sampler.upscale(labels, s.maps, f, cfg.sample.cfg, cfg.sample.top_k, cfg.sample.top_p, detail_g,
                                       overlap=overlap)
                 seconds[name] += time.perf_counter() - t0
                 made[name].append(images_to_uint8(big))
         print(f"hires: class {c + 1}/{len(classes)}", file=sys.stderr)
-    H = made["trained_size"][0].shape[1]
+    H, h = made["trained_size"][0].shape[1], sampler.latent_side
+    old_seams = {H * k for k in range(1, f)}  # where edge-to-edge patches meet
+    seams = {"trained_size": [], "bilinear_x2": sorted(old_seams), "cart_x2_tiled": sorted(old_seams),
+             "cart_x2": sorted(old_seams | set(seam_rows(h, f, H // h)))}  # … and where overlapping ones do
     for name, chunks in made.items():
         images = np.concatenate(chunks)
         reference = real_1x if name == "trained_size" else real_big
         out[f"{name}_fid"] = round(fidelity.fid(stats(images), reference), 3)
-        bands = fidelity.row_bands(images, [] if name == "trained_size" else [H * k for k in range(1, f)])
+        bands = fidelity.row_bands(images, seams[name])
         out.update({f"{name}_band_{k}": round(v, 1) for k, v in bands.items()})
     for name, s in seconds.items():
         out[f"{name}_images_per_s"] = round(len(classes) * args.per_class / s, 2)

@@ -100,18 +100,27 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def row_bands(images: np.ndarray, boundaries: Iterable[int] = (), width: int = 2) -> dict[str, float]:
-    """Horizontal bands (issue 42): how far the mean colour of a row strays from the interior's.
+    """Bands along rows and columns (issue 42): how far the mean colour of a row (column) strays from the
+    interior's.
 
-    `images` (N, H, W, 3) uint8. Each row's colour is its mean over samples and columns (R, G, B, 0–255); a
-    row's deviation is its largest channel difference from the median row colour of the interior. Returned:
-    the largest deviation among the `width` rows on each side of every boundary in `boundaries` (a patch
-    boundary: rows b − width … b + width − 1), among the first and last `width` rows ("edges"), and among the
-    remaining interior rows ("interior": what image content alone gives, the yardstick)."""
-    rows = images.astype(np.float64).mean(axis=(0, 2))  # (H, 3)
-    H = rows.shape[0]
-    near = {r for b in boundaries for r in range(b - width, b + width) if 0 <= r < H}
-    edges = set(range(width)) | set(range(H - width, H))
-    interior = [r for r in range(H) if r not in near and r not in edges]
-    deviation = np.abs(rows - np.median(rows[interior], axis=0)).max(axis=1)  # (H,)
-    worst = lambda rs: float(deviation[sorted(rs)].max()) if rs else 0.0  # noqa: E731
-    return {"boundary": worst(near), "edges": worst(edges), "interior": worst(interior)}
+    `images` (N, H, W, 3) uint8, square. Each row's colour is its mean over samples and columns (R, G, B, 0–255);
+    a row's deviation is its largest channel difference from the interior rows' median colour. Returned, the
+    larger of rows and columns: the largest deviation among the `width` rows on each side of every boundary in
+    `boundaries` (where patches meet: rows b − width … b + width − 1), among the first and last `width` rows
+    ("edges"), and among the remaining interior rows ("interior": what image content alone gives, the
+    yardstick). Raises when nothing is left for the interior."""
+    boundaries = list(boundaries)
+    out = {"boundary": 0.0, "edges": 0.0, "interior": 0.0}
+    for along in (images, images.transpose(0, 2, 1, 3)):
+        rows = along.astype(np.float64).mean(axis=(0, 2))  # (H, 3)
+        H = rows.shape[0]
+        near = {r for b in boundaries for r in range(b - width, b + width) if 0 <= r < H}
+        edges = set(range(min(width, H))) | set(range(max(H - width, 0), H))
+        interior = [r for r in range(H) if r not in near and r not in edges]
+        if not interior:
+            raise ValueError(f"{H} rows leave no interior beside the edges and boundaries {boundaries} (width {width})")
+        deviation = np.abs(rows - np.median(rows[interior], axis=0)).max(axis=1)  # (H,)
+        for name, rs in (("boundary", near), ("edges", edges), ("interior", interior)):
+            if rs:
+                out[name] = max(out[name], float(deviation[sorted(rs)].max()))
+    return out

@@ -123,7 +123,8 @@ class CARTSampler:
     def upscale(self, labels: Tensor, maps: list[Tensor], factor: int, cfg: float = 1.5, top_k: int = 0,
                 top_p: float = 0.0, generator: torch.Generator | None = None, overlap: bool = True) -> Tensor:
         """Images (B, 3, factor·H, factor·W) in [-1, 1] from trained-size samples' maps (module docstring).
-        `overlap=False`: factor² patches edge to edge (the seam of issue 42; kept for the comparison)."""
+        `overlap=False`: factor² patches edge to edge with φ per patch, as first written (issue 42's seam; kept for
+        the comparison in benchmarks/hires.py)."""
         B, h, M = labels.shape[0], self.latent_side, len(maps)
         base = self._latent(maps, range(self.n_base))  # (B, C, h, w)
         big = F.interpolate(base, scale_factor=factor, mode="bilinear", align_corners=False)  # (B, C, f·h, f·w)
@@ -140,25 +141,44 @@ class CARTSampler:
         base_maps = self.quantizer.f_to_indices(sources)[: self.n_base]  # the base scales of each patch
         out = self.transformer.sample(labels.repeat_interleave(n * n), NextInput(self.quantizer, h), cfg, top_k,
                                       top_p, generator, given=base_maps, cfg_ramp_maps=self.cfg_ramp_maps)
-        oy, ox, ly, lx = owner.view(-1, 1), owner.view(1, -1), local.view(-1, 1), local.view(1, -1)
-        detail = sum(self.quantizer._to_latent(k, out[k].view(B, n, n, h, h)[:, oy, ox, ly, lx], factor * h)
-                     for k in range(self.n_base, M))  # φ_k on each composed (B, f·h, f·h) map
+        detail_maps = [out[k].view(B, n, n, h, h) for k in range(self.n_base, M)]  # (B, patch y, patch x, h, w)
+        if overlap:  # φ_k once on each composed (B, f·h, f·w) map
+            detail = sum(self.quantizer._to_latent(k, compose(m, owner, local), factor * h)
+                         for k, m in zip(range(self.n_base, M), detail_maps, strict=True))
+        else:  # as first written: φ_k per patch, the latents tiled (zero padding at every seam)
+            per_patch = sum(self.quantizer._to_latent(k, m.flatten(0, 2), h)
+                            for k, m in zip(range(self.n_base, M), detail_maps, strict=True))  # (B·n², C, h, w)
+            detail = compose(per_patch.view(B, n, n, -1, h, h).permute(0, 3, 1, 2, 4, 5).flatten(0, 1), owner, local)
+            detail = detail.view(B, -1, factor * h, factor * h)
         return self.tokenizer.fhat_to_img(big + detail)
 
 
 def patch_grid(side: int, factor: int, overlap: bool = True) -> tuple[list[int], Tensor, Tensor]:
     """Patches of `side` cells along one axis of a factor·side latent: (their first cells, and for every cell
     the patch it is taken from and its position in that patch (factor·side,) each). With `overlap` the patches
-    start every side/2 cells and a cell belongs to the patch whose centre is nearest, so it lies at least a
-    quarter patch from that patch's edges unless the edge is the image's; without, they tile edge to edge."""
+    start every ⌈side/2⌉ cells (the last one flush with the far edge) and a cell belongs to the patch whose
+    centre is nearest, so it lies at least ⌊side/4⌋ cells from that patch's edges unless the edge is the
+    image's; without, they tile edge to edge."""
     big = factor * side
-    stride = side // 2 if overlap and side % 2 == 0 and factor > 1 else side
-    starts = list(range(0, big - side + 1, stride))
+    stride = (side + 1) // 2 if overlap else side
+    starts = sorted(set(range(0, big - side + 1, stride)) | {big - side})
     centres = torch.tensor(starts, dtype=torch.float64) + side / 2
     cells = torch.arange(big, dtype=torch.float64) + 0.5
     owner = (cells.view(-1, 1) - centres.view(1, -1)).abs().argmin(1)  # (big,): the first of equals on a tie
     local = torch.arange(big) - torch.tensor(starts)[owner]
     return starts, owner, local
+
+
+def compose(per_patch: Tensor, owner: Tensor, local: Tensor) -> Tensor:
+    """Full-size maps (B, Y, X) from per-patch maps (B, patch y, patch x, h, w): cell (Y, X) is cell
+    (local[Y], local[X]) of patch (owner[Y], owner[X]) (`patch_grid`)."""
+    return per_patch[:, owner.view(-1, 1), owner.view(1, -1), local.view(-1, 1), local.view(1, -1)]
+
+
+def seam_rows(side: int, factor: int, pixels_per_cell: int, overlap: bool = True) -> list[int]:
+    """The image rows (or columns) of an upscaled image where the patch its details come from changes."""
+    _, owner, _ = patch_grid(side, factor, overlap)
+    return [int(i) * pixels_per_cell for i in torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1]
 
 
 def bilinear_upscale(images: Tensor, factor: int) -> Tensor:

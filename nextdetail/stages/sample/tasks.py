@@ -262,11 +262,13 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
     }
     if result["hires"]:  # issue 42's measure: a row's mean colour against the interior's (0–255)
         from nextdetail.models.fidelity import row_bands
+        from nextdetail.models.sampler import seam_rows
 
         hires = np.concatenate(list(result["hires"].values()))
         H = hires.shape[1] // cfg.upscale
-        summary["hires_row_bands"] = {k: round(v, 1) for k, v in
-                                      row_bands(hires, [H * k for k in range(1, cfg.upscale)]).items()}
+        seams = set(seam_rows(sampler.latent_side, cfg.upscale, H // sampler.latent_side))  # where patches meet now
+        seams |= {H * k for k in range(1, cfg.upscale)}  # and where they met edge to edge (issue 42's band)
+        summary["hires_row_bands"] = {k: round(v, 1) for k, v in row_bands(hires, sorted(seams)).items()}
     if ndp:
         summary.update(budget=cfg.budget, estimator=cfg.estimator, refine_per_step=cfg.refine_per_step,
                        gflops_per_image=round(float(result["flops"].mean()) / 1e9, 6),
