@@ -28,7 +28,6 @@ import json
 import time
 from pathlib import Path
 
-NDP = ["ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5"]
 CODES = {"plain": [], "normalized": ["tokenizer.normalized_codes=true"]}
 
 
@@ -37,13 +36,14 @@ def curve_name(estimator: str, codes: str) -> str:
     return estimator if codes == "plain" else f"{estimator} ({codes} codes)"
 
 
-def evaluate(args: argparse.Namespace, *overrides: str) -> tuple[dict, dict]:
-    """The pipeline to its evaluate stage (cached stages reused): (last checkpoint's metrics row, results)."""
+def evaluate(args: argparse.Namespace, *overrides: str, model: str | None = None) -> tuple[dict, dict]:
+    """The pipeline to its evaluate stage (cached stages reused): (last checkpoint's metrics row, results).
+    `model`: as `--model` (the model's settings, then the preset's own for it, then `overrides`)."""
     from nextdetail.conf import load_config
     from nextdetail.pipeline.run import run_pipeline
 
     cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", "eval.checkpoints=last", *overrides,
-                                              *args.override])
+                                              *args.override], model=model)
     results = run_pipeline(cfg, until="evaluate", progress=False)
     metrics = json.loads(Path(results["evaluate"].url, "metrics.json").read_text())
     return metrics["checkpoints"][-1], {"metrics": metrics, "results": results}
@@ -113,7 +113,8 @@ def main() -> None:
     rows, extractor = [], None
     for codes, estimator in ((c, e) for c in args.codes for e in args.estimators):
         for budget in sorted(args.budgets):
-            row, got = evaluate(args, *NDP, *CODES[codes], f"sample.budget={budget}", f"sample.estimator={estimator}")
+            row, got = evaluate(args, *CODES[codes], f"sample.budget={budget}", f"sample.estimator={estimator}",
+                                model="ndp")
             extractor = got["metrics"]["extractor"]["name"]
             tok = got["metrics"].get("tokenizer") or {}
             rows.append(point(row, estimator=estimator, budget=budget, codes=codes, rfid=tok.get("rfid"),
@@ -121,7 +122,7 @@ def main() -> None:
             print(json.dumps({"progress": rows[-1]}), flush=True)
     baselines = []
     if not args.no_baselines:
-        var_row, _ = evaluate(args, "tokenizer.order=0", "tokenizer.truncation=0.5")  # the same tokens, VAR's model
+        var_row, _ = evaluate(args, "ar.model=cart", model="ndp")  # the same tokens, VAR's model
         baselines.append(point(var_row, model="VAR (block-causal, same dyadic tokens)"))
         cart_row, _ = evaluate(args)
         baselines.append(point(cart_row, model="CART (preset)"))

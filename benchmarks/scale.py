@@ -1,7 +1,9 @@
 """Benchmark: the GPU stages on 1 and 2 Dask workers of this machine (issue 40) — what fanning out buys.
 
 On a root built once (the tiny preset through train_ar, short trainings), each measurement runs one stage on an
-external `dask scheduler` with N `dask worker --nthreads 1 --resources GPU=1` processes started here:
+external `dask scheduler` with N `dask worker --nthreads 1 --resources GPU=1` processes started here, their
+imports (torch, the stage modules) done first as on a cluster that has served before (`workers_<n>_import_s`:
+that cold start, ≈ 4 s, paid once per worker process):
 
 - tokenize_*     `tokens.resources={GPU: 1}`: one task per tar (a fresh token cache each time) — images/s;
 - evaluate_*     `eval.resources={GPU: 1}`: one task per class group and per reference tar, then the merge
@@ -64,6 +66,24 @@ def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tupl
         result = run_stage(cfg, stage, up, progress=False, scheduler=address)
         ORCHESTRATION[stage] = ORCHESTRATION.get(stage, 0.0) + time.process_time() - cpu0
         return result, time.perf_counter() - t0
+
+
+STAGE_MODULES = ("torch", "nextdetail.stages.tokenize.tasks", "nextdetail.stages.evaluate.tasks",
+                 "nextdetail.stages.train_ar.tasks")
+
+
+def warm_imports(address: str) -> float:
+    """Import what the stages' tasks need on every worker, as a long-lived cluster has (a fresh worker process
+    spends ≈ 4 s importing torch and the stage modules before its first task): the stages are then timed as they
+    run on a cluster that has served before. Returns the seconds the imports took (the cold start)."""
+    import importlib
+
+    from distributed import Client
+
+    with Client(address) as client:
+        t0 = time.perf_counter()
+        client.run(lambda: [importlib.import_module(m) for m in STAGE_MODULES] and None)
+        return round(time.perf_counter() - t0, 2)
 
 
 def _encode_share(args: tuple[dict, int, int]) -> float:
@@ -136,6 +156,7 @@ def main() -> None:
 
     for n in (1, 2):
         with external_dask(*workers(n)) as address:
+            out[f"workers_{n}_import_s"] = warm_imports(address)
             cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
                          "tokens.resources={GPU: 1}", f"tokens.cache={work / f'tokens-{n}'}")
             result, seconds = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in ("shard", "train_tokenizer")}
@@ -161,6 +182,7 @@ def main() -> None:
 
     for nodes in (1, 2):
         with external_dask(*workers(nodes, distinct_hosts=True)) as address:
+            warm_imports(address)
             cfg = config(root, "tokenizer.order=0", *args.overrides, *TRAIN, f"dask.address={address}",
                          "ar.resources={GPU: 1}", f"ar.nodes={nodes}", "ar.torch_threads=1")
             trained, seconds = run_stage_on(address, cfg, "train_ar", {k: up[k] for k in (

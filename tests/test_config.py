@@ -214,3 +214,25 @@ def test_resources_say_where_a_stage_runs_not_what_it_computes(stage, setting):
     offered = load_config("tiny", overrides=[f"{setting}={{GPU: 1}}", "dask.resources={GPU: 1}"])
     check_stage_resources({"cart": offered}, [stage])
     check_stage_resources({"cart": asking}, ["shard"])  # the stage not selected: not asked
+
+
+def test_a_preset_adds_its_own_settings_for_a_model_after_the_models_and_before_overrides(tmp_path):
+    """`--model ndp` on tiny: NDP's settings (order 0, truncation), then tiny's `models: ndp:` section (issue 41: a
+    longer tokenizer training, since 300 steps leave NDP's truncation-trained tokenizer a lottery), then -o."""
+    import yaml
+
+    from nextdetail.conf import PRESET_DIR, load_branches
+    from nextdetail.errors import UserError
+
+    preset = yaml.safe_load((PRESET_DIR / "tiny.yaml").read_text())
+    own = preset["models"]["ndp"]
+    branches = load_branches("tiny", models=["cart", "ndp"])
+    ndp, cart = branches["ndp"], branches["cart"]
+    assert ndp.tokenizer.order == 0 and ndp.tokenizer.truncation == 0.5
+    assert ndp.tokenizer.steps == own["tokenizer.steps"] != cart.tokenizer.steps == preset["tokenizer"]["steps"]
+    assert load_branches("tiny", overrides=["tokenizer.steps=7"], models=["ndp"])["ndp"].tokenizer.steps == 7
+    bad = tmp_path / "bad.yaml"
+    for models in ({"vqgan": {"ar.depth": 2}}, {"ndp": ["tokenizer.steps=9"]}):
+        bad.write_text(yaml.safe_dump({**preset, "models": models}))
+        with pytest.raises(UserError, match="models: must map a model"):
+            load_branches(None, bad, models=["ndp"])

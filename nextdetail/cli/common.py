@@ -21,7 +21,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one setting by dotted key, e.g. -o shard.resolution=64 -o storage.root=s3://b/p")
     p.add_argument("--model", default=None, metavar="cart|ndp|cart,ndp",
                    help="ndp: next-detail prediction with a compute dial — sets ar.model=ndp and its tokenizer "
-                        "(tokenizer.order=0, tokenizer.truncation=0.5; -o overrides still win). Several (run, "
+                        "(tokenizer.order=0, tokenizer.truncation=0.5), then the preset's own settings for it (tiny: "
+                        "tokenizer.steps=1000); -o overrides still win. Several (run, "
                         "status, serve, sample, eval): one branch per model in one run, shared stages built once")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true",

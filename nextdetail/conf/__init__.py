@@ -84,11 +84,13 @@ def _one_line(err: ValidationError, data: dict[str, Any]) -> str:
 
 def load_config(
     preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = (),
-    until: str | None = None,
+    until: str | None = None, model: str | None = None,
 ) -> PipelineConfig:
     """Preset or YAML file, then ``-o key=value`` overrides, validated into one `PipelineConfig`. With `until`
     (the last stage a command runs) only the checks of that stage and its upstream refuse; a later stage's
-    problem becomes one of `cfg.warnings()`."""
+    problem becomes one of `cfg.warnings()`. With `model` (`--model`), the model's settings (`MODEL_OVERRIDES`)
+    and then the preset's own for it (its `models:` section, e.g. a longer tokenizer training on `tiny`) come
+    before `overrides`."""
     if config_file is not None:
         data = _read_yaml(Path(config_file))
     elif preset is not None:
@@ -99,6 +101,15 @@ def load_config(
         data.setdefault("preset", preset)
     else:
         data = {}
+    per_model = data.pop("models", None) or {}
+    if not isinstance(per_model, dict) or any(m not in MODEL_OVERRIDES or not isinstance(v, dict)
+                                              for m, v in per_model.items()):
+        raise UserError(f"config: models: must map a model ({', '.join(MODELS)}) to its settings "
+                        "(dotted keys, e.g. ndp: {tokenizer.steps: 1000})")
+    if model is not None:
+        own = [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+               for key, value in per_model.get(model, {}).items()]
+        overrides = [*MODEL_OVERRIDES[model], *own, *overrides]
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -129,10 +140,11 @@ def load_branches(
     preset: str | None = "tiny", config_file: str | Path | None = None, overrides: list[str] = (),
     models: list[str] = (), until: str | None = None,
 ) -> dict[str, PipelineConfig]:
-    """One config per model, each the preset/file + the model's settings (`MODEL_OVERRIDES`) + `overrides`:
+    """One config per model, each the preset/file + the model's settings (`MODEL_OVERRIDES`, then the preset's
+    `models:` section for it) + `overrides`:
     the branches of one pipeline run. Stages whose identity comes out the same in several branches (shard,
     decompose) are built once. No models: the config's own `ar.model`, one branch."""
     if not models:
         cfg = load_config(preset, config_file, list(overrides), until)
         return {cfg.ar.model: cfg}
-    return {m: load_config(preset, config_file, [*MODEL_OVERRIDES[m], *overrides], until) for m in models}
+    return {m: load_config(preset, config_file, list(overrides), until, model=m) for m in models}

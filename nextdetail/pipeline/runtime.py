@@ -309,27 +309,56 @@ def on_workers_offering(resources: dict[str, float] | None) -> Any:
 
 
 def dask_task_runner(address: str) -> Any:
-    """Prefect's Dask task runner on the scheduler at `address`, submitting with ``pure=False``.
+    """Prefect's Dask task runner on the scheduler at `address`, submitting each task run with the flow's context
+    serialized once and with ``pure=False``.
 
-    prefect-dask submits "pure" tasks, so Dask hashes every submission to name it: the closure
-    Prefect wraps each task in (pickled by value) and the serialized Prefect settings included
-    (measured ≈70 ms of flow-process CPU per task, taken from the workers on a small machine).
-    Prefect gives each task run its own id and does its own caching, so that hash buys nothing."""
+    prefect-dask's client serializes the whole Prefect context for every task it submits: the settings and the
+    flow run's parameters (our config, the upstream results), visited for secrets to render — ≈ 80 ms of the
+    flow process's CPU per task on this 2-core machine, taken from the workers (issue 40). Within one flow run
+    that context does not change, so it is serialized on the first submit and reused; only the per-task asset
+    context is built each time. And prefect-dask submits "pure" tasks, so Dask hashes every submission to name
+    it (the closure pickled by value, the serialized settings included: ≈ 70 ms more); Prefect gives each task
+    run its own id and does its own caching, so that hash buys nothing."""
     from prefect_dask import DaskTaskRunner
     from prefect_dask.task_runners import PrefectDaskFuture
 
     class _ImpureDaskTaskRunner(DaskTaskRunner):
+        _flow_context: tuple[Any, dict[str, Any]] | None = None  # (flow run id, its serialized context)
+
         def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
+            import uuid
+
+            from distributed import Client, Future
+            from prefect.context import AssetContext, FlowRunContext, serialize_context
+            from prefect.utilities.engine import collect_task_run_inputs_sync
+
             if not self._started:
                 raise RuntimeError("The task runner must be started before submitting work.")
-            future = self.client.submit(
-                task,
-                parameters=self._optimize_futures(parameters),
-                wait_for=self._optimize_futures(wait_for) if wait_for else None,
-                dependencies=dependencies,
-                return_type="state",
-                pure=False,
-            )
-            return PrefectDaskFuture(wrapped_future=future, task_run_id=future.task_run_id)
+            flow_run = FlowRunContext.get()
+            run_id = flow_run.flow_run.id if flow_run and flow_run.flow_run else None
+            if self._flow_context is None or self._flow_context[0] != run_id:
+                self._flow_context = (run_id, serialize_context())
+            task_run_id = uuid.uuid4()
+            parameters = self._optimize_futures(parameters)
+            inputs = {k: collect_task_run_inputs_sync(v, future_cls=Future) for k, v in parameters.items()}
+            for k, more in (dependencies or {}).items():
+                inputs[k] = inputs.get(k, set()) | set(more)
+            context = {**self._flow_context[1], "asset_context": AssetContext.from_task_and_inputs(
+                task=task, task_run_id=task_run_id, task_inputs=inputs, copy_to_child_ctx=True).serialize()}
+            future = Client.submit(  # the plain client's submit: the Prefect wrapper is ours (`_run_task_run`)
+                self.client, _run_task_run, key=f"{task.name}-{task_run_id}", pure=False, task=task,
+                task_run_id=task_run_id, wait_for=self._optimize_futures(wait_for) if wait_for else None,
+                return_type="state", parameters=parameters, dependencies=inputs, context=context)
+            future.task_run_id = task_run_id
+            return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
     return _ImpureDaskTaskRunner(address=address)
+
+
+def _run_task_run(**kwargs: Any) -> Any:
+    """A Prefect task run on a Dask worker (every stage task is synchronous)."""
+    from prefect.task_engine import run_task_sync
+
+    if kwargs["task"].isasync:
+        raise TypeError(f"task {kwargs['task'].name} is async; stage tasks are synchronous")
+    return run_task_sync(**kwargs)
