@@ -113,7 +113,7 @@ def main() -> None:
                 made[name].append(images_to_uint8(big))
         print(f"hires: class {c + 1}/{len(classes)}", file=sys.stderr)
     H, h = made["trained_size"][0].shape[1], sampler.latent_side
-    old_seams = {H * k for k in range(1, f)}  # where edge-to-edge patches meet
+    old_seams = set(seam_rows(h, f, H // h, overlap=False))  # where edge-to-edge patches meet
     seams = {"trained_size": [], "bilinear_x2": sorted(old_seams), "cart_x2_tiled": sorted(old_seams),
              "cart_x2": sorted(old_seams | set(seam_rows(h, f, H // h)))}  # … and where overlapping ones do
     for name, chunks in made.items():

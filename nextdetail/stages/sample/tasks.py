@@ -266,8 +266,8 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
 
         hires = np.concatenate(list(result["hires"].values()))
         H = hires.shape[1] // cfg.upscale
-        seams = set(seam_rows(sampler.latent_side, cfg.upscale, H // sampler.latent_side))  # where patches meet now
-        seams |= {H * k for k in range(1, cfg.upscale)}  # and where they met edge to edge (issue 42's band)
+        grid = (sampler.latent_side, cfg.upscale, H // sampler.latent_side)
+        seams = {*seam_rows(*grid), *seam_rows(*grid, overlap=False)}  # where patches meet now, and met edge to edge
         summary["hires_row_bands"] = {k: round(v, 1) for k, v in row_bands(hires, sorted(seams)).items()}
     if ndp:
         summary.update(budget=cfg.budget, estimator=cfg.estimator, refine_per_step=cfg.refine_per_step,
