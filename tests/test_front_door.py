@@ -445,3 +445,26 @@ def test_a_source_that_cannot_be_reached_is_one_line_naming_why(tmp_path, s3_end
         proc = _cli(["shard", "--preset", "tiny", "-o", f"storage.root={tmp_path / 'root'}", *overrides], tmp_path)
         line = _one_line(proc, why)
         assert overrides[1].split("=", 1)[1] in line and "by-this-store" not in line, line
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_the_ephemeral_servers_own_output_goes_to_its_log_not_the_terminal(tmp_path):
+    """The server the CLI starts writes its errors (SQLite retries, …) to PREFECT_HOME/server.log: its stdout and
+    stderr are that file, while the CLI's own stderr is the terminal again once the server is up."""
+    script = (
+        "import os, sys\n"
+        "from nextdetail.pipeline.runtime import configure_environment\n"
+        f"configure_environment({str(tmp_path)!r})\n"
+        "import psutil\n"
+        "from nextdetail.pipeline.runtime import prefect_api\n"
+        "with prefect_api():\n"
+        "    server = [p for p in psutil.Process().children(recursive=True) if 'uvicorn' in ' '.join(p.cmdline())]\n"
+        "    print(os.readlink(f'/proc/{server[0].pid}/fd/1'), os.readlink(f'/proc/{server[0].pid}/fd/2'))\n"
+        "    print('the CLI still writes here', file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = str(tmp_path / "prefect" / "server.log")
+    assert proc.stdout.split() == [log, log]
+    assert "the CLI still writes here" in proc.stderr

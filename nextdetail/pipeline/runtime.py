@@ -59,7 +59,8 @@ def prefect_api() -> Iterator[str]:
         from prefect.server.api.server import SubprocessASGIServer
 
         server = SubprocessASGIServer()  # the CLI's watchdog (`watch_parent`) ends it if this process is killed
-        server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        with _children_write_to(Path(os.environ["PREFECT_HOME"], "server.log")):
+            server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         url = server.api_url
         # Not stopped by hand at exit: Prefect's own atexit handling does it (stopping it here can hang).
         os.environ["PREFECT_API_URL"] = url
@@ -74,6 +75,27 @@ def prefect_api() -> Iterator[str]:
         updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = None
     with temporary_settings(updates=updates):
         yield url
+
+
+@contextlib.contextmanager
+def _children_write_to(log: Path) -> Iterator[None]:
+    """Processes started inside inherit `log` as their stdout and stderr, not the terminal. The ephemeral server
+    prints its own errors there (e.g. SQLite's "database is locked" while its event recorder retries a write,
+    seen during long benchmarks): server chatter, kept in PREFECT_HOME/server.log rather than on the terminal."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    try:
+        with open(log, "ab") as f:
+            for fd in saved:
+                os.dup2(f.fileno(), fd)
+        yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 WATCHDOG = """
