@@ -40,7 +40,8 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream
     from nextdetail.storage.checkpoints import latest_checkpoint, load_checkpoint
 
     root, (shards, dec) = upstream
-    cfg = make_config(root, embedded_source, *FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2")
+    cfg = make_config(root, embedded_source, *FAST, "tokenizer.gan_weight=0.1", "tokenizer.gan_start=2",
+                      "tokenizer.decay=cosine")
     spec, data = TokenizerSpec.from_config(cfg), train_data(cfg, shards, dec)
     whole = Store(str(tmp_path / "whole"))
     train(whole, data, cfg.tokenizer, spec, log=lambda _: None)
@@ -59,7 +60,16 @@ def test_a_killed_run_resumes_to_the_same_weights_bit_for_bit(tmp_path, upstream
     assert last["step"] == 6 and last["data_position"] == {"epoch": 6 // per_epoch, "batch_in_epoch": 6 % per_epoch}
     # the discriminator was trained too (GAN on from step 2) and is part of the checkpoint
     assert last["disc"] is not None and any(m.get("gan_d") is not None for m in last["metrics"])
-    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())[-1]["step"] == 6
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics[-1]["step"] == 6
+    # the cosine decay, resumed too: each logged step's lr is the schedule's, falling to near min_lr_ratio·lr
+    from nextdetail.pipeline.training import scheduled_lr
+
+    c = cfg.tokenizer
+    assert [m["lr"] for m in metrics] == pytest.approx(
+        [scheduled_lr(c.lr, m["step"] - 1, c.steps, "cosine", c.min_lr_ratio) for m in metrics])
+    assert metrics[-1]["lr"] < 0.2 * c.lr < metrics[0]["lr"]
+    assert [m["lr"] for m in last["metrics"]] == [m["lr"] for m in metrics]
 
 
 @pytest.mark.e2e

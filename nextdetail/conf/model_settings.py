@@ -59,6 +59,10 @@ class TokenizerConfig(_Section):
     steps: int = Field(default=100_000, ge=1)
     batch_size: int = Field(default=32, ge=1)
     lr: float = Field(default=1e-4, gt=0)
+    decay: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="constant (VQGAN's and LlamaGen's recipe over 100k+ steps); cosine or linear "
+        "to min_lr_ratio·lr at the last step: a short run's last steps jitter less (issue 42: tiny's edge band)")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="the decay's floor, a fraction of lr")
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)

@@ -44,6 +44,20 @@ from nextdetail.storage.fs import Store
 Log = Callable[[str], None]
 
 
+def scheduled_lr(lr: float, step: int, steps: int, decay: str, min_lr_ratio: float, warmup_steps: int = 0,
+                 warmup_start: float = 0.0) -> float:
+    """The learning rate of `step` (0-based) of `steps`: linear warm-up from `warmup_start`·lr over `warmup_steps`,
+    then `decay` — linear or cosine to `min_lr_ratio`·lr at the last step, or constant."""
+    if step < warmup_steps:
+        return lr * (warmup_start + (1 - warmup_start) * step / warmup_steps)
+    t = (step - warmup_steps) / max(steps - warmup_steps, 1)  # 0 → 1 over the decay
+    if decay == "linear":
+        return lr * (1 - (1 - min_lr_ratio) * t)
+    if decay == "cosine":
+        return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr
+
+
 @dataclass(frozen=True)
 class Run:
     """What this call of the loop did: the step it resumed from, the steps it ran, their wall time."""

@@ -103,15 +103,8 @@ def transformer_config(cfg: ARConfig, layout: dict[str, Any], num_classes: int, 
 def lr_at(cfg: ARConfig, step: int) -> float:
     """The learning rate of `step`: linear warm-up from `warmup_start`·lr, then linear or cosine decay to
     `min_lr_ratio`·lr at the last step (or constant)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (cfg.warmup_start + (1 - cfg.warmup_start) * step / cfg.warmup_steps)
-    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)  # 0 → 1 over the decay
-    floor = cfg.min_lr_ratio
-    if cfg.decay == "linear":
-        return cfg.lr * (1 - (1 - floor) * t)
-    if cfg.decay == "cosine":
-        return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
-    return cfg.lr
+    return training.scheduled_lr(cfg.lr, step, cfg.steps, cfg.decay, cfg.min_lr_ratio, cfg.warmup_steps,
+                                 cfg.warmup_start)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -131,12 +131,16 @@ class TokenizerTraining(Training):
         images = images.to(self.device)
         bases = None if bases is None else bases.to(self.device)
         gan_on = self.disc is not None and step >= c.gan_start
+        lr = training.scheduled_lr(c.lr, step, c.steps, c.decay, c.min_lr_ratio)
+        for opt in (self.opt, self.opt_d):
+            for group in opt.param_groups if opt is not None else ():
+                group["lr"] = lr
         with self.autocast():
             recon, q = self.model(images, bases, self.truncated_state(step, images.shape[0]))
             recon = recon.float()
             rec = F.mse_loss(recon, images) if c.rec_loss == "l2" else F.l1_loss(recon, images)
             loss = rec + q.vq_loss
-            out = {"rec": float(rec.detach()), "vq": float(q.vq_loss.detach())}
+            out = {"rec": float(rec.detach()), "vq": float(q.vq_loss.detach()), "lr": lr}
             if self.lpips is not None:
                 perceptual = self.lpips(recon, images).mean()
                 loss = loss + c.lpips_weight * perceptual
@@ -176,7 +180,7 @@ class TokenizerTraining(Training):
                 torch.distributed.broadcast(quantize.embedding.weight.data, 0)
         out["loss"] = float(loss.detach())
         if self.world > 1:  # the logged numbers are the global batch's
-            keys = [k for k in out if k != "restarted_codes"]
+            keys = [k for k in out if k not in ("restarted_codes", "lr")]  # the lr is already global
             mean = torch.tensor([out[k] for k in keys], dtype=torch.float64)
             torch.distributed.all_reduce(mean)
             out.update({k: float(v) / self.world for k, v in zip(keys, mean, strict=True)})
