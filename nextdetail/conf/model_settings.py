@@ -109,7 +109,8 @@ class TokenizerConfig(_Section):
         return 2 ** (len(self.ch_mult) - 1)
 
     def identity_settings(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+        skip = self.RUNTIME_FIELDS | ({"min_lr_ratio"} if self.decay == "constant" else set())  # no floor to reach
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
 class ARConfig(_Section):
