@@ -34,13 +34,14 @@ def test_a_setting_that_changes_results_changes_the_identity_and_how_it_runs_doe
     assert _key(stage, "storage.root=/elsewhere", "dask.n_workers=1").identity == base.identity
 
 
-def test_a_decay_floor_counts_only_when_the_tokenizer_decays():
-    """`tokenizer.min_lr_ratio` is the floor of a decay: at the constant rate it changes nothing the stage computes."""
-    base = _key("train_tokenizer")  # tiny: constant
-    assert _key("train_tokenizer", "tokenizer.min_lr_ratio=0.5").identity == base.identity
-    cosine = _key("train_tokenizer", "tokenizer.decay=cosine")
-    assert cosine.identity != base.identity
-    assert _key("train_tokenizer", "tokenizer.decay=cosine", "tokenizer.min_lr_ratio=0.5").identity != cosine.identity
+@pytest.mark.parametrize("stage, section", [("train_tokenizer", "tokenizer"), ("train_ar", "ar")])
+def test_a_decay_floor_counts_only_when_the_rate_decays(stage, section):
+    """`min_lr_ratio` is the floor of a decay: at the constant rate it changes nothing the stage computes."""
+    constant = _key(stage, f"{section}.decay=constant")
+    assert _key(stage, f"{section}.decay=constant", f"{section}.min_lr_ratio=0.5").identity == constant.identity
+    cosine = _key(stage, f"{section}.decay=cosine")
+    assert cosine.identity != constant.identity
+    assert _key(stage, f"{section}.decay=cosine", f"{section}.min_lr_ratio=0.5").identity != cosine.identity
 
 
 def test_upstream_changes_the_identity_but_not_the_recipe_parts_follow_the_recipe():

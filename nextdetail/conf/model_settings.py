@@ -183,4 +183,5 @@ class ARConfig(_Section):
         return self.base_lr * self.batch_size / self.base_batch
 
     def identity_settings(self) -> dict:
-        return {k: v for k, v in self.model_dump().items() if k not in self.RUNTIME_FIELDS}
+        skip = self.RUNTIME_FIELDS | ({"min_lr_ratio"} if self.decay == "constant" else set())  # no floor to reach
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
