@@ -232,6 +232,9 @@ def test_a_preset_adds_its_own_settings_for_a_model_after_the_models_and_before_
     assert ndp.tokenizer.order == 0 and ndp.tokenizer.truncation == 0.5
     assert ndp.tokenizer.steps == own["tokenizer.steps"] != cart.tokenizer.steps == preset["tokenizer"]["steps"]
     assert load_branches("tiny", overrides=["tokenizer.steps=7"], models=["ndp"])["ndp"].tokenizer.steps == 7
+    # issue 42: at tiny's constant 1e-3 the tokenizer's last iterate put a colour band on every sample's edge rows;
+    # CART's tokenizer decays (cosine), NDP's keeps the constant rate its curve was measured with
+    assert (cart.tokenizer.decay, ndp.tokenizer.decay) == ("cosine", "constant")
     bad = tmp_path / "bad.yaml"
     for models in ({"vqgan": {"ar.depth": 2}}, {"ndp": ["tokenizer.steps=9"]}):
         bad.write_text(yaml.safe_dump({**preset, "models": models}))

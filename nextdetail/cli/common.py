@@ -22,7 +22,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="cart|ndp|cart,ndp",
                    help="ndp: next-detail prediction with a compute dial — sets ar.model=ndp and its tokenizer "
                         "(tokenizer.order=0, tokenizer.truncation=0.5), then the preset's own settings for it (tiny: "
-                        "tokenizer.steps=1000); -o overrides still win. Several (run, "
+                        "tokenizer.steps=1000, tokenizer.decay=constant); -o overrides still win. Several (run, "
                         "status, serve, sample, eval): one branch per model in one run, shared stages built once")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("-v", "--verbose", action="store_true",
