@@ -266,8 +266,11 @@ def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline,
     rows = [[{k: r[k] for k in metric_keys} for r in m["checkpoints"]] for m in (one, two)]
     assert rows[0] == rows[1] and len(rows[0]) == 3 and rows[0][-1]["samples"] == 36
     assert one_tar == two_tar
-    # and the same as the one process of the session's pipeline (no cluster)
-    assert [{k: r[k] for k in metric_keys} for r in here["checkpoints"]] == rows[0] and here_tar == one_tar
+    # and the same images as the one process of the session's pipeline (no cluster), so the same metrics up to the
+    # features' float sums: that process extracts with all cores' threads, a worker with one (summation order;
+    # seen: FID 109.827806 vs 109.827807)
+    assert here_tar == one_tar
+    assert [{k: pytest.approx(r[k], rel=1e-5) for k in metric_keys} for r in here["checkpoints"]] == rows[0]
     with external_dask(("a", ["--resources", "GPU=1"]), ("b", ["--resources", "GPU=1"])) as address:
         regrouped, regrouped_tar, _ = evaluate(address, 12)
     assert [{k: r[k] for k in metric_keys} for r in regrouped["checkpoints"]] == rows[0] and regrouped_tar == one_tar
