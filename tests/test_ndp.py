@@ -177,7 +177,8 @@ def test_uniform_refines_breadth_first_and_learned_picks_the_highest_difficulty(
 
 
 NDP = ("ar.model=ndp", "tokenizer.order=0", "tokenizer.truncation=0.5", "ar.steps=60", "ar.checkpoint_every=30",
-       "ar.base_lr=2e-3", "ar.warmup_steps=5", "sample.budget=0.5", "sample.refine_per_step=4")
+       "ar.base_lr=2e-3", "ar.warmup_steps=5", "sample.budget=0.5", "sample.refine_per_step=4",
+       "tokenizer.decay=constant")  # as `--model ndp` on tiny (its `models: ndp:` section)
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,8 @@ def test_cart_and_ndp_in_one_run_share_the_shards_and_only_cart_decomposes(ndp_p
     assert ndp.work["decompose"] == "not needed" and "decompose" not in ndp.identities  # order 0: no factors at all
     record = Lineage(Store(str(root))).read("train_tokenizer", ndp.identities["train_tokenizer"])
     assert set(record["upstream"]) == {"shard"}
-    rest = [o for o in NDP if o.split("=")[0] not in ("ar.model", "tokenizer.order", "tokenizer.truncation")]
+    rest = [o for o in NDP if o.split("=")[0] not in ("ar.model", "tokenizer.order", "tokenizer.truncation",
+                                                       "tokenizer.decay")]  # what `--model ndp` sets
     cmd = [sys.executable, "-m", "nextdetail.cli", "run", "--model", "cart,ndp", "--until", "evaluate",
            "--no-progress", *cli_config(root, embedded_source, *FAST, *rest)]
     dry = run_cli([*cmd, "--dry-run"])
