@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import threading
@@ -24,6 +25,45 @@ UP = {"shard": "s" * 64, "train_tokenizer": "t" * 64, "tokenize": "k" * 64}  # u
 
 
 # ---- settings, identity, the job (units) --------------------------------------------------------------------
+
+MALLOC_PROBE = """
+import ctypes, json, os, sys
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+def mmapped():  # whether a 1 MiB allocation is mmap'ed (then unmapped on free) rather than taken from the heap
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(1 << 20)
+    n = libc.mallinfo2().hblks - before
+    libc.free(ctypes.c_void_p(p))
+    return n
+first = mmapped()
+if sys.argv[1] == "restore":
+    from nextdetail.pipeline.runtime import restore_malloc
+    restore_malloc()
+print(json.dumps({"first": first, "then": [mmapped() for _ in range(3)], "env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                  "child": os.popen("echo $MALLOC_TRIM_THRESHOLD_").read().strip()}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+@pytest.mark.parametrize("restore", [False, True])
+def test_a_dask_workers_malloc_trim_is_undone_for_the_stages_tasks(restore):
+    """`dask worker` exports MALLOC_TRIM_THRESHOLD_=65536, which stops glibc from adapting its mmap threshold: every
+    buffer over 128 KiB is mmap'ed and page-faulted afresh (the encoding loop 1.7× slower there, issue 40).
+    `runtime.restore_malloc` (run before every task on a worker) brings large buffers back to the heap and drops the
+    variable for the processes the worker starts."""
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = json.loads(subprocess.run([str(BIN / "python"), "-c", MALLOC_PROBE, "restore" if restore else "plain"],
+                                    env=env, capture_output=True, text=True, check=True).stdout)
+    assert out["first"] == 1  # glibc with the threshold set: mmap'ed
+    if restore:
+        assert out["then"] == [0, 0, 0] and out["env"] is None and out["child"] == ""
+    else:
+        assert out["then"] == [1, 1, 1] and out["env"] == out["child"] == "65536"
+
 
 
 TRAININGS = [("train_tokenizer", "tokenizer"), ("train_ar", "ar")]

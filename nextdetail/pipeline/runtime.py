@@ -159,6 +159,16 @@ def dask_setup(worker: Any) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(_NoHeartbeatFailure())
+
+
+class _NoHeartbeatFailure(logging.Filter):
+    """A LocalCluster worker whose heartbeat is in flight when the CLI closes the scheduler logs the closed stream
+    with its traceback on the terminal, after the run's own last line (seen once after a one-line config error).
+    The CLI owns that scheduler: when it goes, the worker's connection closes and the worker with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
 class _NoUserErrorTracebacks(logging.Filter):
@@ -252,12 +262,14 @@ def dask_cluster(address: str | None, n_workers: int | None, threads_per_worker:
 
 
 def worker_resources(address: str) -> list[tuple[str, dict[str, float]]]:
-    """(host, resources) of every worker of the Dask scheduler at `address`; one line when it cannot be reached."""
+    """(host, resources) of every worker of the Dask scheduler at `address`; one line when it cannot be reached.
+    Each worker's malloc is restored on the way (`restore_malloc`)."""
     from distributed import Client
 
     try:
         with Client(address, timeout=30) as client:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            client.run(restore_malloc)
     except OSError as err:
         raise UserError(f"dask.address={address}: no Dask scheduler answers there ({type(err).__name__}); start "
                         "one (`dask scheduler`) or unset dask.address") from None
@@ -340,12 +352,23 @@ def dask_task_runner(address: str) -> Any:
     that context does not change, so it is serialized on the first submit and reused; only the per-task asset
     context is built each time. And prefect-dask submits "pure" tasks, so Dask hashes every submission to name
     it (the closure pickled by value, the serialized settings included: ≈ 70 ms more); Prefect gives each task
-    run its own id and does its own caching, so that hash buys nothing."""
+    run its own id and does its own caching, so that hash buys nothing.
+
+    Each task run travels to its worker as one pickled blob (`_run_pickled_task_run`), the flow's context inside it
+    pickled once per flow run. Dask's scheduler unpickles every graph it is sent to find its dependencies: handed
+    the Prefect task and its arguments, it imported what they reference (torch, Prefect, the stage modules: ≈ 2.5 s
+    before it scheduled a fresh cluster's first task, on the workers' cores here) and unpickled every task's
+    context again. A blob is opaque bytes to it, and what it does unpickle (`_run_pickled_task_run`) lives in
+    this import-light module. Task runs handed Dask futures as arguments (none of our stages) go as before, so
+    Dask still resolves them."""
+    import pickle
+
+    import cloudpickle
     from prefect_dask import DaskTaskRunner
     from prefect_dask.task_runners import PrefectDaskFuture
 
     class _ImpureDaskTaskRunner(DaskTaskRunner):
-        _flow_context: tuple[Any, dict[str, Any]] | None = None  # (flow run id, its serialized context)
+        _flow_context: tuple[Any, dict[str, Any], bytes] | None = None  # (flow run id, its context, pickled)
 
         def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
             import uuid
@@ -359,27 +382,87 @@ def dask_task_runner(address: str) -> Any:
             flow_run = FlowRunContext.get()
             run_id = flow_run.flow_run.id if flow_run and flow_run.flow_run else None
             if self._flow_context is None or self._flow_context[0] != run_id:
-                self._flow_context = (run_id, serialize_context())
+                flow_context = serialize_context()
+                self._flow_context = (run_id, flow_context, cloudpickle.dumps(flow_context))
             task_run_id = uuid.uuid4()
             parameters = self._optimize_futures(parameters)
             inputs = {k: collect_task_run_inputs_sync(v, future_cls=Future) for k, v in parameters.items()}
             for k, more in (dependencies or {}).items():
                 inputs[k] = inputs.get(k, set()) | set(more)
-            context = {**self._flow_context[1], "asset_context": AssetContext.from_task_and_inputs(
-                task=task, task_run_id=task_run_id, task_inputs=inputs, copy_to_child_ctx=True).serialize()}
-            future = Client.submit(  # the plain client's submit: the Prefect wrapper is ours (`_run_task_run`)
-                self.client, _run_task_run, key=f"{task.name}-{task_run_id}", pure=False, task=task,
-                task_run_id=task_run_id, wait_for=self._optimize_futures(wait_for) if wait_for else None,
-                return_type="state", parameters=parameters, dependencies=inputs, context=context)
+            asset_context = AssetContext.from_task_and_inputs(
+                task=task, task_run_id=task_run_id, task_inputs=inputs, copy_to_child_ctx=True).serialize()
+            key = f"{task.name}-{task_run_id}"
+            if wait_for or _holds(parameters, Future):  # Dask must see the futures to wait for and pass them
+                future = Client.submit(  # the plain client's submit: the Prefect wrapper is ours (`_run_task_run`)
+                    self.client, _run_task_run, key=key, pure=False, task=task, task_run_id=task_run_id,
+                    wait_for=self._optimize_futures(wait_for) if wait_for else None, return_type="state",
+                    parameters=parameters, dependencies=inputs,
+                    context={**self._flow_context[1], "asset_context": asset_context})
+            else:
+                blob = cloudpickle.dumps(dict(task=task, task_run_id=task_run_id, parameters=parameters,
+                                              dependencies=inputs, asset_context=asset_context),
+                                         protocol=pickle.HIGHEST_PROTOCOL)
+                future = Client.submit(self.client, _run_pickled_task_run, blob, self._flow_context[2], key=key,
+                                       pure=False)
             future.task_run_id = task_run_id
             return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
     return _ImpureDaskTaskRunner(address=address)
 
 
+def _holds(value: Any, kind: type) -> bool:
+    """Whether `value` (a task run's parameters) holds an instance of `kind` anywhere inside."""
+    from prefect.utilities.collections import visit_collection
+
+    found: list[Any] = []
+    visit_collection(value, lambda x: found.append(x) if isinstance(x, kind) else None, return_data=False)
+    return bool(found)
+
+
+def _run_pickled_task_run(blob: bytes, flow_context: bytes) -> Any:
+    """`_run_task_run` of a task run pickled by the flow's process (`dask_task_runner`), in its flow's context."""
+    import pickle
+
+    kwargs = pickle.loads(blob)
+    context = {**pickle.loads(flow_context), "asset_context": kwargs.pop("asset_context")}
+    return _run_task_run(**kwargs, context=context, return_type="state", wait_for=None)
+
+
+DASK_MALLOC_TRIM = ("MALLOC_TRIM_THRESHOLD_", "65536")  # what every `dask worker`'s nanny exports by default
+
+
+def restore_malloc() -> None:
+    """Undo, in a Dask worker process, what Dask's default MALLOC_TRIM_THRESHOLD_=65536 does to compute-bound work.
+
+    Setting any glibc malloc threshold turns off glibc's adaptive mmap threshold: every tensor or decoded image
+    above 128 KiB is then mmap'ed, page-faulted in and unmapped afresh. Measured on an external `dask worker`
+    (issue 40): the tokenizer's encoding loop over tiny's 17 tars took 16.3 s there and 9.8 s in a plain process;
+    with the thresholds below, 9.1 s. They are where glibc's own adaptation ends up (large buffers reused from
+    the heap, up to 32 MiB); a threshold a user configured to another value is kept. The variable is then removed,
+    so the processes the worker starts (torchrun's agents and ranks) have glibc's default. Called by every task
+    run on a worker, and on every worker of an external cluster when the run starts (`worker_resources`, so a
+    node that only launches a torchrun agent has it too). The LocalCluster the CLI starts never exports it
+    (`dask_cluster`). A no-op off glibc."""
+    name, value = DASK_MALLOC_TRIM
+    if os.environ.get(name) != value:  # not a Dask worker, a user's own value, or restored already
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
+    del os.environ[name]  # what this worker starts (torchrun's agents and ranks) gets glibc's own adaptation
+
+
 def _run_task_run(**kwargs: Any) -> Any:
     """A Prefect task run on a Dask worker (every stage task is synchronous)."""
     from prefect.task_engine import run_task_sync
+
+    restore_malloc()
 
     if kwargs["task"].isasync:
         raise TypeError(f"task {kwargs['task'].name} is async; stage tasks are synchronous")
