@@ -44,6 +44,14 @@ def test_a_decay_floor_counts_only_when_the_rate_decays(stage, section):
     assert _key(stage, f"{section}.decay=cosine", f"{section}.min_lr_ratio=0.5").identity != cosine.identity
 
 
+def test_the_mosaic_term_counts_only_when_on():
+    """`tokenizer.mosaic_weight` 0 (off) keys as the tokenizers trained before the setting existed; on, it keys."""
+    off = _key("train_tokenizer")
+    assert "mosaic_weight" not in off.settings["tokenizer"]
+    assert _key("train_tokenizer", "tokenizer.mosaic_weight=0").identity == off.identity
+    assert _key("train_tokenizer", "tokenizer.mosaic_weight=0.5").identity != off.identity
+
+
 def test_upstream_changes_the_identity_but_not_the_recipe_parts_follow_the_recipe():
     base = _key("decompose")
     other = _key("decompose", upstream={**UP, "shard": "x" * 64})

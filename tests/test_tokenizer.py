@@ -293,3 +293,38 @@ def test_normalized_codes_are_llamagens_unit_sphere_with_a_fitted_scale_per_map(
     assert torch.equal(again.quantize.log_code_scale_M, quant.log_code_scale_M) and again.quantize.code_scale_fitted
     with pytest.raises(ValueError, match="log_code_scale_M"):
         load_var_state_dict(BaseDetailVQVAE(spec), BaseDetailVQVAE(replace(spec, normalized_codes=False)).state_dict())
+
+
+def test_tile_2x2_places_each_fours_members_in_reading_order():
+    from nextdetail.stages.train_tokenizer.tasks import tile_2x2
+
+    x = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 2, 3, 3)  # image i is all i
+    tiled = tile_2x2(x)
+    assert tiled.shape == (2, 2, 6, 6)
+    for m, (tl, tr, bl, br) in enumerate(((0, 1, 2, 3), (4, 5, 6, 7))):
+        assert tiled[m, :, :3, :3].eq(tl).all() and tiled[m, :, :3, 3:].eq(tr).all()
+        assert tiled[m, :, 3:, :3].eq(bl).all() and tiled[m, :, 3:, 3:].eq(br).all()
+
+
+def test_the_mosaic_term_decodes_maps_twice_the_side_and_trains_the_decoder():
+    """train_tokenizer's `mosaic_weight` (issue 42): the batch's quantized latents tiled 2×2 are decoded at twice
+    the trained side against the images tiled alike; its gradient reaches the decoder."""
+    from types import SimpleNamespace
+
+    from nextdetail.conf.model_settings import TokenizerConfig
+    from nextdetail.stages.train_tokenizer.tasks import TokenizerTraining, tile_2x2
+
+    torch.manual_seed(0)
+    model = BaseDetailVQVAE(TINY).train()
+    x, bases = _images(n=5)
+    _, q = model(x, bases)
+    seen = []
+    handle = model.decoder.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape)))
+    loss = TokenizerTraining.mosaic_loss(SimpleNamespace(model=model, cfg=TokenizerConfig()), q.f_hat, x)
+    handle.remove()
+    assert seen == [(1, 3, 64, 64)]  # the first 4 of 5 images, one 64-px mosaic
+    with torch.no_grad():
+        expected = F.mse_loss(model.decoder(model.post_quant_conv(tile_2x2(q.f_hat[:4]))), tile_2x2(x[:4]))
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert model.decoder.conv_out.weight.grad.abs().sum() > 0

@@ -72,6 +72,10 @@ class TokenizerConfig(_Section):
     lpips_lin: str | None = Field(default=None, description="LPIPS's linear layers (lpips/weights/v0.1/vgg.pth)")
     gan_weight: float = Field(default=0.0, ge=0, description="0 disables the PatchGAN hinge loss")
     gan_start: int = Field(default=0, ge=0, description="steps of warm-up before the discriminator joins")
+    mosaic_weight: float = Field(
+        default=0.0, ge=0, description="weight of a second reconstruction each step: the batch's quantized latents "
+        "tiled 2×2 into maps twice the trained side, decoded against the same images tiled (issue 42: a decoder "
+        "that only ever saw the trained side renders the image border of a ×2 latent badly); 0: off")
     restart_dead_every: int = Field(default=200, ge=0, description="steps between dead-code restarts; 0: never")
     dead_threshold: float = Field(default=0.01, ge=0, description="dead: EMA hits below this fraction of uniform")
     seed: int = 0
@@ -110,6 +114,7 @@ class TokenizerConfig(_Section):
 
     def identity_settings(self) -> dict:
         skip = self.RUNTIME_FIELDS | ({"min_lr_ratio"} if self.decay == "constant" else set())  # no floor to reach
+        skip |= {"mosaic_weight"} if self.mosaic_weight == 0 else set()  # off: what tokenizers trained before it did
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
