@@ -21,7 +21,12 @@ and evaluate ≥ 1.7× on 2 cores. With a GPU lent, `PYTHONPATH=. python benchma
 
     PYTHONPATH=. python benchmarks/scale.py [--root DIR] [-o key=value …]
 
-Prints one JSON line: figure = tokenize's speedup, baseline = 1.7, ratio = figure / baseline, and every number.
+Each stage (and the split loop) is timed `--repeat` times (default 3) and the fastest run counts, every run listed
+beside it (`*_runs_s`, `ceiling_runs`): this machine's second core is shared, and one run's ceiling measured 1.71×,
+the next 1.92×.
+
+Prints one JSON line: figure = the smaller of tokenize's and evaluate's speedups, baseline = 1.7, ratio = figure /
+baseline, and every number.
 """
 
 from __future__ import annotations
@@ -69,7 +74,9 @@ def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tupl
 
 
 STAGE_MODULES = ("torch", "nextdetail.stages.tokenize.tasks", "nextdetail.stages.evaluate.tasks",
-                 "nextdetail.stages.train_ar.tasks")
+                 "nextdetail.stages.train_ar.tasks", "nextdetail.stages.sample.tasks",
+                 "nextdetail.models.feature_extractor", "scipy.linalg")  # the last two: evaluate's lazy imports
+                 # (torch-fidelity, torchvision: 1.9 s, once per worker process, in its first feature task)
 
 
 def warm_imports(address: str) -> float:
@@ -120,10 +127,22 @@ def split_loop(inputs: Any, jobs: list[tuple[str, list[str]]]) -> dict[str, floa
     return {"split_loop_1_s": round(one, 2), "split_loop_2_s": round(two, 2), "ceiling": round(one / two, 2)}
 
 
+def record(out: dict[str, Any], name: str, seconds: float, flow_cpu: float, images: int) -> None:
+    """One timed run of a stage: every run in `<name>_runs_s`; `<name>_s` (and its images/s, flow CPU) the fastest."""
+    runs = out.setdefault(f"{name}_runs_s", [])
+    runs.append(round(seconds, 2))
+    if runs[-1] <= min(runs):
+        out[f"{name}_s"], out[f"{name}_images_per_s"] = round(seconds, 2), round(images / seconds, 1)
+        out[f"{name}_flow_cpu_s"] = round(flow_cpu, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("-o", dest="overrides", action="append", default=[])
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each stage and of the split loop; the "
+                        "fastest counts (this machine's second core is shared: one run's ceiling was 1.71×, the "
+                        "next 1.92×)")
     args = parser.parse_args()
     import tempfile
 
@@ -152,30 +171,31 @@ def main() -> None:
     jobs: dict[str, list[str]] = {}
     for r in rows:
         jobs.setdefault(r["shard"], []).append(r["key"])
-    out.update(split_loop(inputs, sorted(jobs.items())))
+    loops = [split_loop(inputs, sorted(jobs.items())) for _ in range(args.repeat)]
+    one, two = (min(loop[f"split_loop_{k}_s"] for loop in loops) for k in (1, 2))
+    out.update(split_loop_1_s=one, split_loop_2_s=two, ceiling=round(one / two, 2),
+               ceiling_runs=[loop["ceiling"] for loop in loops])
 
     for n in (1, 2):
         with external_dask(*workers(n)) as address:
             out[f"workers_{n}_import_s"] = warm_imports(address)
-            cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
-                         "tokens.resources={GPU: 1}", f"tokens.cache={work / f'tokens-{n}'}")
-            result, seconds = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in ("shard", "train_tokenizer")}
-                                           | {"decompose": None})
-            assert result.summary["content_sha256"] == up["tokenize"].summary["content_sha256"]
-            out[f"tokenize_{n}_s"], out[f"tokenize_{n}_images_per_s"] = round(seconds, 2), round(images / seconds, 1)
-            out[f"tokenize_{n}_flow_cpu_s"] = round(ORCHESTRATION.pop("tokenize"), 2)
+            for attempt in range(args.repeat):  # a fresh token cache and fresh evaluation outputs each time
+                cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
+                             "tokens.resources={GPU: 1}", f"tokens.cache={work / f'tokens-{n}-{attempt}'}")
+                result, seconds = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in (
+                    "shard", "train_tokenizer")} | {"decompose": None})
+                assert result.summary["content_sha256"] == up["tokenize"].summary["content_sha256"]
+                record(out, f"tokenize_{n}", seconds, ORCHESTRATION.pop("tokenize"), images)
 
-            cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
-                         "eval.resources={GPU: 1}", "eval.classes_per_task=1",
-                         f"eval.reference_cache={work / f'refstats-{n}'}")
-            evaluated, seconds = run_stage_on(address, cfg, "evaluate", {k: up[k] for k in (
-                "shard", "train_tokenizer", "tokenize", "train_ar")})
-            shutil.rmtree(evaluated.url)  # the next count evaluates again (same identity)
-            out[f"evaluate_{n}_s"] = round(seconds, 2)
-            out[f"evaluate_{n}_flow_cpu_s"] = round(ORCHESTRATION.pop("evaluate"), 2)
-            out[f"evaluate_{n}_images_per_s"] = round(evaluated.summary["samples"] / seconds, 1)
-            print(f"scale: {n} worker(s): tokenize {out[f'tokenize_{n}_s']} s, evaluate {out[f'evaluate_{n}_s']} s",
-                  file=sys.stderr)
+                cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
+                             "eval.resources={GPU: 1}", "eval.classes_per_task=1",
+                             f"eval.reference_cache={work / f'refstats-{n}-{attempt}'}")
+                evaluated, seconds = run_stage_on(address, cfg, "evaluate", {k: up[k] for k in (
+                    "shard", "train_tokenizer", "tokenize", "train_ar")})
+                shutil.rmtree(evaluated.url)  # the next attempt evaluates again (same identity)
+                record(out, f"evaluate_{n}", seconds, ORCHESTRATION.pop("evaluate"), evaluated.summary["samples"])
+            print(f"scale: {n} worker(s): tokenize {out[f'tokenize_{n}_runs_s']} s, evaluate "
+                  f"{out[f'evaluate_{n}_runs_s']} s", file=sys.stderr)
     for stage in ("tokenize", "evaluate"):
         out[f"{stage}_speedup"] = round(out[f"{stage}_1_s"] / out[f"{stage}_2_s"], 2)
         out[f"{stage}_of_ceiling"] = round(out[f"{stage}_speedup"] / out["ceiling"], 2)
@@ -192,7 +212,8 @@ def main() -> None:
             out[f"train_{nodes}_nodes_tokens_per_s"] = trained.summary["tokens_per_s"]
     out["train_speedup"] = round(out["train_2_nodes_tokens_per_s"] / out["train_1_nodes_tokens_per_s"], 2)
 
-    out.update(figure=out["tokenize_speedup"], baseline=1.7, ratio=round(out["tokenize_speedup"] / 1.7, 3))
+    figure = min(out["tokenize_speedup"], out["evaluate_speedup"])  # the goal is for both
+    out.update(figure=figure, baseline=1.7, ratio=round(figure / 1.7, 3))
     print(json.dumps(out))
     if args.root is None:
         shutil.rmtree(work, ignore_errors=True)
