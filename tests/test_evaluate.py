@@ -85,6 +85,32 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_gaussian_noise(embedded
     assert all(a < b for a, b in itertools.pairwise(fids)), fids
 
 
+def test_the_merge_computes_kid_beside_the_other_metrics_and_gets_the_same_row():
+    """The merge of a cluster evaluation (issue 40) runs KID's subsets in a thread beside FID, IS and precision /
+    recall: the row is the one `compare` gives in one call — every value and the keys' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nextdetail.conf.schema import EvalConfig, SampleConfig
+    from nextdetail.stages.evaluate.tasks import CheckpointRef, ClassSamples, SamplerFacts, checkpoint_row
+
+    rng = np.random.default_rng(0)
+    fake = ClassSamples(np.abs(rng.normal(size=(120, 16))).astype(np.float32),
+                        rng.normal(size=(120, 10)).astype(np.float32), {}, np.zeros(0), 1.0)
+    real = np.abs(rng.normal(size=(200, 16))).astype(np.float32) + 0.1
+    ecfg = EvalConfig(kid_subsets=30, kid_subset_size=50)
+    args = (CheckpointRef("last", "x/transformer.pt"), SamplerFacts(1, ["a"], 1e9, False), fake, SampleConfig(),
+            ecfg, (real, fidelity.statistics(real)))
+    with ThreadPoolExecutor(2) as pool:
+        beside = checkpoint_row(*args, pool=pool)
+    alone = checkpoint_row(*args)
+    metrics = fidelity.compare({"fid": fake.fid, "isc": fake.isc}, real, args[-1][1], list(ecfg.metrics),
+                               ecfg.protocol())
+    assert beside == alone and list(beside) == list(alone)
+    assert {k: beside[k] for k in metrics} == {k: round(v, 6) if isinstance(v, float) else v
+                                                for k, v in metrics.items()}
+    assert [k for k in beside if k in metrics] == list(metrics)  # KID in the middle, where `compare` puts it
+
+
 @pytest.mark.integration
 def test_reference_statistics_are_reused_without_extraction_and_rebuilt_when_data_change(
         embedded_source, tmp_path, monkeypatch):

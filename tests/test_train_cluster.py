@@ -66,6 +66,32 @@ def test_a_dask_workers_malloc_trim_is_undone_for_the_stages_tasks(restore):
 
 
 
+def test_a_fan_outs_parts_go_to_dask_heaviest_first_and_after_an_earlier_fan_outs():
+    """Dask ranks tasks sent within 100 ms of each other alike and then by key, so without a priority a stage's tars
+    ran in random order and evaluate's class groups before its reference tars (`evaluate_classes-…` sorts first).
+    `submit_parts` gives each part a priority below every earlier one (Dask runs higher first), the heaviest of a
+    fan-out first, inside the caller's resource annotation; single tasks keep priority 0 and jump the queue."""
+    import dask
+
+    from nextdetail.pipeline.parts import submit_parts
+
+    seen = []
+
+    class Task:
+        def submit(self, *args):
+            seen.append((args[0], dask.get_annotations().get("priority"), dask.get_annotations().get("resources")))
+            return object()
+
+    with dask.annotate(resources={"GPU": 1}):
+        futures = submit_parts(Task(), [("a", ("a", 1)), ("b", ("b", 3)), ("c", ("c", 2))], weight=lambda a: a[1])
+    submit_parts(Task(), [("d", ("d",)), ("e", ("e",))])
+    assert [name for name, _, _ in seen] == ["b", "c", "a", "d", "e"]
+    priorities = [p for _, p, _ in seen]
+    assert all(p < 0 for p in priorities) and priorities == sorted(priorities, reverse=True)
+    assert len(set(priorities)) == 5 and [r for _, _, r in seen] == [{"GPU": 1}] * 3 + [None] * 2
+    assert sorted(futures.values()) == ["a", "b", "c"]
+
+
 TRAININGS = [("train_tokenizer", "tokenizer"), ("train_ar", "ar")]
 
 

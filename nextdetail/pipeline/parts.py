@@ -4,11 +4,15 @@
   says whether it built the artifact or found it complete; the result is logged in one line.
 - `fan_out`: a stage with many parts (one tar each: shard, decompose) submits every part's task to the
   task runner (Dask), collects them as they finish with a progress bar, and says which ran and which were
-  found complete.
+  found complete. `submit_parts` + `collect_parts` are its two halves, for a flow that has other work to do
+  while its parts run (evaluate computes the reference statistics while the class groups sample).
+- Parts run in submission order (`_SUBMITTED`), largest first when the caller gives their `weight`
+  (longest-processing-time first, so the largest tar never starts last and runs alone).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
@@ -32,20 +36,39 @@ def build_one(result: type[R], task: Any, artifact: Any, *args: Any, started: fl
     return out
 
 
-def fan_out(task: Any, parts: Sequence[tuple[Hashable, tuple[Any, ...]]], *, desc: str, unit: str, progress: bool,
-            size: Callable[[dict[str, Any]], int] = lambda record: 1,
-            on_record: Callable[[Hashable, dict[str, Any]], None] | None = None,
-            total: int | None = None) -> tuple[dict[Hashable, dict[str, Any]], list[Hashable], list[Hashable]]:
-    """Submit `task(*args)` for every (name, args) part at once and collect the records as they finish →
-    (record by name, names that ran, names found complete). `size(record)` advances the bar (of `total`, default
-    one per part); `on_record(name, record)` sees each record as it arrives (e.g. to log a rate)."""
+_SUBMITTED = itertools.count(1)
+"""Parts go to Dask in submission order, across fan-outs (Dask ranks tasks sent within 100 ms of each other alike,
+then by key: `evaluate_classes-…` before `reference_features-…`, a tokenize job's tars at random), at priority
+−1, −2, …; a stage's single tasks (`build_one`, a merge) keep Dask's default 0, so they run next whatever is queued."""
+
+
+def submit_parts(task: Any, parts: Sequence[tuple[Hashable, tuple[Any, ...]]],
+                 weight: Callable[[tuple[Any, ...]], float] | None = None) -> dict[Any, Hashable]:
+    """Submit `task(*args)` for every (name, args) part at once → {future: name}. With `weight(args)` (e.g. a
+    tar's images) the heaviest parts go first; the records are keyed by name, so their order is not."""
+    import dask
+
+    ordered = sorted(parts, key=lambda part: -weight(part[1])) if weight is not None else parts
+    futures = {}
+    for name, args in ordered:
+        with dask.annotate(priority=-next(_SUBMITTED)):
+            futures[task.submit(*args)] = name
+    return futures
+
+
+def collect_parts(futures: dict[Any, Hashable], *, desc: str, unit: str, progress: bool,
+                  size: Callable[[dict[str, Any]], int] = lambda record: 1,
+                  on_record: Callable[[Hashable, dict[str, Any]], None] | None = None,
+                  total: int | None = None) -> tuple[dict[Hashable, dict[str, Any]], list[Hashable], list[Hashable]]:
+    """Collect submitted parts' records as they finish → (record by name, names that ran, names found complete).
+    `size(record)` advances the bar (of `total`, default one per part); `on_record(name, record)` sees each record
+    as it arrives (e.g. to log a rate)."""
     from tqdm import tqdm
 
-    futures = {task.submit(*args): name for name, args in parts}
     records: dict[Hashable, dict[str, Any]] = {}
     ran: list[Hashable] = []
     reused: list[Hashable] = []
-    bar = tqdm(total=len(parts) if total is None else total, desc=desc, unit=unit, disable=not progress, leave=False)
+    bar = tqdm(total=len(futures) if total is None else total, desc=desc, unit=unit, disable=not progress, leave=False)
     for fut in as_completed(list(futures)):
         name = futures[fut]
         record = records[name] = fut.result()
@@ -55,3 +78,14 @@ def fan_out(task: Any, parts: Sequence[tuple[Hashable, tuple[Any, ...]]], *, des
         bar.update(size(record))
     bar.close()
     return records, ran, reused
+
+
+def fan_out(task: Any, parts: Sequence[tuple[Hashable, tuple[Any, ...]]], *, desc: str, unit: str, progress: bool,
+            size: Callable[[dict[str, Any]], int] = lambda record: 1,
+            on_record: Callable[[Hashable, dict[str, Any]], None] | None = None,
+            total: int | None = None, weight: Callable[[tuple[Any, ...]], float] | None = None
+            ) -> tuple[dict[Hashable, dict[str, Any]], list[Hashable], list[Hashable]]:
+    """Submit `task(*args)` for every (name, args) part at once (`weight`: heaviest first) and collect the records
+    as they finish (`collect_parts`)."""
+    return collect_parts(submit_parts(task, parts, weight), desc=desc, unit=unit, progress=progress, size=size,
+                         on_record=on_record, total=total)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
-from nextdetail.pipeline.parts import build_one, fan_out
+from nextdetail.pipeline.artifacts import Artifact
+from nextdetail.pipeline.parts import build_one, collect_parts, submit_parts
 from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.pipeline.tasks import build_artifact
 from nextdetail.stages.evaluate import EvalResult
@@ -33,6 +35,7 @@ from nextdetail.stages.evaluate.tasks import (
     class_groups,
     evaluate_classes,
     evaluate_stage,
+    evaluation_store,
     group_artifact,
     plan_evaluation,
     run_evaluation,
@@ -68,25 +71,39 @@ def extractor_identity(cfg: PipelineConfig) -> dict[str, str]:
 
 def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str, str], progress: bool) -> RefHandle:
     """The reference statistics of `spec`: from the cache when complete and intact, else computed (a task)."""
+    return start_reference(cfg, spec, extractor)(progress)
+
+
+def start_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str, str]
+                    ) -> Callable[[bool], RefHandle]:
+    """`get_reference` in two halves: with `eval.resources` a split's tars are submitted now, one task each,
+    largest first; the returned call (progress) → the handle waits for them and merges."""
     e, root = cfg.eval, reference_root(cfg)
     artifact = plan_reference(root, spec, extractor)
     withdraw_if_damaged(artifact, get_run_logger().warning)
-    parts: tuple[str, ...] = ()
+    tars, futures = [], {}
     if e.resources is not None and spec.kind == "split" and artifact.completed() is None:
         tars = [(shard, keys, tar_artifact(artifact, shard)) for shard, keys in spec.tars()]  # one task per tar
         with on_workers_offering(e.resources):
-            fan_out(reference_features, [(shard, (part, spec, shard, keys, e.extractor, e.inception_weights,
-                                                  e.weights_cache, e.batch_size, e.device, e.torch_threads))
-                                         for shard, keys, part in tars], desc="reference features", unit="tar",
-                    progress=progress)
+            futures = submit_parts(reference_features, [(shard, (part, spec, shard, keys, e.extractor,
+                                                                 e.inception_weights, e.weights_cache, e.batch_size,
+                                                                 e.device, e.torch_threads))
+                                                        for shard, keys, part in tars],
+                                   weight=lambda args: len(args[3]))
+
+    def finish(progress: bool) -> RefHandle:
+        if futures:
+            collect_parts(futures, desc="reference features", unit="tar", progress=progress)
         parts = tuple(part.store.url() for _, _, part in tars)
-    with on_workers_offering(e.resources):
-        fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache, e.batch_size,
-                                     e.device, progress, parts)
-    record = fut.result()
-    get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
-                          record["summary"]["images"], record["work"], artifact.store.url())
-    return RefHandle(artifact.store.url(), root.options, record)
+        with on_workers_offering(e.resources):
+            fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache,
+                                         e.batch_size, e.device, progress, parts)
+        record = fut.result()
+        get_run_logger().info("evaluate: reference statistics of %s (%d images) %s → %s", spec.label,
+                              record["summary"]["images"], record["work"], artifact.store.url())
+        return RefHandle(artifact.store.url(), root.options, record)
+
+    return finish
 
 
 def list_checkpoints(ar: ARResult, which: str, options: dict) -> list[CheckpointRef]:
@@ -113,12 +130,18 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tok
 
     t0 = time.time()
     e = cfg.eval
+    dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
+    out_root = key.output(cfg, dataset_dir)
+    refs = list_checkpoints(ar, e.checkpoints, cfg.storage.options)
+    evaluation = evaluation_store(out_root.sub(ar_dir), key, e)
     extractor = extractor_identity(cfg)
     spec = reference_spec(e.reference, shards.url, shards.identity, cfg.shard.image_format, cfg.storage.options,
                           e.reference_max)
-    ref = get_reference(cfg, spec, extractor, progress)
-    dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
-    out_root = key.output(cfg, dataset_dir)
+    reference = start_reference(cfg, spec, extractor)  # on the cluster: its tars first, then the class groups,
+    sampling = None  # which sample while the reference statistics are merged and the tokenizer is measured
+    if e.resources is not None and Artifact("evaluate", key.identity, evaluation).completed() is None:
+        sampling = _start_sampling(cfg, key, evaluation, refs, shards)
+    ref = reference(progress)
     tok_summary = None
     if e.rfid:
         held_out = get_reference(cfg, reference_spec(e.rfid_split, shards.url, shards.identity, cfg.shard.image_format,
@@ -130,33 +153,39 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tok
         tart = plan_tokenizer_metrics(out_root, tokens.identity, tinputs, extractor)
         record = tokenizer_metrics.submit(tart, tinputs, e, progress).result()
         tok_summary = {**record["summary"], "identity": tart.identity}
-    refs = list_checkpoints(ar, e.checkpoints, cfg.storage.options)
     what = {"model": f"the CART transformer `{ar_dir}`", "dataset": f"`{dataset_dir}`", "train_ar_url": ar.url,
             "train_ar_identity": ar.identity}
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary,
                         roots=(cfg.storage.root,))
     artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
-    if e.resources is not None and artifact.completed() is None:
-        inputs = replace(inputs, groups=_sample_on_cluster(cfg, key, artifact, inputs, shards, progress))
+    if sampling is not None:
+        inputs = replace(inputs, groups=sampling(progress))
     with on_workers_offering(e.resources):  # the merge builds the extractor on eval.device too
         return build_one(EvalResult, evaluate_stage, artifact, inputs, e, sampling_config(e, cfg.sample), progress,
                          started=t0, fields={"reference": {"url": ref.url, "identity": ref.identity,
                                                            "work": ref.record["work"]}})
 
 
-def _sample_on_cluster(cfg: PipelineConfig, key: StageKey, artifact: Any, inputs: EvalInputs, shards: ShardResult,
-                       progress: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Every checkpoint × class group as one task on the workers offering `eval.resources` (samples + features,
-    written beside the evaluation) → (checkpoint label, its groups' directories in class order), for the merge."""
+def _start_sampling(cfg: PipelineConfig, key: StageKey, evaluation: Store, refs: list[CheckpointRef],
+                    shards: ShardResult) -> Callable[[bool], tuple[tuple[str, tuple[str, ...]], ...]]:
+    """Submit every checkpoint × class group as one task on the workers offering `eval.resources` (samples +
+    features, written beside the evaluation) and return how to wait for them: (progress) → (checkpoint label, its
+    groups' directories in class order), for the merge."""
     classes = json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"]
     scfg = sampling_config(cfg.eval, cfg.sample)
     groups = class_groups(len(classes), cfg.eval.classes_per_task)
-    parts = [((ref.label, g), group_artifact(artifact, key, ref, g), ref) for ref in inputs.checkpoints for g in groups]
+    parts = [((ref.label, g), group_artifact(evaluation, key, ref, g), ref) for ref in refs for g in groups]
+    roots = (cfg.storage.root,)
     with on_workers_offering(cfg.eval.resources):
-        fan_out(evaluate_classes, [(name, (part, ref, name[1], inputs, cfg.eval, scfg)) for name, part, ref in parts],
-                desc="evaluate", unit="class group", progress=progress)
-    return tuple((ref.label, tuple(part.store.url() for (label, _), part, _ in parts if label == ref.label))
-                 for ref in inputs.checkpoints)
+        futures = submit_parts(evaluate_classes, [(name, (part, ref, name[1], cfg.storage.options, roots, cfg.eval,
+                                                          scfg)) for name, part, ref in parts])
+
+    def wait(progress: bool) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        collect_parts(futures, desc="evaluate", unit="class group", progress=progress)
+        return tuple((ref.label, tuple(part.store.url() for (label, _), part, _ in parts if label == ref.label))
+                     for ref in refs)
+
+    return wait
 
 
 def run(cfg: PipelineConfig, key: StageKey, *, shard: ShardResult, train_tokenizer: TokenizerResult,

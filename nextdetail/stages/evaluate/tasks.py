@@ -24,6 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +146,10 @@ def sample_classes(sampler: Any, extractor: Any, layers: tuple[str, str], classe
                         np.asarray(flops, dtype=np.float64), seconds)
 
 
+METRIC_KEYS = ("fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "kid_subset_size", "precision", "recall",
+               "f_score")
+
+
 @dataclass(frozen=True)
 class SamplerFacts:
     """What a checkpoint's row reports of its sampler and record."""
@@ -161,12 +166,18 @@ class SamplerFacts:
 
 
 def checkpoint_row(ref: CheckpointRef, facts: SamplerFacts, samples: ClassSamples, scfg: SampleConfig,
-                   ecfg: EvalConfig, real: tuple[np.ndarray, dict]) -> dict[str, Any]:
-    """One checkpoint's metrics, computed once from every class's features."""
+                   ecfg: EvalConfig, real: tuple[np.ndarray, dict], pool: Executor | None = None) -> dict[str, Any]:
+    """One checkpoint's metrics, computed once from every class's features. With `pool`, KID (100 subsets, numpy:
+    most of the time) runs in it beside the others (on a cluster this merge is the stage's serial tail)."""
     from nextdetail.models import fidelity
 
-    metrics = fidelity.compare({"fid": samples.fid, "isc": samples.isc}, real[0], real[1], list(ecfg.metrics),
-                               ecfg.protocol())
+    fake, asked, protocol = {"fid": samples.fid, "isc": samples.isc}, list(ecfg.metrics), ecfg.protocol()
+    beside = ["kid"] if pool is not None and "kid" in asked else []
+    kid = pool.submit(fidelity.compare, fake, real[0], real[1], beside, protocol) if beside else None
+    metrics = fidelity.compare(fake, real[0], real[1], [m for m in asked if m not in beside], protocol)
+    if kid is not None:
+        metrics.update(kid.result())
+    metrics = {k: metrics[k] for k in METRIC_KEYS if k in metrics}  # the order `compare` gives them in
     n = len(samples.fid)
     row = {"label": ref.label, "step": facts.step, "checkpoint": ref.weights_url or ref.url, "samples": n,
            "sampling_images_per_s": round(n / max(samples.seconds, 1e-9), 2),
@@ -181,11 +192,9 @@ def checkpoint_row(ref: CheckpointRef, facts: SamplerFacts, samples: ClassSample
     return row
 
 
-def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, extractor: Any, layers: tuple[str, str],
-                        scfg: SampleConfig, ecfg: EvalConfig, real: tuple[np.ndarray, dict], progress: bool
-                        ) -> tuple[dict[str, Any], dict[int, np.ndarray], list[str]]:
-    """In this process: sample one checkpoint class by class (streamed into its tar and the feature extractor);
-    its metrics, the first samples per class (for grids), and its class names."""
+def sample_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, extractor: Any, layers: tuple[str, str],
+                      scfg: SampleConfig, ecfg: EvalConfig, progress: bool) -> tuple[SamplerFacts, ClassSamples]:
+    """In this process: sample one checkpoint class by class (streamed into its tar and the feature extractor)."""
     from nextdetail.storage.shards import ShardTarWriter
 
     sampler, record = load_sampler(ref, inputs.options, scfg.device, scfg, inputs.roots)
@@ -195,7 +204,7 @@ def evaluate_checkpoint(store: Store, ref: CheckpointRef, inputs: EvalInputs, ex
         samples = sample_classes(sampler, extractor, layers, list(range(len(facts.names))), scfg, ecfg, writer,
                                  progress, desc=f"evaluate {ref.label}")
         writer.close()
-    return checkpoint_row(ref, facts, samples, scfg, ecfg, real), samples.firsts, facts.names
+    return facts, samples
 
 
 # ---- on the cluster: class groups as tasks, then one merge --------------------------------------------------
@@ -211,14 +220,15 @@ _LOAD_LOCK = threading.Lock()
 LOADS = 0  # samplers this process loaded (the cluster test reads it on each worker)
 
 
-def cached_sampler(ref: CheckpointRef, inputs: EvalInputs, scfg: SampleConfig) -> tuple[Any, dict]:
+def cached_sampler(ref: CheckpointRef, options: dict, roots: tuple[str, ...], scfg: SampleConfig
+                   ) -> tuple[Any, dict]:
     """`load_sampler`, once per process for the same checkpoint and settings: a worker evaluates group after group."""
     global LOADS
-    key = json.dumps([ref.url, ref.weights_url, scfg.model_dump_json(), inputs.roots])
+    key = json.dumps([ref.url, ref.weights_url, scfg.model_dump_json(), roots])
     with _LOAD_LOCK:
         if key not in _SAMPLERS:
             _SAMPLERS.clear()
-            _SAMPLERS[key] = load_sampler(ref, inputs.options, scfg.device, scfg, inputs.roots)
+            _SAMPLERS[key] = load_sampler(ref, options, scfg.device, scfg, roots)
             LOADS += 1
         return _SAMPLERS[key]
 
@@ -229,26 +239,28 @@ def cached_extractor(ecfg: EvalConfig) -> tuple[Any, Any]:
     return cached(ecfg.extractor, ecfg.inception_weights, ecfg.weights_cache, ecfg.device)
 
 
-def group_artifact(parent: Artifact, key: StageKey, ref: CheckpointRef, classes: tuple[int, ...]) -> Artifact:
-    """One checkpoint's class group, inside the evaluation's directory (`parts/`, removed once merged): a cached
-    task, so a killed run keeps the groups it finished."""
+def group_artifact(evaluation: Store, key: StageKey, ref: CheckpointRef, classes: tuple[int, ...]) -> Artifact:
+    """One checkpoint's class group, inside the evaluation's directory (`evaluation_store`; `parts/`, removed once
+    merged): a cached task, so a killed run keeps the groups it finished. Planned from the stage's key alone, so the
+    groups can sample while the reference statistics are computed."""
     return Artifact("evaluate", key.artifact({"checkpoint": ref.label, "classes": [classes[0], classes[-1]]}),
-                    parent.store.sub("parts", _slug(ref.label), f"{classes[0]:04d}-{classes[-1]:04d}"),
-                    lineage={"part_of": parent.identity})
+                    evaluation.sub("parts", _slug(ref.label), f"{classes[0]:04d}-{classes[-1]:04d}"),
+                    lineage={"part_of": key.identity})
 
 
 @stage_task(name="evaluate_classes", retries=2)
-def evaluate_classes(artifact: Artifact, ref: CheckpointRef, classes: tuple[int, ...], inputs: EvalInputs,
-                     ecfg: EvalConfig, scfg: SampleConfig) -> tuple[dict, list[str]]:
-    """A group of classes of one checkpoint on a worker: samples.tar (as the merged tar's members) and
-    features.npz (features, first samples, FLOPs: arrays only); the sampler and extractor loaded once per worker."""
+def evaluate_classes(artifact: Artifact, ref: CheckpointRef, classes: tuple[int, ...], options: dict,
+                     roots: tuple[str, ...], ecfg: EvalConfig, scfg: SampleConfig) -> tuple[dict, list[str]]:
+    """A group of classes of one checkpoint on a worker (`options`, `roots`: as `EvalInputs`'): samples.tar (as
+    the merged tar's members) and features.npz (features, first samples, FLOPs: arrays only); the sampler and
+    extractor loaded once per worker."""
     import io
     import os
 
     from nextdetail.storage.shards import ShardTarWriter
 
     with torch_threads(ecfg.torch_threads or 1):  # the workers share the machine's cores
-        sampler, record = cached_sampler(ref, inputs, scfg)
+        sampler, record = cached_sampler(ref, options, roots, scfg)
         extractor, info = cached_extractor(ecfg)
         with artifact.store.atomic_writer("samples.tar") as f:
             writer = ShardTarWriter(f)
@@ -307,44 +319,55 @@ def _round(v: Any) -> Any:
     return round(v, 6) if isinstance(v, float) else v
 
 
+def class_grids(firsts: dict[int, np.ndarray], names: list[str], class_photos: tuple[tuple[int, bytes], ...]
+                ) -> dict[str, bytes]:
+    """The grids' PNGs: one per class (`grids/<class>-<name>.png`) and all classes (`grid.png`), a real photo of
+    each class beside its samples."""
+    from nextdetail.figures import class_grid, png_bytes
+    from nextdetail.stages.sample.tasks import decode_references
+
+    photos = decode_references(class_photos)
+    grid_rows = [(names[c], photos.get(c), imgs) for c, imgs in firsts.items()]
+    out = {f"grids/{c:04d}-{names[c]}.png": png_bytes(class_grid([row])) for c, row in zip(firsts, grid_rows,
+                                                                                             strict=True)}
+    return {**out, "grid.png": png_bytes(class_grid(grid_rows))}
+
+
 def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: SampleConfig,
                    log: Callable[[str], None] = print, progress: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Evaluate every checkpoint of `inputs`; write metrics.json, report.md and the pictures under `store`."""
-    from nextdetail.figures import class_grid, png_bytes
-    from nextdetail.models.feature_extractor import build_extractor
-    from nextdetail.stages.sample.tasks import decode_references
+    from nextdetail.figures import png_bytes
 
     if scfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("eval.device=cuda but no CUDA device is visible; use -o eval.device=cpu")
-    extractor, info = build_extractor(ecfg.extractor, ecfg.inception_weights, ecfg.weights_cache, ecfg.device)
+    extractor, info = cached_extractor(ecfg)  # a worker's merge reuses the one its class groups used
     if info.weights_sha256 != inputs.reference.record["summary"]["extractor_sha256"]:
         raise UserError(f"the reference statistics at {inputs.reference.url} were made with other {info.name} "
                         "weights; re-run so they are rebuilt with these")
     real = inputs.reference.load()
     groups = dict(inputs.groups)
-    rows, firsts, names = [], {}, []
-    for ref in inputs.checkpoints:
-        log(f"evaluate: {ref.label}: {scfg.per_class} samples per class, cfg {scfg.cfg}, top-k {scfg.top_k}, "
-            f"top-p {scfg.top_p}, seed {scfg.seed}")
-        if ref.label in groups:  # sampled on the cluster: the groups' features, metrics computed once here
-            facts, samples = gather_checkpoint(store, ref, groups[ref.label], inputs.options)
-            row, firsts, names = checkpoint_row(ref, facts, samples, scfg, ecfg, real), samples.firsts, facts.names
-        else:
-            row, firsts, names = evaluate_checkpoint(store, ref, inputs, extractor, (info.fid_layer, info.isc_layer),
-                                                     scfg, ecfg, real, progress)
-        rows.append(row)
-        log("evaluate: " + metrics_line(row))
-    files = [f"samples/{_slug(r['label'])}.tar" for r in rows]
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(2) as pool:  # KID and the last checkpoint's pictures beside the other metrics
+        for ref in inputs.checkpoints:
+            log(f"evaluate: {ref.label}: {scfg.per_class} samples per class, cfg {scfg.cfg}, top-k {scfg.top_k}, "
+                f"top-p {scfg.top_p}, seed {scfg.seed}")
+            if ref.label in groups:  # sampled on the cluster: the groups' features, metrics computed once here
+                facts, samples = gather_checkpoint(store, ref, groups[ref.label], inputs.options)
+            else:
+                facts, samples = sample_checkpoint(store, ref, inputs, extractor, (info.fid_layer, info.isc_layer),
+                                                   scfg, ecfg, progress)
+            if ref is inputs.checkpoints[-1]:  # the grids show the last checkpoint
+                pictures = pool.submit(class_grids, samples.firsts, facts.names, inputs.class_photos)
+            rows.append(checkpoint_row(ref, facts, samples, scfg, ecfg, real, pool))
+            log("evaluate: " + metrics_line(rows[-1]))
+        files = [f"samples/{_slug(r['label'])}.tar" for r in rows]
 
-    def put(rel: str, data: bytes) -> None:
-        store.write_bytes(rel, data)
-        files.append(rel)
+        def put(rel: str, data: bytes) -> None:
+            store.write_bytes(rel, data)
+            files.append(rel)
 
-    photos = decode_references(inputs.class_photos)
-    grid_rows = [(names[c], photos.get(c), imgs) for c, imgs in firsts.items()]
-    for c, row in zip(firsts, grid_rows, strict=True):
-        put(f"grids/{c:04d}-{names[c]}.png", png_bytes(class_grid([row])))
-    put("grid.png", png_bytes(class_grid(grid_rows)))
+        for rel, data in pictures.result().items():
+            put(rel, data)
     if len(rows) > 1:
         from nextdetail.figures import metric_curves
 
@@ -355,7 +378,7 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
                       "fid_layer": info.fid_layer, "isc_layer": info.isc_layer,
                       "comparable_with_published": info.comparable},
         "reference": inputs.reference.describe(),
-        "sampling": {"samples_per_class": scfg.per_class, "classes": len(names), "cfg": scfg.cfg, "top_k": scfg.top_k,
+        "sampling": {"samples_per_class": scfg.per_class, "classes": len(facts.names), "cfg": scfg.cfg, "top_k": scfg.top_k,
                      "top_p": scfg.top_p, "seed": scfg.seed, "class_seed": "seed · 1000003 + class"},
         "protocol": {**ecfg.protocol(), "metrics": list(ecfg.metrics)},
         "checkpoints": rows,
@@ -440,10 +463,15 @@ def evaluate_stage(artifact: Artifact, inputs: EvalInputs, ecfg: EvalConfig, scf
         return run_evaluation(artifact.store, inputs, ecfg, scfg, get_run_logger().info, progress)
 
 
+def evaluation_store(parent: Store, key: StageKey, ecfg: EvalConfig, subdir: bool = True) -> Store:
+    """Where the evaluation goes: `parent`/<checkpoints>-<identity[:12]> (or `parent` itself)."""
+    return parent.sub(f"{ecfg.checkpoints}-{key.identity[:12]}") if subdir else parent
+
+
 def plan_evaluation(parent: Store, key: StageKey, inputs: EvalInputs, ecfg: EvalConfig, subdir: bool = True) -> Artifact:
     """The evaluation artifact: under `parent`/<checkpoints>-<identity[:12]> (or `parent` itself). Its identity is
     the stage's (the transformer's weights, the reference's content and the extractor are all in it); the
     reference statistics and tokenizer metrics it used are recorded beside."""
-    store = parent.sub(f"{ecfg.checkpoints}-{key.identity[:12]}") if subdir else parent
+    store = evaluation_store(parent, key, ecfg, subdir)
     used = {"reference": inputs.reference.identity, "tokenizer_metrics": (inputs.tokenizer_metrics or {}).get("identity")}
     return Artifact("evaluate", key.identity, store, "_COMPLETE.json", lineage={**key.lineage(), "used": used})
