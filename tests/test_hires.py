@@ -79,3 +79,75 @@ def test_row_bands_finds_a_band_at_a_boundary_and_not_in_plain_images():
     assert row_bands(banded_columns, [32])["boundary"] > 80 and columns["boundary"] < 3
     with pytest.raises(ValueError, match="no interior"):
         row_bands(images[:, :8, :8], [4], width=2)
+
+
+class _Decoder:
+    """Stands in for the tokenizer in `decode_in_tiles`: each latent cell → a 4 × 4 block of its first three
+    channels, and with `border` the decoder also draws its map's border (what a decoder trained on whole images
+    does at every edge of the map it is given)."""
+
+    def __init__(self, border: float = 0.0) -> None:
+        self.border = border
+
+    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
+        img = torch.nn.functional.interpolate(f_hat[:, :3], scale_factor=4, mode="nearest").clone()
+        img[:, :, [0, -1], :] += self.border
+        img[:, :, :, [0, -1]] += self.border
+        return img.clamp(-1, 1)
+
+
+@pytest.mark.parametrize(("side", "factor"), [(8, 2), (8, 3), (5, 2)])
+def test_tiles_decode_a_large_latent_as_a_size_independent_decoder_would(side, factor):
+    """Issue 42: the ×2 latent is decoded in tiles of the trained side, cross-faded. With a decoder that renders
+    any map alike, the tiles give exactly the whole map's decode (the weights put each pixel back where it was);
+    a latent of the trained side is one tile."""
+    from nextdetail.models.sampler import decode_in_tiles
+
+    g = torch.Generator().manual_seed(0)
+    f_hat = torch.rand(2, 4, factor * side, factor * side, generator=g) * 1.6 - 0.8
+    torch.testing.assert_close(decode_in_tiles(_Decoder(), f_hat, side), _Decoder().fhat_to_img(f_hat))
+    small = f_hat[:, :, :side, :side]
+    assert torch.equal(decode_in_tiles(_Decoder(0.5), small, side), _Decoder(0.5).fhat_to_img(small))
+
+
+def test_the_border_each_tile_draws_stays_at_the_images_border():
+    """A decoder draws an image border at every edge of the map it decodes. Decoded whole, a ×2 map has it only at
+    its own border; decoded in tiles, every tile draws it, and the cross-fade must keep it off the inside: the
+    image's border rows keep it, the rows where tiles meet less than 1/16 of it (a band of 0.3 → < 0.02)."""
+    from nextdetail.models.sampler import decode_in_tiles
+
+    f_hat = torch.zeros(1, 4, 16, 16)
+    tiled = decode_in_tiles(_Decoder(0.3), f_hat, 8)[0, 0]  # (64, 64)
+    for border in (tiled[0, 1:-1], tiled[-1, 1:-1], tiled[1:-1, 0], tiled[1:-1, -1]):
+        assert torch.allclose(border, torch.full((62,), 0.3), atol=0.02), border  # (+ a tile's corner, faded)
+    inside = tiled[1:-1, 1:-1]
+    assert float(inside.max()) < 0.02, inside.max()
+
+
+def test_a_real_decoder_renders_a_map_twice_its_side_differently_and_tiles_keep_it_at_its_side():
+    """Why the ×2 is decoded in tiles (issue 42): the tokenizer's decoder (GroupNorm over the map, attention across
+    it) renders four latents tiled 2×2 into one map differently from each decoded alone — here a seeded, untrained
+    tokenizer; `make run`'s trained ones differ by 18–20 dB (`benchmarks/decoder_size.py`). `decode_in_tiles` gives
+    each latent's own decode where only its tile covers the image (the first half tile of each corner)."""
+    from nextdetail.models.configs import TokenizerSpec
+    from nextdetail.models.sampler import decode_in_tiles
+    from nextdetail.models.tokenizer import BaseDetailVQVAE
+
+    torch.manual_seed(0)
+    model = BaseDetailVQVAE(TokenizerSpec(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), resolution=32,
+                                          patch_nums=(1, 2, 4, 8))).eval()  # tiny's shape: 8 × 8 latents, 32 px
+    h = model.spec.latent_side
+    latents = torch.randn(4, model.spec.z_channels, h, h)
+    mosaic = torch.cat([torch.cat([latents[0], latents[1]], 2), torch.cat([latents[2], latents[3]], 2)], 1)[None]
+    with torch.no_grad():
+        alone = model.fhat_to_img(latents)  # (4, 3, P, P)
+        whole = model.fhat_to_img(mosaic)[0]
+        tiled = decode_in_tiles(model, mosaic, h)[0]
+    P = alone.shape[-1]
+    q = P // 2
+    corners = [(0, 0, 0), (1, 0, P), (2, P, 0), (3, P, P)]  # latent, top row, left column of its tile
+    for i, y, x in corners:
+        own = slice(y, y + q) if y == 0 else slice(y + q, y + P), slice(x, x + q) if x == 0 else slice(x + q, x + P)
+        mine = (slice(0, q) if y == 0 else slice(q, P), slice(0, q) if x == 0 else slice(q, P))
+        torch.testing.assert_close(tiled[:, own[0], own[1]], alone[i][:, mine[0], mine[1]])
+        assert float((whole[:, own[0], own[1]] - alone[i][:, mine[0], mine[1]]).abs().max()) > 1e-3

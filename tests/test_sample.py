@@ -133,13 +133,13 @@ def test_upscaled_samples_keep_the_given_base_and_resample_only_details(pipeline
 
 @pytest.mark.e2e
 def test_upscaled_details_are_composed_as_tokens_and_convolved_once(pipeline):
-    """Issue 42: the ×2 image is the decoder's image of the upscaled base plus Σ_k φ_k(composed detail map k),
-    each cell's tokens from the patch whose centre is nearest. φ applied per patch (as first written) saw zero
+    """Issue 42: the ×2 image is the decoder's image (in trained-size tiles) of the upscaled base plus
+    Σ_k φ_k(composed detail map k), each cell's tokens from the patch whose centre is nearest. φ applied per patch (as first written) saw zero
     padding at every patch edge: the two differ exactly where a cell's 3×3 neighbourhood spans two patches."""
     import torch.nn.functional as F
 
     from nextdetail.models.quant import NextInput
-    from nextdetail.models.sampler import compose, patch_grid
+    from nextdetail.models.sampler import compose, decode_in_tiles, patch_grid
     from nextdetail.stages.sample.tasks import load_models
 
     _, _, results = pipeline
@@ -157,7 +157,7 @@ def test_upscaled_details_are_composed_as_tokens_and_convolved_once(pipeline):
     drawn = sampler.transformer.sample(labels.repeat_interleave(n * n), NextInput(q, h), 1.0,
                                        generator=torch.Generator().manual_seed(3), given=base_maps)
     detail = sum(q._to_latent(k, compose(drawn[k].view(3, n, n, h, h), owner, local), 2 * h) for k in range(nb, M))
-    torch.testing.assert_close(big_image, sampler.tokenizer.fhat_to_img(base + detail))
+    torch.testing.assert_close(big_image, decode_in_tiles(sampler.tokenizer, base + detail, h))
 
     per_patch = sum(q._to_latent(k, drawn[k], h) for k in range(nb, M))  # (3·n², C, h, h): φ per patch
     tiled = compose(per_patch.view(3, n, n, -1, h, h).permute(0, 3, 1, 2, 4, 5).flatten(0, 1), owner, local)
@@ -170,10 +170,13 @@ def test_upscaled_details_are_composed_as_tokens_and_convolved_once(pipeline):
 
 
 @pytest.mark.e2e
-def test_upscaled_samples_have_no_band_where_patches_meet(pipeline):
+def test_upscaled_samples_have_no_band_where_patches_meet_or_at_their_edges(pipeline):
     """Issue 42's measure on this pipeline's own model: the mean colour of the rows and columns where patches
     meet now, and where they met edge to edge before, strays from the interior's no more than the interior's own
-    rows do (+ 6 of 255)."""
+    rows do (+ 6 of 255); the edge rows stray beyond the interior's no more than the trained-size samples' edge rows
+    do beyond theirs (+ 6): the ×2 adds no band of its own (decoded whole, at twice the decoder's trained side,
+    its edges strayed 10–11 beyond the interior on `make run`'s models; this pipeline's 30-step tokenizer shows
+    little either way — test_hires' tile tests hold the decoder to its trained side on any tokenizer)."""
     from nextdetail.models.fidelity import row_bands
     from nextdetail.models.sampler import seam_rows
     from nextdetail.models.tokenizer import images_to_uint8
@@ -188,6 +191,9 @@ def test_upscaled_samples_have_no_band_where_patches_meet(pipeline):
     seams = sorted({*seam_rows(sampler.latent_side, 2, H // sampler.latent_side), H})
     bands = row_bands(big, seams)
     assert bands["boundary"] <= bands["interior"] + 6, bands
+    trained = row_bands(images_to_uint8(out.images))
+    excess = {name: b["edges"] - b["interior"] for name, b in (("x2", bands), ("trained", trained))}
+    assert excess["x2"] <= max(excess["trained"], 0) + 6, excess
     recorded = results["sample"].summary["hires_row_bands"]  # the stage reports the same measure of its own ×2
     assert set(recorded) == {"boundary", "edges", "interior"} and all(v >= 0 for v in recorded.values())
 

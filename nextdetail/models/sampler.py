@@ -10,13 +10,21 @@ High resolution, as we implement the paper's one-paragraph description (the deta
 4. for every patch, sample only the detail maps, the patch's base tokens given as the prefix;
 5. compose full-size detail token maps: each latent cell takes the tokens of the patch whose centre is
    nearest, so no cell comes from within a quarter patch of a patch edge that lies inside the image;
-6. decode upscaled base + Σ_k φ_k(composed detail map k) with the tokenizer's decoder (convolutional: any size).
+6. decode upscaled base + Σ_k φ_k(composed detail map k) with the tokenizer's decoder at the side it trained on:
+   in overlapping tiles of the trained latent side, on the same grid as the patches, each decoded alone and
+   cross-faded into the image over their overlaps (`decode_in_tiles`).
 Why 3 and 5 (issue 42): a patch is sampled as if it were a whole image, and its edges carry what the model
 learned about image edges (the position embedding tells it where the border is; at a real border the detail
 corrects the tokenizer's border error). Tiled edge to edge, as we first did, those edge rows landed in the
 middle of the ×2 image as a band at every patch boundary; and φ's 3×3 convolution, applied per patch, saw zero
 padding there. Composing tokens first and applying φ once removes the second; taking every cell from a patch's
 interior removes the first. The price: (2f − 1)² patches instead of f² (9 instead of 4 at ×2).
+Why 6 (issue 42, session 24): the decoder (GroupNorm statistics, a mid-block attention over the whole map) renders a
+map twice its trained side differently from the same content at the trained side: the same latents tiled 2×2 came
+out 18–20 dB from their decodes alone, and the ×2 images' edge rows strayed 20.8–25.1 of 255 from the interior's
+colour against 8.0–11.3 for the trained-size samples (two tokenizer seeds; `benchmarks/decoder_size.py`). Decoded in
+trained-size tiles, their edges stray 9.3 / 17.7 (interior 9.7 / 12.2), near what the same model's trained-size
+samples show. `tiles=False` decodes whole, as before, for the comparison in benchmarks/hires.py.
 The baseline beside it is the trained-size sample resized bilinearly.
 
 The detail dial (ours, NDP's idea on CART): with `detail_budget` b < 1, after the base maps the
@@ -121,15 +129,20 @@ class CARTSampler:
 
     @torch.no_grad()
     def upscale(self, labels: Tensor, maps: list[Tensor], factor: int, cfg: float = 1.5, top_k: int = 0,
-                top_p: float = 0.0, generator: torch.Generator | None = None, overlap: bool = True) -> Tensor:
+                top_p: float = 0.0, generator: torch.Generator | None = None, overlap: bool = True,
+                tiles: bool = True) -> Tensor:
         """Images (B, 3, factor·H, factor·W) in [-1, 1] from trained-size samples' maps (module docstring).
-        `overlap=False`: factor² patches edge to edge with φ per patch, as first written (issue 42's seam; kept for
-        the comparison in benchmarks/hires.py)."""
+        `overlap=False`: factor² patches edge to edge with φ per patch, as first written (issue 42's seam);
+        `tiles=False`: the ×2 latent decoded whole (issue 42's edge rows); both kept for benchmarks/hires.py."""
         B, h, M = labels.shape[0], self.latent_side, len(maps)
         base = self._latent(maps, range(self.n_base))  # (B, C, h, w)
         big = F.interpolate(base, scale_factor=factor, mode="bilinear", align_corners=False)  # (B, C, f·h, f·w)
+
+        def decode(f_hat: Tensor) -> Tensor:
+            return decode_in_tiles(self.tokenizer, f_hat, h) if tiles else self.tokenizer.fhat_to_img(f_hat)
+
         if self.n_base == M:  # order 0 (VAR): no detail factor to add
-            return self.tokenizer.fhat_to_img(big)
+            return decode(big)
         if any(self.transformer.cfg.sides[k] != h for k in range(self.n_base, M)):
             raise ValueError(f"patch-wise detail needs every detail map at the latent side {h}, "
                              f"got {self.transformer.cfg.sides[self.n_base:]}")
@@ -150,7 +163,42 @@ class CARTSampler:
                             for k, m in zip(range(self.n_base, M), detail_maps, strict=True))  # (B·n², C, h, w)
             detail = compose(per_patch.view(B, n, n, -1, h, h).permute(0, 3, 1, 2, 4, 5).flatten(0, 1), owner, local)
             detail = detail.view(B, -1, factor * h, factor * h)
-        return self.tokenizer.fhat_to_img(big + detail)
+        return decode(big + detail)
+
+
+def decode_in_tiles(tokenizer: BaseDetailVQVAE, f_hat_BChw: Tensor, side: int) -> Tensor:
+    """Images (B, 3, s·H, s·W) in [-1, 1] of a latent larger than the decoder's trained `side`, decoded in tiles of
+    that side: tiles start every ⌈side/2⌉ cells (the last flush with the far edge: `patch_grid`'s grid), each is
+    decoded alone, and each pixel is the weighted mean of the tiles covering it. A tile's weight falls linearly
+    toward 0 over the half tile next to each neighbour and stays 1 toward the image's border, so neighbours
+    cross-fade over their overlap and the rows along a tile's inner edge (drawn by the decoder as an image border)
+    keep almost no weight. A latent of the trained side is one tile: the plain decode."""
+    if f_hat_BChw.shape[-2:] == (side, side):
+        return tokenizer.fhat_to_img(f_hat_BChw)
+    B, _, H, W = f_hat_BChw.shape
+    ys, xs = (sorted(set(range(0, n - side + 1, (side + 1) // 2)) | {n - side}) for n in (H, W))
+    tiles = [[tokenizer.fhat_to_img(f_hat_BChw[:, :, y : y + side, x : x + side]) for x in xs] for y in ys]
+    P = tiles[0][0].shape[-1]  # a tile's pixels per side
+    s = P // side  # pixels per latent cell
+    like = {"dtype": f_hat_BChw.dtype, "device": f_hat_BChw.device}
+
+    def ramp(start: int, n: int) -> Tensor:  # (P,) the weights along one axis of the tile starting at cell `start`
+        centre = torch.arange(P, **like) + 0.5
+        w = torch.ones(P, **like)
+        if start > 0:  # a neighbour before it
+            w = torch.minimum(w, centre / (P / 2))
+        if start + side < n:  # a neighbour after it
+            w = torch.minimum(w, (P - centre) / (P / 2))
+        return w
+
+    out = f_hat_BChw.new_zeros(B, 3, H * s, W * s)
+    total = f_hat_BChw.new_zeros(1, 1, H * s, W * s)
+    for y, row in zip(ys, tiles, strict=True):
+        for x, tile in zip(xs, row, strict=True):
+            weight = (ramp(y, H).view(-1, 1) * ramp(x, W).view(1, -1)).view(1, 1, P, P)
+            out[:, :, y * s : y * s + P, x * s : x * s + P] += tile * weight
+            total[:, :, y * s : y * s + P, x * s : x * s + P] += weight
+    return (out / total).clamp_(-1, 1)
 
 
 def patch_grid(side: int, factor: int, overlap: bool = True) -> tuple[list[int], Tensor, Tensor]:
