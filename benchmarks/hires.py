@@ -1,14 +1,16 @@
 """Benchmark: CART's ×2 without retraining (CART §4.2.1, issue 42) — is it better than resizing?
 
 On the preset's pipeline (built or reused under --root, through train_ar), per class `--per-class` samples at the
-trained size, then four ×2 versions of the same samples:
+trained size, then five ×2 versions of the same samples:
 
-- cart_x2        `CARTSampler.upscale`: overlapping patches, each cell's detail from the nearest patch centre, the
-                 ×2 latent decoded in trained-size tiles cross-faded (`decode_in_tiles`);
-- cart_x2_whole  the same latent decoded whole, at twice the decoder's trained side (`tiles=False`: until session
-                 24, issue 42's edge rows);
-- cart_x2_tiled  patches edge to edge with φ per patch, decoded whole (`overlap=False`: as first written, issue
-                 42's seam);
+- cart_x2             `CARTSampler.upscale`: overlapping patches, each cell's detail from the nearest patch centre,
+                      the ×2 latent decoded in trained-size tiles cross-faded (`decode_in_tiles`), the sample's
+                      colour below its resolution (`with_colour_of`);
+- cart_x2_own_colour  the same without the colour step (`keep_colour=False`: the grey classes' red);
+- cart_x2_whole       … and decoded whole, at twice the decoder's trained side (`tiles=False`: until session 24,
+                      issue 42's frames and edge rows);
+- cart_x2_tiled       patches edge to edge with φ per patch, decoded whole (`overlap=False`: as first written,
+                      issue 42's seam);
 - bilinear_x2    the trained-size sample resized bilinearly (Figure 6's left column).
 
 (Names say x2; `--factor` changes the factor.) Each is scored by FID against the real train images resized ×2 bilinearly, with the evaluation's extractor
@@ -98,9 +100,11 @@ def main() -> None:
     real_1x, real_big = stats(real), stats(resized(real, f))
     out: dict[str, Any] = {"benchmark": "hires", "preset": args.preset, "factor": f, "extractor": info.name,
                            "real_images": len(real), "per_class": args.per_class}
-    made: dict[str, list[np.ndarray]] = {"trained_size": [], "cart_x2": [], "cart_x2_whole": [], "cart_x2_tiled": [],
-                                         "bilinear_x2": []}
-    seconds = {"cart_x2": 0.0, "cart_x2_whole": 0.0, "cart_x2_tiled": 0.0}
+    variants = {"cart_x2": {}, "cart_x2_own_colour": {"keep_colour": False},
+                "cart_x2_whole": {"tiles": False, "keep_colour": False},
+                "cart_x2_tiled": {"overlap": False, "tiles": False, "keep_colour": False}}
+    made: dict[str, list[np.ndarray]] = {"trained_size": [], **{name: [] for name in variants}, "bilinear_x2": []}
+    seconds = dict.fromkeys(variants, 0.0)
     classes = range(len(record["classes"]))
     for c in classes:
         g = torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + c)
@@ -109,12 +113,11 @@ def main() -> None:
             s = sampler.sample(labels, cfg.sample.cfg, cfg.sample.top_k, cfg.sample.top_p, g)
             made["trained_size"].append(images_to_uint8(s.images))
             made["bilinear_x2"].append(images_to_uint8(bilinear_upscale(s.images, f)))
-            for name, overlap, tiles in (("cart_x2", True, True), ("cart_x2_whole", True, False),
-                                         ("cart_x2_tiled", False, False)):
+            for name, how in variants.items():
                 t0 = time.perf_counter()
                 detail_g = torch.Generator().manual_seed(cfg.sample.seed * 1_000_003 + c + 7)  # the same seed for all
                 big = sampler.upscale(labels, s.maps, f, cfg.sample.cfg, cfg.sample.top_k, cfg.sample.top_p, detail_g,
-                                      overlap=overlap, tiles=tiles)
+                                      **how)
                 seconds[name] += time.perf_counter() - t0
                 made[name].append(images_to_uint8(big))
         print(f"hires: class {c + 1}/{len(classes)}", file=sys.stderr)
@@ -122,7 +125,7 @@ def main() -> None:
     old_seams = set(seam_rows(h, f, H // h, overlap=False))  # where edge-to-edge patches meet
     new_seams = sorted(old_seams | set(seam_rows(h, f, H // h)))  # … and where overlapping ones do
     seams = {"trained_size": [], "bilinear_x2": sorted(old_seams), "cart_x2_tiled": sorted(old_seams),
-             "cart_x2": new_seams, "cart_x2_whole": new_seams}
+             "cart_x2": new_seams, "cart_x2_own_colour": new_seams, "cart_x2_whole": new_seams}
     for name, chunks in made.items():
         images = np.concatenate(chunks)
         reference = real_1x if name == "trained_size" else real_big

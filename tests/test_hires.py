@@ -151,3 +151,21 @@ def test_a_real_decoder_renders_a_map_twice_its_side_differently_and_tiles_keep_
         mine = (slice(0, q) if y == 0 else slice(q, P), slice(0, q) if x == 0 else slice(q, P))
         torch.testing.assert_close(tiled[:, own[0], own[1]], alone[i][:, mine[0], mine[1]])
         assert float((whole[:, own[0], own[1]] - alone[i][:, mine[0], mine[1]]).abs().max()) > 1e-3
+
+
+def test_the_x2_keeps_the_samples_colour_and_its_own_detail():
+    """Step 7 of the ×2 (issue 42): the patches' image with a colour cast (the grey classes' red) and a fine
+    texture of its own comes out with the sample's colour — the cast gone — and the texture kept."""
+    from nextdetail.models.sampler import bilinear_upscale, gaussian_blur, with_colour_of
+
+    g = torch.Generator().manual_seed(0)
+    small = gaussian_blur(torch.rand(2, 3, 32, 32, generator=g) * 1.2 - 0.6, 2.0)  # a smooth sample
+    plain = bilinear_upscale(small, 2)
+    assert torch.allclose(with_colour_of(plain, small, 2), plain, atol=1e-5)  # nothing to fix: unchanged
+    texture = 0.2 * (torch.arange(64).view(1, -1) % 2 * 2 - 1) * (torch.arange(64).view(-1, 1) % 2 * 2 - 1)
+    cast = torch.tensor([0.3, 0.0, -0.3]).view(1, 3, 1, 1)  # red up, blue down
+    fixed = with_colour_of(plain + cast + texture, small, 2)
+    colour = (fixed - plain).mean(dim=(0, 2, 3))
+    assert float(colour.abs().max()) < 0.01, colour  # the cast is gone (it was 0.3)
+    kept = ((fixed - plain) * texture).sum() / (texture * texture).sum() / 2  # the texture's share left in it
+    assert float(kept) > 0.9, kept

@@ -134,12 +134,13 @@ def test_upscaled_samples_keep_the_given_base_and_resample_only_details(pipeline
 @pytest.mark.e2e
 def test_upscaled_details_are_composed_as_tokens_and_convolved_once(pipeline):
     """Issue 42: the ×2 image is the decoder's image (in trained-size tiles) of the upscaled base plus
-    Σ_k φ_k(composed detail map k), each cell's tokens from the patch whose centre is nearest. φ applied per patch (as first written) saw zero
+    Σ_k φ_k(composed detail map k), each cell's tokens from the patch whose centre is nearest, with the sample's
+    colour below its resolution. φ applied per patch (as first written) saw zero
     padding at every patch edge: the two differ exactly where a cell's 3×3 neighbourhood spans two patches."""
     import torch.nn.functional as F
 
     from nextdetail.models.quant import NextInput
-    from nextdetail.models.sampler import compose, decode_in_tiles, patch_grid
+    from nextdetail.models.sampler import compose, decode_in_tiles, patch_grid, with_colour_of
     from nextdetail.stages.sample.tasks import load_models
 
     _, _, results = pipeline
@@ -157,7 +158,8 @@ def test_upscaled_details_are_composed_as_tokens_and_convolved_once(pipeline):
     drawn = sampler.transformer.sample(labels.repeat_interleave(n * n), NextInput(q, h), 1.0,
                                        generator=torch.Generator().manual_seed(3), given=base_maps)
     detail = sum(q._to_latent(k, compose(drawn[k].view(3, n, n, h, h), owner, local), 2 * h) for k in range(nb, M))
-    torch.testing.assert_close(big_image, decode_in_tiles(sampler.tokenizer, base + detail, h))
+    sample = sampler.tokenizer.fhat_to_img(sum(q._to_latent(k, out.maps[k], h) for k in range(M)))
+    torch.testing.assert_close(big_image, with_colour_of(decode_in_tiles(sampler.tokenizer, base + detail, h), sample, 2))
 
     per_patch = sum(q._to_latent(k, drawn[k], h) for k in range(nb, M))  # (3·n², C, h, h): φ per patch
     tiled = compose(per_patch.view(3, n, n, -1, h, h).permute(0, 3, 1, 2, 4, 5).flatten(0, 1), owner, local)

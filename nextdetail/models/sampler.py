@@ -12,7 +12,9 @@ High resolution, as we implement the paper's one-paragraph description (the deta
    nearest, so no cell comes from within a quarter patch of a patch edge that lies inside the image;
 6. decode upscaled base + Σ_k φ_k(composed detail map k) with the tokenizer's decoder at the side it trained on:
    in overlapping tiles of the trained latent side, on the same grid as the patches, each decoded alone and
-   cross-faded into the image over their overlaps (`decode_in_tiles`).
+   cross-faded into the image over their overlaps (`decode_in_tiles`);
+7. keep the trained-size sample's colour: the ×2's low frequencies (a Gaussian of σ = 0.75·factor pixels) are
+   replaced by those of the sample resized bilinearly (`keep_colour`), CART's details above them are kept.
 Why 3 and 5 (issue 42): a patch is sampled as if it were a whole image, and its edges carry what the model
 learned about image edges (the position embedding tells it where the border is; at a real border the detail
 corrects the tokenizer's border error). Tiled edge to edge, as we first did, those edge rows landed in the
@@ -25,6 +27,12 @@ out 18–20 dB from their decodes alone, and the ×2 images' edge rows strayed 2
 colour against 8.0–11.3 for the trained-size samples (two tokenizer seeds; `benchmarks/decoder_size.py`). Decoded in
 trained-size tiles, their edges stray 9.3 / 17.7 (interior 9.7 / 12.2), near what the same model's trained-size
 samples show. `tiles=False` decodes whole, as before, for the comparison in benchmarks/hires.py.
+Why 7 (issue 42, session 24): the upscaled base latent does not decode to the base's colour. For the grey classes of
+`make run`'s models the upscaled base alone decodes to red − blue 62–99 of 255 (bilinear or nearest alike), the
+details sampled per patch correct it only in part (×2 decoded in tiles: 19–49, the trained-size samples 0–8), so the
+×2 of a grey sample came out reddish. Taking the ×2's low frequencies from the sample itself is the colour fix of
+super-resolution practice (StableSR's wavelet / AdaIN colour fix): the sample holds the image's colour and layout
+(the paper's "global features" of the base), the patches add detail. `keep_colour=False` skips it.
 The baseline beside it is the trained-size sample resized bilinearly.
 
 The detail dial (ours, NDP's idea on CART): with `detail_budget` b < 1, after the base maps the
@@ -130,16 +138,20 @@ class CARTSampler:
     @torch.no_grad()
     def upscale(self, labels: Tensor, maps: list[Tensor], factor: int, cfg: float = 1.5, top_k: int = 0,
                 top_p: float = 0.0, generator: torch.Generator | None = None, overlap: bool = True,
-                tiles: bool = True) -> Tensor:
+                tiles: bool = True, keep_colour: bool = True) -> Tensor:
         """Images (B, 3, factor·H, factor·W) in [-1, 1] from trained-size samples' maps (module docstring).
         `overlap=False`: factor² patches edge to edge with φ per patch, as first written (issue 42's seam);
-        `tiles=False`: the ×2 latent decoded whole (issue 42's edge rows); both kept for benchmarks/hires.py."""
+        `tiles=False`: the ×2 latent decoded whole (issue 42's edge rows); `keep_colour=False`: without step 7
+        (the grey classes' red); all kept for benchmarks/hires.py."""
         B, h, M = labels.shape[0], self.latent_side, len(maps)
         base = self._latent(maps, range(self.n_base))  # (B, C, h, w)
         big = F.interpolate(base, scale_factor=factor, mode="bilinear", align_corners=False)  # (B, C, f·h, f·w)
 
         def decode(f_hat: Tensor) -> Tensor:
-            return decode_in_tiles(self.tokenizer, f_hat, h) if tiles else self.tokenizer.fhat_to_img(f_hat)
+            big_images = decode_in_tiles(self.tokenizer, f_hat, h) if tiles else self.tokenizer.fhat_to_img(f_hat)
+            if not keep_colour:
+                return big_images
+            return with_colour_of(big_images, self.tokenizer.fhat_to_img(self._latent(maps, range(M))), factor)
 
         if self.n_base == M:  # order 0 (VAR): no detail factor to add
             return decode(big)
@@ -164,6 +176,26 @@ class CARTSampler:
             detail = compose(per_patch.view(B, n, n, -1, h, h).permute(0, 3, 1, 2, 4, 5).flatten(0, 1), owner, local)
             detail = detail.view(B, -1, factor * h, factor * h)
         return decode(big + detail)
+
+
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """(B, C, H, W) blurred by a separable Gaussian of `sigma` pixels (truncated at 3σ, edges replicated)."""
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    C = images.shape[1]
+    x = F.pad(images, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def with_colour_of(big: Tensor, small: Tensor, factor: int) -> Tensor:
+    """`big` (B, 3, f·H, f·W) with its low frequencies taken from `small` (B, 3, H, W) resized bilinearly: below a
+    Gaussian of σ = 0.75·f pixels (what the trained-size image resolves), the sample's colour and layout; above it,
+    `big`'s own detail. In [-1, 1]."""
+    sigma = 0.75 * factor
+    return (big - gaussian_blur(big, sigma) + gaussian_blur(bilinear_upscale(small, factor), sigma)).clamp_(-1, 1)
 
 
 def decode_in_tiles(tokenizer: BaseDetailVQVAE, f_hat_BChw: Tensor, side: int) -> Tensor:
