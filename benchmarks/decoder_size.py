@@ -23,34 +23,24 @@ number.
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from preset_root import arguments, built
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--root", default="./nextdetail-data", help="storage root (default: make run's)")
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--split", default="val")
-    parser.add_argument("-o", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from nextdetail.pipeline.runtime import configure_environment
-
-    configure_environment()  # before Prefect is imported: its chatter stays off the terminal
+    cfg, results = built(args, until="tokenize")
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from nextdetail.conf import load_config
     from nextdetail.models.fidelity import row_bands
     from nextdetail.models.tokenizer import images_to_uint8, load_tokenizer
-    from nextdetail.pipeline.run import run_pipeline
-    from nextdetail.pipeline.runtime import prefect_api
     from nextdetail.stages.train_tokenizer.tasks import tile_2x2
 
-    cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", *args.overrides])
-    with prefect_api():
-        results = run_pipeline(cfg, until="tokenize", progress=False)
     tok = results["train_tokenizer"]
     model = load_tokenizer(tok.checkpoint_url, cfg.storage.options, tok.summary["tokenizer_sha256"], "this benchmark")
     cache = results["tokenize"].open()

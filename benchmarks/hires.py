@@ -26,13 +26,13 @@ patch-wise details beat resizing), and every number.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Any
 
 import numpy as np
+from preset_root import arguments, built
 
 
 def real_images(shards_url: str, options: dict, image_format: str, split: str = "train") -> np.ndarray:
@@ -60,30 +60,19 @@ def resized(images: np.ndarray, factor: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--root", default="./nextdetail-data", help="storage root (default: make run's)")
+    parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--factor", type=int, default=2)
-    parser.add_argument("-o", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from nextdetail.pipeline.runtime import configure_environment
-
-    configure_environment()  # before Prefect is imported: its chatter stays off the terminal
+    cfg, results = built(args, until="train_ar")
     import torch
 
-    from nextdetail.conf import load_config
     from nextdetail.models import fidelity
     from nextdetail.models.feature_extractor import build_extractor
     from nextdetail.models.sampler import bilinear_upscale, seam_rows
     from nextdetail.models.tokenizer import images_to_uint8
-    from nextdetail.pipeline.run import run_pipeline
-    from nextdetail.pipeline.runtime import prefect_api
     from nextdetail.stages.sample.tasks import load_models
 
-    cfg = load_config(args.preset, overrides=[f"storage.root={args.root}", *args.overrides])
-    with prefect_api():
-        results = run_pipeline(cfg, until="train_ar", progress=False)
     sampler, record = load_models(results["train_ar"].checkpoint_url, cfg.storage.options, "cpu", cfg.sample,
                                   roots=(cfg.storage.root,))
     if sampler.n_base == len(sampler.transformer.cfg.sides):
