@@ -157,7 +157,7 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, train_tok
             "train_ar_identity": ar.identity}
     inputs = EvalInputs(tuple(refs), ref, cfg.storage.options, what, reference_images(cfg, shards, tokens), tok_summary,
                         roots=(cfg.storage.root,))
-    artifact = plan_evaluation(out_root.sub(ar_dir), key, inputs, e)
+    artifact = plan_evaluation(evaluation, key, inputs, e, subdir=False)  # `evaluation`: its directory, from above
     if sampling is not None:
         inputs = replace(inputs, groups=sampling(progress))
     with on_workers_offering(e.resources):  # the merge builds the extractor on eval.device too
