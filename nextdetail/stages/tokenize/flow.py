@@ -148,8 +148,7 @@ def _encode_on_cluster(plan: Any, attempt: Any, inputs: TokenInputs, cfg: Pipeli
     with on_workers_offering(cfg.tokens.resources):  # only workers that offer them take a tar
         records, _, _ = fan_out(encode_tokens, [(name, (part, job, inputs, settings, attempt))
                                                 for name, part, job in named],
-                                desc="tokenize", unit="tar", progress=progress,
-                                weight=lambda args: len(args[1].keys))  # the largest tars first
+                                desc="tokenize", unit="tar", progress=progress)
     return [(part.marker, records[name]) for name, part, _ in named]
 
 
