@@ -1,29 +1,32 @@
 """Benchmark: the GPU stages on 1 and 2 Dask workers of this machine (issue 40) — what fanning out buys.
 
-On a root built once (the tiny preset through train_ar, short trainings), each measurement runs one stage on an
-external `dask scheduler` with N `dask worker --nthreads 1 --resources GPU=1` processes started here, their
-imports (torch, the stage modules) done first as on a cluster that has served before (`workers_<n>_import_s`:
-that cold start, ≈ 4 s, paid once per worker process):
+On a root built once (the tiny preset through train_ar, short trainings; `--per-class` / `--eval-per-class` for a
+larger workload), each measurement runs one stage on an external `dask scheduler` with N
+`dask worker --nthreads 1 --resources GPU=1` processes started for it, their imports (torch, the stage modules) done
+first as on a cluster that has served before (`workers_<n>_import_s`: that cold start, ≈ 4 s, paid once per worker
+process); the stage itself loads its models, as its first run on a cluster does:
 
 - tokenize_*     `tokens.resources={GPU: 1}`: one task per tar (a fresh token cache each time) — images/s;
 - evaluate_*     `eval.resources={GPU: 1}`: one task per class group and per reference tar, then the merge
                  (fresh outputs and reference statistics each time) — generated images/s over the whole stage;
-- split_loop_*   the ceiling: the same tokenizer encoding loop on every image, in one process vs split in two
-                 processes by hand (one torch thread each, no Prefect, no Dask): what two cores give a perfect split
-                 (`<stage>_of_ceiling`: a stage's speedup over it);
+- split_loop_*   the ceiling: the same tokenizer encoding loop on every image, in one process vs two processes
+                 holding half the images each (one torch thread each, no Prefect, no Dask): what two cores give a
+                 perfect split (`<stage>_of_ceiling`: a stage's speedup over it);
 - train_*        `ar.nodes=1` vs `ar.nodes=2` (one rank per worker, workers on 127.0.0.1 and 127.0.0.2, a c10d
                  rendezvous, gloo): tokens/s of the same global batches.
 
-`speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup; `<stage>_<n>_flow_cpu_s` = the CPU
-the flow's own process spent orchestrating (Prefect task runs, planning, publishing), taken from the same two cores
-here (on a cluster the CLI runs on a login node). The goal (issue 40): tokenize
+`speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup; `<stage>_<n>_cpu_s` = the CPU
+seconds each kind of process spent during the fastest run (`workers`: the tasks; `flow`: this process orchestrating —
+Prefect task runs, planning, publishing; `prefect_server`, `scheduler`, `nannies`): everything but `workers` shares
+the two cores with the tasks here (on a cluster the CLI and the server run on other machines). The goal (issue 40): tokenize
 and evaluate ≥ 1.7× on 2 cores. With a GPU lent, `PYTHONPATH=. python benchmarks/gpu.py` gives images/s per GPU.
 
-    PYTHONPATH=. python benchmarks/scale.py [--root DIR] [-o key=value …]
+    PYTHONPATH=. python benchmarks/scale.py [--root DIR] [--per-class N] [--eval-per-class N] [-o key=value …]
 
-Each stage (and the split loop) is timed `--repeat` times (default 3) and the fastest run counts, every run listed
-beside it (`*_runs_s`, `ceiling_runs`): this machine's second core is shared, and one run's ceiling measured 1.71×,
-the next 1.92×.
+`--repeat` runs (default 3), each timing the split loop, then 1 worker, then 2 workers back to back, so that the
+machine's drift (this VM's second core: the same split loop measured 1.69× and 2.01× in one invocation) falls on
+both alike. The fastest of each counts (`<stage>_speedup`), every run is listed (`*_runs_s`, `ceiling_runs`), and
+each run's own ratio with their median (`<stage>_speedup_runs`, `<stage>_speedup_median`).
 
 Prints one JSON line: figure = the smaller of tokenize's and evaluate's speedups, baseline = 1.7, ratio = figure /
 baseline, and every number.
@@ -36,6 +39,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -59,18 +63,44 @@ def workers(n: int, distinct_hosts: bool = False) -> list[tuple[str, list[str]]]
     return [(f"w{i}", ["--resources", "GPU=1", "--host", host]) for i, host in enumerate(hosts)]
 
 
-ORCHESTRATION: dict[str, float] = {}  # CPU seconds of this (the flow's) process per stage, on the workers' cores
+def cpu_by_pid() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process (the flow's) and every process it started, by pid: (role, seconds). Roles:
+    flow, workers (the `dask worker` processes that run tasks), nannies (their parents), scheduler, prefect_server
+    (the ephemeral API server); the rest (multiprocessing's resource trackers) is `other`."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[int, tuple[str, float]] = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            cmd, parent, times = " ".join(proc.cmdline()), proc.parent(), proc.cpu_times()
+            parent_cmd = " ".join(parent.cmdline()) if parent is not None else ""
+        except psutil.Error:  # ended meanwhile
+            continue
+        role = ("flow" if proc.pid == me.pid else "prefect_server" if "--lifespan" in cmd
+                else "scheduler" if "dask scheduler" in cmd else "nannies" if "dask worker" in cmd
+                else "workers" if "dask worker" in parent_cmd else "other")
+        out[proc.pid] = (role, times.user + times.system)
+    return out
 
 
-def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tuple[Any, float]:
+def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent by role between two `cpu_by_pid` snapshots (processes started meanwhile from zero)."""
+    spent: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    return {role: round(seconds, 2) for role, seconds in sorted(spent.items()) if role != "other"}
+
+
+def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tuple[Any, float, dict[str, float]]:
+    """`stage` on the cluster at `address` → (its result, seconds, CPU seconds by role: `cpu_between`)."""
     from nextdetail.pipeline.run import run_stage
     from nextdetail.pipeline.runtime import prefect_api
 
     with prefect_api():
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        t0, cpu0 = time.perf_counter(), cpu_by_pid()
         result = run_stage(cfg, stage, up, progress=False, scheduler=address)
-        ORCHESTRATION[stage] = ORCHESTRATION.get(stage, 0.0) + time.process_time() - cpu0
-        return result, time.perf_counter() - t0
+        return result, time.perf_counter() - t0, cpu_between(cpu0, cpu_by_pid())
 
 
 STAGE_MODULES = ("torch", "nextdetail.stages.tokenize.tasks", "nextdetail.stages.evaluate.tasks",
@@ -93,12 +123,12 @@ def warm_imports(address: str) -> float:
         return round(time.perf_counter() - t0, 2)
 
 
-def _encode_share(args: tuple[dict, int, int]) -> float:
-    """One process's share of the split loop: its images through the tokenizer, one torch thread."""
+def _encode_share(spec: dict) -> float:
+    """One process's share of the split loop (`spec["jobs"]`: its tars): its images through the tokenizer, one torch
+    thread."""
     import torch
 
     torch.set_num_threads(1)
-    spec, rank, world = args
     from nextdetail.stages.tokenize.tasks import TokenInputs, encode_images, load_tokenizer
     from nextdetail.storage.fs import Store
     from nextdetail.storage.shards import read_tar_images
@@ -106,7 +136,7 @@ def _encode_share(args: tuple[dict, int, int]) -> float:
     inputs = TokenInputs(**spec["inputs"])
     model = load_tokenizer(inputs, "cpu")
     store = Store(inputs.shards_url)
-    jobs = spec["jobs"][rank::world]
+    jobs = spec["jobs"]
     images = [read_tar_images(store, tar, tuple(keys), "png") for tar, keys in jobs]
     t0 = time.perf_counter()
     for batch in images:
@@ -114,26 +144,37 @@ def _encode_share(args: tuple[dict, int, int]) -> float:
     return time.perf_counter() - t0
 
 
+def balanced_halves(jobs: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str]]]]:
+    """The tars in two shares of (nearly) equal images: largest first, each to the lighter share. Every other tar
+    (the split loop until session 25) gave tiny's shares 1,440 and 1,200 images (the val tar is 240), capping the
+    "ceiling" at 1.83× by the split, not by the cores."""
+    shares: list[list[tuple[str, list[str]]]] = [[], []]
+    for job in sorted(jobs, key=lambda job: -len(job[1])):
+        min(shares, key=lambda share: sum(len(keys) for _, keys in share)).append(job)
+    return shares
+
+
 def split_loop(inputs: Any, jobs: list[tuple[str, list[str]]]) -> dict[str, float]:
-    """The encoding loop without a framework: one process, then two processes each doing every other tar."""
+    """The encoding loop without a framework: one process, then two processes each doing half the images."""
     from dataclasses import asdict
 
-    spec = {"inputs": {**asdict(inputs), "factors_url": None}, "jobs": jobs}
+    spec = {"inputs": {**asdict(inputs), "factors_url": None}}
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        one = max(pool.map(_encode_share, [(spec, 0, 1)]))
+        one = max(pool.map(_encode_share, [{**spec, "jobs": jobs}]))
     with ctx.Pool(2) as pool:
-        two = max(pool.map(_encode_share, [(spec, r, 2) for r in range(2)]))
+        two = max(pool.map(_encode_share, [{**spec, "jobs": share} for share in balanced_halves(jobs)]))
     return {"split_loop_1_s": round(one, 2), "split_loop_2_s": round(two, 2), "ceiling": round(one / two, 2)}
 
 
-def record(out: dict[str, Any], name: str, seconds: float, flow_cpu: float, images: int) -> None:
-    """One timed run of a stage: every run in `<name>_runs_s`; `<name>_s` (and its images/s, flow CPU) the fastest."""
+def record(out: dict[str, Any], name: str, seconds: float, cpu: dict[str, float], images: int) -> None:
+    """One timed run of a stage: every run in `<name>_runs_s`; `<name>_s` (and its images/s, CPU by role) the
+    fastest."""
     runs = out.setdefault(f"{name}_runs_s", [])
     runs.append(round(seconds, 2))
     if runs[-1] <= min(runs):
         out[f"{name}_s"], out[f"{name}_images_per_s"] = round(seconds, 2), round(images / seconds, 1)
-        out[f"{name}_flow_cpu_s"] = round(flow_cpu, 2)
+        out[f"{name}_cpu_s"] = cpu
 
 
 def main() -> None:
@@ -143,6 +184,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each stage and of the split loop; the "
                         "fastest counts (this machine's second core is shared: one run's ceiling was 1.71×, the "
                         "next 1.92×)")
+    parser.add_argument("--per-class", type=int, default=200, help="train images per class of the embedded dataset "
+                        "(12 classes; default tiny's 200)")
+    parser.add_argument("--eval-per-class", type=int, default=50, help="evaluate's samples per class (default tiny's "
+                        "50)")
     args = parser.parse_args()
     import tempfile
 
@@ -156,11 +201,15 @@ def main() -> None:
     from nextdetail.pipeline.runtime import prefect_api
 
     root = args.root or work / "root"
-    base = config(root, "tokenizer.order=0", *args.overrides)  # order 0: tokenize reads no factors (decompose skipped)
+    workload = [f"data.embedded.per_class={args.per_class}", f"eval.samples_per_class={args.eval_per_class}",
+                *args.overrides]
+    out: dict[str, Any] = {"benchmark": "scale", "cores": os.cpu_count(), "per_class": args.per_class,
+                           "eval_per_class": args.eval_per_class}
+    base = config(root, "tokenizer.order=0", *workload)  # order 0: tokenize reads no factors (decompose skipped)
     with prefect_api():
         t0 = time.perf_counter()
         up = run_pipeline(base, until="train_ar", progress=False)
-    out: dict[str, Any] = {"benchmark": "scale", "cores": os.cpu_count(), "setup_s": round(time.perf_counter() - t0, 1)}
+    out["setup_s"] = round(time.perf_counter() - t0, 1)
     images = up["tokenize"].summary["images"]
     print(f"scale: root built in {out['setup_s']} s ({images} images)", file=sys.stderr)
 
@@ -171,41 +220,47 @@ def main() -> None:
     jobs: dict[str, list[str]] = {}
     for r in rows:
         jobs.setdefault(r["shard"], []).append(r["key"])
-    loops = [split_loop(inputs, sorted(jobs.items())) for _ in range(args.repeat)]
+    loops: list[dict[str, float]] = []
+    for attempt in range(args.repeat):  # interleaved: the machine's drift falls on 1 and 2 workers alike
+        loops.append(split_loop(inputs, sorted(jobs.items())))
+        for n in (1, 2):
+            with external_dask(*workers(n)) as address:
+                out[f"workers_{n}_import_s"] = warm_imports(address)
+                # a fresh token cache and fresh evaluation outputs each time
+                cfg = config(root, "tokenizer.order=0", *workload, f"dask.address={address}",
+                             "tokens.resources={GPU: 1}", f"tokens.cache={work / f'tokens-{n}-{attempt}'}")
+                result, seconds, cpu = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in (
+                    "shard", "train_tokenizer")} | {"decompose": None})
+                assert result.summary["content_sha256"] == up["tokenize"].summary["content_sha256"]
+                record(out, f"tokenize_{n}", seconds, cpu, images)
+
+                cfg = config(root, "tokenizer.order=0", *workload, f"dask.address={address}",
+                             "eval.resources={GPU: 1}", "eval.classes_per_task=1",
+                             f"eval.reference_cache={work / f'refstats-{n}-{attempt}'}")
+                evaluated, seconds, cpu = run_stage_on(address, cfg, "evaluate", {k: up[k] for k in (
+                    "shard", "train_tokenizer", "tokenize", "train_ar")})
+                shutil.rmtree(evaluated.url)  # the next attempt evaluates again (same identity)
+                record(out, f"evaluate_{n}", seconds, cpu, evaluated.summary["samples"])
+        print(f"scale: run {attempt + 1}/{args.repeat}: ceiling {loops[-1]['ceiling']}, tokenize "
+              f"{out['tokenize_1_runs_s'][-1]} → {out['tokenize_2_runs_s'][-1]} s, evaluate "
+              f"{out['evaluate_1_runs_s'][-1]} → {out['evaluate_2_runs_s'][-1]} s", file=sys.stderr)
     one, two = (min(loop[f"split_loop_{k}_s"] for loop in loops) for k in (1, 2))
     out.update(split_loop_1_s=one, split_loop_2_s=two, ceiling=round(one / two, 2),
                ceiling_runs=[loop["ceiling"] for loop in loops])
-
-    for n in (1, 2):
-        with external_dask(*workers(n)) as address:
-            out[f"workers_{n}_import_s"] = warm_imports(address)
-            for attempt in range(args.repeat):  # a fresh token cache and fresh evaluation outputs each time
-                cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
-                             "tokens.resources={GPU: 1}", f"tokens.cache={work / f'tokens-{n}-{attempt}'}")
-                result, seconds = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in (
-                    "shard", "train_tokenizer")} | {"decompose": None})
-                assert result.summary["content_sha256"] == up["tokenize"].summary["content_sha256"]
-                record(out, f"tokenize_{n}", seconds, ORCHESTRATION.pop("tokenize"), images)
-
-                cfg = config(root, "tokenizer.order=0", *args.overrides, f"dask.address={address}",
-                             "eval.resources={GPU: 1}", "eval.classes_per_task=1",
-                             f"eval.reference_cache={work / f'refstats-{n}-{attempt}'}")
-                evaluated, seconds = run_stage_on(address, cfg, "evaluate", {k: up[k] for k in (
-                    "shard", "train_tokenizer", "tokenize", "train_ar")})
-                shutil.rmtree(evaluated.url)  # the next attempt evaluates again (same identity)
-                record(out, f"evaluate_{n}", seconds, ORCHESTRATION.pop("evaluate"), evaluated.summary["samples"])
-            print(f"scale: {n} worker(s): tokenize {out[f'tokenize_{n}_runs_s']} s, evaluate "
-                  f"{out[f'evaluate_{n}_runs_s']} s", file=sys.stderr)
     for stage in ("tokenize", "evaluate"):
         out[f"{stage}_speedup"] = round(out[f"{stage}_1_s"] / out[f"{stage}_2_s"], 2)
         out[f"{stage}_of_ceiling"] = round(out[f"{stage}_speedup"] / out["ceiling"], 2)
+        # each run times 1 and 2 workers back to back: its ratio, and their median, say how steady the speedup is
+        out[f"{stage}_speedup_runs"] = [round(a / b, 2) for a, b in zip(out[f"{stage}_1_runs_s"],
+                                                                         out[f"{stage}_2_runs_s"], strict=True)]
+        out[f"{stage}_speedup_median"] = statistics.median(out[f"{stage}_speedup_runs"])
 
     for nodes in (1, 2):
         with external_dask(*workers(nodes, distinct_hosts=True)) as address:
             warm_imports(address)
-            cfg = config(root, "tokenizer.order=0", *args.overrides, *TRAIN, f"dask.address={address}",
+            cfg = config(root, "tokenizer.order=0", *workload, *TRAIN, f"dask.address={address}",
                          "ar.resources={GPU: 1}", f"ar.nodes={nodes}", "ar.torch_threads=1")
-            trained, seconds = run_stage_on(address, cfg, "train_ar", {k: up[k] for k in (
+            trained, seconds, _ = run_stage_on(address, cfg, "train_ar", {k: up[k] for k in (
                 "shard", "train_tokenizer", "tokenize")})
             shutil.rmtree(trained.url)
             out[f"train_{nodes}_nodes_s"] = round(seconds, 2)
