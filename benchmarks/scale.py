@@ -181,9 +181,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("-o", dest="overrides", action="append", default=[])
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each stage and of the split loop; the "
-                        "fastest counts (this machine's second core is shared: one run's ceiling was 1.71×, the "
-                        "next 1.92×)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs, each timing the split loop, then 1 and 2 "
+                        "workers back to back; the fastest of each counts (this VM drifts: one invocation's "
+                        "ceilings were 1.62×, 1.72×, 2.10×)")
     parser.add_argument("--per-class", type=int, default=200, help="train images per class of the embedded dataset "
                         "(12 classes; default tiny's 200)")
     parser.add_argument("--eval-per-class", type=int, default=50, help="evaluate's samples per class (default tiny's "
