@@ -435,8 +435,8 @@ def _flow_context_of(pickled: bytes) -> dict[str, Any]:
 
     Prefect rebuilds its settings from the serialized context for every task run (`hydrated_context` →
     `Settings(**…)`): pydantic-settings then reads the environment, .env files, the profiles and pyproject.toml
-    afresh. Measured on a `dask worker` (issue 40): 73 ms of the worker's CPU per trivial task run, 55 % of it
-    building those settings; 26 ms with this. Given the built `Settings` and `Profile` instead of their dicts,
+    afresh: most of a trivial task run's time on a `dask worker` (issue 40; `benchmarks/task_overhead.py`: 45 ms
+    per task run, 11.5 ms with this). Given the built `Settings` and `Profile` instead of their dicts,
     pydantic takes them as they are. They are the same values: the settings the flow's process serialized. Callers
     copy the dict before adding to it."""
     import pickle
