@@ -4,7 +4,9 @@ On a root built once (the tiny preset through train_ar, short trainings; `--per-
 larger workload), each measurement runs one stage on an external `dask scheduler` with N
 `dask worker --nthreads 1 --resources GPU=1` processes started for it, their imports (torch, the stage modules) done
 first as on a cluster that has served before (`workers_<n>_import_s`: that cold start, ≈ 4 s, paid once per worker
-process); the stage itself loads its models, as its first run on a cluster does:
+process), and the flows' imports in this process too (`flow_import_s`); the stage itself loads its models, as its
+first run on a cluster does. The scheduler and workers start as README "Running on a cluster" says (Dask's
+bookkeeping quieted, `runtime.QUIET_DASK`):
 
 - tokenize_*     `tokens.resources={GPU: 1}`: one task per tar (a fresh token cache each time) — images/s;
 - evaluate_*     `eval.resources={GPU: 1}`: one task per class group and per reference tar, then the merge
@@ -123,6 +125,17 @@ def warm_imports(address: str) -> float:
         return round(time.perf_counter() - t0, 2)
 
 
+def warm_flow_imports(cfg: Any) -> float:
+    """Import what the flows need in this process before any timed run: evaluate's flow, and torch-fidelity through
+    the extractor's identity (its first thing in every run). Else the first run's 1-worker evaluate alone paid them
+    (≈ 3 s; up to session 25, whose first evaluate ratio, 1.83×, had them). Returns the seconds they took."""
+    t0 = time.perf_counter()
+    from nextdetail.stages.evaluate.flow import extractor_identity
+
+    extractor_identity(cfg)
+    return round(time.perf_counter() - t0, 2)
+
+
 def _encode_share(spec: dict) -> float:
     """One process's share of the split loop (`spec["jobs"]`: its tars): its images through the tokenizer, one torch
     thread."""
@@ -220,6 +233,7 @@ def main() -> None:
     jobs: dict[str, list[str]] = {}
     for r in rows:
         jobs.setdefault(r["shard"], []).append(r["key"])
+    out["flow_import_s"] = warm_flow_imports(base)
     loops: list[dict[str, float]] = []
     for attempt in range(args.repeat):  # interleaved: the machine's drift falls on 1 and 2 workers alike
         loops.append(split_loop(inputs, sorted(jobs.items())))

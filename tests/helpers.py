@@ -138,8 +138,11 @@ def external_dask(*workers: tuple[str, list[str]]):
     joined, and ends them all."""
     from distributed import Client
 
+    from nextdetail.pipeline.runtime import quiet_dask_environ
+
     address = f"tcp://127.0.0.1:{free_port()}"
-    quiet = {"env": {**os.environ, "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"},
+    # started as README "Running on a cluster" says (Dask's bookkeeping quieted); a variable already set wins
+    quiet = {"env": {**quiet_dask_environ(), **os.environ},
              "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
                                address.rsplit(":", 1)[1], "--no-dashboard"], **quiet)]
