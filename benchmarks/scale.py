@@ -25,9 +25,9 @@ and evaluate ≥ 1.7× on 2 cores. With a GPU lent, `PYTHONPATH=. python benchma
 
     PYTHONPATH=. python benchmarks/scale.py [--root DIR] [--per-class N] [--eval-per-class N] [-o key=value …]
 
-`--repeat` runs (default 3), each timing the split loop, then 1 worker, then 2 workers back to back, so that the
-machine's drift (this VM's second core: the same split loop measured 1.69× and 2.01× in one invocation) falls on
-both alike. The fastest of each counts (`<stage>_speedup`), every run is listed (`*_runs_s`, `ceiling_runs`), and
+`--repeat` runs (default 4), each timing the split loop, then 1 worker, then 2 workers back to back — every other
+run in the reverse order (2 then 1), so that a steady drift cancels — so that the machine's drift (this VM's second
+core: the same split loop measured 1.69× and 2.01× in one invocation) falls on both alike. The fastest of each counts (`<stage>_speedup`), every run is listed (`*_runs_s`, `ceiling_runs`), and
 each run's own ratio with their median (`<stage>_speedup_runs`, `<stage>_speedup_median`).
 
 Prints one JSON line: figure = the smaller of tokenize's and evaluate's speedups, baseline = 1.7, ratio = figure /
@@ -167,16 +167,19 @@ def balanced_halves(jobs: list[tuple[str, list[str]]]) -> list[list[tuple[str, l
     return shares
 
 
-def split_loop(inputs: Any, jobs: list[tuple[str, list[str]]]) -> dict[str, float]:
-    """The encoding loop without a framework: one process, then two processes each doing half the images."""
+def split_loop(inputs: Any, jobs: list[tuple[str, list[str]]], order: tuple[int, ...] = (1, 2)) -> dict[str, float]:
+    """The encoding loop without a framework: one process, and two processes each doing half the images (in
+    `order`)."""
     from dataclasses import asdict
 
     spec = {"inputs": {**asdict(inputs), "factors_url": None}}
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        one = max(pool.map(_encode_share, [{**spec, "jobs": jobs}]))
-    with ctx.Pool(2) as pool:
-        two = max(pool.map(_encode_share, [{**spec, "jobs": share} for share in balanced_halves(jobs)]))
+    shares = {1: [{**spec, "jobs": jobs}], 2: [{**spec, "jobs": share} for share in balanced_halves(jobs)]}
+    seconds = {}
+    for n in order:
+        with ctx.Pool(n) as pool:
+            seconds[n] = max(pool.map(_encode_share, shares[n]))
+    one, two = seconds[1], seconds[2]
     return {"split_loop_1_s": round(one, 2), "split_loop_2_s": round(two, 2), "ceiling": round(one / two, 2)}
 
 
@@ -194,9 +197,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="default: a temporary directory, removed after")
     parser.add_argument("-o", dest="overrides", action="append", default=[])
-    parser.add_argument("--repeat", type=int, default=3, help="runs, each timing the split loop, then 1 and 2 "
-                        "workers back to back; the fastest of each counts (this VM drifts: one invocation's "
-                        "ceilings were 1.62×, 1.72×, 2.10×)")
+    parser.add_argument("--repeat", type=int, default=4, help="runs, each timing the split loop, then 1 and 2 "
+                        "workers back to back (every other run 2 then 1); the fastest of each counts (this VM "
+                        "drifts: one invocation's ceilings were 1.62×, 1.72×, 2.10×)")
     parser.add_argument("--per-class", type=int, default=200, help="train images per class of the embedded dataset "
                         "(12 classes; default tiny's 200)")
     parser.add_argument("--eval-per-class", type=int, default=50, help="evaluate's samples per class (default tiny's "
@@ -236,8 +239,9 @@ def main() -> None:
     out["flow_import_s"] = warm_flow_imports(base)
     loops: list[dict[str, float]] = []
     for attempt in range(args.repeat):  # interleaved: the machine's drift falls on 1 and 2 workers alike
-        loops.append(split_loop(inputs, sorted(jobs.items())))
-        for n in (1, 2):
+        order = (1, 2) if attempt % 2 == 0 else (2, 1)  # A B, then B A: a steady drift cancels in the median
+        loops.append(split_loop(inputs, sorted(jobs.items()), order))
+        for n in order:
             with external_dask(*workers(n)) as address:
                 out[f"workers_{n}_import_s"] = warm_imports(address)
                 # a fresh token cache and fresh evaluation outputs each time
