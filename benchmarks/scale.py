@@ -107,8 +107,11 @@ def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tupl
 
 STAGE_MODULES = ("torch", "nextdetail.stages.tokenize.tasks", "nextdetail.stages.evaluate.tasks",
                  "nextdetail.stages.train_ar.tasks", "nextdetail.stages.sample.tasks",
-                 "nextdetail.models.feature_extractor", "scipy.linalg")  # the last two: evaluate's lazy imports
-                 # (torch-fidelity, torchvision: 1.9 s, once per worker process, in its first feature task)
+                 # the tasks' lazy imports, each once per worker process, in its first task: evaluate's
+                 # torch-fidelity and torchvision (1.9 s), the token cache's zarr (0.33 s, up to session 26 in every
+                 # fresh worker's first tokenize task), and prefect-dask's task-run wrapper (0.18 s, idem)
+                 "nextdetail.models.feature_extractor", "scipy.linalg", "zarr", "prefect_dask.task_runners",
+                 "prefect.task_engine", "webdataset", "pyarrow.parquet")
 
 
 def warm_imports(address: str) -> float:
