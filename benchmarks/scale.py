@@ -25,9 +25,10 @@ and evaluate ≥ 1.7× on 2 cores. With a GPU lent, `PYTHONPATH=. python benchma
 
     PYTHONPATH=. python benchmarks/scale.py [--root DIR] [--per-class N] [--eval-per-class N] [-o key=value …]
 
-`--repeat` runs (default 4), each timing the split loop, then 1 worker, then 2 workers back to back — every other
-run in the reverse order (2 then 1), so that a steady drift cancels — so that the machine's drift (this VM's second
-core: the same split loop measured 1.69× and 2.01× in one invocation) falls on both alike. The fastest of each counts (`<stage>_speedup`), every run is listed (`*_runs_s`, `ceiling_runs`), and
+`--repeat` runs (default 4), each timing the split loop, 1 worker and 2 workers back to back, every other run in
+the reverse order (2 then 1), so that the machine's drift (this VM's second core: the same split loop measured 1.69×
+and 2.01× in one invocation) falls on both alike and a steady drift cancels. The fastest of each counts
+(`<stage>_speedup`), every run is listed (`*_runs_s`, `ceiling_runs`), and
 each run's own ratio with their median (`<stage>_speedup_runs`, `<stage>_speedup_median`).
 
 Prints one JSON line: figure = the smaller of tokenize's and evaluate's speedups, baseline = 1.7, ratio = figure /
