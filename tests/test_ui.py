@@ -103,6 +103,34 @@ def test_browser_shows_every_picture_and_one_node_per_stage(own_pipeline, prefec
         assert (tmp_path / f"{shot}.png").stat().st_size > 10_000, shot  # a page, not a blank
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["threads", "dask"])
+def test_run_tags_mark_the_flow_runs_and_no_task_run(where):
+    """A stage's flow run under a pipeline run's tags carries them (what the UI filters runs by); its task runs,
+    in this process's threads or on a Dask worker, carry none. Prefect's task engine takes a tag concurrency slot
+    through the API for every tagged task run: a write transaction on the task's critical path, which a loaded
+    CI machine once saw time out (503; issue 40). Fails with the tags left on."""
+    from prefect import flow, tags, task
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    from nextdetail.conf.environment import DaskConfig
+    from nextdetail.pipeline.runtime import prefect_api, run_flow
+
+    @task(persist_result=False)
+    def task_run_tags() -> list[str]:
+        return sorted(TaskRunContext.get().task_run.tags)  # the engine's concurrency slots are these
+
+    @flow(persist_result=False)
+    def stage() -> tuple[list[str], list[list[str]]]:
+        return sorted(FlowRunContext.get().flow_run.tags), [f.result() for f in [task_run_tags.submit()
+                                                                                  for _ in range(3)]]
+
+    with prefect_api(), tags("preset:tiny", "model:cart"):
+        flow_run_tags, task_runs_tags = run_flow(stage, DaskConfig(n_workers=1), where == "dask", None)
+    assert flow_run_tags == ["model:cart", "preset:tiny"]
+    assert task_runs_tags == [[], [], []]
+
+
 @pytest.fixture()
 def prefect_server_with_scheduler(tmp_path):
     """A `prefect server start` of its own with its services on (the session's runs without them), its

@@ -344,11 +344,34 @@ def _resources_text(resources: dict[str, float]) -> str:
 def run_flow(flow: Any, dask: Any, on_cluster: bool, scheduler: str | None, *args: Any, **kwargs: Any) -> Any:
     """A stage's flow called with `args`/`kwargs`: in this process, or (`on_cluster`) with its tasks on the Dask
     scheduler at `scheduler` — default `dask` (the config's section): its `address`, else a LocalCluster for this
-    call."""
+    call. Either way its task runs are created without the run's tags (`untagged_threads`)."""
     if not on_cluster:
-        return flow(*args, **kwargs)
+        return flow.with_options(task_runner=untagged_threads(flow.task_runner))(*args, **kwargs)
     with dask_cluster(**{**dask.model_dump(), "address": scheduler or dask.address}) as address:
         return flow.with_options(task_runner=dask_task_runner(address))(*args, **kwargs)
+
+
+def untagged_threads(runner: Any) -> Any:
+    """`runner` (a flow's thread-pool task runner), its task runs created without the run's tags.
+
+    A pipeline run is tagged (`tags(preset:…, model:…, commit:…)`: what the UI filters runs by), and Prefect gives
+    every task run created inside it the same tags. For each tagged task run its task engine then takes and
+    releases a tag concurrency slot through the API: two round trips on the task's critical path, each a write
+    transaction on the server, competing with the run recorder for SQLite's lock (a loaded CI machine saw one time
+    out: 503; issue 40). We set no tag concurrency limits, so the flow runs keep the tags and task runs go without.
+    A runner of another kind is returned as it is; the Dask runner does the same (`dask_task_runner`)."""
+    from prefect.context import TagsContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    if type(runner) is not ThreadPoolTaskRunner:
+        return runner
+
+    class _UntaggedThreadPoolTaskRunner(ThreadPoolTaskRunner):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            with TagsContext(current_tags=set()):  # the worker thread runs in a copy of the context at submit
+                return super().submit(*args, **kwargs)
+
+    return _UntaggedThreadPoolTaskRunner(max_workers=runner._max_workers)
 
 
 def on_workers_offering(resources: dict[str, float] | None) -> Any:
@@ -381,7 +404,7 @@ def dask_task_runner(address: str) -> Any:
     before it scheduled a fresh cluster's first task, on the workers' cores here) and unpickled every task's
     context again. A blob is opaque bytes to it, and what it does unpickle (`_run_pickled_task_run`) lives in
     this import-light module. Task runs handed Dask futures as arguments (none of our stages) go as before, so
-    Dask still resolves them."""
+    Dask still resolves them. The context travels without the run's tags, as `untagged_threads` says why."""
     import pickle
 
     import cloudpickle
@@ -403,7 +426,7 @@ def dask_task_runner(address: str) -> Any:
             flow_run = FlowRunContext.get()
             run_id = flow_run.flow_run.id if flow_run and flow_run.flow_run else None
             if self._flow_context is None or self._flow_context[0] != run_id:
-                flow_context = serialize_context()
+                flow_context = {**serialize_context(), "tags_context": {}}  # task runs untagged: `untagged_threads`
                 self._flow_context = (run_id, flow_context, cloudpickle.dumps(flow_context))
             task_run_id = uuid.uuid4()
             parameters = self._optimize_futures(parameters)

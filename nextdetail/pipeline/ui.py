@@ -2,11 +2,13 @@
 keyed artifacts with the pictures inside them (`prefect.artifacts`).
 
 - **Runs**: a pipeline run is named `<preset> · <models> · <commit>` and tagged `preset:…`, `model:…`,
-  `commit:…` and `set:<key>` for each setting that differs from the preset (`run_tags`). Its parameters are the
-  preset, the models, the stages and those settings — credentials masked (`pipeline_parameters`), never the
-  resolved config. A stage's run is named `<stage> (<identity>)` and its parameters are its identity, its
-  upstream outputs' identities and the `nextdetail lineage` command that prints the rest (`stage_parameters`);
-  a stage the run reused is a run too, named `<stage> (reused <identity>)`, that did no work (`show_reused`).
+  `commit:…` and `set:<key>` for each setting that differs from the preset (`run_tags`); so are its stages' runs,
+  not their task runs (a tagged task run costs a concurrency-slot call to the API: `runtime.untagged_threads`).
+  Its parameters are the preset, the models, the stages and those settings — credentials masked
+  (`pipeline_parameters`), never the resolved config. A stage's run is named `<stage> (<identity>)` and its
+  parameters are its identity, its upstream outputs' identities and the `nextdetail lineage` command that prints
+  the rest (`stage_parameters`); a stage the run reused is a run too, named `<stage> (reused <identity>)`, that
+  did no work (`show_reused`).
 - **Artifacts** (a key's latest version is what the Artifacts page shows; each flow run keeps its own):
   `nextdetail-<model>-<stage>` (markdown) after each stage — what it made, its pictures, where its files are;
   `nextdetail-<model>-report` (markdown) and `nextdetail-<model>-metrics` (table) after evaluate;
