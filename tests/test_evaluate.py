@@ -15,7 +15,7 @@ from helpers import FAST, make_config, run_cli
 from PIL import Image
 
 from nextdetail.errors import UserError
-from nextdetail.models import fidelity
+from nextdetail.models import fidelity, fidelity_merge
 from nextdetail.models.feature_extractor import INCEPTION, RANDCONV, build_extractor
 from nextdetail.stages.evaluate.reference_stats import ensure_reference, plan_reference, reference_spec
 from nextdetail.storage.fs import Store
@@ -59,8 +59,8 @@ def test_our_metrics_equal_torch_fidelity_calculate_metrics(embedded_source, tmp
     from nextdetail.stages.evaluate.reference_stats import load_reference
 
     real_features, real_stats = load_reference(artifact.store, record)
-    ours = fidelity.compare(_features(model, train[:60]), real_features, real_stats, ["fid", "isc", "kid", "prc"],
-                            PROTOCOL)
+    ours = fidelity_merge.compare(_features(model, train[:60]), real_features, real_stats,
+                                  ["fid", "isc", "kid", "prc"], PROTOCOL)
     theirs = torch_fidelity.calculate_metrics(
         input1=str(fake_dir), input2=str(real_dir), feature_extractor=RANDCONV, fid=True, isc=True, kid=True, prc=True,
         isc_splits=4, kid_subsets=20, kid_subset_size=40, cuda=False, cache=False, verbose=False, batch_size=32,
@@ -86,8 +86,9 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_gaussian_noise(embedded
 
 
 def test_the_merge_computes_kid_beside_the_other_metrics_and_gets_the_same_row():
-    """The merge of a cluster evaluation (issue 40) runs KID's subsets in a thread beside FID, IS and precision /
-    recall: the row is the one `compare` gives in one call — every value and the keys' order."""
+    """The merge (issue 40) runs KID's subsets over a pool beside FID, IS and precision / recall, the last with the
+    real set's k-NN radii from the reference statistics: with or without a pool, the row is the one torch-fidelity's
+    functions give in one call, one thread (`fidelity.compare`) — every value and the keys' order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from nextdetail.conf.schema import EvalConfig, SampleConfig
@@ -99,7 +100,7 @@ def test_the_merge_computes_kid_beside_the_other_metrics_and_gets_the_same_row()
     real = np.abs(rng.normal(size=(200, 16))).astype(np.float32) + 0.1
     ecfg = EvalConfig(kid_subsets=30, kid_subset_size=50)
     args = (CheckpointRef("last", "x/transformer.pt"), SamplerFacts(1, ["a"], 1e9, False), fake, SampleConfig(),
-            ecfg, (real, fidelity.statistics(real)))
+            ecfg, (real, {**fidelity.statistics(real), "knn": fidelity_merge.knn_radii(real)}))
     with ThreadPoolExecutor(2) as pool:
         beside = checkpoint_row(*args, pool=pool)
     alone = checkpoint_row(*args)
@@ -109,6 +110,57 @@ def test_the_merge_computes_kid_beside_the_other_metrics_and_gets_the_same_row()
     assert {k: beside[k] for k in metrics} == {k: round(v, 6) if isinstance(v, float) else v
                                                 for k, v in metrics.items()}
     assert [k for k in beside if k in metrics] == list(metrics)  # KID in the middle, where `compare` puts it
+
+
+def _two_sets(n_fake: int = 150, n_real: int = 220) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated and real features that overlap in part (precision and recall strictly between 0 and 1)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n_fake, 24, generator=g) + 0.6, torch.randn(n_real, 24, generator=g)
+
+
+@pytest.mark.parametrize("save_cpu_ram", [False, True])
+def test_precision_recall_from_the_cached_real_radii_equals_torch_fidelity(save_cpu_ram):
+    """The reference statistics keep the real set's k-NN radii (`knn_radii`, k = 1 … KNN_MOST) so that a checkpoint's
+    precision / recall no longer recomputes the real × real distances (issue 40). Each radius is torch-fidelity's
+    own value, and precision / recall from them equal `prc_features_to_metric`'s exactly, in both of its ways;
+    past KNN_MOST the radii are computed as before."""
+    from torch_fidelity.metric_prc import calc_cdist_full, prc_features_to_metric
+
+    fake, real = _two_sets()
+    knn = fidelity_merge.knn_radii(real.numpy())
+    assert knn.shape == (len(real), fidelity_merge.KNN_MOST) and knn.dtype == np.float32
+    full = calc_cdist_full(real, real)
+    for k in range(1, fidelity_merge.KNN_MOST + 1):
+        assert torch.equal(torch.from_numpy(knn[:, k - 1]), full.kthvalue(k + 1).values), k
+    ours = {}
+    for k in (1, 3, fidelity_merge.KNN_MOST, fidelity_merge.KNN_MOST + 2):
+        cached = torch.from_numpy(knn[:, k - 1]) if k <= fidelity_merge.KNN_MOST else None
+        ours[k] = fidelity_merge.precision_recall(fake, real, k, cached, save_cpu_ram=save_cpu_ram)
+        theirs = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=10000,
+                                        save_cpu_ram=save_cpu_ram, verbose=False)
+        assert ours[k] == (theirs["precision"], theirs["recall"]), k
+        assert 0 < ours[k][0] < 1 and 0 < ours[k][1] < 1, (k, ours[k])
+    wrong = fidelity_merge.precision_recall(fake, real, 3, torch.from_numpy(knn[:, 0]), save_cpu_ram=save_cpu_ram)
+    assert wrong[0] < ours[3][0] and wrong[1] == ours[3][1]  # given radii are used: the 1st neighbour's, smaller
+
+
+def test_kid_over_a_pool_equals_torch_fidelity():
+    """KID's subsets in chunks over a thread pool (the merge's longest part, issue 40): the same subsets, the same
+    per-subset MMDs in the same order — mean and std equal `kid_features_to_metric`'s exactly, with or without."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    fake, real = (x.abs() for x in _two_sets())
+    theirs = kid_features_to_metric(fake, real, kid_subsets=23, kid_subset_size=60, rng_seed=7, verbose=False)
+    with ThreadPoolExecutor(3) as pool:
+        pooled = fidelity_merge.kid_subsets(fake, real, 23, 60, 7, pool)()
+    alone = fidelity_merge.kid_subsets(fake, real, 23, 60, 7)()
+    assert pooled.dtype == np.float64 and np.array_equal(pooled, alone) and len(set(pooled.tolist())) == 23
+    assert (float(np.mean(pooled)), float(np.std(pooled))) == (theirs["kernel_inception_distance_mean"],
+                                                              theirs["kernel_inception_distance_std"])
+    other_seed = fidelity_merge.kid_subsets(fake, real, 23, 60, 8)()
+    assert not np.array_equal(other_seed, alone)
 
 
 @pytest.mark.integration
@@ -269,7 +321,7 @@ def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline,
         # the statistics are the ones one process computed for the pipeline
         mine, theirs = (np.load(next(Path(r["url"]).glob("stats-*.npz"))) for r in (ev.reference,
                                                                                     results["evaluate"].reference))
-        for k in ("features", "mu", "sigma"):
+        for k in ("features", "mu", "sigma", "knn"):
             np.testing.assert_array_equal(mine[k], theirs[k])
         runs.append(1)
         out = Path(ev.url)

@@ -4,7 +4,7 @@ Data flow (all in this file; metric code in `models/fidelity.py`, extractors in 
   a reference — a split of the shard dataset, a folder of images, or an .npz reference batch (ADM's arr_0)
   ─▶ `ReferenceSpec.identity_parts()` (cheap: the shard dataset's identity, or the files' sha256)
   ─▶ `reference_stats` task: uint8 batches ─▶ extractor features ─▶ μ, Σ (FID layer) + the features (KID,
-     precision/recall) + IS of the real images ─▶ one `stats-<attempt>.npz` (atomic) ─▶ `_COMPLETE.json`
+     precision/recall) and their k-NN radii (precision) + IS of the real images ─▶ one `stats-<attempt>.npz` (atomic) ─▶ `_COMPLETE.json`
      created only if absent (two writers: one wins, both then read the winner's file), sha256 recorded.
 
 Identity = hash(the reference's content, max images, the extractor's name + weights sha256, code).
@@ -194,6 +194,7 @@ def compute_reference(artifact: Artifact, spec: ReferenceSpec, extractor: str, w
     `spec.tars()` order); write `stats-<attempt>.npz`; returns (summary, {file: sha256})."""
     from nextdetail.models import fidelity
     from nextdetail.models.feature_extractor import build_extractor
+    from nextdetail.models.fidelity_merge import knn_radii
 
     model, info = build_extractor(extractor, weights, weights_cache, device)
     log(f"reference statistics: {info.name} features of {spec.label} → {artifact.store.url()}")
@@ -205,7 +206,8 @@ def compute_reference(artifact: Artifact, spec: ReferenceSpec, extractor: str, w
     stats = fidelity.statistics(feats["fid"])
     isc_mean, isc_std = fidelity.inception_score(feats["isc"])
     buf = io.BytesIO()
-    np.savez(buf, features=feats["fid"], mu=stats["mu"], sigma=stats["sigma"])
+    knn = knn_radii(feats["fid"])  # precision / recall's real-set radii: once here, not per checkpoint
+    np.savez(buf, features=feats["fid"], mu=stats["mu"], sigma=stats["sigma"], knn=knn)
     rel = f"stats-{uuid.uuid4().hex[:12]}.npz"  # per attempt: a concurrent writer never replaces ours
     data = buf.getvalue()
     artifact.store.write_bytes(rel, data)
@@ -300,10 +302,11 @@ def withdraw_if_damaged(artifact: Artifact, log: Any = print) -> bool:
 
 
 def load_reference(store: Store, record: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(features (N, D) float32, {"mu", "sigma"}) of a complete reference artifact; checks the sha256."""
+    """(features (N, D) float32, {"mu", "sigma", "knn"}) of a complete reference artifact (knn: the features' k-NN
+    radii, `fidelity_merge.knn_radii`); checks the sha256."""
     rel = record["summary"]["file"]
     data = store.read_bytes(rel)
     if bytes_sha256(data) != record["sha256"][rel]:
         raise OSError(f"{store.url(rel)} changed after it was verified; re-run to rebuild it")
     arrays = np.load(io.BytesIO(data))
-    return arrays["features"], {"mu": arrays["mu"], "sigma": arrays["sigma"]}
+    return arrays["features"], {"mu": arrays["mu"], "sigma": arrays["sigma"], "knn": arrays["knn"]}

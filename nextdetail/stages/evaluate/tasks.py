@@ -167,16 +167,12 @@ class SamplerFacts:
 
 def checkpoint_row(ref: CheckpointRef, facts: SamplerFacts, samples: ClassSamples, scfg: SampleConfig,
                    ecfg: EvalConfig, real: tuple[np.ndarray, dict], pool: Executor | None = None) -> dict[str, Any]:
-    """One checkpoint's metrics, computed once from every class's features. With `pool`, KID (100 subsets, numpy:
-    most of the time) runs in it beside the others (on a cluster this merge is the stage's serial tail)."""
-    from nextdetail.models import fidelity
+    """One checkpoint's metrics, computed once from every class's features. With `pool`, KID's subsets (numpy:
+    most of the time) run in it beside the others (on a cluster this merge is the stage's serial tail)."""
+    from nextdetail.models import fidelity_merge
 
-    fake, asked, protocol = {"fid": samples.fid, "isc": samples.isc}, list(ecfg.metrics), ecfg.protocol()
-    beside = ["kid"] if pool is not None and "kid" in asked else []
-    kid = pool.submit(fidelity.compare, fake, real[0], real[1], beside, protocol) if beside else None
-    metrics = fidelity.compare(fake, real[0], real[1], [m for m in asked if m not in beside], protocol)
-    if kid is not None:
-        metrics.update(kid.result())
+    fake = {"fid": samples.fid, "isc": samples.isc}
+    metrics = fidelity_merge.compare(fake, real[0], real[1], list(ecfg.metrics), ecfg.protocol(), pool)
     metrics = {k: metrics[k] for k in METRIC_KEYS if k in metrics}  # the order `compare` gives them in
     n = len(samples.fid)
     row = {"label": ref.label, "step": facts.step, "checkpoint": ref.weights_url or ref.url, "samples": n,
@@ -347,7 +343,9 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
     real = inputs.reference.load()
     groups = dict(inputs.groups)
     rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(2) as pool:  # KID and the last checkpoint's pictures beside the other metrics
+    from nextdetail.models.fidelity_merge import usable_cores
+
+    with ThreadPoolExecutor(1 + usable_cores()) as pool:  # the pictures, and KID's subsets beside the other metrics
         for ref in inputs.checkpoints:
             log(f"evaluate: {ref.label}: {scfg.per_class} samples per class, cfg {scfg.cfg}, top-k {scfg.top_k}, "
                 f"top-p {scfg.top_p}, seed {scfg.seed}")
