@@ -355,10 +355,11 @@ def untagged_threads(runner: Any) -> Any:
     """`runner` (a flow's thread-pool task runner), its task runs created without the run's tags.
 
     A pipeline run is tagged (`tags(preset:…, model:…, commit:…)`: what the UI filters runs by), and Prefect gives
-    every task run created inside it the same tags. For each tagged task run its task engine then takes and
-    releases a tag concurrency slot through the API: two round trips on the task's critical path, each a write
-    transaction on the server, competing with the run recorder for SQLite's lock (a loaded CI machine saw one time
-    out: 503; issue 40). We set no tag concurrency limits, so the flow runs keep the tags and task runs go without.
+    every task run created inside it the same tags. For each tagged task run its task engine then asks the API for
+    a tag concurrency slot: a round trip on the task's critical path (two where a limit exists), a write
+    transaction on the server that competes with the run recorder for SQLite's lock (a loaded CI machine saw one
+    time out: 503; issue 40). We set no tag concurrency limits, so the flow runs keep the tags and task runs go
+    without.
     A runner of another kind is returned as it is; the Dask runner does the same (`dask_task_runner`)."""
     from prefect.context import TagsContext
     from prefect.task_runners import ThreadPoolTaskRunner

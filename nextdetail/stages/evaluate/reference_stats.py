@@ -4,8 +4,9 @@ Data flow (all in this file; metric code in `models/fidelity.py`, extractors in 
   a reference — a split of the shard dataset, a folder of images, or an .npz reference batch (ADM's arr_0)
   ─▶ `ReferenceSpec.identity_parts()` (cheap: the shard dataset's identity, or the files' sha256)
   ─▶ `reference_stats` task: uint8 batches ─▶ extractor features ─▶ μ, Σ (FID layer) + the features (KID,
-     precision/recall) and their k-NN radii (precision) + IS of the real images ─▶ one `stats-<attempt>.npz` (atomic) ─▶ `_COMPLETE.json`
-     created only if absent (two writers: one wins, both then read the winner's file), sha256 recorded.
+     precision/recall) and their k-NN radii (precision) + IS of the real images ─▶ one `stats-<attempt>.npz`
+     (atomic) ─▶ `_COMPLETE.json` created only if absent (two writers: one wins, both then read the winner's
+     file), sha256 recorded.
 
 Identity = hash(the reference's content, max images, the extractor's name + weights sha256, code).
 Location = `<eval.reference_cache or storage.root>/refstats/<identity>/`: the path is the identity, so a
