@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from nextdetail.models.fidelity import fid, inception_score, statistics
+from nextdetail.models import fidelity
 
 
 def compare(fake: dict[str, np.ndarray], real_features: np.ndarray, real_stats: dict[str, np.ndarray],
@@ -33,11 +33,7 @@ def compare(fake: dict[str, np.ndarray], real_features: np.ndarray, real_stats: 
     kid_size = min(protocol["kid_subset_size"], len(f1), len(f2))  # torch-fidelity refuses a subset > a set
     kid_mmds = kid_subsets(f1, f2, protocol["kid_subsets"], kid_size, protocol["rng_seed"], pool) \
         if "kid" in metrics else None
-    out: dict[str, Any] = {}
-    if "fid" in metrics:
-        out["fid"] = fid(statistics(fake["fid"]), real_stats)
-    if "isc" in metrics:
-        out["isc_mean"], out["isc_std"] = inception_score(fake["isc"], protocol["isc_splits"], protocol["rng_seed"])
+    out = fidelity.compare(fake, real_features, real_stats, [m for m in metrics if m in ("fid", "isc")], protocol)
     if "prc" in metrics:
         k, knn = protocol["prc_neighborhood"], real_stats.get("knn")
         real_radii = torch.from_numpy(knn[:, k - 1]) if knn is not None and k <= knn.shape[1] else None
@@ -51,16 +47,11 @@ def compare(fake: dict[str, np.ndarray], real_features: np.ndarray, real_stats: 
     return out
 
 
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def kid_subsets(fake: torch.Tensor, real: torch.Tensor, subsets: int, subset_size: int, rng_seed: int,
                 pool: Executor | None = None) -> Callable[[], np.ndarray]:
     """KID's per-subset MMDs (float64, as torch-fidelity collects them), computed as its `kid_features_to_metric`
     computes them: the same subsets, drawn from its RNG in its order, each by its `kernel_mmd`. With `pool`, they
-    start there now, in one chunk per core this process may use (the merge's longest part on a cluster: 100
+    start there now, in one chunk per core (the merge's longest part on a cluster: 100
     subsets of numpy); the returned function waits for them. Without, it computes them."""
     from torch_fidelity.metric_kid import kernel_mmd
 
@@ -79,7 +70,7 @@ def kid_subsets(fake: torch.Tensor, real: torch.Tensor, subsets: int, subset_siz
 
     if pool is None:
         return lambda: gathered([mmds(draws)])
-    n = min(subsets, usable_cores())
+    n = min(subsets, os.cpu_count() or 1)
     futures = [pool.submit(mmds, draws[c * subsets // n : (c + 1) * subsets // n]) for c in range(n)]
     return lambda: gathered([f.result() for f in futures])
 

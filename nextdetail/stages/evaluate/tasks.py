@@ -21,6 +21,7 @@ and the code its flow imports.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -343,9 +344,7 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
     real = inputs.reference.load()
     groups = dict(inputs.groups)
     rows: list[dict[str, Any]] = []
-    from nextdetail.models.fidelity_merge import usable_cores
-
-    with ThreadPoolExecutor(1 + usable_cores()) as pool:  # the pictures, and KID's subsets beside the other metrics
+    with ThreadPoolExecutor(1 + (os.cpu_count() or 1)) as pool:  # the pictures; KID's subsets beside the rest
         for ref in inputs.checkpoints:
             log(f"evaluate: {ref.label}: {scfg.per_class} samples per class, cfg {scfg.cfg}, top-k {scfg.top_k}, "
                 f"top-p {scfg.top_p}, seed {scfg.seed}")
