@@ -9,7 +9,7 @@ first run on a cluster does. The scheduler and workers start as README "Running 
 bookkeeping quieted, `runtime.QUIET_DASK`):
 
 - tokenize_*     `tokens.resources={GPU: 1}`: one task per tar (a fresh token cache each time) — images/s;
-- evaluate_*     `eval.resources={GPU: 1}`: one task per class group and per reference tar, then the merge
+- evaluate_*     `eval.resources={GPU: 1}`: one task per class group and per group of reference tars, then the merge
                  (fresh outputs and reference statistics each time) — generated images/s over the whole stage;
 - split_loop_*   the ceiling: the same tokenizer encoding loop on every image, in one process vs two processes
                  holding half the images each (one torch thread each, no Prefect, no Dask): what two cores give a

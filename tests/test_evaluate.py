@@ -144,6 +144,30 @@ def test_precision_recall_from_the_cached_real_radii_equals_torch_fidelity(save_
     assert wrong[0] < ours[3][0] and wrong[1] == ours[3][1]  # given radii are used: the 1st neighbour's, smaller
 
 
+def test_reference_tars_are_grouped_in_order_into_tasks_of_about_equal_images():
+    """On the cluster a split reference is extracted one task per group of tars (`tar_groups`): every tar once, in
+    order, never split; ≈ equal groups of at least `at_least` images where the tars allow, one tar per task where
+    they are that large already (ImageNet's), and groups fixed by the tars alone."""
+    from nextdetail.stages.evaluate.reference_stats import IMAGES_PER_TASK, tar_groups
+
+    def tars(*sizes: int) -> list[tuple[str, tuple[str, ...]]]:
+        return [(f"train/{i:06d}.tar", tuple(f"{i}-{j}" for j in range(n))) for i, n in enumerate(sizes)]
+
+    def images(groups) -> list[int]:
+        return [sum(len(keys) for _, keys in group) for group in groups]
+
+    for case, at_least, want in [((150,) * 16, 1000, [1200, 1200]),  # tiny: 16 tasks → 2
+                                 ((400,) * 5, 1000, [800, 1200]),
+                                 ((1250, 1300) * 4, 1000, [1250, 1300] * 4),  # ImageNet-like: one tar each
+                                 ((999,), 1000, [999]),
+                                 ((5000, 10, 10, 10), 1000, [5000, 10, 10, 10]),
+                                 ((18, 19, 17, 18, 20, 16, 18, 18), 40, [54, 38, 52])]:
+        groups = tar_groups(tars(*case), at_least)
+        assert [tar for group in groups for tar in group] == tars(*case)  # all, once, in order
+        assert images(groups) == want, case
+    assert tar_groups(tars(150, 150)) == tar_groups(tars(150, 150), IMAGES_PER_TASK)
+
+
 def test_kid_over_a_pool_equals_torch_fidelity():
     """KID's subsets in chunks over a thread pool (the merge's longest part, issue 40): the same subsets, the same
     per-subset MMDs in the same order — mean and std equal `kid_features_to_metric`'s exactly, with or without."""
@@ -290,12 +314,13 @@ def test_eval_cli_on_checkpoint_files_with_a_folder_reference(pipeline, embedded
 
 
 @pytest.mark.e2e
-def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline, embedded_source, tmp_path):
+def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline, embedded_source, tmp_path,
+                                                                   monkeypatch):
     """eval.resources: every checkpoint × class group is a task on the workers offering them (a `dask worker
     --resources GPU=1` each); the features are gathered in class order and the metrics computed once. Two workers
     give exactly one worker's metrics and samples tar, as do a group size that does not divide the classes and the
-    pipeline's own evaluation in one process. The reference statistics are extracted one task per tar and gathered:
-    the same arrays as one process's."""
+    pipeline's own evaluation in one process. The reference statistics are extracted one task per group of tars
+    and gathered: the same arrays as one process's."""
     import shutil
     import sys
 
@@ -304,6 +329,10 @@ def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline,
 
     from nextdetail.pipeline.run import run_stage
     from nextdetail.pipeline.runtime import prefect_api
+    from nextdetail.stages.evaluate import reference_stats
+
+    # the 144 train images' 8 tars in 3 groups (not 1 of ≥ 1,000 images), so the gather's order is exercised
+    monkeypatch.setattr(reference_stats, "IMAGES_PER_TASK", 40)
 
     root, _, results = own_pipeline
     up = {k: results[k] for k in ("shard", "train_tokenizer", "tokenize", "train_ar")}
@@ -317,7 +346,7 @@ def test_evaluate_by_class_groups_on_two_workers_equals_one_worker(own_pipeline,
             ev = run_stage(c, "evaluate", up, progress=False)
         assert ev.work == "ran" and ev.identity == results["evaluate"].identity  # where it runs is not what it is
         assert ev.reference["work"] == "ran" and ev.reference["identity"] == results["evaluate"].reference["identity"]
-        assert not list(refs.glob("refstats/*/parts"))  # one task per tar, gathered
+        assert not list(refs.glob("refstats/*/parts"))  # one task per group of tars, gathered
         # the statistics are the ones one process computed for the pipeline
         mine, theirs = (np.load(next(Path(r["url"]).glob("stats-*.npz"))) for r in (ev.reference,
                                                                                     results["evaluate"].reference))

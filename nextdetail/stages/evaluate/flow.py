@@ -22,11 +22,12 @@ from nextdetail.stages.evaluate.reference_stats import (
     ReferenceSpec,
     RefHandle,
     ensure_reference,
+    part_artifact,
     plan_reference,
     reference_features,
     reference_spec,
     reference_stats,
-    tar_artifact,
+    tar_groups,
     withdraw_if_damaged,
 )
 from nextdetail.stages.evaluate.tasks import (
@@ -76,25 +77,25 @@ def get_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str,
 
 def start_reference(cfg: PipelineConfig, spec: ReferenceSpec, extractor: dict[str, str]
                     ) -> Callable[[bool], RefHandle]:
-    """`get_reference` in two halves: with `eval.resources` a split's tars are submitted now, one task each,
-    largest first; the returned call (progress) → the handle waits for them and merges."""
+    """`get_reference` in two halves: with `eval.resources` a split's tars are submitted now, one task per group
+    of tars (`tar_groups`), largest first; the returned call (progress) → the handle waits for them and merges."""
     e, root = cfg.eval, reference_root(cfg)
     artifact = plan_reference(root, spec, extractor)
     withdraw_if_damaged(artifact, get_run_logger().warning)
-    tars, futures = [], {}
+    groups, futures = [], {}
     if e.resources is not None and spec.kind == "split" and artifact.completed() is None:
-        tars = [(shard, keys, tar_artifact(artifact, shard)) for shard, keys in spec.tars()]  # one task per tar
+        groups = [(group, part_artifact(artifact, group)) for group in tar_groups(spec.tars())]
         with on_workers_offering(e.resources):
-            futures = submit_parts(reference_features, [(shard, (part, spec, shard, keys, e.extractor,
-                                                                 e.inception_weights, e.weights_cache, e.batch_size,
-                                                                 e.device, e.torch_threads))
-                                                        for shard, keys, part in tars],
-                                   weight=lambda args: len(args[3]))
+            futures = submit_parts(reference_features, [(group[0][0], (part, spec, group, e.extractor,
+                                                                       e.inception_weights, e.weights_cache,
+                                                                       e.batch_size, e.device, e.torch_threads))
+                                                        for group, part in groups],
+                                   weight=lambda args: sum(len(keys) for _, keys in args[2]))
 
     def finish(progress: bool) -> RefHandle:
         if futures:
-            collect_parts(futures, desc="reference features", unit="tar", progress=progress)
-        parts = tuple(part.store.url() for _, _, part in tars)
+            collect_parts(futures, desc="reference features", unit="tar group", progress=progress)
+        parts = tuple(part.store.url() for _, part in groups)
         with on_workers_offering(e.resources):
             fut = reference_stats.submit(artifact, spec, e.extractor, e.inception_weights, e.weights_cache,
                                          e.batch_size, e.device, progress, parts)
