@@ -76,6 +76,35 @@ def test_stage_outputs_samples_grids_and_a_webdataset_tar(pipeline):
 
 
 @pytest.mark.e2e
+def test_class_photos_are_each_classes_first_held_out_image_from_one_read_of_each_tar(pipeline, monkeypatch):
+    """The real photo beside each class's samples is its first val image by key, as read alone — and each tar that
+    holds one is opened once (one read per class streamed a whole tar per class: 1,000 at ImageNet)."""
+    import io
+
+    from PIL import Image
+
+    from nextdetail.stages.sample.flow import reference_images
+    from nextdetail.storage.fs import Store
+    from nextdetail.storage.shards import read_tar_images
+
+    _, cfg, results = pipeline
+    shards, tokens = results["shard"], results["tokenize"]
+    opened: list[str] = []
+    real_open = Store.open
+    monkeypatch.setattr(Store, "open", lambda self, rel, *a, **k: opened.append(rel) or real_open(self, rel, *a, **k))
+    photos = dict(reference_images(cfg, shards, tokens))
+    monkeypatch.undo()
+    assert opened and len(opened) == len(set(opened)), opened
+    rows = tokens.open().index().to_pylist()
+    classes = sorted({r["class_index"] for r in rows})
+    assert sorted(photos) == classes
+    store = Store(shards.url, cfg.storage.options)
+    for c in classes:
+        first = min((r for r in rows if r["class_index"] == c and r["split"] == "val"), key=lambda r: r["key"])
+        alone = read_tar_images(store, first["shard"], (first["key"],), cfg.shard.image_format)[0]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(photos[c]))), alone)
+
+
 def test_changing_a_sampling_knob_resamples_only_and_training_knob_retrains(pipeline, embedded_source):
     root, _, results = pipeline
     again = _pipeline(make_config(root, embedded_source, *FAST), until="sample")
