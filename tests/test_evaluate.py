@@ -119,24 +119,28 @@ def _two_sets(n_fake: int = 150, n_real: int = 220) -> tuple[torch.Tensor, torch
 
 
 @pytest.mark.parametrize("save_cpu_ram", [False, True])
-def test_precision_recall_from_the_cached_real_radii_equals_torch_fidelity(save_cpu_ram):
+@pytest.mark.parametrize("batch", [10000, 37])
+def test_precision_recall_from_the_cached_real_radii_equals_torch_fidelity(save_cpu_ram, batch, monkeypatch):
     """The reference statistics keep the real set's k-NN radii (`knn_radii`, k = 1 … KNN_MOST) so that a checkpoint's
     precision / recall no longer recomputes the real × real distances (issue 40). Each radius is torch-fidelity's
     own value, and precision / recall from them equal `prc_features_to_metric`'s exactly, in both of its ways;
-    past KNN_MOST the radii are computed as before."""
+    past KNN_MOST the radii are computed as before. With a batch smaller than the sets (37: blocks and column
+    batches of uneven ends) the radii and precision / recall, taken one column batch at a time, still equal
+    torch-fidelity's whole rows of the same batches."""
     from torch_fidelity.metric_prc import calc_cdist_full, prc_features_to_metric
 
+    monkeypatch.setattr(fidelity_merge, "PRC_BATCH", batch)
     fake, real = _two_sets()
     knn = fidelity_merge.knn_radii(real.numpy())
     assert knn.shape == (len(real), fidelity_merge.KNN_MOST) and knn.dtype == np.float32
-    full = calc_cdist_full(real, real)
+    full = calc_cdist_full(real, real, batch)
     for k in range(1, fidelity_merge.KNN_MOST + 1):
         assert torch.equal(torch.from_numpy(knn[:, k - 1]), full.kthvalue(k + 1).values), k
     ours = {}
     for k in (1, 3, fidelity_merge.KNN_MOST, fidelity_merge.KNN_MOST + 2):
         cached = torch.from_numpy(knn[:, k - 1]) if k <= fidelity_merge.KNN_MOST else None
         ours[k] = fidelity_merge.precision_recall(fake, real, k, cached, save_cpu_ram=save_cpu_ram)
-        theirs = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=10000,
+        theirs = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=batch,
                                         save_cpu_ram=save_cpu_ram, verbose=False)
         assert ours[k] == (theirs["precision"], theirs["recall"]), k
         assert 0 < ours[k][0] < 1 and 0 < ours[k][1] < 1, (k, ours[k])

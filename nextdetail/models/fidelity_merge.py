@@ -12,7 +12,7 @@ its code identity when the merge changes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -83,19 +83,42 @@ KNN_MOST = 10  # the reference statistics keep the real set's k-NN radii for k =
 def knn_radii(features: np.ndarray, most: int = KNN_MOST) -> np.ndarray:
     """(N, min(most, N - 1)) float32: column k - 1 holds each row's distance to its k-th nearest other row, the
     radius `prc_neighborhood` = k gives it in precision / recall: torch-fidelity's `kthvalue(k + 1)` (the row
-    itself is the first) of the same distance blocks, so the same values. The reference statistics keep these
-    for the real set (`reference_stats`): computed once per reference, not once per evaluated checkpoint. At
+    itself is the first) of the same distances (`_smallest`), so the same values. The reference statistics keep
+    these for the real set (`reference_stats`): computed once per reference, not once per evaluated checkpoint. At
     ImageNet with the train split as reference that is 1.28 M² distances against 50 k × 1.28 M for a checkpoint's
     samples: most of precision / recall's time."""
-    from torch_fidelity.metric_prc import calc_cdist_part
-
     f = torch.from_numpy(np.asarray(features, dtype=np.float32))
     columns = min(most, len(f) - 1)
     if columns < 1:
         return np.zeros((len(f), 0), dtype=np.float32)
-    radii = [calc_cdist_part(block, f, PRC_BATCH).topk(columns + 1, dim=1, largest=False).values[:, 1:]
-             for block in f.split(PRC_BATCH)]
-    return torch.cat(radii).numpy()
+    return torch.cat([_smallest(block, f, columns + 1)[:, 1:] for block in f.split(PRC_BATCH)]).numpy()
+
+
+def _distance_batches(rows: torch.Tensor, columns: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """torch-fidelity's `calc_cdist_part(rows, columns, PRC_BATCH)` one column batch at a time — the same
+    `torch.cdist` calls, so the same values — never the whole (rows × N) matrix: 51 GB for a block of 10 000 rows
+    against ImageNet's 1.28 M train images, 400 MB a batch."""
+    for start in range(0, len(columns), PRC_BATCH):
+        yield slice(start, start + PRC_BATCH), torch.cdist(rows, columns[start : start + PRC_BATCH]).cpu()
+
+
+def _smallest(rows: torch.Tensor, columns: torch.Tensor, count: int) -> torch.Tensor:
+    """(len(rows), count), ascending: each row's `count` smallest distances to `columns` — those of its whole
+    `calc_cdist_part` row (the k smallest of a union are the k smallest of each part's k smallest)."""
+    best = torch.empty(len(rows), 0)
+    for _, distances in _distance_batches(rows, columns):
+        both = torch.cat([best, distances.topk(min(count, distances.shape[1]), dim=1, largest=False).values], dim=1)
+        best = both.topk(min(count, both.shape[1]), dim=1, largest=False).values
+    return best
+
+
+def _inside_any(rows: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """(len(rows),) float: 1 where a row lies within some centre's radius — `(calc_cdist_part(rows, centres) <=
+    radii).any(dim=1)`, batch by batch."""
+    inside = torch.zeros(len(rows), dtype=torch.bool)
+    for cols, distances in _distance_batches(rows, centres):
+        inside |= (distances <= radii[cols]).any(dim=1)
+    return inside.float()
 
 
 def precision_recall(fake: torch.Tensor, real: torch.Tensor, neighborhood: int,
@@ -103,16 +126,17 @@ def precision_recall(fake: torch.Tensor, real: torch.Tensor, neighborhood: int,
     """Improved precision and recall (Kynkäänniemi et al.) of the generated set `fake` against `real`, both
     (N, D) float32: torch-fidelity's `prc_features_to_metric` — the same distance blocks, the same comparisons,
     the same values — except that the real set's k-NN radii come from `real_radii` ((N_real,), `knn_radii`'s
-    column `neighborhood` - 1) when given. `save_cpu_ram`: torch-fidelity's two ways (by blocks of rows, or the
-    whole distance matrix: its precision compares the transposed matrix); default as `compare` chooses."""
-    from torch_fidelity.metric_prc import calc_cdist_full, calc_cdist_part
+    column `neighborhood` - 1) when given, and that its block-by-block way (`save_cpu_ram`) holds one column batch
+    of a block's distances at a time. `save_cpu_ram`: torch-fidelity's two ways (by blocks of rows, or the whole
+    distance matrix: its precision compares the transposed matrix); default as `compare` chooses."""
+    from torch_fidelity.metric_prc import calc_cdist_full
 
     if save_cpu_ram is None:
         save_cpu_ram = len(fake) * len(real) > 1e8
 
     def radii(features: torch.Tensor) -> torch.Tensor:
         if save_cpu_ram:
-            return torch.cat([calc_cdist_part(block, features, PRC_BATCH).kthvalue(neighborhood + 1).values
+            return torch.cat([_smallest(block, features, neighborhood + 1)[:, neighborhood]
                               for block in features.split(PRC_BATCH)])
         return calc_cdist_full(features, features, PRC_BATCH).kthvalue(neighborhood + 1).values
 
@@ -120,10 +144,8 @@ def precision_recall(fake: torch.Tensor, real: torch.Tensor, neighborhood: int,
     real_radii = radii(real) if real_radii is None else real_radii
     if save_cpu_ram:
         # Recall: is each real row inside some generated row's ball; precision: each generated row in a real one's
-        recall = torch.cat([(calc_cdist_part(block, fake, PRC_BATCH) <= fake_radii).any(dim=1).float()
-                            for block in real.split(PRC_BATCH)]).mean().item()
-        precision = torch.cat([(calc_cdist_part(block, real, PRC_BATCH) <= real_radii).any(dim=1).float()
-                               for block in fake.split(PRC_BATCH)]).mean().item()
+        recall = torch.cat([_inside_any(block, fake, fake_radii) for block in real.split(PRC_BATCH)]).mean().item()
+        precision = torch.cat([_inside_any(block, real, real_radii) for block in fake.split(PRC_BATCH)]).mean().item()
     else:
         real_to_fake = calc_cdist_full(real, fake, PRC_BATCH)
         recall = (real_to_fake <= fake_radii).any(dim=1).float().mean().item()
