@@ -165,18 +165,22 @@ def test_comments_docstrings_and_modules_outside_computation_change_no_identity_
     assert _changed(before, _fingerprints(src))["cart"] == list(STAGES[1:2])  # decompose alone
 
 
+def _compute_modules() -> set[str]:
+    """Every module in some stage's code, on both model branches of the tiny preset."""
+    from nextdetail.conf import load_branches
+
+    return {m for cfg in load_branches("tiny", None, [], ["cart", "ndp"]).values() for stage in REGISTRY.values()
+            for m in modules_of(stage.code(cfg))}
+
+
 def test_compute_code_imports_no_printing_status_cli_or_ui():
     """Every module in a stage's code (its flow and tasks, the models, storage, the machinery they use) imports
     nothing that only prints, schedules or shows — the CLI, the cache commands and status, the pipeline run, the
     Prefect UI: the code identity leaves those out by layout, so compute code must not depend on them."""
-    from nextdetail.conf import load_branches
-    from nextdetail.pipeline.code import _read_module, modules_of
+    from nextdetail.pipeline.code import _read_module
 
     forbidden = ("nextdetail.cli", "nextdetail.cache", "nextdetail.pipeline.run", "nextdetail.pipeline.ui")
-    compute = set()
-    for cfg in load_branches("tiny", None, [], ["cart", "ndp"]).values():
-        for stage in REGISTRY.values():
-            compute |= modules_of(stage.code(cfg))
+    compute = _compute_modules()
     assert {"nextdetail.stages.tokenize.flow", "nextdetail.pipeline.training", "nextdetail.models.quant"} <= compute
     offenders = [f"{name} imports {m}" for name in sorted(compute) for m in _read_module(name)[0]
                  if any(m == f or m.startswith(f + ".") for f in forbidden)]
@@ -191,16 +195,11 @@ def test_compute_code_documents_its_names_in_comments_not_in_strings_after_them(
     trainings among them), so they stay until a re-key is acceptable anyway."""
     import ast
 
-    from nextdetail.conf import load_branches
     from nextdetail.pipeline.code import _strip_docstrings, module_file
 
     known = {"nextdetail.models": 1, "nextdetail.models.transformer": 1, "nextdetail.storage.factors": 1}
-    compute = set()
-    for cfg in load_branches("tiny", None, [], ["cart", "ndp"]).values():
-        for stage in REGISTRY.values():
-            compute |= modules_of(stage.code(cfg))
     found = {}
-    for name in sorted(compute):
+    for name in sorted(_compute_modules()):
         path = module_file(name)
         if path is None or path.suffix != ".py":
             continue

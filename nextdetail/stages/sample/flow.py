@@ -57,7 +57,9 @@ def reference_images(cfg: PipelineConfig, shards: ShardResult, tokens: TokensRes
 
 
 def _photos_of(store: Store, tar: str, wanted: dict[str, int], image_format: str) -> dict[int, bytes]:
-    """{class: PNG} of the `wanted` keys (key → class) of one tar, streamed until the last of them."""
+    """{class: PNG} of the `wanted` keys (key → class) of one tar, streamed until the last of them. Not
+    `storage.shards.read_tar_images`: that one reads to the tar's end and stacks one image size; changing it would
+    re-key every stage that reads shards."""
     import io
     import tarfile
 
