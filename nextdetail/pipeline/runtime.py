@@ -452,7 +452,45 @@ def dask_task_runner(address: str) -> Any:
             future.task_run_id = task_run_id
             return PrefectDaskFuture(wrapped_future=future, task_run_id=task_run_id)
 
+        def submit_part(self, task: Any, args: tuple[Any, ...]) -> Any:
+            """`task.fn(*args)` (a stage task's body: one part of a fan-out) as a plain Dask task, not a Prefect
+            task run → its Dask future, whose result is (the body's result, the retries it took:
+            `_run_pickled_part`). Pickled into one blob for the reason `submit` gives."""
+            import uuid
+
+            from distributed import Client
+
+            delays = task.retry_delay_seconds
+            blob = cloudpickle.dumps((task.fn, args, task.retries or 0, list(delays) if isinstance(delays, list | tuple)
+                                      else [float(delays or 0)]), protocol=pickle.HIGHEST_PROTOCOL)
+            return Client.submit(self.client, _run_pickled_part, blob, key=f"{task.name}-{uuid.uuid4()}", pure=False)
+
     return _ImpureDaskTaskRunner(address=address)
+
+
+def _run_pickled_part(blob: bytes) -> tuple[Any, list[str]]:
+    """One part of a fan-out on a Dask worker (`submit_part`) → (its result, a line per retry it took).
+
+    What Prefect did for a part's task run, done here: retried, after the task's own delays, while the failure is
+    transient (`tasks.is_transient`: I/O and infrastructure, never bad settings or data), at most the task's
+    `retries` times. A worker that dies is Dask's to handle: it runs the part again on another worker."""
+    import pickle
+    import time
+
+    from nextdetail.pipeline.tasks import is_transient
+
+    restore_malloc()
+    fn, args, retries, delays = pickle.loads(blob)
+    retried: list[str] = []
+    while True:
+        try:
+            return fn(*args), retried
+        except Exception as exc:
+            if len(retried) >= retries or not is_transient(exc):
+                raise
+            delay = delays[min(len(retried), len(delays) - 1)]
+            retried.append(f"{type(exc).__name__}: {exc}"[:300] + f"; retry {len(retried) + 1}/{retries} in {delay:g} s")
+            time.sleep(delay)
 
 
 def _holds(value: Any, kind: type) -> bool:
