@@ -143,8 +143,29 @@ def _tile(img: np.ndarray, side: int) -> Image.Image:
     return Image.fromarray(img).resize((side, side), Image.NEAREST if img.shape[0] < side else Image.BILINEAR)
 
 
+# The most classes one grid shows. ImageNet's 1,000 rows of 256 px tiles made a 2,459 × 259,017 px grid (637 MP:
+# 1.9 GB in memory, minutes of PNG encoding in a stage's serial merge, nothing a browser shows); each class keeps
+# its own grid (`grids/`).
+GRID_ROWS = 16
+
+
+def grid_rows(rows: list[Any], most: int = GRID_ROWS) -> list[Any]:
+    """At most `most` of `rows` (one per class, in class order), evenly spread from the first to the last: fixed by
+    the rows, never by chance."""
+    if len(rows) <= most:
+        return list(rows)
+    return [rows[round(i * (len(rows) - 1) / (most - 1))] for i in range(most)]
+
+
+def _shown_of(rows: list[Any], shown: list[Any]) -> str:
+    """The grid's corner note when it leaves classes out."""
+    return f"{len(shown)} of {len(rows)} classes" if len(shown) < len(rows) else ""
+
+
 def class_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray]], side: int | None = None) -> Image.Image:
-    """One row per class: its name, a real photo of it (framed, when given), then its samples (N, H, W, 3)."""
+    """One row per class (at most `GRID_ROWS`, `grid_rows`): its name, a real photo of it (framed, when given), then
+    its samples (N, H, W, 3)."""
+    rows, note = grid_rows(rows), _shown_of(rows, grid_rows(rows))
     side = side or max(64, rows[0][2].shape[1])
     pad, name_w, gap = 3, 120, 8
     n = max(len(samples) for _, _, samples in rows)
@@ -153,6 +174,8 @@ def class_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray]], side: int 
     draw = ImageDraw.Draw(grid)
     draw.text((name_w, 1), "real", fill="black")
     draw.text((name_w + side + gap, 1), "samples", fill="black")
+    if note:
+        draw.text((2, 1), note, fill="black")
     for r, (name, reference, samples) in enumerate(rows):
         y = 14 + pad + r * (side + pad)
         draw.text((2, y + side // 2 - 6), name[:18], fill="black")
@@ -164,13 +187,17 @@ def class_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray]], side: int 
     return grid
 
 
-def pair_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], titles: tuple[str, str]) -> Image.Image:
-    """Per class, images of two methods side by side (CART's Figure 6): [a₁ b₁ a₂ b₂ …] at full size."""
+def pair_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], titles: tuple[str, str], note: str = "") -> Image.Image:
+    """Per class (at most `GRID_ROWS`, `grid_rows`), images of two methods side by side (CART's Figure 6):
+    [a₁ b₁ a₂ b₂ …] at full size; `note` in the corner (`refinement_grid`'s own rows left out)."""
+    rows, note = grid_rows(rows), note or _shown_of(rows, grid_rows(rows))
     side = max(128, rows[0][1].shape[1])  # small images enlarged (nearest) to be seen
     pad, name_w = 3, 120
     n = max(len(a) for _, a, _ in rows)
     grid = Image.new("RGB", (name_w + 2 * n * (side + pad) + pad, len(rows) * (side + pad) + pad + 14), "white")
     draw = ImageDraw.Draw(grid)
+    if note:
+        draw.text((2, 1), note, fill="black")
     for i in range(n):
         draw.text((name_w + 2 * i * (side + pad), 1), titles[0], fill="black")
         draw.text((name_w + (2 * i + 1) * (side + pad), 1), titles[1], fill="black")
@@ -229,10 +256,11 @@ def refinement_heatmap(image: np.ndarray, levels: np.ndarray, n_levels: int) -> 
 
 def refinement_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], n_levels: int, per_class: int = 4) -> Image.Image:
     """Per class: [sample, its refinement heat map] pairs (`refinement_heatmap`), enlarged to be seen."""
+    shown = grid_rows(rows)  # only the rows the grid shows get their heat maps
     pairs = [(name, images[:per_class], np.stack([refinement_heatmap(i, lv, n_levels) for i, lv in
                                                   zip(images[:per_class], levels[:per_class], strict=True)]))
-             for name, images, levels in rows]
-    return pair_grid(pairs, ("sample", "refined (dark: coarse)"))
+             for name, images, levels in shown]
+    return pair_grid(pairs, ("sample", "refined (dark: coarse)"), _shown_of(rows, shown))
 
 
 def fid_vs_gflops(rows: list[dict[str, Any]]) -> Image.Image:

@@ -10,10 +10,11 @@
   (longest-processing-time first, so the largest tar never starts last and runs alone).
 - On a Dask cluster a part is a plain Dask task, not a Prefect task run (`runtime.dask_task_runner`'s
   `submit_part`): Prefect records the stage (its flow run, its single tasks) and, per fan-out, one progress
-  artifact; Dask runs the parts. Each task run cost the Prefect server ≈ 35 ms of CPU and its worker ≈ 12 ms
-  (README, issue 40), per tar at ImageNet's thousands of tars, for a row in the UI nobody reads one by one. A part
-  keeps its task's retries of transient failures (done on the worker; each retry logged by the flow) and its
-  marker; a failure names the part. In the flow's own threads (tokenize in one process) parts stay task runs.
+  artifact; Dask runs the parts. A part as a task run cost 69 ms of CPU beside its work (the Prefect server 42, its
+  worker 19), as a Dask task 10 (`benchmarks/part_overhead.py`; issue 40): on a small machine that CPU is the
+  workers', and at ImageNet a stage has thousands of parts. A part keeps its task's retries of transient failures
+  (done on the worker; each retry logged by the flow) and its marker; a failure names the part. In the flow's own
+  threads (tokenize in one process) parts stay task runs.
 """
 
 from __future__ import annotations

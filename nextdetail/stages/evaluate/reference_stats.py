@@ -251,7 +251,7 @@ def cached_extractor(extractor: str, weights: str | None, weights_cache: str, de
 # A cluster task extracts whole tars of at least this many images. Each task run cost the Prefect server ≈ 50 ms
 # of CPU (its task-run recorder; benchmarks/reference_groups.py: 0.70 CPU-s for 14 fewer) plus the worker's and
 # the flow's share, against ≈ 1.5 ms an image for tiny's extractor on one core: tiny's 16 tars of 150 images were
-# 16 tasks of ≈ 0.25 s. ImageNet's tars (≈ 1,250 images) stay one task each. (A comment, not a string after the
+# 16 tasks of ≈ 0.25 s. (Parts are plain Dask tasks since, ≈ 10 ms each: benchmarks/part_overhead.py.) ImageNet's tars (≈ 1,250 images) stay one task each. (A comment, not a string after the
 # assignment: such a string is code to the identities' normalization, `pipeline/code.py`.)
 IMAGES_PER_TASK = 1000
 

@@ -318,7 +318,7 @@ def _round(v: Any) -> Any:
 
 def class_grids(firsts: dict[int, np.ndarray], names: list[str], class_photos: tuple[tuple[int, bytes], ...]
                 ) -> dict[str, bytes]:
-    """The grids' PNGs: one per class (`grids/<class>-<name>.png`) and all classes (`grid.png`), a real photo of
+    """The grids' PNGs: one per class (`grids/<class>-<name>.png`) and all classes (`grid.png`; at most 16, evenly spread: `figures.grid_rows`), a real photo of
     each class beside its samples."""
     from nextdetail.figures import class_grid, png_bytes
     from nextdetail.stages.sample.tasks import decode_references

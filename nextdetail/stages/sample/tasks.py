@@ -7,7 +7,7 @@ Data flow (all in this file; the sampling itself in `models/sampler.py`):
      one torch.Generator seeded `seed` per class, so a class's samples do not depend on which other
      classes were asked for
   ─▶ images/<class index>-<class>/<i>.png, grids/<class index>-<class>.png (a real photo of the class
-     first, then its samples), grid.png (every class, one row each), samples.tar (webdataset: png, cls)
+     first, then its samples), grid.png (one row per class, at most 16 evenly spread: `figures.grid_rows`), samples.tar (webdataset: png, cls)
   ─▶ NDP (kind ndp): the budgeted sampler (`models/ndp_sampler.py`: budget, estimator, refine_per_step);
      heatmap.png — every sample beside the map of how deep each patch was refined — and the FLOPs and
      tokens per image in summary.json
