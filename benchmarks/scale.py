@@ -19,7 +19,7 @@ bookkeeping quieted, `runtime.QUIET_DASK`):
 
 `speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup; `<stage>_<n>_cpu_s` = the CPU
 seconds each kind of process spent during the fastest run (`workers`: the tasks; `flow`: this process orchestrating —
-Prefect task runs, planning, publishing; `prefect_server`, `scheduler`, `nannies`): everything but `workers` shares
+Prefect task runs and Dask futures, planning, publishing; `prefect_server`, `scheduler`, `nannies`): everything but `workers` shares
 the two cores with the tasks here (on a cluster the CLI and the server run on other machines). The goal (issue 40): tokenize
 and evaluate ≥ 1.7× on 2 cores. With a GPU lent, `PYTHONPATH=. python benchmarks/gpu.py` gives images/s per GPU.
 
