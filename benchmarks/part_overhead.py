@@ -33,14 +33,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-ROLES = ("server", "worker", "flow", "scheduler")
+ROLES = {"server": "prefect_server", "worker": "workers", "flow": "flow", "scheduler": "scheduler"}  # scale.py's
 
 
-def settle(family: list[Any], quiet_cpu_s: float = 0.02, every_s: float = 0.5, at_most_s: float = 60.0) -> None:
-    """Wait until `family` (this process and its children) spends under `quiet_cpu_s` CPU-s per `every_s`, twice in
-    a row: the Prefect server's backlog of events from the run before is not counted against the next."""
+def settle(quiet_cpu_s: float = 0.02, every_s: float = 0.5, at_most_s: float = 60.0) -> None:
+    """Wait until this process and its children spend under `quiet_cpu_s` CPU-s per `every_s`, twice in a row: the
+    Prefect server's backlog of events from the run before is not counted against the next."""
+    from scale import cpu_by_pid
+
     def cpu() -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in family)
+        return sum(seconds for _, seconds in cpu_by_pid().values())
 
     quiet, last, deadline = 0, cpu(), time.monotonic() + at_most_s
     while quiet < 2 and time.monotonic() < deadline:
@@ -51,8 +53,8 @@ def settle(family: list[Any], quiet_cpu_s: float = 0.02, every_s: float = 0.5, a
 
 def measure(address: str, parts: int, as_task_runs: bool, root: Path) -> dict[str, float]:
     """One flow run of `parts` trivial parts on the cluster at `address` → per part: wall ms and CPU ms by role."""
-    import psutil
     from prefect import flow
+    from scale import cpu_between, cpu_by_pid
 
     from nextdetail.pipeline.artifacts import Artifact
     from nextdetail.pipeline.parts import fan_out
@@ -75,26 +77,16 @@ def measure(address: str, parts: int, as_task_runs: bool, root: Path) -> dict[st
                                          for i in range(parts)], desc="bench", unit="part", progress=False)
         return len(ran)
 
-    me = psutil.Process()
-    family = [me, *me.children(recursive=True)]
-
-    def role(p: psutil.Process) -> str:
-        cmd = " ".join(p.cmdline())
-        return ("flow" if p.pid == me.pid else "server" if "--lifespan" in cmd else "scheduler" if "dask scheduler"
-                in cmd else "worker" if "multiprocessing-fork" in cmd else "other")
-
-    roles = {p.pid: role(p) for p in family}
-    settle(family)
-    before = {p.pid: sum(p.cpu_times()[:2]) for p in family}
+    settle()
+    before = cpu_by_pid()
     t0 = time.perf_counter()
     assert fan(str(root / f"{time.time_ns()}")) == parts
     wall = time.perf_counter() - t0
-    settle(family)  # the server records task runs from its queue after the flow has returned: counted here
-    spent = dict.fromkeys((*ROLES, "other"), 0.0)
-    for p in family:
-        spent[roles[p.pid]] += sum(p.cpu_times()[:2]) - before[p.pid]
+    settle()  # the server records task runs from its queue after the flow has returned: counted here
+    spent = cpu_between(before, cpu_by_pid())
     ms = 1000 / parts
-    out = {"wall_ms": round(wall * ms, 1), **{f"{r}_cpu_ms": round(spent[r] * ms, 1) for r in ROLES}}
+    out = {"wall_ms": round(wall * ms, 1), **{f"{r}_cpu_ms": round(spent.get(role, 0.0) * ms, 1)
+                                               for r, role in ROLES.items()}}
     out["cpu_ms"] = round(sum(out[f"{r}_cpu_ms"] for r in ROLES), 1)
     return out
 

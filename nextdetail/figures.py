@@ -165,7 +165,8 @@ def _shown_of(rows: list[Any], shown: list[Any]) -> str:
 def class_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray]], side: int | None = None) -> Image.Image:
     """One row per class (at most `GRID_ROWS`, `grid_rows`): its name, a real photo of it (framed, when given), then
     its samples (N, H, W, 3)."""
-    rows, note = grid_rows(rows), _shown_of(rows, grid_rows(rows))
+    shown = grid_rows(rows)
+    rows, note = shown, _shown_of(rows, shown)
     side = side or max(64, rows[0][2].shape[1])
     pad, name_w, gap = 3, 120, 8
     n = max(len(samples) for _, _, samples in rows)
@@ -190,7 +191,8 @@ def class_grid(rows: list[tuple[str, np.ndarray | None, np.ndarray]], side: int 
 def pair_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], titles: tuple[str, str], note: str = "") -> Image.Image:
     """Per class (at most `GRID_ROWS`, `grid_rows`), images of two methods side by side (CART's Figure 6):
     [a₁ b₁ a₂ b₂ …] at full size; `note` in the corner (`refinement_grid`'s own rows left out)."""
-    rows, note = grid_rows(rows), note or _shown_of(rows, grid_rows(rows))
+    shown = grid_rows(rows)
+    rows, note = shown, note or _shown_of(rows, shown)
     side = max(128, rows[0][1].shape[1])  # small images enlarged (nearest) to be seen
     pad, name_w = 3, 120
     n = max(len(a) for _, a, _ in rows)
