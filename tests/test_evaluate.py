@@ -191,6 +191,46 @@ def test_kid_over_a_pool_equals_torch_fidelity():
     assert not np.array_equal(other_seed, alone)
 
 
+@pytest.mark.parametrize("sizes", [(1,), (3, 1, 5), (2, 0, 7)])
+def test_class_groups_tars_gather_into_the_bytes_one_writer_streams(sizes, tmp_path):
+    """The merge copies each group's members and ends the archive once: byte for byte the tar one process writes
+    sample by sample, whatever the grouping (a group may be empty); a truncated group's tar is refused."""
+    import io
+    import tarfile
+
+    from nextdetail.stages.evaluate.tasks import CheckpointRef, gather_samples_tar
+    from nextdetail.storage.shards import ShardTarWriter
+
+    rng = np.random.default_rng(len(sizes))
+    samples = [{"__key__": f"{c:04d}-{i:05d}", "png": rng.bytes(int(rng.integers(1500, 3000))), "cls": str(c)}
+               for c, n in enumerate(sizes) for i in range(n)]
+
+    def tar_of(rows: list[dict]) -> bytes:
+        buf = io.BytesIO()
+        writer = ShardTarWriter(buf)
+        for row in rows:
+            writer.write(row)
+        writer.close()
+        return buf.getvalue()
+
+    groups, start = [], 0
+    for c, n in enumerate(sizes):
+        group = tmp_path / "parts" / f"{c:04d}"
+        group.mkdir(parents=True)
+        (group / "samples.tar").write_bytes(tar_of(samples[start : start + n]))
+        groups.append(str(group))
+        start += n
+    store = Store(str(tmp_path / "out"))
+    rel = gather_samples_tar(store, CheckpointRef("step 12", "unused"), groups, {})
+    assert rel == "samples/step-12.tar"
+    assert (tmp_path / "out" / rel).read_bytes() == tar_of(samples)
+
+    whole = (Path(groups[-1]) / "samples.tar").read_bytes()
+    (Path(groups[-1]) / "samples.tar").write_bytes(whole[:1000])  # inside its first sample
+    with pytest.raises(tarfile.TarError):
+        gather_samples_tar(store, CheckpointRef("step 12", "unused"), groups, {})
+
+
 @pytest.mark.integration
 def test_reference_statistics_are_reused_without_extraction_and_rebuilt_when_data_change(
         embedded_source, tmp_path, monkeypatch):
