@@ -226,9 +226,13 @@ def test_class_groups_tars_gather_into_the_bytes_one_writer_streams(sizes, tmp_p
     assert (tmp_path / "out" / rel).read_bytes() == tar_of(samples)
 
     whole = (Path(groups[-1]) / "samples.tar").read_bytes()
-    (Path(groups[-1]) / "samples.tar").write_bytes(whole[:1000])  # inside its first sample
-    with pytest.raises(tarfile.TarError):
-        gather_samples_tar(store, CheckpointRef("step 12", "unused"), groups, {})
+    damaged = bytearray(whole)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as archive:
+        damaged[archive.getmembers()[1].offset + 130] ^= 1  # a digit of its second header's size
+    for broken in (whole[:1000], bytes(damaged)):  # truncated inside its first sample; a header's bytes changed
+        (Path(groups[-1]) / "samples.tar").write_bytes(broken)
+        with pytest.raises(tarfile.ReadError, match=r"samples\.tar: (truncated|damaged)"):
+            gather_samples_tar(store, CheckpointRef("step 12", "unused"), groups, {})
 
 
 @pytest.mark.integration

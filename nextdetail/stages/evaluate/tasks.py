@@ -311,19 +311,30 @@ def gather_samples_tar(store: Store, ref: CheckpointRef, groups: list[str], opti
 
 
 def _tar_members(tar: bytes, name: str) -> memoryview:
-    """An archive's members without its end-of-archive blocks: what its writer had written before it closed (the
-    headers are read; the data is skipped). A truncated archive is refused (`tarfile.ReadError` naming `name`)."""
-    import io
+    """An archive's members without its end-of-archive blocks: what its writer had written before it closed. Walks
+    the headers (each a 512-byte block, its checksum checked, then its data's blocks: ustar, pax and GNU entries
+    alike) without parsing them into `TarInfo`s — tarfile's parser took 80 % of the copy's time. A damaged or
+    truncated archive is refused (`tarfile.ReadError` naming `name`)."""
     import tarfile
 
-    end = 0
-    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
-        for member in archive:
-            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    closing = tar[end : end + 2 * tarfile.BLOCKSIZE]
-    if len(closing) < 2 * tarfile.BLOCKSIZE or any(closing):
-        raise tarfile.ReadError(f"{name}: truncated (no end of archive after its last member); re-run the stage")
-    return memoryview(tar)[:end]
+    block, end = tarfile.BLOCKSIZE, 0
+    while True:
+        header = tar[end : end + block]
+        if len(header) < block:
+            raise tarfile.ReadError(f"{name}: truncated at byte {end} (no end of archive); re-run the stage")
+        if not any(header):  # the end of archive: two zero blocks
+            if any(tar[end + block : end + 2 * block]) or len(tar) < end + 2 * block:
+                raise tarfile.ReadError(f"{name}: damaged at byte {end} (a lone zero block); re-run the stage")
+            return memoryview(tar)[:end]
+        try:
+            intact = int(header[148:156].rstrip(b"\0 "), 8) == sum(header[:148]) + 8 * 32 + sum(header[156:])
+            size = header[124:136]
+            data = int.from_bytes(size[1:], "big") if size[0] & 0x80 else int(size.rstrip(b"\0 ") or b"0", 8)
+        except ValueError:  # not octal digits
+            intact = False
+        if not intact:
+            raise tarfile.ReadError(f"{name}: damaged header at byte {end}; re-run the stage")
+        end += block + -(-data // block) * block
 
 
 def _end_of_archive(members: int) -> bytes:
