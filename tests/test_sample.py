@@ -72,6 +72,32 @@ def test_a_grid_of_many_classes_shows_a_fixed_spread_of_them_and_one_of_few_is_u
     assert pair_grid(pairs, ("a", "b")).height == GRID_ROWS * (128 + 3) + 3 + 14
 
 
+def test_outputs_encoded_in_threads_are_the_bytes_and_order_one_thread_writes(tmp_path):
+    """The merge's PNGs are encoded a few classes ahead in a pool and written in class order: every file, the tar,
+    and the files' order and sha256 (what the marker records) are one thread's."""
+    import hashlib
+
+    from nextdetail.stages.sample.tasks import write_outputs
+    from nextdetail.storage.fs import Store
+
+    rng = np.random.default_rng(0)
+    classes = [0, 2, 3, 5, 6, 9, 11]  # more than `ahead` of a 2-thread pool, not all of them
+    result = {"images": {c: rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8) for c in classes},
+              "hires": {c: rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8) for c in classes},
+              "bilinear": {c: rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8) for c in classes}}
+    names = [f"class{c}" for c in range(12)]
+    photos = {0: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)}
+    written = {n: write_outputs(Store(str(tmp_path / str(n))), result, names, photos, 2, threads=n) for n in (1, 2, 5)}
+    assert list(written[1]) == list(written[2]) == list(written[5])  # the same files in the same order
+    assert written[1] == written[2] == written[5] and len(written[1]) == 7 * 3 * 2 + 7 + 3
+    for rel, sha in written[1].items():
+        data = [(tmp_path / str(n) / rel).read_bytes() for n in (1, 2, 5)]
+        assert data[0] == data[1] == data[2] and hashlib.sha256(data[0]).hexdigest() == sha, rel
+    with tarfile.open(tmp_path / "2" / "samples.tar") as tar:
+        assert tar.getnames()[:2] == ["0000-class0-0000.cls", "0000-class0-0000.png"]
+        assert len(tar.getnames()) == 7 * 3 * 2
+
+
 @pytest.mark.e2e
 def test_stage_outputs_samples_grids_and_a_webdataset_tar(pipeline):
     import webdataset as wds

@@ -21,6 +21,7 @@ sha256 of the transformer's weights, and the code its flow imports (the model fa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -171,52 +172,97 @@ def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str,
 
 
 def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], references: dict[int, np.ndarray],
-                  upscale: int) -> list[str]:
-    """PNGs, grids, the webdataset tar; returns the files written (relative to `store`)."""
+                  upscale: int, threads: int | None = None) -> dict[str, str]:
+    """PNGs, grids, the webdataset tar; returns the files written (relative to `store`) with their sha256.
+
+    The PNGs are encoded class by class in `threads` threads (default: one per core; Pillow lets go of the GIL
+    while it compresses), a few classes ahead of the writes, which stay in class order: the files, the tar and the
+    marker are the bytes one thread writes. On the cluster this is the merge, the stage's serial tail: ImageNet's
+    preset (50 samples per class, ×2) encodes 50,000 PNGs of 256 px and 50,000 of 512 px, ≈ 36 ms an image on
+    one thread here with the grids and writes (`benchmarks/sample_outputs.py`): an hour."""
+    import hashlib
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     from nextdetail.figures import class_grid, pair_grid, png_bytes
     from nextdetail.storage.shards import ShardTarWriter
 
-    files: list[str] = []
+    files: dict[str, str] = {}
 
-    def put(rel: str, data: bytes) -> None:
+    def put(rel: str, data: bytes, sha256: str | None = None) -> None:
         store.write_bytes(rel, data)
-        files.append(rel)
+        files[rel] = sha256 or hashlib.sha256(data).hexdigest()
 
-    def png(a: np.ndarray) -> bytes:
+    def png(a: np.ndarray) -> tuple[bytes, str]:
         from PIL import Image
 
-        return png_bytes(Image.fromarray(a))
+        data = png_bytes(Image.fromarray(a))
+        return data, hashlib.sha256(data).hexdigest()
+
+    def samples_of(c: int) -> tuple[list[tuple[bytes, str]], tuple[bytes, str]]:
+        imgs = result["images"][c]
+        grid = png_bytes(class_grid([(class_names[c], references.get(c), imgs)]))
+        return [png(a) for a in imgs], (grid, hashlib.sha256(grid).hexdigest())
+
+    def hires_of(c: int) -> list[tuple[bytes, str]]:
+        return [png(a) for a in result["hires"][c]]
+
+    def picture(draw: Callable[[], Any]) -> tuple[bytes, str]:
+        data = png_bytes(draw())
+        return data, hashlib.sha256(data).hexdigest()
 
     tar = io.BytesIO()
     writer = ShardTarWriter(tar)
-    rows = []
-    for c, imgs in result["images"].items():
-        stem = f"{c:04d}-{class_names[c]}"
-        for i, a in enumerate(imgs):
-            data = png(a)
-            put(f"images/{stem}/{i:04d}.png", data)
-            writer.write({"__key__": f"{stem}-{i:04d}", "png": data, "cls": str(c)})
-        row = (class_names[c], references.get(c), imgs)
-        rows.append(row)
-        put(f"grids/{stem}.png", png_bytes(class_grid([row])))
-    writer.close()
-    put("samples.tar", tar.getvalue())
-    put("grid.png", png_bytes(class_grid(rows)))
-    if result.get("levels"):
-        from nextdetail.figures import refinement_grid
+    workers = threads or os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        # The overview pictures need only arrays at hand: drawn first, beside the classes' PNGs (at ImageNet's 16
+        # rows of 50 samples, grid.png alone is ≈ 55 megapixels).
+        overview = {"grid.png": pool.submit(picture, lambda: class_grid(
+            [(class_names[c], references.get(c), imgs) for c, imgs in result["images"].items()]))}
+        if result.get("levels"):
+            from nextdetail.figures import refinement_grid
 
-        put("heatmap.png", png_bytes(refinement_grid(
-            [(class_names[c], result["images"][c], result["levels"][c]) for c in result["levels"]],
-            result["pyramid_levels"])))
-    if result["hires"]:
-        pairs = []
-        for c, imgs in result["hires"].items():
+            overview["heatmap.png"] = pool.submit(picture, lambda: refinement_grid(
+                [(class_names[c], result["images"][c], result["levels"][c]) for c in result["levels"]],
+                result["pyramid_levels"]))
+        if result["hires"]:
+            overview["hires/grid.png"] = pool.submit(picture, lambda: pair_grid(
+                [(class_names[c], result["bilinear"][c][:2], imgs[:2]) for c, imgs in result["hires"].items()],
+                (f"bilinear x{upscale}", f"CART x{upscale}")))
+        for c, (pngs, (grid, grid_sha)) in zip(result["images"], _in_order(pool, samples_of, list(result["images"]),
+                                                                          2 * workers), strict=True):
             stem = f"{c:04d}-{class_names[c]}"
-            for i, a in enumerate(imgs):
-                put(f"hires/images/{stem}/{i:04d}.png", png(a))
-            pairs.append((class_names[c], result["bilinear"][c][:2], imgs[:2]))
-        put("hires/grid.png", png_bytes(pair_grid(pairs, (f"bilinear x{upscale}", f"CART x{upscale}"))))
+            for i, (data, sha) in enumerate(pngs):
+                put(f"images/{stem}/{i:04d}.png", data, sha)
+                writer.write({"__key__": f"{stem}-{i:04d}", "png": data, "cls": str(c)})
+            put(f"grids/{stem}.png", grid, grid_sha)
+        writer.close()
+        put("samples.tar", tar.getvalue())
+        put("grid.png", *overview["grid.png"].result())
+        if "heatmap.png" in overview:
+            put("heatmap.png", *overview["heatmap.png"].result())
+        if result["hires"]:
+            for c, pngs in zip(result["hires"], _in_order(pool, hires_of, list(result["hires"]), 2 * workers),
+                               strict=True):
+                stem = f"{c:04d}-{class_names[c]}"
+                for i, (data, sha) in enumerate(pngs):
+                    put(f"hires/images/{stem}/{i:04d}.png", data, sha)
+            put("hires/grid.png", *overview["hires/grid.png"].result())
     return files
+
+
+def _in_order(pool: Any, fn: Callable[[Any], Any], items: list[Any], ahead: int) -> Any:
+    """fn(item) for each item, computed in `pool` at most `ahead` items ahead of the consumer, yielded in order:
+    what is encoded but not yet written stays bounded."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def decode_references(references: tuple[tuple[int, bytes], ...]) -> dict[int, np.ndarray]:
@@ -230,8 +276,8 @@ def decode_references(references: tuple[tuple[int, bytes], ...]) -> dict[int, np
 
 
 def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Callable[[str], None] = print,
-                 progress: bool = False) -> tuple[dict[str, Any], list[str]]:
-    """Sample, write everything under `store`; returns (summary, files)."""
+                 progress: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """Sample, write everything under `store`; returns (summary, files with their sha256)."""
     device = cfg.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("sample.device=cuda but no CUDA device is visible; use -o sample.device=cpu")
@@ -277,10 +323,11 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
         summary["gflops_per_image"] = round(sampler.flops_per_image / 1e9, 6)
         if sampler.dial_active:
             summary.update(detail_budget=cfg.detail_budget, detail_patch=cfg.detail_patch)
-    store.write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+    summary_bytes = json.dumps(summary, indent=1).encode()
+    store.write_bytes("summary.json", summary_bytes)
     if inputs.groups:
         store.remove_tree("parts")  # merged: the groups' arrays are not kept
-    return summary, [*files, "summary.json"]
+    return summary, {**files, "summary.json": hashlib.sha256(summary_bytes).hexdigest()}
 
 
 # ---- on the cluster: class groups as tasks, then one merge --------------------------------------------------
@@ -354,7 +401,8 @@ def gather_groups(inputs: SampleInputs) -> dict[str, Any]:
 
 
 @stage_task(name="sample", retries=1)
-def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, progress: bool = False) -> tuple[dict, list[str]]:
+def sample_stage(artifact: Artifact, inputs: SampleInputs, cfg: SampleConfig, progress: bool = False
+                 ) -> tuple[dict, dict[str, str]]:
     from prefect import get_run_logger
 
     with torch_threads(cfg.torch_threads):
