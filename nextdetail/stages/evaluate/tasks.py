@@ -377,15 +377,15 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
     real = inputs.reference.load()
     groups = dict(inputs.groups)
     rows: list[dict[str, Any]] = []
-    tars: list[Future[str]] = []  # on the cluster: the groups' samples copied into one tar, beside the metrics
+    copying: Future[str] | None = None  # on the cluster: a checkpoint's groups' tars copied into one, beside the metrics
     with ThreadPoolExecutor(2 + (os.cpu_count() or 1)) as pool:  # the tar, the pictures, KID's subsets beside the rest
         for ref in inputs.checkpoints:
             log(f"evaluate: {ref.label}: {scfg.per_class} samples per class, cfg {scfg.cfg}, top-k {scfg.top_k}, "
                 f"top-p {scfg.top_p}, seed {scfg.seed}")
             if ref.label in groups:  # sampled on the cluster: the groups' features, metrics computed once here
-                if tars:  # one copy at a time: the pool's threads stay free for KID
-                    tars[-1].result()
-                tars.append(pool.submit(gather_samples_tar, store, ref, groups[ref.label], inputs.options))
+                if copying is not None:  # one copy at a time: the pool's threads stay free for KID
+                    copying.result()
+                copying = pool.submit(gather_samples_tar, store, ref, groups[ref.label], inputs.options)
                 facts, samples = gather_features(ref, groups[ref.label], inputs.options)
             else:
                 facts, samples = sample_checkpoint(store, ref, inputs, extractor, (info.fid_layer, info.isc_layer),
@@ -394,8 +394,8 @@ def run_evaluation(store: Store, inputs: EvalInputs, ecfg: EvalConfig, scfg: Sam
                 pictures = pool.submit(class_grids, samples.firsts, facts.names, inputs.class_photos)
             rows.append(checkpoint_row(ref, facts, samples, scfg, ecfg, real, pool))
             log("evaluate: " + metrics_line(rows[-1]))
-        for tar in tars:
-            tar.result()
+        if copying is not None:
+            copying.result()
         files = [f"samples/{_slug(r['label'])}.tar" for r in rows]
 
         def put(rel: str, data: bytes) -> None:

@@ -21,7 +21,6 @@ sha256 of the transformer's weights, and the code its flow imports (the model fa
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import posixpath
@@ -180,36 +179,32 @@ def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], 
     marker are the bytes one thread writes. On the cluster this is the merge, the stage's serial tail: ImageNet's
     preset (50 samples per class, ×2) encodes 50,000 PNGs of 256 px and 50,000 of 512 px, ≈ 36 ms an image on
     one thread here with the grids and writes (`benchmarks/sample_outputs.py`): an hour."""
-    import hashlib
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    from PIL import Image
+
     from nextdetail.figures import class_grid, pair_grid, png_bytes
+    from nextdetail.storage.hashing import bytes_sha256
     from nextdetail.storage.shards import ShardTarWriter
 
     files: dict[str, str] = {}
 
     def put(rel: str, data: bytes, sha256: str | None = None) -> None:
         store.write_bytes(rel, data)
-        files[rel] = sha256 or hashlib.sha256(data).hexdigest()
+        files[rel] = sha256 or bytes_sha256(data)
 
-    def png(a: np.ndarray) -> tuple[bytes, str]:
-        from PIL import Image
-
-        data = png_bytes(Image.fromarray(a))
-        return data, hashlib.sha256(data).hexdigest()
+    def encoded(img: Image.Image) -> tuple[bytes, str]:  # in a pool thread: the PNG and its sha256
+        data = png_bytes(img)
+        return data, bytes_sha256(data)
 
     def samples_of(c: int) -> tuple[list[tuple[bytes, str]], tuple[bytes, str]]:
         imgs = result["images"][c]
-        grid = png_bytes(class_grid([(class_names[c], references.get(c), imgs)]))
-        return [png(a) for a in imgs], (grid, hashlib.sha256(grid).hexdigest())
+        return ([encoded(Image.fromarray(a)) for a in imgs],
+                encoded(class_grid([(class_names[c], references.get(c), imgs)])))
 
     def hires_of(c: int) -> list[tuple[bytes, str]]:
-        return [png(a) for a in result["hires"][c]]
-
-    def picture(draw: Callable[[], Any]) -> tuple[bytes, str]:
-        data = png_bytes(draw())
-        return data, hashlib.sha256(data).hexdigest()
+        return [encoded(Image.fromarray(a)) for a in result["hires"][c]]
 
     tar = io.BytesIO()
     writer = ShardTarWriter(tar)
@@ -217,18 +212,18 @@ def write_outputs(store: Store, result: dict[str, Any], class_names: list[str], 
     with ThreadPoolExecutor(workers) as pool:
         # The overview pictures need only arrays at hand: drawn first, beside the classes' PNGs (at ImageNet's 16
         # rows of 50 samples, grid.png alone is ≈ 55 megapixels).
-        overview = {"grid.png": pool.submit(picture, lambda: class_grid(
-            [(class_names[c], references.get(c), imgs) for c, imgs in result["images"].items()]))}
+        overview = {"grid.png": pool.submit(lambda: encoded(class_grid(
+            [(class_names[c], references.get(c), imgs) for c, imgs in result["images"].items()])))}
         if result.get("levels"):
             from nextdetail.figures import refinement_grid
 
-            overview["heatmap.png"] = pool.submit(picture, lambda: refinement_grid(
+            overview["heatmap.png"] = pool.submit(lambda: encoded(refinement_grid(
                 [(class_names[c], result["images"][c], result["levels"][c]) for c in result["levels"]],
-                result["pyramid_levels"]))
+                result["pyramid_levels"])))
         if result["hires"]:
-            overview["hires/grid.png"] = pool.submit(picture, lambda: pair_grid(
+            overview["hires/grid.png"] = pool.submit(lambda: encoded(pair_grid(
                 [(class_names[c], result["bilinear"][c][:2], imgs[:2]) for c, imgs in result["hires"].items()],
-                (f"bilinear x{upscale}", f"CART x{upscale}")))
+                (f"bilinear x{upscale}", f"CART x{upscale}"))))
         for c, (pngs, (grid, grid_sha)) in zip(result["images"], _in_order(pool, samples_of, list(result["images"]),
                                                                           2 * workers), strict=True):
             stem = f"{c:04d}-{class_names[c]}"
@@ -327,7 +322,9 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
     store.write_bytes("summary.json", summary_bytes)
     if inputs.groups:
         store.remove_tree("parts")  # merged: the groups' arrays are not kept
-    return summary, {**files, "summary.json": hashlib.sha256(summary_bytes).hexdigest()}
+    from nextdetail.storage.hashing import bytes_sha256
+
+    return summary, {**files, "summary.json": bytes_sha256(summary_bytes)}
 
 
 # ---- on the cluster: class groups as tasks, then one merge --------------------------------------------------
