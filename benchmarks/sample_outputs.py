@@ -1,11 +1,13 @@
 """Benchmark: the sample stage writing its outputs (issue 40) — PNGs encoded on one thread vs one per core.
 
-On the cluster `write_outputs` is the sample stage's merge, after every class group has sampled: at ImageNet's
-preset (50 samples per class, ×2) 50,000 PNGs of 256 px and 50,000 of 512 px, plus a grid per class. Here
-`--classes` classes of `--per-class` textured images (smooth colour fields plus noise, so PNG compresses them as
-it does photos rather than flat or random pixels) at `--side` px and ×2, written to a temporary directory by
-`write_outputs(threads=1)` (the way before) and `write_outputs()` (one thread per core), interleaved `--repeat`
-times; the fastest of each counts, and the files are asserted identical.
+`outputs.write_classes` writes a class's files as it is sampled: in one process every class, on a cluster each
+class group's (the merge, up to session 30, wrote every class after all groups had sampled: `sample_merge.py`). At
+ImageNet's preset (50 samples per class, ×2) that is 50,000 PNGs of 256 px and 50,000 of 512 px, plus a grid per
+class. Here `--classes` classes of `--per-class` textured images (smooth colour fields plus noise, so PNG
+compresses them as it does photos rather than flat or random pixels) at `--side` px and ×2, written to a temporary
+directory with the overview pictures by `write_classes(threads=1)` (the way before session 30) and
+`write_classes()` (one thread per core), interleaved `--repeat` times; the fastest of each counts, and the files
+are asserted identical.
 
     PYTHONPATH=. python benchmarks/sample_outputs.py [--classes 4] [--per-class 50] [--side 256] [--repeat 2]
 
@@ -45,14 +47,23 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
 
-    from nextdetail.stages.sample.tasks import write_outputs
+    from nextdetail.stages.sample.outputs import Overview, overview_pictures, write_classes
+    from nextdetail.stages.sample.tasks import ClassResult
     from nextdetail.storage.fs import Store
 
     rng = np.random.default_rng(0)
     classes = list(range(args.classes))
-    result = {"images": {c: textured(rng, args.per_class, args.side) for c in classes},
-              "hires": {c: textured(rng, args.per_class, 2 * args.side) for c in classes},
-              "bilinear": {c: textured(rng, 2, 2 * args.side) for c in classes}}
+    results = [ClassResult(c, textured(rng, args.per_class, args.side), textured(rng, args.per_class, 2 * args.side),
+                           textured(rng, args.per_class, 2 * args.side)) for c in classes]
+
+    def write(store: Store, threads: int | None) -> dict[str, str]:
+        overview = Overview.of(classes)
+        files = write_classes(store, iter(results), names, {}, "samples.tar", overview, threads)
+        for rel, (data, sha) in overview_pictures(overview, classes, names, {}, 2, None, threads).items():
+            store.write_bytes(rel, data)
+            files[rel] = sha
+        return files
+
     names = [f"class{c}" for c in classes]
     seconds: dict[str, list[float]] = {"one_thread": [], "every_core": []}
     with tempfile.TemporaryDirectory(prefix="nextdetail-sample-outputs-") as tmp:
@@ -62,7 +73,7 @@ def main() -> None:
                 out = Path(tmp, way)
                 shutil.rmtree(out, ignore_errors=True)
                 t0 = time.perf_counter()
-                written[way] = write_outputs(Store(str(out)), result, names, {}, 2, threads=threads)
+                written[way] = write(Store(str(out)), threads)
                 seconds[way].append(time.perf_counter() - t0)
         assert written["one_thread"] == written["every_core"], "the files differ"
     images = 2 * args.classes * args.per_class

@@ -72,30 +72,103 @@ def test_a_grid_of_many_classes_shows_a_fixed_spread_of_them_and_one_of_few_is_u
     assert pair_grid(pairs, ("a", "b")).height == GRID_ROWS * (128 + 3) + 3 + 14
 
 
-def test_outputs_encoded_in_threads_are_the_bytes_and_order_one_thread_writes(tmp_path):
-    """The merge's PNGs are encoded a few classes ahead in a pool and written in class order: every file, the tar,
-    and the files' order and sha256 (what the marker records) are one thread's."""
+def _class_results(classes, rng, hires=True, ndp=False):
+    from nextdetail.stages.sample.tasks import ClassResult
+
+    def one(c):
+        images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+        if ndp:
+            return ClassResult(c, images, levels=rng.integers(0, 3, (3, 4, 4), dtype=np.uint8),
+                               flops=rng.uniform(1e6, 2e6, 3), tokens=rng.uniform(10, 20, 3), seconds=0.5)
+        if not hires:
+            return ClassResult(c, images, seconds=0.5)
+        return ClassResult(c, images, rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
+                           rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), seconds=0.5, hires_seconds=0.25)
+
+    return [one(c) for c in classes]
+
+
+def _write_one_process(store, results, names, photos, threads):
+    from nextdetail.stages.sample.outputs import Overview, overview_pictures, write_classes
+
+    classes = [r.c for r in results]
+    overview = Overview.of(classes)
+    files = write_classes(store, iter(results), names, photos, "samples.tar", overview, threads)
+    for rel, (data, sha) in overview_pictures(overview, classes, names, photos, 2, 3, threads).items():
+        store.write_bytes(rel, data)
+        files[rel] = sha
+    return files, overview
+
+
+def _write_in_groups(store, results, names, photos, per_task):
+    """What `sample_group` tasks and the merge do, without a sampler: each group's classes written in place, its tar
+    and overview in its part; its marker's sha256 as `Artifact.publish` records them."""
+    from nextdetail.figures import grid_rows
+    from nextdetail.stages.sample.outputs import Overview, merge_groups, overview_pictures, write_classes
+    from nextdetail.stages.sample.tasks import group_part
+
+    classes = [r.c for r in results]
+    shown, parts = set(grid_rows(classes)), []
+    for i in range(0, len(results), per_task):
+        group = results[i : i + per_task]
+        g = tuple(r.c for r in group)
+        part, overview = group_part(g), Overview(frozenset(c for c in g if c in shown))
+        files = write_classes(store, iter(group), names, photos, f"{part}/samples.tar", overview, 1)
+        store.write_bytes(f"{part}/overview.npz", overview.to_bytes())
+        store.write_bytes(f"{part}/_COMPLETE.json", json.dumps({"sha256": files}).encode())
+        parts.append((part, g))
+    overview = Overview.of(classes)
+    hires = results[0].hires is not None
+    files = merge_groups(store, parts, names, len(results[0].images), hires, overview)
+    for rel, (data, sha) in overview_pictures(overview, classes, names, photos, 2, 3).items():
+        store.write_bytes(rel, data)
+        files[rel] = sha
+    store.remove_tree("parts")
+    return files, overview
+
+
+@pytest.mark.parametrize("kind", ["hires", "ndp"])
+def test_outputs_written_class_by_class_are_the_same_bytes_in_any_threads_and_any_grouping(tmp_path, kind):
+    """The stage's files are written class by class as classes are sampled, PNGs encoded a few classes ahead in a
+    pool; on a cluster class groups write their classes in place and the merge joins their tars and overviews. Every
+    file, the tar and each file's sha256 (what the marker records) are one thread's, for 1, 2 and 5 threads and for
+    groups of 1, 3 and 20 classes; the seam bands from the groups' sums are `fidelity.row_bands` of every ×2 image,
+    and NDP's FLOPs come back in class order."""
     import hashlib
 
-    from nextdetail.stages.sample.tasks import write_outputs
+    from nextdetail.figures import grid_rows
+    from nextdetail.models.fidelity import row_bands
     from nextdetail.storage.fs import Store
 
     rng = np.random.default_rng(0)
-    classes = [0, 2, 3, 5, 6, 9, 11]  # more than `ahead` of a 2-thread pool, not all of them
-    result = {"images": {c: rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8) for c in classes},
-              "hires": {c: rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8) for c in classes},
-              "bilinear": {c: rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8) for c in classes}}
-    names = [f"class{c}" for c in range(12)]
+    classes = [0, 2, 3, 5, 6, 9, 11, 12, 14, 15, 17, 18, 20, 21, 23, 24, 26, 27, 29]  # > 16 rows: grid_rows chooses
+    results = _class_results(classes, rng, ndp=kind == "ndp")
+    names = [f"class{c}" for c in range(30)]
     photos = {0: rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)}
-    written = {n: write_outputs(Store(str(tmp_path / str(n))), result, names, photos, 2, threads=n) for n in (1, 2, 5)}
-    assert list(written[1]) == list(written[2]) == list(written[5])  # the same files in the same order
-    assert written[1] == written[2] == written[5] and len(written[1]) == 7 * 3 * 2 + 7 + 3
-    for rel, sha in written[1].items():
-        data = [(tmp_path / str(n) / rel).read_bytes() for n in (1, 2, 5)]
-        assert data[0] == data[1] == data[2] and hashlib.sha256(data[0]).hexdigest() == sha, rel
-    with tarfile.open(tmp_path / "2" / "samples.tar") as tar:
+    written = {f"threads {n}": _write_one_process(Store(str(tmp_path / f"t{n}")), results, names, photos, n)
+               for n in (1, 2, 5)}
+    written |= {f"groups of {n}": _write_in_groups(Store(str(tmp_path / f"g{n}")), results, names, photos, n)
+                for n in (1, 3, 20)}
+    files = written["threads 1"][0]
+    pictures = {"grid.png", "heatmap.png" if kind == "ndp" else "hires/grid.png"}
+    assert len(files) == 19 * 3 * (2 if kind == "hires" else 1) + 19 + 1 + 2 and pictures <= set(files)
+    for way, (other, _) in written.items():
+        assert other == files, way  # the same files with the same sha256
+        folder = tmp_path / f"{way[0]}{way.split()[-1]}"
+        on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        assert on_disk == set(files), way  # nothing left over (the parts) and nothing missing
+        for rel, sha in files.items():
+            assert hashlib.sha256((folder / rel).read_bytes()).hexdigest() == sha, (way, rel)
+    with tarfile.open(tmp_path / "g3" / "samples.tar") as tar:
         assert tar.getnames()[:2] == ["0000-class0-0000.cls", "0000-class0-0000.png"]
-        assert len(tar.getnames()) == 7 * 3 * 2
+        assert len(tar.getnames()) == 19 * 3 * 2
+    one, grouped = written["threads 2"][1], written["groups of 3"][1]
+    if kind == "hires":
+        every = np.concatenate([r.hires for r in results])
+        assert one.row_bands([8, 16]) == grouped.row_bands([8, 16]) == row_bands(every, [8, 16])
+    else:
+        np.testing.assert_array_equal(np.concatenate(grouped.flops), np.concatenate([r.flops for r in results]))
+    assert sorted(one.images) == sorted(grouped.images) == grid_rows(classes)  # only the shown classes' samples kept
 
 
 @pytest.mark.e2e

@@ -124,7 +124,7 @@ def sample_classes(sampler: Any, extractor: Any, layers: tuple[str, str], classe
 
     from nextdetail.figures import png_bytes
     from nextdetail.models import fidelity
-    from nextdetail.stages.sample.tasks import generate
+    from nextdetail.stages.sample.tasks import generate_class
 
     feats: dict[str, list[np.ndarray]] = {"fid": [], "isc": []}
     firsts: dict[int, np.ndarray] = {}
@@ -132,10 +132,10 @@ def sample_classes(sampler: Any, extractor: Any, layers: tuple[str, str], classe
     seconds = 0.0
     for c in tqdm(classes, desc=desc, unit="class", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        generated = generate(sampler, [c], scfg, scfg.device)
-        images = generated["images"][c]  # (n, H, W, 3) uint8
+        generated = generate_class(sampler, c, scfg, scfg.device)
+        images = generated.images  # (n, H, W, 3) uint8
         seconds += time.perf_counter() - t0
-        flops.extend(generated.get("flops", ()))  # NDP: the compute each sample cost
+        flops.extend(generated.flops if generated.flops is not None else ())  # NDP: the compute each sample cost
         for i, a in enumerate(images):
             writer.write({"__key__": f"{c:04d}-{i:05d}", "png": png_bytes(Image.fromarray(a)), "cls": str(c)})
         out = fidelity.extract(extractor, [images[i : i + ecfg.batch_size] for i in range(0, len(images),
@@ -295,54 +295,14 @@ def gather_features(ref: CheckpointRef, groups: list[str], options: dict) -> tup
 
 
 def gather_samples_tar(store: Store, ref: CheckpointRef, groups: list[str], options: dict) -> str:
-    """The class groups' samples.tar (in class order) → samples/<label>.tar, the bytes one process streams: each
-    group's members as written (every group's writer is a `ShardTarWriter`: fixed headers), then one end of archive.
-    A copy of bytes, at the store's speed, instead of decoding and re-encoding every sample (at ImageNet 50,000
-    PNGs, in the merge: the stage's serial tail). Returns the tar's path under `store`."""
+    """The class groups' samples.tar (in class order) → samples/<label>.tar, the bytes one process streams
+    (`storage.tar_join`). Returns the tar's path under `store`."""
+    from nextdetail.storage.tar_join import join_tars
+
     rel = f"samples/{_slug(ref.label)}.tar"
-    members = 0
     with store.atomic_writer(rel) as f:
-        for url in groups:
-            data = _tar_members(Store(url, options).read_bytes("samples.tar"), f"{url}/samples.tar")
-            f.write(data)
-            members += len(data)
-        f.write(_end_of_archive(members))
+        join_tars(f, ((Store(url, options).read_bytes("samples.tar"), f"{url}/samples.tar") for url in groups))
     return rel
-
-
-def _tar_members(tar: bytes, name: str) -> memoryview:
-    """An archive's members without its end-of-archive blocks: what its writer had written before it closed. Walks
-    the headers (each a 512-byte block, its checksum checked, then its data's blocks: ustar, pax and GNU entries
-    alike) without parsing them into `TarInfo`s — tarfile's parser took 80 % of the copy's time. A damaged or
-    truncated archive is refused (`tarfile.ReadError` naming `name`)."""
-    import tarfile
-
-    block, end = tarfile.BLOCKSIZE, 0
-    while True:
-        header = tar[end : end + block]
-        if len(header) < block:
-            raise tarfile.ReadError(f"{name}: truncated at byte {end} (no end of archive); re-run the stage")
-        if not any(header):  # the end of archive: two zero blocks
-            if any(tar[end + block : end + 2 * block]) or len(tar) < end + 2 * block:
-                raise tarfile.ReadError(f"{name}: damaged at byte {end} (a lone zero block); re-run the stage")
-            return memoryview(tar)[:end]
-        try:
-            intact = int(header[148:156].rstrip(b"\0 "), 8) == sum(header[:148]) + 8 * 32 + sum(header[156:])
-            size = header[124:136]
-            data = int.from_bytes(size[1:], "big") if size[0] & 0x80 else int(size.rstrip(b"\0 ") or b"0", 8)
-        except ValueError:  # not octal digits
-            intact = False
-        if not intact:
-            raise tarfile.ReadError(f"{name}: damaged header at byte {end}; re-run the stage")
-        end += block + -(-data // block) * block
-
-
-def _end_of_archive(members: int) -> bytes:
-    """What `tarfile.TarFile.close` appends after `members` bytes of members: two zero blocks, then zeros up to a
-    whole record (its `tar -b20` padding)."""
-    import tarfile
-
-    return bytes(2 * tarfile.BLOCKSIZE + (-(members + 2 * tarfile.BLOCKSIZE)) % tarfile.RECORDSIZE)
 
 
 def _round(v: Any) -> Any:

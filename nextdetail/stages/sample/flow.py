@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING
 from prefect import flow
 
 from nextdetail.conf.schema import PipelineConfig
+from nextdetail.errors import UserError
+from nextdetail.figures import grid_rows
 from nextdetail.pipeline.parts import build_one, fan_out
 from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.stages.sample import SampleResult
 from nextdetail.stages.sample.tasks import (
     SampleInputs,
     group_artifact,
+    group_part,
     plan_samples,
     run_sampling,
     sample_group,
@@ -95,15 +98,19 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, tokenize:
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
     artifact = plan_samples(key.output(cfg, dataset_dir, ar_dir), key, cfg.sample)
     if cfg.sample.resources is not None and artifact.completed() is None:
-        classes = cfg.sample.classes if cfg.sample.classes is not None else list(range(len(
-            json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"])))
+        count = len(json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"])
+        classes = cfg.sample.classes if cfg.sample.classes is not None else list(range(count))
         groups = [tuple(classes[i : i + cfg.sample.classes_per_task])
                   for i in range(0, len(classes), cfg.sample.classes_per_task)]  # fixed by the list, not the workers
-        parts = [(g, group_artifact(artifact, key, g)) for g in groups]
+        bad = [c for c in classes if not 0 <= c < count]
+        if bad:
+            raise UserError(f"sample.classes {bad} are not in 0…{count - 1}; choose classes of this dataset")
+        shown = set(grid_rows(classes))  # grid.png's classes: each group keeps its own of them for the merge
         with on_workers_offering(cfg.sample.resources):
-            fan_out(sample_group, [(g, (part, inputs, g, cfg.sample)) for g, part in parts], desc="sample",
-                    unit="class group", progress=progress)
-        inputs = replace(inputs, groups=tuple(part.store.url() for _, part in parts))
+            fan_out(sample_group, [(g, (group_artifact(artifact, key, g), inputs, g, cfg.sample,
+                                        tuple(c for c in g if c in shown))) for g in groups],
+                    desc="sample", unit="class group", progress=progress)
+        inputs = replace(inputs, groups=tuple((group_part(g), g) for g in groups))
     with on_workers_offering(cfg.sample.resources):  # the merge loads the sampler on sample.device for its summary
         return build_one(SampleResult, sample_stage, artifact, inputs, cfg.sample, progress, started=t0)
 
