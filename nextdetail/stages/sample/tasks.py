@@ -308,9 +308,9 @@ def sample_group(artifact: Artifact, inputs: SampleInputs, classes: tuple[int, .
         if record.get("kind") == "ndp":
             cfg = cfg.model_copy(update={"upscale": 1})
         overview = Overview(frozenset(shown))
-        references = decode_references(tuple((c, data) for c, data in inputs.references if c in classes))
         files = write_classes(artifact.store, (generate_class(sampler, c, cfg, cfg.device) for c in classes),
-                              record["classes"], references, f"{part}/samples.tar", overview, threads)
+                              record["classes"], decode_references(inputs.references), f"{part}/samples.tar",
+                              overview, threads)
     data = overview.to_bytes()
     artifact.store.write_bytes(f"{part}/overview.npz", data)
     files[f"{part}/overview.npz"] = bytes_sha256(data)
