@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ import numpy as np
 
 from nextdetail.conf.schema import PipelineConfig
 from nextdetail.errors import UserError
+from nextdetail.figures import GRID_ROWS
 
 IMAGENET = {"train": 1_281_167, "val": 50_000}
 IMAGENET_CLASSES = 1000
@@ -306,6 +308,11 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], classes: int, sample
     sample_bytes = (generated * png + upscaled * png_up + _tar_bytes(generated, png)
                     + 2 * (generated + sample_classes) * cell
                     + (2 * min(2, smp.per_class) * sample_classes * hires_cell if upscaled else 0) + 8_000)
+    # held while sampling (stages/sample/outputs.py): the samples of grid.png's ≤ 16 classes, and the classes in
+    # flight — one being sampled, up to two per core encoded ahead of the writes (this machine's cores)
+    class_array = smp.per_class * 3 * side * side * (1 + 2 * smp.upscale**2 if upscaled else 1)
+    sample_held = (min(GRID_ROWS, sample_classes) * smp.per_class * 3 * side * side
+                   + (1 + 2 * (os.cpu_count() or 1)) * class_array)
     # evaluate: per evaluated checkpoint a samples tar; grids; the reference statistics (mean + covariance of the
     # extractor's features, float64) for the reference and, with rfid, the held-out split
     evaluated = ev.samples_per_class * classes
@@ -346,8 +353,9 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], classes: int, sample
         StagePlan("sample", generated + upscaled, round(sample_bytes),
                   generated + upscaled + sample_classes + 4 + int(upscaled > 0),
                   hours(generated * models.sample_flops * (1 + (smp.upscale**2 if upscaled else 0)), smp.device),
-                  smp.device, 4 * models.transformer_params + 4 * models.tokenizer_params,
-                  "PNG bytes per image measured on the source sample; sampler FLOPs counted"),
+                  smp.device, 4 * models.transformer_params + 4 * models.tokenizer_params + sample_held,
+                  "PNG bytes per image measured on the source sample; sampler FLOPs counted; memory: the models, "
+                  "grid.png's classes and the classes in flight"),
         StagePlan("evaluate", evaluated * checkpoints + reference,
                   round(checkpoints * _tar_bytes(evaluated, png) + 2 * (evaluated + classes) * cell
                         + statistics * features**2 * 8 + 80_000),
