@@ -172,7 +172,9 @@ class SampleConfig(_Section):
     # How the work runs: excluded from the cache identity.
     batch_size: int = Field(default=32, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
-    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (1 per task on Dask workers)")
+    torch_threads: int | None = Field(default=None, ge=1, description="None: all cores (1 per task on Dask "
+                                      "workers); also the threads that encode the PNGs beside the sampling (on a "
+                                      "GPU node: its cores over its workers)")
     resources: dict[str, float] | None = Field(
         default=None, description="None: sample every class in this process; e.g. {GPU: 1}: one task per group of "
         "`classes_per_task` classes on the Dask cluster's workers that offer these resources")
