@@ -3,7 +3,7 @@
 Data flow (all in this file; reference statistics in `tasks/reference_stats.py`, metric code in
 `models/fidelity.py`, extractors in `models/feature_extractor.py`):
   checkpoints of a train_ar run (transformer.pt, best.pt, or every kept step checkpoint)
-  ─▶ per checkpoint, per class: `eval.samples_per_class` samples (`tasks/sample.generate`: one generator
+  ─▶ per checkpoint, per class: `eval.samples_per_class` samples (`sample.tasks.generate_class`: one generator
      per class seeded from `eval.seed`; cfg / top-k / top-p from `sample.*`) ─▶ samples/<label>.tar
      (webdataset png + cls, for any other tool) and features, streamed class by class
   ─▶ FID, IS, KID, precision/recall against the cached reference statistics (torch-fidelity's functions)
@@ -117,7 +117,7 @@ class ClassSamples:
 def sample_classes(sampler: Any, extractor: Any, layers: tuple[str, str], classes: list[int], scfg: SampleConfig,
                    ecfg: EvalConfig, writer: Any, progress: bool = False, desc: str = "evaluate") -> ClassSamples:
     """`classes` one after another: samples (streamed into `writer`, a ShardTarWriter) and their features. A class's
-    samples depend only on the checkpoint, the settings and the class (`generate`'s per-class generator), so any
+    samples depend only on the checkpoint, the settings and the class (`generate_class`'s per-class generator), so any
     grouping of classes gives the same rows."""
     from PIL import Image
     from tqdm import tqdm

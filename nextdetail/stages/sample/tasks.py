@@ -175,14 +175,6 @@ def generate_class(sampler: Any, c: int, cfg: SampleConfig, device: str) -> Clas
     return ClassResult(c, seconds=seconds, hires_seconds=hires_seconds, **arrays)
 
 
-def generate(sampler: Any, classes: list[int], cfg: SampleConfig, device: str) -> dict[str, Any]:
-    """`generate_class` of every class, held together: {"images": {c: (n, H, W, 3) uint8}, "hires": {c: …},
-    "bilinear": …, "levels": …}. The stage itself never holds every class (`outputs.write_classes`)."""
-    results = [generate_class(sampler, c, cfg, device) for c in classes]
-    return {k: {r.c: getattr(r, k) for r in results if getattr(r, k) is not None}
-            for k in ("images", "hires", "bilinear", "levels")}
-
-
 def decode_references(references: tuple[tuple[int, bytes], ...]) -> dict[int, np.ndarray]:
     from PIL import Image
 
