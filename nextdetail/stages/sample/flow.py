@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 from prefect import flow
 
 from nextdetail.conf.schema import PipelineConfig
-from nextdetail.errors import UserError
 from nextdetail.figures import grid_rows
 from nextdetail.pipeline.parts import build_one, fan_out
 from nextdetail.pipeline.runtime import on_workers_offering, run_flow
 from nextdetail.stages.sample import SampleResult
 from nextdetail.stages.sample.tasks import (
     SampleInputs,
+    chosen_classes,
     group_artifact,
     group_part,
     plan_samples,
@@ -98,13 +98,10 @@ def stage_flow(cfg: PipelineConfig, key: StageKey, shard: ShardResult, tokenize:
     dataset_dir, ar_dir = ar.url.rstrip("/").rsplit("/", 2)[-2:]
     artifact = plan_samples(key.output(cfg, dataset_dir, ar_dir), key, cfg.sample)
     if cfg.sample.resources is not None and artifact.completed() is None:
-        count = len(json.loads(Store(shards.url, cfg.storage.options).read_bytes("classes.json"))["classes"])
-        classes = cfg.sample.classes if cfg.sample.classes is not None else list(range(count))
+        classes = chosen_classes(cfg.sample, json.loads(Store(shards.url, cfg.storage.options).read_bytes(
+            "classes.json"))["classes"])  # checked before any group is sent
         groups = [tuple(classes[i : i + cfg.sample.classes_per_task])
                   for i in range(0, len(classes), cfg.sample.classes_per_task)]  # fixed by the list, not the workers
-        bad = [c for c in classes if not 0 <= c < count]
-        if bad:
-            raise UserError(f"sample.classes {bad} are not in 0…{count - 1}; choose classes of this dataset")
         shown = set(grid_rows(classes))  # grid.png's classes: each group keeps its own of them for the merge
 
         def photos(of: set[int]) -> tuple[tuple[int, bytes], ...]:  # a task gets only the real photos it draws:

@@ -185,6 +185,16 @@ def decode_references(references: tuple[tuple[int, bytes], ...]) -> dict[int, np
     return out
 
 
+def chosen_classes(cfg: SampleConfig, class_names: list[str]) -> list[int]:
+    """`sample.classes` (default: every class), each checked to be one of `class_names` (one line if not)."""
+    classes = cfg.classes if cfg.classes is not None else list(range(len(class_names)))
+    bad = [c for c in classes if not 0 <= c < len(class_names)]
+    if bad:
+        raise UserError(f"classes {bad} are not in 0…{len(class_names) - 1} (this model's classes: "
+                        f"{', '.join(class_names[:5])}…)")
+    return classes
+
+
 def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Callable[[str], None] = print,
                  progress: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
     """Sample class by class and write everything under `store` (`outputs.write_classes`), or with
@@ -200,11 +210,7 @@ def run_sampling(store: Store, inputs: SampleInputs, cfg: SampleConfig, log: Cal
         raise UserError("sample.device=cuda but no CUDA device is visible; use -o sample.device=cpu")
     sampler, record = load_models(inputs.checkpoint_url, inputs.options, device, cfg, inputs.roots)
     class_names = record["classes"]
-    classes = cfg.classes if cfg.classes is not None else list(range(len(class_names)))
-    bad = [c for c in classes if not 0 <= c < len(class_names)]
-    if bad:
-        raise UserError(f"classes {bad} are not in 0…{len(class_names) - 1} (this model's classes: "
-                        f"{', '.join(class_names[:5])}…)")
+    classes = chosen_classes(cfg, class_names)
     ndp = record.get("kind") == "ndp"
     log(f"sample: {len(classes)} classes × {cfg.per_class}, cfg {cfg.cfg}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
         f"seed {cfg.seed}" + (f", NDP budget {cfg.budget:.0%} ({cfg.estimator}, {cfg.refine_per_step} per step)" if ndp
