@@ -68,7 +68,7 @@ def main() -> None:
                 reference_stats.IMAGES_PER_TASK = arms[arm]  # read by `tar_groups` when the flow plans
                 cfg = scale.config(root, "tokenizer.order=0", f"dask.address={address}", "eval.resources={GPU: 1}",
                                    "eval.classes_per_task=1", f"eval.reference_cache={work / f'refstats-{arm}-{pair}'}")
-                evaluated, seconds, cpu = scale.run_stage_on(address, cfg, "evaluate", upstream)
+                evaluated, seconds, cpu, _ = scale.run_stage_on(address, cfg, "evaluate", upstream)
                 shutil.rmtree(evaluated.url)  # the next run evaluates again (same identity)
                 if pair:
                     runs[arm].append((round(seconds, 2), cpu))

@@ -17,7 +17,10 @@ bookkeeping quieted, `runtime.QUIET_DASK`):
 - train_*        `ar.nodes=1` vs `ar.nodes=2` (one rank per worker, workers on 127.0.0.1 and 127.0.0.2, a c10d
                  rendezvous, gloo): tokens/s of the same global batches.
 
-`speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup; `<stage>_<n>_cpu_s` = the CPU
+`speedup` = 1-worker seconds / 2-worker seconds; `ceiling` = split_loop's speedup; `<stage>_task_growth` = the
+same tasks' compute seconds on 2 workers over 1 (Dask's task stream; `<stage>_<n>_times`: `task_times`) and
+`split_loop_growth` the same for the bare loop — what running two at once costs each here, which caps a speedup
+at 2 / growth before any orchestration; `<stage>_<n>_cpu_s` = the CPU
 seconds each kind of process spent during the fastest run (`workers`: the tasks; `flow`: this process orchestrating —
 Prefect task runs and Dask futures, planning, publishing; `prefect_server`, `scheduler`, `nannies`): everything but `workers` shares
 the two cores with the tasks here (on a cluster the CLI and the server run on other machines). The goal (issue 40): tokenize
@@ -95,15 +98,36 @@ def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
     return {role: round(seconds, 2) for role, seconds in sorted(spent.items()) if role != "other"}
 
 
-def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any]) -> tuple[Any, float, dict[str, float]]:
-    """`stage` on the cluster at `address` → (its result, seconds, CPU seconds by role: `cpu_between`)."""
+def task_times(stream: list[dict[str, Any]], started: float, ended: float, workers: int) -> dict[str, float]:
+    """Where a run's wall time went, from Dask's task stream (every task it ran: the parts, the merge or publish):
+    `tasks_s` the tasks' compute seconds summed over the workers (the same tasks for 1 and 2 workers, so its growth
+    is what running two at once costs each: cores, caches and memory shared with the other worker and the
+    orchestration); `head_s` the call to the first task (the flow's start: Prefect's flow run, planning, submits);
+    `idle_s` worker-seconds without a task between the call and its return (waiting on the flow, the last part's
+    granularity, the merge on one worker). Seconds are the workers' clocks against this process's: one machine."""
+    spans = [(ss["start"], ss["stop"]) for task in stream for ss in task["startstops"] if ss["action"] == "compute"]
+    busy = sum(stop - start for start, stop in spans)
+    first = min((start for start, _ in spans), default=ended)
+    return {"tasks_s": round(busy, 2), "head_s": round(first - started, 2),
+            "idle_s": round(workers * (ended - started) - busy, 2)}
+
+
+def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any], workers: int = 1
+                 ) -> tuple[Any, float, dict[str, float], dict[str, float]]:
+    """`stage` on the cluster at `address` (`workers` of them) → (its result, seconds, CPU seconds by role:
+    `cpu_between`, where the time went: `task_times`)."""
+    from distributed import Client
+
     from nextdetail.pipeline.run import run_stage
     from nextdetail.pipeline.runtime import prefect_api
 
-    with prefect_api():
-        t0, cpu0 = time.perf_counter(), cpu_by_pid()
+    with prefect_api(), Client(address, set_as_default=False) as watcher:
+        watcher.get_task_stream(start=time.time())  # installs the scheduler's task-stream plugin before the run
+        wall0, t0, cpu0 = time.time(), time.perf_counter(), cpu_by_pid()
         result = run_stage(cfg, stage, up, progress=False, scheduler=address)
-        return result, time.perf_counter() - t0, cpu_between(cpu0, cpu_by_pid())
+        seconds, cpu = time.perf_counter() - t0, cpu_between(cpu0, cpu_by_pid())
+        return result, seconds, cpu, task_times(watcher.get_task_stream(start=wall0), wall0, wall0 + seconds,
+                                                workers)
 
 
 STAGE_MODULES = ("torch", "nextdetail.stages.tokenize.tasks", "nextdetail.stages.evaluate.tasks",
@@ -182,19 +206,23 @@ def split_loop(inputs: Any, jobs: list[tuple[str, list[str]]], order: tuple[int,
     seconds = {}
     for n in order:
         with ctx.Pool(n) as pool:
-            seconds[n] = max(pool.map(_encode_share, shares[n]))
-    one, two = seconds[1], seconds[2]
-    return {"split_loop_1_s": round(one, 2), "split_loop_2_s": round(two, 2), "ceiling": round(one / two, 2)}
+            seconds[n] = pool.map(_encode_share, shares[n])
+    one, two = seconds[1][0], max(seconds[2])
+    # the two processes' seconds summed against one process's: what running two at once costs the loop here
+    return {"split_loop_1_s": round(one, 2), "split_loop_2_s": round(two, 2), "ceiling": round(one / two, 2),
+            "growth": round(sum(seconds[2]) / one, 3)}
 
 
-def record(out: dict[str, Any], name: str, seconds: float, cpu: dict[str, float], images: int) -> None:
-    """One timed run of a stage: every run in `<name>_runs_s`; `<name>_s` (and its images/s, CPU by role) the
-    fastest."""
+def record(out: dict[str, Any], name: str, seconds: float, cpu: dict[str, float], times: dict[str, float],
+           images: int) -> None:
+    """One timed run of a stage: every run in `<name>_runs_s` and its task seconds in `<name>_tasks_runs_s`;
+    `<name>_s` (and its images/s, CPU by role, `task_times`) the fastest."""
     runs = out.setdefault(f"{name}_runs_s", [])
     runs.append(round(seconds, 2))
+    out.setdefault(f"{name}_tasks_runs_s", []).append(times["tasks_s"])
     if runs[-1] <= min(runs):
         out[f"{name}_s"], out[f"{name}_images_per_s"] = round(seconds, 2), round(images / seconds, 1)
-        out[f"{name}_cpu_s"] = cpu
+        out[f"{name}_cpu_s"], out[f"{name}_times"] = cpu, times
 
 
 def main() -> None:
@@ -251,24 +279,25 @@ def main() -> None:
                 # a fresh token cache and fresh evaluation outputs each time
                 cfg = config(root, "tokenizer.order=0", *workload, f"dask.address={address}",
                              "tokens.resources={GPU: 1}", f"tokens.cache={work / f'tokens-{n}-{attempt}'}")
-                result, seconds, cpu = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in (
-                    "shard", "train_tokenizer")} | {"decompose": None})
+                result, seconds, cpu, times = run_stage_on(address, cfg, "tokenize", {k: up[k] for k in (
+                    "shard", "train_tokenizer")} | {"decompose": None}, n)
                 assert result.summary["content_sha256"] == up["tokenize"].summary["content_sha256"]
-                record(out, f"tokenize_{n}", seconds, cpu, images)
+                record(out, f"tokenize_{n}", seconds, cpu, times, images)
 
                 cfg = config(root, "tokenizer.order=0", *workload, f"dask.address={address}",
                              "eval.resources={GPU: 1}", "eval.classes_per_task=1",
                              f"eval.reference_cache={work / f'refstats-{n}-{attempt}'}")
-                evaluated, seconds, cpu = run_stage_on(address, cfg, "evaluate", {k: up[k] for k in (
-                    "shard", "train_tokenizer", "tokenize", "train_ar")})
+                evaluated, seconds, cpu, times = run_stage_on(address, cfg, "evaluate", {k: up[k] for k in (
+                    "shard", "train_tokenizer", "tokenize", "train_ar")}, n)
                 shutil.rmtree(evaluated.url)  # the next attempt evaluates again (same identity)
-                record(out, f"evaluate_{n}", seconds, cpu, evaluated.summary["samples"])
+                record(out, f"evaluate_{n}", seconds, cpu, times, evaluated.summary["samples"])
         print(f"scale: run {attempt + 1}/{args.repeat}: ceiling {loops[-1]['ceiling']}, tokenize "
               f"{out['tokenize_1_runs_s'][-1]} → {out['tokenize_2_runs_s'][-1]} s, evaluate "
               f"{out['evaluate_1_runs_s'][-1]} → {out['evaluate_2_runs_s'][-1]} s", file=sys.stderr)
     one, two = (min(loop[f"split_loop_{k}_s"] for loop in loops) for k in (1, 2))
     out.update(split_loop_1_s=one, split_loop_2_s=two, ceiling=round(one / two, 2),
-               ceiling_runs=[loop["ceiling"] for loop in loops])
+               ceiling_runs=[loop["ceiling"] for loop in loops],
+               split_loop_growth=statistics.median(loop["growth"] for loop in loops))
     for stage in ("tokenize", "evaluate"):
         out[f"{stage}_speedup"] = round(out[f"{stage}_1_s"] / out[f"{stage}_2_s"], 2)
         out[f"{stage}_of_ceiling"] = round(out[f"{stage}_speedup"] / out["ceiling"], 2)
@@ -276,13 +305,17 @@ def main() -> None:
         out[f"{stage}_speedup_runs"] = [round(a / b, 2) for a, b in zip(out[f"{stage}_1_runs_s"],
                                                                          out[f"{stage}_2_runs_s"], strict=True)]
         out[f"{stage}_speedup_median"] = statistics.median(out[f"{stage}_speedup_runs"])
+        # the same tasks' compute seconds on 2 workers against 1 (medians over the runs): > 1 is what running two
+        # at once costs each task here; the stage's speedup cannot beat 2 / that
+        out[f"{stage}_task_growth"] = round(statistics.median(out[f"{stage}_2_tasks_runs_s"])
+                                            / statistics.median(out[f"{stage}_1_tasks_runs_s"]), 3)
 
     for nodes in (1, 2):
         with external_dask(*workers(nodes, distinct_hosts=True)) as address:
             warm_imports(address)
             cfg = config(root, "tokenizer.order=0", *workload, *TRAIN, f"dask.address={address}",
                          "ar.resources={GPU: 1}", f"ar.nodes={nodes}", "ar.torch_threads=1")
-            trained, seconds, _ = run_stage_on(address, cfg, "train_ar", {k: up[k] for k in (
+            trained, seconds, _, _ = run_stage_on(address, cfg, "train_ar", {k: up[k] for k in (
                 "shard", "train_tokenizer", "tokenize")})
             shutil.rmtree(trained.url)
             out[f"train_{nodes}_nodes_s"] = round(seconds, 2)
