@@ -116,18 +116,17 @@ def run_stage_on(address: str, cfg: Any, stage: str, up: dict[str, Any], workers
                  ) -> tuple[Any, float, dict[str, float], dict[str, float]]:
     """`stage` on the cluster at `address` (`workers` of them) → (its result, seconds, CPU seconds by role:
     `cpu_between`, where the time went: `task_times`)."""
-    from distributed import Client
+    from distributed import Client, get_task_stream
 
     from nextdetail.pipeline.run import run_stage
     from nextdetail.pipeline.runtime import prefect_api
 
     with prefect_api(), Client(address, set_as_default=False) as watcher:
-        watcher.get_task_stream(start=time.time())  # installs the scheduler's task-stream plugin before the run
-        wall0, t0, cpu0 = time.time(), time.perf_counter(), cpu_by_pid()
-        result = run_stage(cfg, stage, up, progress=False, scheduler=address)
-        seconds, cpu = time.perf_counter() - t0, cpu_between(cpu0, cpu_by_pid())
-        return result, seconds, cpu, task_times(watcher.get_task_stream(start=wall0), wall0, wall0 + seconds,
-                                                workers)
+        with get_task_stream(watcher) as stream:  # as benchmarks/task_overhead.py: the tasks run inside
+            wall0, t0, cpu0 = time.time(), time.perf_counter(), cpu_by_pid()
+            result = run_stage(cfg, stage, up, progress=False, scheduler=address)
+            seconds, cpu = time.perf_counter() - t0, cpu_between(cpu0, cpu_by_pid())
+        return result, seconds, cpu, task_times(stream.data, wall0, wall0 + seconds, workers)
 
 
 STAGE_MODULES = ("torch", "nextdetail.stages.tokenize.tasks", "nextdetail.stages.evaluate.tasks",
